@@ -1,0 +1,411 @@
+//! Parsing one raw event (the text exactly as received) into what a stream needs:
+//! the entity key, the version, the event id, and the state mapped onto columns.
+//! Anything wrong with the event is a [`Rejection`] naming what and where.
+
+use crate::reject::{RejectCode, Rejection};
+use crate::spec::{ChildSpec, Shape, StreamSpec, Table, Target};
+use crate::version::{json_type, truncate, Version};
+use serde_json::{Map, Value as Json};
+use std::collections::HashMap;
+
+/// A column value as text for the column type's input function, or NULL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Null,
+    Text(String),
+}
+
+/// One JSON field mapped to one column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cell {
+    /// Index into the table's writable [`Table::columns`].
+    pub column: usize,
+    /// The JSON field the value came from (the column name for fields a snapshot lacked).
+    pub field: String,
+    pub value: Value,
+}
+
+/// One element of an aggregate's child array: its key and every child column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildRow {
+    pub key: Vec<String>,
+    pub cells: Vec<Cell>,
+}
+
+/// The complete set of rows of one child table for one aggregate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildSet {
+    /// Index into [`StreamSpec::children`].
+    pub child: usize,
+    pub rows: Vec<ChildRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create or update. For snapshot shapes `cells` holds every column (NULL where absent);
+    /// for deltas only the fields the event carries.
+    Upsert {
+        cells: Vec<Cell>,
+        children: Vec<ChildSet>,
+    },
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Key values as text, aligned with the stream's key fields.
+    pub key: Vec<String>,
+    pub version: Option<Version>,
+    pub event_id: Option<String>,
+    pub op: Op,
+    /// The mapped fields of `oldState` (what the producer says the replica holds).
+    pub old: Vec<Cell>,
+}
+
+/// Parses an event for `spec`.
+pub fn parse(spec: &StreamSpec, text: &str) -> Result<Event, Rejection> {
+    let root: Json = serde_json::from_str(text).map_err(|e| {
+        Rejection::new(
+            RejectCode::InvalidJson,
+            format!("payload is not valid JSON: {e}"),
+        )
+    })?;
+    parse_value(spec, &root)
+}
+
+/// Parses an already-decoded event for `spec`.
+pub fn parse_value(spec: &StreamSpec, root: &Json) -> Result<Event, Rejection> {
+    let obj = root.as_object().ok_or_else(|| {
+        Rejection::new(
+            RejectCode::NotAnObject,
+            format!("an event must be a JSON object, not {}", json_type(root)),
+        )
+    })?;
+
+    let key = spec
+        .key_fields
+        .iter()
+        .map(|field| key_text(obj.get(field), || format!("key field {field:?}")))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let old_state = state_object(obj, "oldState")?;
+    let new_state = state_object(obj, "newState")?;
+    if old_state.is_none() && new_state.is_none() {
+        return Err(Rejection::new(
+            RejectCode::NoState,
+            "the event has neither oldState nor newState (one of them must be an object)",
+        ));
+    }
+
+    let version = match &spec.version {
+        None => None,
+        Some(path) => {
+            let found = path.lookup(root).unwrap_or(&Json::Null);
+            let v = Version::from_json(found).map_err(|e| {
+                Rejection::new(RejectCode::InvalidVersion, format!("{e} (at {path})"))
+            })?;
+            Some(v.ok_or_else(|| {
+                Rejection::new(
+                    RejectCode::MissingVersion,
+                    format!(
+                        "stream {:?} is versioned but the event has no version at {path}",
+                        spec.name
+                    ),
+                )
+            })?)
+        }
+    };
+
+    let event_id = match &spec.event_id {
+        None => None,
+        Some(path) => match path.lookup(root) {
+            None | Some(Json::Null) => None,
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(Json::Number(n)) => Some(n.to_string()),
+            Some(other) => {
+                return Err(Rejection::new(
+                    RejectCode::InvalidEventId,
+                    format!(
+                        "the event id at {path} must be a string or a number, not {}",
+                        json_type(other)
+                    ),
+                ))
+            }
+        },
+    };
+
+    let old = match (old_state, spec.shape) {
+        // oldState only feeds the conflict check: without the state_path object it has no cells.
+        (Some(state), Shape::Delta | Shape::EntitySnapshot) => {
+            match entity_state(spec, state, "oldState")? {
+                Some(entity) => map_fields(&spec.table, entity, false, "oldState")?,
+                None => Vec::new(),
+            }
+        }
+        _ => Vec::new(),
+    };
+
+    let op = match new_state {
+        None => Op::Delete,
+        Some(state) => {
+            let entity = entity_state(spec, state, "newState")?.ok_or_else(|| {
+                Rejection::new(
+                    RejectCode::InvalidState,
+                    format!(
+                        "newState has no \"{}\" object (the stream's state_path)",
+                        spec.state_path.as_ref().unwrap()
+                    ),
+                )
+            })?;
+            let full = spec.shape.is_snapshot();
+            let cells = map_fields(&spec.table, entity, full, "newState")?;
+            let children = spec
+                .children
+                .iter()
+                .enumerate()
+                .map(|(i, child)| child_set(i, child, entity))
+                .collect::<Result<Vec<_>, _>>()?;
+            Op::Upsert { cells, children }
+        }
+    };
+
+    Ok(Event {
+        key,
+        version,
+        event_id,
+        op,
+        old,
+    })
+}
+
+/// `oldState`/`newState`: absent or null is `None`; anything but an object is invalid.
+fn state_object<'a>(
+    obj: &'a Map<String, Json>,
+    name: &str,
+) -> Result<Option<&'a Map<String, Json>>, Rejection> {
+    match obj.get(name) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Object(m)) => Ok(Some(m)),
+        Some(other) => Err(Rejection::new(
+            RejectCode::InvalidState,
+            format!("{name} must be an object or null, not {}", json_type(other)),
+        )),
+    }
+}
+
+/// The entity's fields: the state itself, or the object at `state_path` inside it
+/// (`None` when the state lacks that path).
+fn entity_state<'a>(
+    spec: &StreamSpec,
+    state: &'a Map<String, Json>,
+    name: &str,
+) -> Result<Option<&'a Map<String, Json>>, Rejection> {
+    let Some(path) = &spec.state_path else {
+        return Ok(Some(state));
+    };
+    let mut cur = state;
+    for seg in path.segments() {
+        cur = match cur.get(seg) {
+            Some(Json::Object(m)) => m,
+            None | Some(Json::Null) => return Ok(None),
+            Some(other) => {
+                return Err(Rejection::new(
+                    RejectCode::InvalidState,
+                    format!("{name}.{path} must be an object, not {}", json_type(other)),
+                ))
+            }
+        };
+    }
+    Ok(Some(cur))
+}
+
+/// Maps an object's fields onto the table's columns. With `full`, every column gets a cell
+/// (NULL for fields the object lacks). Fields that map to no column are dropped.
+fn map_fields(
+    table: &Table,
+    obj: &Map<String, Json>,
+    full: bool,
+    what: &str,
+) -> Result<Vec<Cell>, Rejection> {
+    let mut slots: Vec<Option<Cell>> = vec![None; table.columns.len()];
+    for (field, json) in obj {
+        let Target::Column(column) = table.resolve(field) else {
+            continue;
+        };
+        if let Some(prev) = &slots[column] {
+            return Err(Rejection::new(
+                RejectCode::FieldCollision,
+                format!(
+                    "{what} fields {:?} and {field:?} both map to column {:?}",
+                    prev.field, table.columns[column]
+                ),
+            ));
+        }
+        let value = json_value(json, || format!("{what}.{field}"))?;
+        slots[column] = Some(Cell {
+            column,
+            field: field.clone(),
+            value,
+        });
+    }
+    Ok(slots
+        .into_iter()
+        .enumerate()
+        .filter_map(|(column, cell)| match cell {
+            Some(c) => Some(c),
+            None if full => Some(Cell {
+                column,
+                field: table.columns[column].clone(),
+                value: Value::Null,
+            }),
+            None => None,
+        })
+        .collect())
+}
+
+fn child_set(
+    index: usize,
+    child: &ChildSpec,
+    entity: &Map<String, Json>,
+) -> Result<ChildSet, Rejection> {
+    let elements = match child.path.lookup(&Json::Object(entity.clone())) {
+        None | Some(Json::Null) => {
+            return Ok(ChildSet {
+                child: index,
+                rows: Vec::new(),
+            })
+        }
+        Some(Json::Array(a)) => a.clone(),
+        Some(other) => {
+            return Err(Rejection::new(
+                RejectCode::InvalidChildren,
+                format!(
+                    "child {:?} at {} must be an array, not {}",
+                    child.name,
+                    child.path,
+                    json_type(other)
+                ),
+            ))
+        }
+    };
+    let mut rows = Vec::with_capacity(elements.len());
+    for (i, element) in elements.iter().enumerate() {
+        let Json::Object(obj) = element else {
+            return Err(Rejection::new(
+                RejectCode::InvalidChildren,
+                format!(
+                    "child {:?} element {} must be an object, not {}",
+                    child.name,
+                    i + 1,
+                    json_type(element)
+                ),
+            ));
+        };
+        let key = child
+            .key_fields
+            .iter()
+            .map(|f| {
+                key_text(obj.get(f), || {
+                    format!("child {:?} element {} key field {f:?}", child.name, i + 1)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cells = map_fields(
+            &child.table,
+            obj,
+            true,
+            &format!("{} element {}", child.name, i + 1),
+        )?;
+        rows.push(ChildRow { key, cells });
+    }
+    let set = ChildSet { child: index, rows };
+    check_unique_child_keys(child, &set)?;
+    Ok(set)
+}
+
+/// A snapshot whose array repeats a child key is invalid: it names the key and where it repeats.
+/// The shell calls this again after canonicalising keys through the column types.
+pub fn check_unique_child_keys(child: &ChildSpec, set: &ChildSet) -> Result<(), Rejection> {
+    let mut seen: HashMap<&[String], Vec<usize>> = HashMap::new();
+    for (i, row) in set.rows.iter().enumerate() {
+        seen.entry(row.key.as_slice()).or_default().push(i + 1);
+    }
+    let mut repeated: Vec<(&[String], Vec<usize>)> =
+        seen.into_iter().filter(|(_, at)| at.len() > 1).collect();
+    if repeated.is_empty() {
+        return Ok(());
+    }
+    repeated.sort_by_key(|(_, at)| at[0]);
+    let described: Vec<String> = repeated
+        .iter()
+        .map(|(key, at)| {
+            let named: Vec<String> = child
+                .key_fields
+                .iter()
+                .zip(key.iter())
+                .map(|(f, v)| format!("{f}={v:?}"))
+                .collect();
+            let at: Vec<String> = at.iter().map(usize::to_string).collect();
+            format!("{} at elements {}", named.join(", "), at.join(", "))
+        })
+        .collect();
+    Err(Rejection::new(
+        RejectCode::DuplicateChildKey,
+        format!(
+            "child {:?} repeats a child key: {}",
+            child.name,
+            described.join("; ")
+        ),
+    ))
+}
+
+fn key_text(value: Option<&Json>, what: impl Fn() -> String) -> Result<String, Rejection> {
+    match value {
+        None | Some(Json::Null) => Err(Rejection::new(
+            RejectCode::MissingKey,
+            format!("{} is missing or null", what()),
+        )),
+        Some(Json::String(s)) if s.contains('\0') => Err(Rejection::new(
+            RejectCode::InvalidKey,
+            format!("{} contains a NUL character", what()),
+        )),
+        Some(Json::String(s)) => Ok(s.clone()),
+        Some(Json::Number(n)) => Ok(n.to_string()),
+        Some(Json::Bool(b)) => Ok(b.to_string()),
+        Some(other) => Err(Rejection::new(
+            RejectCode::InvalidKey,
+            format!(
+                "{} must be a string or a number, not {}",
+                what(),
+                json_type(other)
+            ),
+        )),
+    }
+}
+
+fn json_value(json: &Json, what: impl Fn() -> String) -> Result<Value, Rejection> {
+    Ok(match json {
+        Json::Null => Value::Null,
+        Json::String(s) if s.contains('\0') => {
+            return Err(Rejection::new(
+                RejectCode::InvalidValue,
+                format!(
+                    "{} contains a NUL character (\\u0000), which PostgreSQL text cannot hold",
+                    what()
+                ),
+            ))
+        }
+        Json::String(s) => Value::Text(s.clone()),
+        Json::Number(n) => Value::Text(n.to_string()),
+        Json::Bool(b) => Value::Text(b.to_string()),
+        nested => Value::Text(nested.to_string()),
+    })
+}
+
+/// A short, safe excerpt of a payload for messages.
+pub fn excerpt(text: &str) -> String {
+    truncate(text, 80)
+}
+
+#[cfg(test)]
+mod tests;

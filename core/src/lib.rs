@@ -1,0 +1,18 @@
+//! The pure core of pg_ecst: everything that decides *what* to write, with no PostgreSQL
+//! types. The pgrx shell moves data between PostgreSQL and these functions.
+//!
+//! - [`spec`]: a stream's definition (shape, key, mappings, children) and field→column resolution.
+//! - [`event`]: parsing one raw event into keys, version, id and mapped cells, or a [`reject::Rejection`].
+//! - [`version`]: entity versions (JSON numbers or RFC 3339 timestamps) and their order.
+//! - [`merge`]: the per-entity state and the decision an event makes against it (idempotence,
+//!   staleness, per-field merge for deltas, tombstones, conflicts).
+//! - [`reject`]: the stable dead-letter codes.
+//! - [`sim`]: an in-memory replica and the in-order reference, for property tests and fuzzing.
+
+pub mod event;
+pub mod examples;
+pub mod merge;
+pub mod reject;
+pub mod sim;
+pub mod spec;
+pub mod version;

@@ -1,0 +1,266 @@
+//! A stream's definition as the core sees it: the shape, where the key, state, version and
+//! event id sit in an event, and how JSON fields resolve to replica columns.
+
+use heck::ToSnakeCase;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Fine-grained: `newState` holds only the fields that changed.
+    Delta,
+    /// `newState` holds the whole entity.
+    EntitySnapshot,
+    /// `newState` holds a whole aggregate, with arrays mapped to child tables.
+    AggregateSnapshot,
+}
+
+impl Shape {
+    pub const NAMES: &'static str = "'delta', 'entity_snapshot' or 'aggregate_snapshot'";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shape::Delta => "delta",
+            Shape::EntitySnapshot => "entity_snapshot",
+            Shape::AggregateSnapshot => "aggregate_snapshot",
+        }
+    }
+
+    /// Snapshots carry the whole entity: an absent field means NULL.
+    pub fn is_snapshot(self) -> bool {
+        !matches!(self, Shape::Delta)
+    }
+}
+
+impl FromStr for Shape {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "delta" => Ok(Shape::Delta),
+            "entity_snapshot" => Ok(Shape::EntitySnapshot),
+            "aggregate_snapshot" => Ok(Shape::AggregateSnapshot),
+            other => Err(format!("unknown shape {other:?}")),
+        }
+    }
+}
+
+/// What to do when a fresh event's `oldState` disagrees with the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    Apply,
+    Skip,
+    DeadLetter,
+    Error,
+}
+
+impl OnConflict {
+    pub const NAMES: &'static str = "'apply', 'skip', 'dead_letter' or 'error'";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnConflict::Apply => "apply",
+            OnConflict::Skip => "skip",
+            OnConflict::DeadLetter => "dead_letter",
+            OnConflict::Error => "error",
+        }
+    }
+}
+
+impl FromStr for OnConflict {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "apply" => Ok(OnConflict::Apply),
+            "skip" => Ok(OnConflict::Skip),
+            "dead_letter" => Ok(OnConflict::DeadLetter),
+            "error" => Ok(OnConflict::Error),
+            other => Err(format!("unknown on_conflict policy {other:?}")),
+        }
+    }
+}
+
+/// A dotted path into a JSON document, e.g. `newState.addressContent.addressTS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path(Vec<String>);
+
+impl Path {
+    pub fn parse(text: &str) -> Result<Path, String> {
+        let segments: Vec<String> = text.split('.').map(str::to_string).collect();
+        if segments.iter().any(|s| s.is_empty()) {
+            return Err(format!("{text:?} is not a dotted path (like \"a.b.c\")"));
+        }
+        Ok(Path(segments))
+    }
+
+    pub fn segments(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The value at this path, if every step is an object holding the next segment.
+    pub fn lookup<'v>(&self, root: &'v Value) -> Option<&'v Value> {
+        self.0
+            .iter()
+            .try_fold(root, |v, seg| v.as_object()?.get(seg))
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
+/// Where a JSON field lands in a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The writable column at this index of [`Table::columns`].
+    Column(usize),
+    /// A key column: keys come from the event root, never from the state.
+    Key,
+    /// Not stored (the replica keeps only what it declared).
+    Unmapped,
+}
+
+/// A replica table as the core sees it: its key columns and its writable columns.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// Key columns, in the order of the stream's key fields.
+    pub key_columns: Vec<String>,
+    /// Writable non-key columns (not generated, not identity-always), in table order.
+    pub columns: Vec<String>,
+    explicit: HashMap<String, String>,
+    index: HashMap<String, usize>,
+    keys: HashSet<String>,
+}
+
+impl Table {
+    /// `explicit` maps JSON field → column name (the stream's `columns` option).
+    pub fn new(
+        key_columns: Vec<String>,
+        columns: Vec<String>,
+        explicit: Vec<(String, String)>,
+    ) -> Table {
+        let index = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), i))
+            .collect();
+        let keys = key_columns.iter().cloned().collect();
+        Table {
+            key_columns,
+            columns,
+            explicit: explicit.into_iter().collect(),
+            index,
+            keys,
+        }
+    }
+
+    /// Resolves a JSON field: the explicit mapping first, then a column of the same name,
+    /// then its snake_case (`addressLine1` → `address_line1`).
+    pub fn resolve(&self, field: &str) -> Target {
+        if let Some(col) = self.explicit.get(field) {
+            return self.target_of(col);
+        }
+        match self.target_of(field) {
+            Target::Unmapped => self.target_of(&field.to_snake_case()),
+            found => found,
+        }
+    }
+
+    fn target_of(&self, column: &str) -> Target {
+        if let Some(&i) = self.index.get(column) {
+            Target::Column(i)
+        } else if self.keys.contains(column) {
+            Target::Key
+        } else {
+            Target::Unmapped
+        }
+    }
+}
+
+/// A child table of an aggregate snapshot.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    /// The name under `children` (e.g. `addresses`).
+    pub name: String,
+    /// Where the array sits, relative to the entity state (after `state_path`).
+    pub path: Path,
+    /// The child table; its `key_columns` are the child key columns and its `columns`
+    /// exclude the parent key columns.
+    pub table: Table,
+    /// JSON fields of an element that form the child key, aligned with `table.key_columns`.
+    pub key_fields: Vec<String>,
+    /// Columns of the child table that hold the parent's key, aligned with the parent key.
+    pub parent_columns: Vec<String>,
+}
+
+/// Everything the core needs to know about a stream.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    pub name: String,
+    pub shape: Shape,
+    /// Root JSON fields forming the entity key, aligned with `table.key_columns`.
+    pub key_fields: Vec<String>,
+    pub table: Table,
+    pub state_path: Option<Path>,
+    pub version: Option<Path>,
+    pub event_id: Option<Path>,
+    pub on_conflict: OnConflict,
+    pub children: Vec<ChildSpec>,
+}
+
+impl StreamSpec {
+    pub fn is_versioned(&self) -> bool {
+        self.version.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn table() -> Table {
+        Table::new(
+            vec!["address_id".into()],
+            vec!["purpose".into(), "address_line1".into(), "line2".into()],
+            vec![("addressPurpose".into(), "purpose".into())],
+        )
+    }
+
+    #[test]
+    fn fields_resolve_explicitly_then_by_name_then_snake_case() {
+        let t = table();
+        assert_eq!(t.resolve("addressPurpose"), Target::Column(0));
+        assert_eq!(t.resolve("address_line1"), Target::Column(1));
+        assert_eq!(t.resolve("addressLine1"), Target::Column(1));
+        assert_eq!(t.resolve("line2"), Target::Column(2));
+        assert_eq!(t.resolve("addressLine2"), Target::Unmapped);
+        assert_eq!(t.resolve("addressId"), Target::Key);
+        assert_eq!(t.resolve("socialSecurityNumber"), Target::Unmapped);
+    }
+
+    #[test]
+    fn paths_parse_and_look_up() {
+        let p = Path::parse("newState.addressContent.addressTS").unwrap();
+        let doc = json!({"newState": {"addressContent": {"addressTS": 5}}});
+        assert_eq!(p.lookup(&doc), Some(&json!(5)));
+        assert_eq!(Path::parse("newState.nope").unwrap().lookup(&doc), None);
+        assert!(Path::parse("a..b").is_err());
+        assert!(Path::parse("").is_err());
+        assert_eq!(p.to_string(), "newState.addressContent.addressTS");
+    }
+
+    #[test]
+    fn names_parse() {
+        assert_eq!("delta".parse::<Shape>().unwrap(), Shape::Delta);
+        assert!("snapshot".parse::<Shape>().is_err());
+        assert_eq!(
+            "dead_letter".parse::<OnConflict>().unwrap(),
+            OnConflict::DeadLetter
+        );
+        assert!("ignore".parse::<OnConflict>().is_err());
+    }
+}

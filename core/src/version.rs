@@ -1,0 +1,161 @@
+//! Entity versions. A version is read from the event at the stream's `version` path:
+//! a JSON number compares numerically (exactly, arbitrary precision), a string is an
+//! RFC 3339 timestamp and compares as the instant it names. Both are kept on one axis —
+//! a timestamp is its Unix epoch in seconds (nanosecond precision) — so a stream that
+//! switches from epoch-second numbers to timestamps still orders correctly.
+
+use bigdecimal::num_bigint::BigInt;
+use bigdecimal::BigDecimal;
+use serde_json::Value;
+use std::fmt;
+use std::str::FromStr;
+
+/// Bound on digits and exponent: keeps comparisons cheap and every version storable
+/// in a PostgreSQL `numeric`, whatever a hostile event carries.
+const MAX_DIGITS: u64 = 200;
+const MAX_SCALE: i64 = 200;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version(BigDecimal);
+
+impl Version {
+    /// Reads a version from a JSON value. `Ok(None)` when absent (null).
+    pub fn from_json(value: &Value) -> Result<Option<Version>, String> {
+        match value {
+            Value::Null => Ok(None),
+            Value::Number(n) => Version::parse_decimal(&n.to_string()).map(Some),
+            Value::String(s) => Version::parse_timestamp(s).map(Some),
+            other => Err(format!(
+                "a version must be a JSON number or an RFC 3339 timestamp string, not {}",
+                json_type(other)
+            )),
+        }
+    }
+
+    /// Parses a decimal number (as JSON or PostgreSQL `numeric` text).
+    pub fn parse_decimal(text: &str) -> Result<Version, String> {
+        let d = BigDecimal::from_str(text)
+            .map_err(|e| format!("version {text:?} is not a number: {e}"))?;
+        let (_, scale) = d.as_bigint_and_exponent();
+        if scale.abs() > MAX_SCALE || d.digits() > MAX_DIGITS {
+            return Err(format!(
+                "version {} is out of range (at most {MAX_DIGITS} digits and exponent ±{MAX_SCALE})",
+                truncate(text, 40)
+            ));
+        }
+        Ok(Version(d.normalized()))
+    }
+
+    /// Parses an RFC 3339 timestamp into epoch seconds with nanosecond precision.
+    pub fn parse_timestamp(text: &str) -> Result<Version, String> {
+        let ts = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| {
+            format!(
+                "version {:?} is not an RFC 3339 timestamp: {e}",
+                truncate(text, 60)
+            )
+        })?;
+        let nanos = BigInt::from(ts.timestamp()) * BigInt::from(1_000_000_000i64)
+            + BigInt::from(ts.timestamp_subsec_nanos());
+        Ok(Version(BigDecimal::new(nanos, 9).normalized()))
+    }
+
+    /// The version as text that PostgreSQL's `numeric` input accepts (plain notation).
+    pub fn to_numeric_string(&self) -> String {
+        self.0.to_plain_string()
+    }
+
+    /// A small integer version, for tests and generators.
+    pub fn from_i64(v: i64) -> Version {
+        Version(BigDecimal::from(v))
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_numeric_string())
+    }
+}
+
+pub(crate) fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max).collect();
+        t.push('…');
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn v(j: Value) -> Version {
+        Version::from_json(&j).unwrap().unwrap()
+    }
+
+    #[test]
+    fn numbers_compare_numerically() {
+        assert!(v(json!(9)) < v(json!(10)));
+        assert!(v(json!(1.5)) < v(json!(2)));
+        assert_eq!(v(json!(2.0)), v(json!(2)));
+        assert!(v(json!(-3)) < v(json!(0)));
+    }
+
+    #[test]
+    fn big_numbers_are_exact() {
+        let a: Value = serde_json::from_str("123456789012345678901234567890").unwrap();
+        let b: Value = serde_json::from_str("123456789012345678901234567891").unwrap();
+        assert!(v(a) < v(b));
+    }
+
+    #[test]
+    fn timestamps_compare_as_instants() {
+        let a = v(json!("2024-01-01T10:00:00+02:00"));
+        let b = v(json!("2024-01-01T09:00:00Z"));
+        assert!(a < b, "10:00+02 is 08:00Z, before 09:00Z");
+        let c = v(json!("2024-01-01T09:00:00.000000001Z"));
+        assert!(b < c);
+        assert_eq!(v(json!("1970-01-01T00:00:10Z")), v(json!(10)));
+    }
+
+    #[test]
+    fn invalid_versions_are_explained() {
+        assert!(Version::from_json(&json!("yesterday"))
+            .unwrap_err()
+            .contains("RFC 3339"));
+        assert!(Version::from_json(&json!(true))
+            .unwrap_err()
+            .contains("boolean"));
+        assert!(Version::from_json(&json!({}))
+            .unwrap_err()
+            .contains("object"));
+        let huge: Value = serde_json::from_str("1e999999999").unwrap();
+        assert!(Version::from_json(&huge)
+            .unwrap_err()
+            .contains("out of range"));
+        assert_eq!(Version::from_json(&Value::Null).unwrap(), None);
+    }
+
+    #[test]
+    fn numeric_text_round_trips() {
+        for text in ["0", "1572134205", "-1.25", "1572134205.123456789", "1e5"] {
+            let a = Version::parse_decimal(text).unwrap();
+            let b = Version::parse_decimal(&a.to_numeric_string()).unwrap();
+            assert_eq!(a, b, "{text}");
+            assert!(!a.to_numeric_string().contains('e'));
+        }
+    }
+}
