@@ -1,0 +1,261 @@
+//! The SQL functions of schema `ecst` (the wrappers with `regclass`/`jsonb` signatures and the
+//! `ecst.stats` view are in `sql/finalize.sql`).
+
+use crate::apply::{self, Applied};
+use crate::catalog;
+use crate::counters;
+use ecst_core::event::parse;
+use ecst_core::reject::{RejectCode, Rejection};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB};
+use std::collections::BTreeMap;
+
+/// The `ecst.outcome` label of a result. The Rust functions return it as text and the SQL
+/// wrappers in `sql/finalize.sql` cast it to the schema-qualified enum, so callers need not
+/// have `ecst` on their search_path.
+fn outcome(a: &Applied) -> &'static str {
+    match a {
+        Applied::Done { outcome, .. } => outcome.as_str(),
+        Applied::Rejected { .. } => "dead_lettered",
+    }
+}
+
+fn count(stream_id: i32, a: &Applied) {
+    match a {
+        Applied::Done { outcome, conflict } => counters::add(stream_id, Some(*outcome), *conflict),
+        Applied::Rejected { conflict, .. } => counters::add(stream_id, None, *conflict),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(name = "_create_stream")]
+fn create_stream(
+    name: &str,
+    target: pg_sys::Oid,
+    shape: &str,
+    key: JsonB,
+    state_path: Option<String>,
+    columns: Option<JsonB>,
+    version: Option<String>,
+    event_id: Option<String>,
+    children: Option<JsonB>,
+    on_conflict: Option<String>,
+) {
+    catalog::create_stream(
+        name,
+        target,
+        shape,
+        key.0,
+        state_path,
+        columns.map(|c| c.0),
+        version,
+        event_id,
+        children.map(|c| c.0),
+        on_conflict.as_deref().unwrap_or("apply"),
+    )
+}
+
+/// Drops a stream (its definition, version state and counters); the replica tables and
+/// dead letters stay. Returns false when no such stream existed.
+#[pg_extern]
+fn drop_stream(name: &str) -> bool {
+    catalog::drop_stream(name)
+}
+
+/// Applies one event (given as text, exactly as received).
+#[pg_extern(name = "_apply")]
+fn apply_text(stream: &str, event: &str) -> &'static str {
+    let s = catalog::stream(stream);
+    Spi::connect_mut(|client| {
+        let result = apply::apply_payload(client, &s, event);
+        if let Applied::Rejected {
+            rejection,
+            sqlstate,
+            ..
+        } = &result
+        {
+            apply::dead_letter(
+                client,
+                Some(stream),
+                Some(event),
+                rejection,
+                sqlstate.as_deref(),
+            );
+        }
+        count(s.id, &result);
+        outcome(&result)
+    })
+}
+
+fn counts_table(
+    counts: BTreeMap<&'static str, i64>,
+) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
+    TableIterator::new(counts.into_iter())
+}
+
+/// Applies many events; events of one entity are applied in array order. Returns the count
+/// per outcome.
+#[pg_extern(name = "_apply_batch")]
+fn apply_batch_text(
+    stream: &str,
+    events: Vec<Option<String>>,
+) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
+    let s = catalog::stream(stream);
+    let mut parsed: Vec<(usize, Result<_, Rejection>)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| match e {
+            Some(text) => (i, parse(&s.spec, text)),
+            None => (
+                i,
+                Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
+            ),
+        })
+        .collect();
+    parsed.sort_by(|(_, a), (_, b)| apply::batch_order(a).cmp(&apply::batch_order(b)));
+    let mut counts = BTreeMap::new();
+    Spi::connect_mut(|client| {
+        for (i, ev) in &parsed {
+            let result = match ev {
+                Ok(ev) => apply::apply_event(client, &s, ev),
+                Err(r) => Applied::Rejected {
+                    rejection: r.clone(),
+                    sqlstate: None,
+                    conflict: false,
+                },
+            };
+            if let Applied::Rejected {
+                rejection,
+                sqlstate,
+                ..
+            } = &result
+            {
+                apply::dead_letter(
+                    client,
+                    Some(stream),
+                    events[*i].as_deref(),
+                    rejection,
+                    sqlstate.as_deref(),
+                );
+            }
+            count(s.id, &result);
+            *counts.entry(outcome(&result)).or_insert(0) += 1;
+        }
+    });
+    counts_table(counts)
+}
+
+/// Puts dead letters (of one stream, or all) back through the pipeline. Those that apply now
+/// leave `ecst.dead_letters`; the others stay with their new reason and one more attempt.
+#[pg_extern(name = "_retry_dead_letters")]
+fn retry_dead_letters(
+    stream: Option<&str>,
+) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
+    let mut counts = BTreeMap::new();
+    Spi::connect_mut(|client| {
+        let letters: Vec<(i64, Option<String>, Option<String>)> = client
+            .update(
+                "SELECT id, stream, payload FROM ecst.dead_letters
+                 WHERE $1::text IS NULL OR stream = $1 ORDER BY id FOR UPDATE",
+                None,
+                &[stream.into()],
+            )
+            .expect("reading ecst.dead_letters")
+            .into_iter()
+            .map(|r| {
+                (
+                    r.get(1).unwrap().unwrap(),
+                    r.get(2).unwrap(),
+                    r.get(3).unwrap(),
+                )
+            })
+            .collect();
+        for (id, name, payload) in letters {
+            let target = name.as_deref().and_then(catalog::try_stream);
+            let result = match (&target, &payload) {
+                (Some(s), Some(p)) => apply::apply_payload(client, s, p),
+                (None, _) => Applied::Rejected {
+                    rejection: Rejection::new(
+                        RejectCode::UnknownStream,
+                        format!("stream {:?} does not exist", name.as_deref().unwrap_or("")),
+                    ),
+                    sqlstate: None,
+                    conflict: false,
+                },
+                (Some(_), None) => Applied::Rejected {
+                    rejection: Rejection::new(RejectCode::InvalidJson, "the event is NULL"),
+                    sqlstate: None,
+                    conflict: false,
+                },
+            };
+            match &result {
+                Applied::Rejected {
+                    rejection,
+                    sqlstate,
+                    ..
+                } => {
+                    client
+                        .update(
+                            "UPDATE ecst.dead_letters SET error_code = $2, message = $3, sqlstate = $4,
+                                    failed_at = clock_timestamp(), attempts = attempts + 1
+                             WHERE id = $1",
+                            None,
+                            &[id.into(), rejection.code.as_str().into(), rejection.message.as_str().into(), sqlstate.as_deref().into()],
+                        )
+                        .expect("updating ecst.dead_letters");
+                }
+                Applied::Done { outcome, conflict } => {
+                    client
+                        .update(
+                            "DELETE FROM ecst.dead_letters WHERE id = $1",
+                            None,
+                            &[id.into()],
+                        )
+                        .expect("deleting");
+                    if let Some(s) = &target {
+                        counters::add(s.id, Some(*outcome), *conflict);
+                    }
+                }
+            }
+            *counts.entry(outcome(&result)).or_insert(0) += 1;
+        }
+    });
+    counts_table(counts)
+}
+
+/// This backend's counters not yet written to `ecst.stream_counters` (used by `ecst.stats`).
+#[pg_extern]
+#[allow(clippy::type_complexity)]
+fn _unflushed_counters() -> TableIterator<
+    'static,
+    (
+        name!(stream_id, i32),
+        name!(applied, i64),
+        name!(duplicate, i64),
+        name!(stale, i64),
+        name!(skipped, i64),
+        name!(conflicts, i64),
+        name!(dead_lettered, i64),
+        name!(last_applied_at, Option<pgrx::datum::TimestampWithTimeZone>),
+    ),
+> {
+    let now = (counters::unflushed().iter().any(|(_, c)| c.applied > 0))
+        .then(|| {
+            Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT clock_timestamp()")
+                .ok()
+                .flatten()
+        })
+        .flatten();
+    TableIterator::new(counters::unflushed().into_iter().map(move |(id, c)| {
+        (
+            id,
+            c.applied,
+            c.duplicate,
+            c.stale,
+            c.skipped,
+            c.conflicts,
+            c.dead_lettered,
+            (c.applied > 0).then_some(now).flatten(),
+        )
+    }))
+}

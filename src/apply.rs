@@ -1,0 +1,455 @@
+//! Applying events: parse (core) → convert values through column types → deduplicate event
+//! ids → lock and read the entity's version state → decide (core) → write the replica and
+//! the new state. Each event runs in its own subtransaction, so a bad event is rolled back
+//! alone and dead-lettered while the rest of a batch goes on.
+
+use crate::catalog::{Column, Stream};
+use crate::errors::{self, raise};
+use crate::subxact::{self, SubResult};
+use crate::writer::{self, Bound};
+use ecst_core::event::{check_unique_child_keys, parse, Cell, ChildSet, Event, Op, Value};
+use ecst_core::merge::{decide, Decision, EntityState, Outcome, Write};
+use ecst_core::reject::{RejectCode, Rejection};
+use ecst_core::version::Version;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::spi::SpiClient;
+use pgrx::PgSqlErrorCode as Code;
+use std::collections::BTreeMap;
+
+/// What happened to one event.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    Done {
+        outcome: Outcome,
+        conflict: bool,
+    },
+    /// The event goes to the dead letters (with the SQLSTATE when PostgreSQL refused it).
+    Rejected {
+        rejection: Rejection,
+        sqlstate: Option<String>,
+        conflict: bool,
+    },
+}
+
+/// Why an attempt stopped; its subtransaction is rolled back.
+enum Stop {
+    Reject(Rejection, bool),
+    /// A concurrent session created the same entity first: try again.
+    Retry,
+    /// `on_conflict => 'error'`.
+    Raise(String),
+}
+
+const ATTEMPTS: usize = 5;
+
+/// Parses and applies one payload.
+pub fn apply_payload(client: &mut SpiClient, stream: &Stream, payload: &str) -> Applied {
+    match parse(&stream.spec, payload) {
+        Ok(ev) => apply_event(client, stream, &ev),
+        Err(rejection) => Applied::Rejected {
+            rejection,
+            sqlstate: None,
+            conflict: false,
+        },
+    }
+}
+
+/// Applies one parsed event in its own subtransaction.
+pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Applied {
+    for _ in 0..ATTEMPTS {
+        match subxact::run(|| attempt(client, stream, ev)) {
+            SubResult::Committed((outcome, conflict)) => return Applied::Done { outcome, conflict },
+            SubResult::RolledBack(Stop::Retry) => continue,
+            SubResult::RolledBack(Stop::Reject(rejection, conflict)) => {
+                return Applied::Rejected { rejection, sqlstate: None, conflict }
+            }
+            SubResult::RolledBack(Stop::Raise(message)) => raise(
+                Code::ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION,
+                message,
+                Some("The stream's on_conflict is 'error'. Re-sync the entity, or use on_conflict 'apply', 'skip' or 'dead_letter'."),
+            ),
+            SubResult::Failed(CaughtError::PostgresError(report))
+                if errors::is_event_error(&errors::sqlstate(report.sql_error_code())) =>
+            {
+                let mut message = report.message().to_string();
+                if let Some(detail) = report.detail() {
+                    message = format!("{message} ({detail})");
+                }
+                return Applied::Rejected {
+                    rejection: Rejection::new(RejectCode::WriteFailed, format!("writing {}: {message}", stream.table.qualified)),
+                    sqlstate: Some(errors::sqlstate(report.sql_error_code())),
+                    conflict: false,
+                };
+            }
+            SubResult::Failed(other) => other.rethrow(),
+        }
+    }
+    raise(
+        Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        format!(
+            "could not apply an event of stream \"{}\": the entity kept changing concurrently",
+            stream.spec.name
+        ),
+        Some("Retry the transaction."),
+    )
+}
+
+/// Converts a cell through its column type.
+fn bind<'a>(column: &'a Column, field: &str, value: &Value) -> Result<Bound<'a>, Stop> {
+    let value = match value {
+        Value::Null => None,
+        Value::Text(t) => Some(column.ty.input(t).map_err(|e| {
+            Stop::Reject(
+                Rejection::new(
+                    RejectCode::InvalidValue,
+                    format!(
+                        "field \"{field}\" does not fit column \"{}\" ({}): {e}",
+                        column.name, column.ty.name
+                    ),
+                ),
+                false,
+            )
+        })?),
+    };
+    Ok(Bound { column, value })
+}
+
+/// Converts key values, returning the bound keys and their canonical texts.
+fn bind_keys<'a>(
+    columns: &'a [Column],
+    fields: &[String],
+    values: &[String],
+) -> Result<(Vec<Bound<'a>>, Vec<String>), Stop> {
+    let mut bound = Vec::with_capacity(values.len());
+    let mut canonical = Vec::with_capacity(values.len());
+    for ((column, field), text) in columns.iter().zip(fields).zip(values) {
+        let invalid = |e: String| {
+            Stop::Reject(
+                Rejection::new(
+                    RejectCode::InvalidKey,
+                    format!(
+                        "key field \"{field}\" does not fit column \"{}\" ({}): {e}",
+                        column.name, column.ty.name
+                    ),
+                ),
+                false,
+            )
+        };
+        let canon = column.ty.canonical(text).map_err(invalid)?;
+        bound.push(Bound {
+            column,
+            value: Some(column.ty.input(&canon).map_err(invalid)?),
+        });
+        canonical.push(canon);
+    }
+    Ok((bound, canonical))
+}
+
+/// One child row, converted.
+struct ChildRowBound<'a> {
+    keys: Vec<Bound<'a>>,
+    canonical: Vec<String>,
+    cells: Vec<Bound<'a>>,
+}
+
+fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outcome, bool), Stop> {
+    let spec = &stream.spec;
+    let table = &stream.table;
+    let (keys, canonical) = bind_keys(&table.keys, &spec.key_fields, &ev.key)?;
+    let entity_key = if canonical.len() == 1 {
+        canonical[0].clone()
+    } else {
+        serde_json::to_string(&canonical).expect("strings serialise")
+    };
+
+    // Convert every value up front: a value that does not fit is a dead letter, stale or not.
+    let mut new_cells: BTreeMap<usize, Bound> = BTreeMap::new();
+    let mut children: Vec<Vec<ChildRowBound>> = Vec::new();
+    if let Op::Upsert {
+        cells,
+        children: sets,
+    } = &ev.op
+    {
+        for c in cells {
+            new_cells.insert(
+                c.column,
+                bind(&table.columns[c.column], &c.field, &c.value)?,
+            );
+        }
+        for set in sets {
+            children.push(bind_children(stream, set)?);
+        }
+    }
+    let old: Vec<Bound> = ev
+        .old
+        .iter()
+        .map(|c| bind(&table.columns[c.column], &c.field, &c.value))
+        .collect::<Result<_, _>>()?;
+
+    if let Some(id) = &ev.event_id {
+        let fresh = writer::run(
+            client,
+            "INSERT INTO ecst.applied_events (stream_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
+            &[stream.id.into(), id.as_str().into()],
+        );
+        if fresh.is_empty() {
+            return Ok((Outcome::Duplicate, false));
+        }
+    }
+
+    let state = if spec.is_versioned() {
+        load_state(client, stream.id, &entity_key)?
+    } else {
+        None
+    };
+    let existed = state.is_some();
+    let decision = decide(spec, state.as_ref(), ev, |old_cells: &[Cell]| {
+        mismatches(client, stream, &keys, old_cells, &old)
+    });
+    let (outcome, conflict, write, next) = match decision {
+        Decision::Done {
+            outcome,
+            conflict,
+            write,
+            state,
+        } => (outcome, conflict, write, state),
+        Decision::DeadLetter(rejection) => return Err(Stop::Reject(rejection, true)),
+        Decision::Raise(message) => return Err(Stop::Raise(message)),
+    };
+
+    match write {
+        Write::Nothing => {}
+        Write::Upsert {
+            cells,
+            children: sets,
+        } => {
+            let mut row = keys.clone();
+            row.extend(cells.iter().map(|c| new_cells[&c.column]));
+            let conflict_cols: Vec<String> = table.keys.iter().map(|k| k.quoted.clone()).collect();
+            let update: Vec<&str> = cells
+                .iter()
+                .map(|c| table.columns[c.column].quoted.as_str())
+                .collect();
+            writer::upsert(client, &table.qualified, &row, &conflict_cols, &update);
+            for set in &sets {
+                write_children(client, stream, set.child, &keys, &children[set.child]);
+            }
+        }
+        Write::Clear { columns } => {
+            let cols: Vec<&Column> = columns.iter().map(|&i| &table.columns[i]).collect();
+            writer::clear(client, table, &keys, &cols);
+        }
+        Write::Delete => {
+            for child in &stream.children {
+                let parent: Vec<Bound> = child
+                    .parent
+                    .iter()
+                    .zip(&keys)
+                    .map(|(column, k)| Bound {
+                        column,
+                        value: k.value,
+                    })
+                    .collect();
+                writer::delete(client, &child.table.qualified, &parent);
+            }
+            writer::delete(client, &table.qualified, &keys);
+        }
+    }
+    if let Some(next) = next {
+        save_state(client, stream.id, &entity_key, &next, existed)?;
+    }
+    Ok((outcome, conflict))
+}
+
+fn bind_children<'a>(stream: &'a Stream, set: &ChildSet) -> Result<Vec<ChildRowBound<'a>>, Stop> {
+    let child = &stream.children[set.child];
+    let spec = &stream.spec.children[set.child];
+    let mut rows = Vec::with_capacity(set.rows.len());
+    let mut canonical_set = ChildSet {
+        child: set.child,
+        rows: Vec::new(),
+    };
+    for r in &set.rows {
+        let (keys, canonical) = bind_keys(&child.table.keys, &spec.key_fields, &r.key)?;
+        let cells = r
+            .cells
+            .iter()
+            .map(|c| bind(&child.table.columns[c.column], &c.field, &c.value))
+            .collect::<Result<_, _>>()?;
+        canonical_set.rows.push(ecst_core::event::ChildRow {
+            key: canonical.clone(),
+            cells: Vec::new(),
+        });
+        rows.push(ChildRowBound {
+            keys,
+            canonical,
+            cells,
+        });
+    }
+    // Keys that differ as JSON may be equal as column values ("7" and 7 in a bigint column).
+    check_unique_child_keys(spec, &canonical_set).map_err(|r| Stop::Reject(r, false))?;
+    Ok(rows)
+}
+
+/// Makes a parent's child rows exactly `rows`: deletes the others, upserts these.
+fn write_children(
+    client: &mut SpiClient,
+    stream: &Stream,
+    index: usize,
+    parent_keys: &[Bound],
+    rows: &[ChildRowBound],
+) {
+    let child = &stream.children[index];
+    let parent: Vec<Bound> = child
+        .parent
+        .iter()
+        .zip(parent_keys)
+        .map(|(column, k)| Bound {
+            column,
+            value: k.value,
+        })
+        .collect();
+    let keep: Vec<Vec<String>> = rows.iter().map(|r| r.canonical.clone()).collect();
+    writer::prune_children(client, child, &parent, &keep);
+    for r in rows {
+        let mut row = parent.clone();
+        row.extend(r.keys.iter().copied());
+        row.extend(r.cells.iter().copied());
+        let update: Vec<&str> = row
+            .iter()
+            .map(|b| b.column.quoted.as_str())
+            .filter(|c| !child.conflict.iter().any(|k| k == c))
+            .collect();
+        writer::upsert(
+            client,
+            &child.table.qualified,
+            &row,
+            &child.conflict,
+            &update,
+        );
+    }
+}
+
+/// Which `oldState` fields disagree with the replica (all non-null ones if the row is absent).
+fn mismatches(
+    client: &mut SpiClient,
+    stream: &Stream,
+    keys: &[Bound],
+    cells: &[Cell],
+    old: &[Bound],
+) -> Vec<String> {
+    match writer::differs(client, &stream.table, keys, old) {
+        Some(differs) => cells
+            .iter()
+            .zip(differs)
+            .filter(|(_, d)| *d)
+            .map(|(c, _)| c.field.clone())
+            .collect(),
+        None => cells
+            .iter()
+            .filter(|c| c.value != Value::Null)
+            .map(|c| c.field.clone())
+            .collect(),
+    }
+}
+
+fn load_state(
+    client: &mut SpiClient,
+    stream_id: i32,
+    key: &str,
+) -> Result<Option<EntityState>, Stop> {
+    let rows = writer::run(
+        client,
+        "SELECT live_version::text, tomb_version::text, field_versions::text
+         FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = $2 FOR UPDATE",
+        &[stream_id.into(), key.into()],
+    );
+    let Some(row) = rows.into_iter().next() else {
+        return Ok(None);
+    };
+    let version = |text: Option<String>| {
+        text.map(|t| Version::parse_decimal(&t).expect("stored versions are valid"))
+    };
+    let mut state = EntityState {
+        live: version(row.get::<String>(1).unwrap()),
+        tomb: version(row.get::<String>(2).unwrap()),
+        fields: BTreeMap::new(),
+    };
+    if let Some(fields) = row.get::<String>(3).unwrap() {
+        let map: BTreeMap<String, String> =
+            serde_json::from_str(&fields).expect("stored field versions are valid");
+        state.fields = map
+            .into_iter()
+            .map(|(k, v)| (k, Version::parse_decimal(&v).expect("valid")))
+            .collect();
+    }
+    Ok(Some(state))
+}
+
+fn save_state(
+    client: &mut SpiClient,
+    stream_id: i32,
+    key: &str,
+    s: &EntityState,
+    existed: bool,
+) -> Result<(), Stop> {
+    let live = s.live.as_ref().map(Version::to_numeric_string);
+    let tomb = s.tomb.as_ref().map(Version::to_numeric_string);
+    let fields = (!s.fields.is_empty()).then(|| {
+        let m: BTreeMap<&String, String> = s
+            .fields
+            .iter()
+            .map(|(k, v)| (k, v.to_numeric_string()))
+            .collect();
+        serde_json::to_string(&m).expect("strings serialise")
+    });
+    let args = [
+        stream_id.into(),
+        key.into(),
+        live.into(),
+        tomb.into(),
+        fields.into(),
+    ];
+    if existed {
+        writer::run(
+            client,
+            "UPDATE ecst.entity_state SET live_version = $3::numeric, tomb_version = $4::numeric,
+                    field_versions = $5::jsonb
+             WHERE stream_id = $1 AND entity_key = $2",
+            &args,
+        );
+        return Ok(());
+    }
+    let inserted = writer::run(
+        client,
+        "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
+         VALUES ($1, $2, $3::numeric, $4::numeric, $5::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
+        &args,
+    );
+    if inserted.is_empty() {
+        return Err(Stop::Retry);
+    }
+    Ok(())
+}
+
+/// Records a dead letter (payload exactly as received).
+pub fn dead_letter(
+    client: &mut SpiClient,
+    stream: Option<&str>,
+    payload: Option<&str>,
+    r: &Rejection,
+    sqlstate: Option<&str>,
+) {
+    writer::run(
+        client,
+        "INSERT INTO ecst.dead_letters (stream, payload, error_code, message, sqlstate) VALUES ($1, $2, $3, $4, $5)",
+        &[stream.into(), payload.into(), r.code.as_str().into(), r.message.as_str().into(), sqlstate.into()],
+    );
+}
+
+/// The canonical order key of an event for batch application: events of one entity keep
+/// their relative order, and entities are visited in key order, so concurrent batches take
+/// entity locks in the same order (no deadlocks between them).
+pub fn batch_order(ev: &Result<Event, Rejection>) -> Option<&[String]> {
+    ev.as_ref().ok().map(|e| e.key.as_slice())
+}

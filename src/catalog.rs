@@ -1,0 +1,753 @@
+//! Stream definitions: validating and storing them (`ecst.create_stream` / `drop_stream`), and
+//! loading them as a ready-to-apply [`Stream`] — the core's `StreamSpec` plus each column's
+//! type — cached per backend. The cache is dropped whenever a relcache invalidation touches
+//! the catalog tables or a replica table (`ALTER TABLE`, `create_stream`, `drop_stream`).
+
+use crate::convert::ColumnType;
+use crate::errors::raise;
+use ecst_core::spec::{ChildSpec, OnConflict, Path, Shape, StreamSpec, Table};
+use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
+use pgrx::{pg_sys, JsonB, PgSqlErrorCode as Code};
+use serde_json::{Map, Value};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+/// A replica column with its type.
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    pub quoted: String,
+    pub ty: ColumnType,
+}
+
+/// A replica table: its quoted name, key columns (in key order) and writable columns
+/// (aligned with the core's `Table::columns`).
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub oid: pg_sys::Oid,
+    pub qualified: String,
+    pub keys: Vec<Column>,
+    pub columns: Vec<Column>,
+}
+
+/// A child table of an aggregate: the parent key columns it holds and the columns of the
+/// unique index that identifies a child row (`ON CONFLICT` target).
+#[derive(Debug, Clone)]
+pub struct ChildInfo {
+    pub table: TableInfo,
+    pub parent: Vec<Column>,
+    pub conflict: Vec<String>,
+}
+
+/// A stream, ready to apply events.
+#[derive(Debug)]
+pub struct Stream {
+    pub id: i32,
+    pub spec: StreamSpec,
+    pub table: TableInfo,
+    pub children: Vec<ChildInfo>,
+}
+
+/// A stream definition as stored in `ecst.streams` / `ecst.stream_children`.
+struct Definition {
+    id: i32,
+    name: String,
+    target: pg_sys::Oid,
+    shape: String,
+    key: Value,
+    state_path: Option<String>,
+    columns: Value,
+    version: Option<String>,
+    event_id: Option<String>,
+    on_conflict: String,
+    children: Vec<ChildDefinition>,
+}
+
+struct ChildDefinition {
+    name: String,
+    path: String,
+    target: pg_sys::Oid,
+    key: Value,
+    parent_key: Value,
+    columns: Value,
+}
+
+/// A definition error: SQLSTATE, message, hint.
+type Invalid = (Code, String, Option<String>);
+
+fn invalid(code: Code, message: impl Into<String>, hint: Option<&str>) -> Invalid {
+    (code, message.into(), hint.map(str::to_string))
+}
+
+// ---------------------------------------------------------------------------------------
+// The per-backend cache and its invalidation.
+
+thread_local! {
+    static CACHE: RefCell<HashMap<String, Rc<Stream>>> = RefCell::new(HashMap::new());
+    static WATCHED: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
+    static STALE: Cell<bool> = const { Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    // Only flag here: no catalog access or freeing inside an invalidation callback.
+    if relid == pg_sys::Oid::INVALID || WATCHED.with(|w| w.borrow().contains(&relid)) {
+        STALE.with(|s| s.set(true));
+    }
+}
+
+pub fn register_invalidation() {
+    // SAFETY: registered once per backend from _PG_init.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        )
+    };
+}
+
+/// Tells every backend (at commit; this one at once) that stream definitions changed.
+fn invalidate_everywhere() {
+    let streams = Spi::get_one::<pg_sys::Oid>("SELECT 'ecst.streams'::regclass::oid")
+        .ok()
+        .flatten();
+    if let Some(oid) = streams {
+        // SAFETY: queues an ordinary relcache invalidation for the catalog table.
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oid) };
+    }
+    STALE.with(|s| s.set(true));
+}
+
+/// The stream named `name`, or an ERROR (42704) if there is none.
+pub fn stream(name: &str) -> Rc<Stream> {
+    try_stream(name).unwrap_or_else(|| {
+        raise(
+            Code::ERRCODE_UNDEFINED_OBJECT,
+            format!("stream \"{name}\" does not exist"),
+            Some("Create it with ecst.create_stream(...); SELECT name FROM ecst.streams lists the streams."),
+        )
+    })
+}
+
+/// The stream named `name`, if it exists.
+pub fn try_stream(name: &str) -> Option<Rc<Stream>> {
+    if STALE.with(|s| s.replace(false)) {
+        CACHE.with(|c| c.borrow_mut().clear());
+    }
+    if let Some(s) = CACHE.with(|c| c.borrow().get(name).cloned()) {
+        return Some(s);
+    }
+    let def = read_definition(name)?;
+    let stream = build(&def).unwrap_or_else(|(code, message, hint)| {
+        raise(
+            code,
+            format!("stream \"{name}\" no longer matches its tables: {message}"),
+            hint.as_deref(),
+        )
+    });
+    let stream = Rc::new(stream);
+    WATCHED.with(|w| {
+        let mut w = w.borrow_mut();
+        w.insert(stream.table.oid);
+        w.extend(stream.children.iter().map(|c| c.table.oid));
+        for catalog in ["ecst.streams", "ecst.stream_children"] {
+            if let Ok(Some(oid)) =
+                Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{catalog}'::regclass::oid"))
+            {
+                w.insert(oid);
+            }
+        }
+    });
+    CACHE.with(|c| c.borrow_mut().insert(name.to_string(), stream.clone()));
+    Some(stream)
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading, validating and storing definitions.
+
+fn read_definition(name: &str) -> Option<Definition> {
+    Spi::connect(|client| {
+        let rows = client
+            .select(
+                "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict
+                 FROM ecst.streams WHERE name = $1",
+                None,
+                &[name.into()],
+            )
+            .expect("reading ecst.streams");
+        let row = rows.into_iter().next()?;
+        let id: i32 = row.get(1).unwrap().unwrap();
+        let json = |i: usize| -> Value {
+            serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap()
+        };
+        let mut def = Definition {
+            id,
+            name: name.to_string(),
+            target: row.get(2).unwrap().unwrap(),
+            shape: row.get(3).unwrap().unwrap(),
+            key: json(4),
+            state_path: row.get(5).unwrap(),
+            columns: json(6),
+            version: row.get(7).unwrap(),
+            event_id: row.get(8).unwrap(),
+            on_conflict: row.get(9).unwrap().unwrap(),
+            children: Vec::new(),
+        };
+        let children = client
+            .select(
+                "SELECT name, path, target::oid, key::text, parent_key::text, columns::text
+                 FROM ecst.stream_children WHERE stream_id = $1 ORDER BY name",
+                None,
+                &[id.into()],
+            )
+            .expect("reading ecst.stream_children");
+        for row in children {
+            let json = |i: usize| -> Value {
+                serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap()
+            };
+            def.children.push(ChildDefinition {
+                name: row.get(1).unwrap().unwrap(),
+                path: row.get(2).unwrap().unwrap(),
+                target: row.get(3).unwrap().unwrap(),
+                key: json(4),
+                parent_key: json(5),
+                columns: json(6),
+            });
+        }
+        Some(def)
+    })
+}
+
+/// A table's columns as stored in pg_attribute.
+struct Attribute {
+    column: Column,
+    readonly: bool,
+}
+
+struct Relation {
+    qualified: String,
+    display: String,
+    relkind: String,
+    owned: bool,
+    attributes: Vec<Attribute>,
+}
+
+fn relation(oid: pg_sys::Oid) -> Result<Relation, Invalid> {
+    Spi::connect(|client| {
+        let rows = client
+            .select(
+                "SELECT format('%I.%I', n.nspname, c.relname), c.oid::regclass::text, c.relkind::text,
+                        pg_has_role(c.relowner, 'USAGE')
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+                None,
+                &[oid.into()],
+            )
+            .expect("reading pg_class");
+        let Some(row) = rows.into_iter().next() else {
+            return Err(invalid(
+                Code::ERRCODE_UNDEFINED_TABLE,
+                format!("relation with OID {oid:?} does not exist"),
+                None,
+            ));
+        };
+        let mut rel = Relation {
+            qualified: row.get(1).unwrap().unwrap(),
+            display: row.get(2).unwrap().unwrap(),
+            relkind: row.get(3).unwrap().unwrap(),
+            owned: row.get(4).unwrap().unwrap(),
+            attributes: Vec::new(),
+        };
+        let attrs = client
+            .select(
+                "SELECT attname::text, atttypid, atttypmod, format_type(atttypid, atttypmod),
+                        attgenerated <> '' OR attidentity = 'a'
+                 FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                None,
+                &[oid.into()],
+            )
+            .expect("reading pg_attribute");
+        for a in attrs {
+            let name: String = a.get(1).unwrap().unwrap();
+            let ty = ColumnType::new(
+                a.get(2).unwrap().unwrap(),
+                a.get(3).unwrap().unwrap(),
+                a.get(4).unwrap().unwrap(),
+            );
+            rel.attributes.push(Attribute {
+                column: Column {
+                    quoted: quote_identifier(&name),
+                    name,
+                    ty,
+                },
+                readonly: a.get(5).unwrap().unwrap(),
+            });
+        }
+        Ok(rel)
+    })
+}
+
+/// Whether a valid, non-partial unique index (or primary key) has exactly these key columns.
+fn has_unique_index(oid: pg_sys::Oid, columns: &[String]) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (
+           SELECT 1 FROM pg_index i
+           WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+             AND i.indnkeyatts = cardinality($2::text[])
+             AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text) FROM pg_attribute a
+                  WHERE a.attrelid = i.indrelid AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1]))
+                 = (SELECT array_agg(x ORDER BY x) FROM unnest($2::text[]) x))",
+        &[oid.into(), columns.to_vec().into()],
+    )
+    .expect("reading pg_index")
+    .unwrap_or(false)
+}
+
+fn find<'a>(rel: &'a Relation, column: &str) -> Result<&'a Attribute, Invalid> {
+    rel.attributes
+        .iter()
+        .find(|a| a.column.name == column)
+        .ok_or_else(|| {
+            invalid(
+                Code::ERRCODE_UNDEFINED_COLUMN,
+                format!(
+                    "column \"{column}\" of relation {} does not exist",
+                    rel.display
+                ),
+                None,
+            )
+        })
+}
+
+fn check_table(rel: &Relation) -> Result<(), Invalid> {
+    if rel.relkind != "r" && rel.relkind != "p" {
+        return Err(invalid(
+            Code::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("{} is not a table", rel.display),
+            Some("A replica must be a plain or partitioned table."),
+        ));
+    }
+    Ok(())
+}
+
+/// A JSON object of field → column name (`key`, `columns`).
+fn string_map<'a>(value: &'a Value, what: &str) -> Result<Vec<(&'a String, &'a String)>, Invalid> {
+    let bad = || {
+        invalid(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{what} must be a JSON object mapping JSON field names to column names"),
+            Some(r#"For example: '{"addressId": "address_id"}'"#),
+        )
+    };
+    match value {
+        Value::Null => Ok(Vec::new()),
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Some((k, s)),
+                _ => None,
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+fn parse_path(text: &Option<String>, what: &str) -> Result<Option<Path>, Invalid> {
+    text.as_deref()
+        .map(|t| {
+            Path::parse(t).map_err(|e| {
+                invalid(
+                    Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("{what}: {e}"),
+                    Some("Use a dotted path such as 'newState.addressContent.addressTS'."),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// Builds the core table: key columns, writable columns, explicit mappings (all checked).
+fn table_of(
+    oid: pg_sys::Oid,
+    rel: &Relation,
+    key_columns: &[String],
+    excluded: &[String],
+    columns: &Value,
+    what: &str,
+) -> Result<(Table, TableInfo), Invalid> {
+    let keys = key_columns
+        .iter()
+        .map(|c| find(rel, c).map(|a| a.column.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let writable: Vec<Column> = rel
+        .attributes
+        .iter()
+        .filter(|a| {
+            !a.readonly
+                && !key_columns.contains(&a.column.name)
+                && !excluded.contains(&a.column.name)
+        })
+        .map(|a| a.column.clone())
+        .collect();
+    let mut explicit = Vec::new();
+    for (field, column) in string_map(columns, &format!("{what} columns"))? {
+        let attr = find(rel, column)?;
+        if attr.readonly {
+            return Err(invalid(
+                Code::ERRCODE_GENERATED_ALWAYS,
+                format!("{what}: field \"{field}\" maps to column \"{column}\", which cannot be written (generated or identity ALWAYS)"),
+                None,
+            ));
+        }
+        if key_columns.contains(column) || excluded.contains(column) {
+            return Err(invalid(
+                Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("{what}: field \"{field}\" maps to key column \"{column}\"; keys come from the key mapping"),
+                None,
+            ));
+        }
+        explicit.push((field.clone(), column.clone()));
+    }
+    let table = Table::new(
+        key_columns.to_vec(),
+        writable.iter().map(|c| c.name.clone()).collect(),
+        explicit,
+    );
+    Ok((
+        table,
+        TableInfo {
+            oid,
+            qualified: rel.qualified.clone(),
+            keys,
+            columns: writable,
+        },
+    ))
+}
+
+fn build(def: &Definition) -> Result<Stream, Invalid> {
+    let shape: Shape = def.shape.parse().map_err(|e: String| {
+        invalid(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            e,
+            Some(&format!("shape must be {}.", Shape::NAMES)),
+        )
+    })?;
+    let on_conflict: OnConflict = def.on_conflict.parse().map_err(|e: String| {
+        invalid(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            e,
+            Some(&format!("on_conflict must be {}.", OnConflict::NAMES)),
+        )
+    })?;
+    let rel = relation(def.target)?;
+    check_table(&rel)?;
+    let key = string_map(&def.key, "key")?;
+    if key.is_empty() {
+        return Err(invalid(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            "key must map at least one JSON field to a key column",
+            Some(r#"For example: key => '{"addressId": "address_id"}'"#),
+        ));
+    }
+    let key_fields: Vec<String> = key.iter().map(|(f, _)| (*f).clone()).collect();
+    let key_columns: Vec<String> = key.iter().map(|(_, c)| (*c).clone()).collect();
+    let (table, info) = table_of(def.target, &rel, &key_columns, &[], &def.columns, "columns")?;
+    if !has_unique_index(def.target, &key_columns) {
+        return Err(unique_missing(&rel.display, &key_columns));
+    }
+    if shape != Shape::AggregateSnapshot && !def.children.is_empty() {
+        return Err(invalid(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            "children are only for aggregate_snapshot streams",
+            None,
+        ));
+    }
+    let mut children = Vec::new();
+    let mut child_infos = Vec::new();
+    for c in &def.children {
+        let (spec, info) = build_child(c, &key_columns)?;
+        children.push(spec);
+        child_infos.push(info);
+    }
+    let spec = StreamSpec {
+        name: def.name.clone(),
+        shape,
+        key_fields,
+        table,
+        state_path: parse_path(&def.state_path, "state_path")?,
+        version: parse_path(&def.version, "version")?,
+        event_id: parse_path(&def.event_id, "event_id")?,
+        on_conflict,
+        children,
+    };
+    Ok(Stream {
+        id: def.id,
+        spec,
+        table: info,
+        children: child_infos,
+    })
+}
+
+fn unique_missing(table: &str, columns: &[String]) -> Invalid {
+    let cols: Vec<String> = columns.iter().map(quote_identifier).collect();
+    invalid(
+        Code::ERRCODE_INVALID_COLUMN_REFERENCE,
+        format!(
+            "{table} has no primary key or unique index on exactly ({})",
+            columns.join(", ")
+        ),
+        Some(&format!(
+            "CREATE UNIQUE INDEX ON {table} ({});",
+            cols.join(", ")
+        )),
+    )
+}
+
+fn build_child(
+    c: &ChildDefinition,
+    parent_key: &[String],
+) -> Result<(ChildSpec, ChildInfo), Invalid> {
+    let what = format!("child \"{}\"", c.name);
+    let rel = relation(c.target)?;
+    check_table(&rel)?;
+    let key = string_map(&c.key, &format!("{what} key"))?;
+    if key.is_empty() {
+        return Err(invalid(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{what} needs a key"),
+            None,
+        ));
+    }
+    let parent_columns: Vec<String> = match &c.parent_key {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) if a.iter().all(Value::is_string) => {
+            a.iter().map(|v| v.as_str().unwrap().to_string()).collect()
+        }
+        _ => Vec::new(),
+    };
+    if parent_columns.len() != parent_key.len() {
+        return Err(invalid(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!(
+                "{what}: parent_key must name {} column(s) of {} holding the parent's key",
+                parent_key.len(),
+                rel.display
+            ),
+            Some(r#"For example: "parent_key": "customer_id""#),
+        ));
+    }
+    let parent = parent_columns
+        .iter()
+        .map(|p| find(&rel, p).map(|a| a.column.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key_columns: Vec<String> = key.iter().map(|(_, col)| (*col).clone()).collect();
+    let (table, info) = table_of(
+        c.target,
+        &rel,
+        &key_columns,
+        &parent_columns,
+        &c.columns,
+        &what,
+    )?;
+    let with_parent: Vec<String> = parent_columns
+        .iter()
+        .chain(key_columns.iter())
+        .cloned()
+        .collect();
+    let conflict = if has_unique_index(c.target, &key_columns) {
+        key_columns.clone()
+    } else if has_unique_index(c.target, &with_parent) {
+        with_parent
+    } else {
+        return Err(unique_missing(&rel.display, &with_parent));
+    };
+    let path = Path::parse(&c.path).map_err(|e| {
+        invalid(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{what} path: {e}"),
+            None,
+        )
+    })?;
+    let spec = ChildSpec {
+        name: c.name.clone(),
+        path,
+        table,
+        key_fields: key.iter().map(|(f, _)| (*f).clone()).collect(),
+        parent_columns,
+    };
+    Ok((
+        spec,
+        ChildInfo {
+            table: info,
+            parent,
+            conflict: conflict.iter().map(quote_identifier).collect(),
+        },
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// create_stream / drop_stream
+
+#[allow(clippy::too_many_arguments)]
+pub fn create_stream(
+    name: &str,
+    target: pg_sys::Oid,
+    shape: &str,
+    key: Value,
+    state_path: Option<String>,
+    columns: Option<Value>,
+    version: Option<String>,
+    event_id: Option<String>,
+    children: Option<Value>,
+    on_conflict: &str,
+) {
+    if name.is_empty() {
+        raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            "a stream name must not be empty",
+            None,
+        );
+    }
+    if Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM ecst.streams WHERE name = $1)",
+        &[name.into()],
+    )
+    .unwrap()
+    .unwrap_or(false)
+    {
+        raise(
+            Code::ERRCODE_DUPLICATE_OBJECT,
+            format!("stream \"{name}\" already exists"),
+            Some("Drop it first with ecst.drop_stream(name) (the replica tables are kept)."),
+        );
+    }
+    let children = parse_children(children.unwrap_or(Value::Null));
+    let def = Definition {
+        id: 0,
+        name: name.to_string(),
+        target,
+        shape: shape.to_string(),
+        key: key.clone(),
+        state_path: state_path.clone(),
+        columns: columns.clone().unwrap_or(Value::Object(Map::new())),
+        version: version.clone(),
+        event_id: event_id.clone(),
+        on_conflict: on_conflict.to_string(),
+        children,
+    };
+    for oid in std::iter::once(def.target).chain(def.children.iter().map(|c| c.target)) {
+        let rel = relation(oid).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
+        if !rel.owned {
+            raise(
+                Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("must be owner of table {}", rel.display),
+                Some("Only the owner of a replica table (or a member of the owning role) can bind a stream to it."),
+            );
+        }
+    }
+    build(&def).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
+    let id = Spi::get_one_with_args::<i32>(
+        "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict)
+         VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        &[
+            name.into(),
+            target.into(),
+            shape.into(),
+            JsonB(key).into(),
+            state_path.into(),
+            JsonB(columns.unwrap_or(Value::Object(Map::new()))).into(),
+            version.into(),
+            event_id.into(),
+            on_conflict.into(),
+        ],
+    )
+    .unwrap()
+    .unwrap();
+    for c in def.children {
+        Spi::run_with_args(
+            "INSERT INTO ecst.stream_children (stream_id, name, path, target, key, parent_key, columns)
+             VALUES ($1, $2, $3, $4::oid::regclass, $5, $6, $7)",
+            &[
+                id.into(),
+                c.name.into(),
+                c.path.into(),
+                c.target.into(),
+                JsonB(c.key).into(),
+                JsonB(c.parent_key).into(),
+                JsonB(c.columns).into(),
+            ],
+        )
+        .unwrap();
+    }
+    invalidate_everywhere();
+}
+
+/// `children => {"addresses": {"path": ..., "table": ..., "key": {...}, "parent_key": ..., "columns": {...}}}`
+fn parse_children(value: Value) -> Vec<ChildDefinition> {
+    let hint = Some(
+        r#"For example: '{"addresses": {"path": "addressContent.addresses", "table": "public.customer_address", "key": {"addressId": "address_id"}, "parent_key": "customer_id"}}'"#,
+    );
+    let obj = match value {
+        Value::Null => return Vec::new(),
+        Value::Object(m) => m,
+        _ => raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            "children must be a JSON object of child name -> definition",
+            hint,
+        ),
+    };
+    obj.into_iter()
+        .map(|(name, def)| {
+            let field = |f: &str| def.get(f).cloned().unwrap_or(Value::Null);
+            let text = |f: &str| match def.get(f) {
+                Some(Value::String(s)) => s.clone(),
+                _ => raise(
+                    Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("child \"{name}\" needs \"{f}\" (a string)"),
+                    hint,
+                ),
+            };
+            let table = text("table");
+            let target = Spi::get_one_with_args::<pg_sys::Oid>(
+                "SELECT to_regclass($1)::oid",
+                &[table.as_str().into()],
+            )
+            .unwrap()
+            .unwrap_or_else(|| {
+                raise(
+                    Code::ERRCODE_UNDEFINED_TABLE,
+                    format!("relation \"{table}\" (child \"{name}\") does not exist"),
+                    None,
+                )
+            });
+            ChildDefinition {
+                path: text("path"),
+                target,
+                key: field("key"),
+                parent_key: field("parent_key"),
+                columns: match field("columns") {
+                    Value::Null => Value::Object(Map::new()),
+                    v => v,
+                },
+                name,
+            }
+        })
+        .collect()
+}
+
+/// Drops a stream's definition, version state, event ids and counters. Never drops the
+/// replica tables; dead letters stay for inspection. Returns false if there was none.
+pub fn drop_stream(name: &str) -> bool {
+    let dropped = Spi::get_one_with_args::<i32>(
+        "DELETE FROM ecst.streams WHERE name = $1 RETURNING id",
+        &[name.into()],
+    )
+    .unwrap()
+    .is_some();
+    if dropped {
+        invalidate_everywhere();
+    }
+    dropped
+}

@@ -1,0 +1,95 @@
+//! Values through column types: a JSON value's text goes through the column type's own input
+//! function (with the column's typmod, so `varchar(10)` or `numeric(5,2)` are enforced), and
+//! key values are canonicalised through input + output (`"042"` and `42` are the same bigint).
+
+use crate::errors;
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::PgTryBuilder;
+use std::ffi::{CStr, CString};
+
+/// A column's type and the functions that read and print it.
+#[derive(Debug, Clone)]
+pub struct ColumnType {
+    pub oid: pg_sys::Oid,
+    pub typmod: i32,
+    /// `format_type(oid, typmod)`, for messages.
+    pub name: String,
+    input: pg_sys::Oid,
+    ioparam: pg_sys::Oid,
+    output: pg_sys::Oid,
+    /// text/varchar without typmod: input and output are the identity.
+    plain_text: bool,
+}
+
+impl ColumnType {
+    pub fn new(oid: pg_sys::Oid, typmod: i32, name: String) -> ColumnType {
+        let (mut input, mut ioparam, mut output) = (
+            pg_sys::Oid::INVALID,
+            pg_sys::Oid::INVALID,
+            pg_sys::Oid::INVALID,
+        );
+        let mut varlena = false;
+        // SAFETY: plain catalog lookups; they raise an ERROR for a type that does not exist.
+        unsafe {
+            pg_sys::getTypeInputInfo(oid, &mut input, &mut ioparam);
+            pg_sys::getTypeOutputInfo(oid, &mut output, &mut varlena);
+        }
+        let plain_text = oid == pg_sys::TEXTOID || (oid == pg_sys::VARCHAROID && typmod < 0);
+        ColumnType {
+            oid,
+            typmod,
+            name,
+            input,
+            ioparam,
+            output,
+            plain_text,
+        }
+    }
+
+    /// Reads `text` as a value of this type. `Err` carries PostgreSQL's message for data
+    /// errors (SQLSTATE classes 22/23); any other error (cancel, out of memory) propagates.
+    pub fn input(&self, text: &str) -> Result<pg_sys::Datum, String> {
+        let c = CString::new(text).map_err(|_| "contains a NUL character".to_string())?;
+        PgTryBuilder::new(|| {
+            // SAFETY: `c` outlives the call; the input function copies what it keeps.
+            Ok(unsafe {
+                pg_sys::OidInputFunctionCall(
+                    self.input,
+                    c.as_ptr() as *mut _,
+                    self.ioparam,
+                    self.typmod,
+                )
+            })
+        })
+        .catch_others(|e| match e {
+            CaughtError::PostgresError(ref r)
+                if errors::is_event_error(&errors::sqlstate(r.sql_error_code())) =>
+            {
+                Err(r.message().to_string())
+            }
+            other => other.rethrow(),
+        })
+        .execute()
+    }
+
+    /// Prints a datum of this type.
+    pub fn output(&self, datum: pg_sys::Datum) -> String {
+        // SAFETY: `datum` is a valid value of this type; the result is a palloc'd C string.
+        unsafe {
+            let p = pg_sys::OidOutputFunctionCall(self.output, datum);
+            let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+            pg_sys::pfree(p.cast());
+            s
+        }
+    }
+
+    /// The canonical text of a key value: what the column would print after storing it.
+    pub fn canonical(&self, text: &str) -> Result<String, String> {
+        if self.plain_text {
+            return Ok(text.to_string());
+        }
+        let datum = self.input(text)?;
+        Ok(self.output(datum))
+    }
+}
