@@ -68,19 +68,8 @@ fn apply_text(stream: &str, event: &str) -> &'static str {
     let s = catalog::stream(stream);
     Spi::connect_mut(|client| {
         let result = apply::apply_payload(client, &s, event);
-        if let Applied::Rejected {
-            rejection,
-            sqlstate,
-            ..
-        } = &result
-        {
-            apply::dead_letter(
-                client,
-                Some(stream),
-                Some(event),
-                rejection,
-                sqlstate.as_deref(),
-            );
+        if let Applied::Rejected { rejection, sqlstate, .. } = &result {
+            apply::dead_letter(client, Some(stream), Some(event), rejection, sqlstate.as_deref());
         }
         count(s.id, &result);
         outcome(&result)
@@ -106,10 +95,7 @@ fn apply_batch_text(
         .enumerate()
         .map(|(i, e)| match e {
             Some(text) => (i, parse(&s.spec, text)),
-            None => (
-                i,
-                Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
-            ),
+            None => (i, Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL"))),
         })
         .collect();
     parsed.sort_by(|(_, a), (_, b)| apply::batch_order(a).cmp(&apply::batch_order(b)));
@@ -118,25 +104,10 @@ fn apply_batch_text(
         for (i, ev) in &parsed {
             let result = match ev {
                 Ok(ev) => apply::apply_event(client, &s, ev),
-                Err(r) => Applied::Rejected {
-                    rejection: r.clone(),
-                    sqlstate: None,
-                    conflict: false,
-                },
+                Err(r) => Applied::Rejected { rejection: r.clone(), sqlstate: None, conflict: false },
             };
-            if let Applied::Rejected {
-                rejection,
-                sqlstate,
-                ..
-            } = &result
-            {
-                apply::dead_letter(
-                    client,
-                    Some(stream),
-                    events[*i].as_deref(),
-                    rejection,
-                    sqlstate.as_deref(),
-                );
+            if let Applied::Rejected { rejection, sqlstate, .. } = &result {
+                apply::dead_letter(client, Some(stream), events[*i].as_deref(), rejection, sqlstate.as_deref());
             }
             count(s.id, &result);
             *counts.entry(outcome(&result)).or_insert(0) += 1;
@@ -162,13 +133,7 @@ fn retry_dead_letters(
             )
             .expect("reading ecst.dead_letters")
             .into_iter()
-            .map(|r| {
-                (
-                    r.get(1).unwrap().unwrap(),
-                    r.get(2).unwrap(),
-                    r.get(3).unwrap(),
-                )
-            })
+            .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap(), r.get(3).unwrap()))
             .collect();
         for (id, name, payload) in letters {
             let target = name.as_deref().and_then(catalog::try_stream);
@@ -189,29 +154,24 @@ fn retry_dead_letters(
                 },
             };
             match &result {
-                Applied::Rejected {
-                    rejection,
-                    sqlstate,
-                    ..
-                } => {
+                Applied::Rejected { rejection, sqlstate, .. } => {
                     client
                         .update(
                             "UPDATE ecst.dead_letters SET error_code = $2, message = $3, sqlstate = $4,
                                     failed_at = clock_timestamp(), attempts = attempts + 1
                              WHERE id = $1",
                             None,
-                            &[id.into(), rejection.code.as_str().into(), rejection.message.as_str().into(), sqlstate.as_deref().into()],
+                            &[
+                                id.into(),
+                                rejection.code.as_str().into(),
+                                rejection.message.as_str().into(),
+                                sqlstate.as_deref().into(),
+                            ],
                         )
                         .expect("updating ecst.dead_letters");
                 }
                 Applied::Done { outcome, conflict } => {
-                    client
-                        .update(
-                            "DELETE FROM ecst.dead_letters WHERE id = $1",
-                            None,
-                            &[id.into()],
-                        )
-                        .expect("deleting");
+                    client.update("DELETE FROM ecst.dead_letters WHERE id = $1", None, &[id.into()]).expect("deleting");
                     if let Some(s) = &target {
                         counters::add(s.id, Some(*outcome), *conflict);
                     }
@@ -240,11 +200,7 @@ fn _unflushed_counters() -> TableIterator<
     ),
 > {
     let now = (counters::unflushed().iter().any(|(_, c)| c.applied > 0))
-        .then(|| {
-            Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT clock_timestamp()")
-                .ok()
-                .flatten()
-        })
+        .then(|| Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT clock_timestamp()").ok().flatten())
         .flatten();
     TableIterator::new(counters::unflushed().into_iter().map(move |(id, c)| {
         (

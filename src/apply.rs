@@ -46,11 +46,7 @@ const ATTEMPTS: usize = 5;
 pub fn apply_payload(client: &mut SpiClient, stream: &Stream, payload: &str) -> Applied {
     match parse(&stream.spec, payload) {
         Ok(ev) => apply_event(client, stream, &ev),
-        Err(rejection) => Applied::Rejected {
-            rejection,
-            sqlstate: None,
-            conflict: false,
-        },
+        Err(rejection) => Applied::Rejected { rejection, sqlstate: None, conflict: false },
     }
 }
 
@@ -86,10 +82,7 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Appli
     }
     raise(
         Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
-        format!(
-            "could not apply an event of stream \"{}\": the entity kept changing concurrently",
-            stream.spec.name
-        ),
+        format!("could not apply an event of stream \"{}\": the entity kept changing concurrently", stream.spec.name),
         Some("Retry the transaction."),
     )
 }
@@ -102,10 +95,7 @@ fn bind<'a>(column: &'a Column, field: &str, value: &Value) -> Result<Bound<'a>,
             Stop::Reject(
                 Rejection::new(
                     RejectCode::InvalidValue,
-                    format!(
-                        "field \"{field}\" does not fit column \"{}\" ({}): {e}",
-                        column.name, column.ty.name
-                    ),
+                    format!("field \"{field}\" does not fit column \"{}\" ({}): {e}", column.name, column.ty.name),
                 ),
                 false,
             )
@@ -127,19 +117,13 @@ fn bind_keys<'a>(
             Stop::Reject(
                 Rejection::new(
                     RejectCode::InvalidKey,
-                    format!(
-                        "key field \"{field}\" does not fit column \"{}\" ({}): {e}",
-                        column.name, column.ty.name
-                    ),
+                    format!("key field \"{field}\" does not fit column \"{}\" ({}): {e}", column.name, column.ty.name),
                 ),
                 false,
             )
         };
         let canon = column.ty.canonical(text).map_err(invalid)?;
-        bound.push(Bound {
-            column,
-            value: Some(column.ty.input(&canon).map_err(invalid)?),
-        });
+        bound.push(Bound { column, value: Some(column.ty.input(&canon).map_err(invalid)?) });
         canonical.push(canon);
     }
     Ok((bound, canonical))
@@ -165,26 +149,16 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
     // Convert every value up front: a value that does not fit is a dead letter, stale or not.
     let mut new_cells: BTreeMap<usize, Bound> = BTreeMap::new();
     let mut children: Vec<Vec<ChildRowBound>> = Vec::new();
-    if let Op::Upsert {
-        cells,
-        children: sets,
-    } = &ev.op
-    {
+    if let Op::Upsert { cells, children: sets } = &ev.op {
         for c in cells {
-            new_cells.insert(
-                c.column,
-                bind(&table.columns[c.column], &c.field, &c.value)?,
-            );
+            new_cells.insert(c.column, bind(&table.columns[c.column], &c.field, &c.value)?);
         }
         for set in sets {
             children.push(bind_children(stream, set)?);
         }
     }
-    let old: Vec<Bound> = ev
-        .old
-        .iter()
-        .map(|c| bind(&table.columns[c.column], &c.field, &c.value))
-        .collect::<Result<_, _>>()?;
+    let old: Vec<Bound> =
+        ev.old.iter().map(|c| bind(&table.columns[c.column], &c.field, &c.value)).collect::<Result<_, _>>()?;
 
     if let Some(id) = &ev.event_id {
         let fresh = writer::run(
@@ -197,39 +171,23 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         }
     }
 
-    let state = if spec.is_versioned() {
-        load_state(client, stream.id, &entity_key)?
-    } else {
-        None
-    };
+    let state = if spec.is_versioned() { load_state(client, stream.id, &entity_key)? } else { None };
     let existed = state.is_some();
-    let decision = decide(spec, state.as_ref(), ev, |old_cells: &[Cell]| {
-        mismatches(client, stream, &keys, old_cells, &old)
-    });
+    let decision =
+        decide(spec, state.as_ref(), ev, |old_cells: &[Cell]| mismatches(client, stream, &keys, old_cells, &old));
     let (outcome, conflict, write, next) = match decision {
-        Decision::Done {
-            outcome,
-            conflict,
-            write,
-            state,
-        } => (outcome, conflict, write, state),
+        Decision::Done { outcome, conflict, write, state } => (outcome, conflict, write, state),
         Decision::DeadLetter(rejection) => return Err(Stop::Reject(rejection, true)),
         Decision::Raise(message) => return Err(Stop::Raise(message)),
     };
 
     match write {
         Write::Nothing => {}
-        Write::Upsert {
-            cells,
-            children: sets,
-        } => {
+        Write::Upsert { cells, children: sets } => {
             let mut row = keys.clone();
             row.extend(cells.iter().map(|c| new_cells[&c.column]));
             let conflict_cols: Vec<String> = table.keys.iter().map(|k| k.quoted.clone()).collect();
-            let update: Vec<&str> = cells
-                .iter()
-                .map(|c| table.columns[c.column].quoted.as_str())
-                .collect();
+            let update: Vec<&str> = cells.iter().map(|c| table.columns[c.column].quoted.as_str()).collect();
             writer::upsert(client, &table.qualified, &row, &conflict_cols, &update);
             for set in &sets {
                 write_children(client, stream, set.child, &keys, &children[set.child]);
@@ -241,15 +199,8 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         }
         Write::Delete => {
             for child in &stream.children {
-                let parent: Vec<Bound> = child
-                    .parent
-                    .iter()
-                    .zip(&keys)
-                    .map(|(column, k)| Bound {
-                        column,
-                        value: k.value,
-                    })
-                    .collect();
+                let parent: Vec<Bound> =
+                    child.parent.iter().zip(&keys).map(|(column, k)| Bound { column, value: k.value }).collect();
                 writer::delete(client, &child.table.qualified, &parent);
             }
             writer::delete(client, &table.qualified, &keys);
@@ -265,10 +216,7 @@ fn bind_children<'a>(stream: &'a Stream, set: &ChildSet) -> Result<Vec<ChildRowB
     let child = &stream.children[set.child];
     let spec = &stream.spec.children[set.child];
     let mut rows = Vec::with_capacity(set.rows.len());
-    let mut canonical_set = ChildSet {
-        child: set.child,
-        rows: Vec::new(),
-    };
+    let mut canonical_set = ChildSet { child: set.child, rows: Vec::new() };
     for r in &set.rows {
         let (keys, canonical) = bind_keys(&child.table.keys, &spec.key_fields, &r.key)?;
         let cells = r
@@ -276,15 +224,8 @@ fn bind_children<'a>(stream: &'a Stream, set: &ChildSet) -> Result<Vec<ChildRowB
             .iter()
             .map(|c| bind(&child.table.columns[c.column], &c.field, &c.value))
             .collect::<Result<_, _>>()?;
-        canonical_set.rows.push(ecst_core::event::ChildRow {
-            key: canonical.clone(),
-            cells: Vec::new(),
-        });
-        rows.push(ChildRowBound {
-            keys,
-            canonical,
-            cells,
-        });
+        canonical_set.rows.push(ecst_core::event::ChildRow { key: canonical.clone(), cells: Vec::new() });
+        rows.push(ChildRowBound { keys, canonical, cells });
     }
     // Keys that differ as JSON may be equal as column values ("7" and 7 in a bigint column).
     check_unique_child_keys(spec, &canonical_set).map_err(|r| Stop::Reject(r, false))?;
@@ -300,64 +241,29 @@ fn write_children(
     rows: &[ChildRowBound],
 ) {
     let child = &stream.children[index];
-    let parent: Vec<Bound> = child
-        .parent
-        .iter()
-        .zip(parent_keys)
-        .map(|(column, k)| Bound {
-            column,
-            value: k.value,
-        })
-        .collect();
+    let parent: Vec<Bound> =
+        child.parent.iter().zip(parent_keys).map(|(column, k)| Bound { column, value: k.value }).collect();
     let keep: Vec<Vec<String>> = rows.iter().map(|r| r.canonical.clone()).collect();
     writer::prune_children(client, child, &parent, &keep);
     for r in rows {
         let mut row = parent.clone();
         row.extend(r.keys.iter().copied());
         row.extend(r.cells.iter().copied());
-        let update: Vec<&str> = row
-            .iter()
-            .map(|b| b.column.quoted.as_str())
-            .filter(|c| !child.conflict.iter().any(|k| k == c))
-            .collect();
-        writer::upsert(
-            client,
-            &child.table.qualified,
-            &row,
-            &child.conflict,
-            &update,
-        );
+        let update: Vec<&str> =
+            row.iter().map(|b| b.column.quoted.as_str()).filter(|c| !child.conflict.iter().any(|k| k == c)).collect();
+        writer::upsert(client, &child.table.qualified, &row, &child.conflict, &update);
     }
 }
 
 /// Which `oldState` fields disagree with the replica (all non-null ones if the row is absent).
-fn mismatches(
-    client: &mut SpiClient,
-    stream: &Stream,
-    keys: &[Bound],
-    cells: &[Cell],
-    old: &[Bound],
-) -> Vec<String> {
+fn mismatches(client: &mut SpiClient, stream: &Stream, keys: &[Bound], cells: &[Cell], old: &[Bound]) -> Vec<String> {
     match writer::differs(client, &stream.table, keys, old) {
-        Some(differs) => cells
-            .iter()
-            .zip(differs)
-            .filter(|(_, d)| *d)
-            .map(|(c, _)| c.field.clone())
-            .collect(),
-        None => cells
-            .iter()
-            .filter(|c| c.value != Value::Null)
-            .map(|c| c.field.clone())
-            .collect(),
+        Some(differs) => cells.iter().zip(differs).filter(|(_, d)| *d).map(|(c, _)| c.field.clone()).collect(),
+        None => cells.iter().filter(|c| c.value != Value::Null).map(|c| c.field.clone()).collect(),
     }
 }
 
-fn load_state(
-    client: &mut SpiClient,
-    stream_id: i32,
-    key: &str,
-) -> Result<Option<EntityState>, Stop> {
+fn load_state(client: &mut SpiClient, stream_id: i32, key: &str) -> Result<Option<EntityState>, Stop> {
     let rows = writer::run(
         client,
         "SELECT live_version::text, tomb_version::text, field_versions::text
@@ -367,49 +273,27 @@ fn load_state(
     let Some(row) = rows.into_iter().next() else {
         return Ok(None);
     };
-    let version = |text: Option<String>| {
-        text.map(|t| Version::parse_decimal(&t).expect("stored versions are valid"))
-    };
+    let version = |text: Option<String>| text.map(|t| Version::parse_decimal(&t).expect("stored versions are valid"));
     let mut state = EntityState {
         live: version(row.get::<String>(1).unwrap()),
         tomb: version(row.get::<String>(2).unwrap()),
         fields: BTreeMap::new(),
     };
     if let Some(fields) = row.get::<String>(3).unwrap() {
-        let map: BTreeMap<String, String> =
-            serde_json::from_str(&fields).expect("stored field versions are valid");
-        state.fields = map
-            .into_iter()
-            .map(|(k, v)| (k, Version::parse_decimal(&v).expect("valid")))
-            .collect();
+        let map: BTreeMap<String, String> = serde_json::from_str(&fields).expect("stored field versions are valid");
+        state.fields = map.into_iter().map(|(k, v)| (k, Version::parse_decimal(&v).expect("valid"))).collect();
     }
     Ok(Some(state))
 }
 
-fn save_state(
-    client: &mut SpiClient,
-    stream_id: i32,
-    key: &str,
-    s: &EntityState,
-    existed: bool,
-) -> Result<(), Stop> {
+fn save_state(client: &mut SpiClient, stream_id: i32, key: &str, s: &EntityState, existed: bool) -> Result<(), Stop> {
     let live = s.live.as_ref().map(Version::to_numeric_string);
     let tomb = s.tomb.as_ref().map(Version::to_numeric_string);
     let fields = (!s.fields.is_empty()).then(|| {
-        let m: BTreeMap<&String, String> = s
-            .fields
-            .iter()
-            .map(|(k, v)| (k, v.to_numeric_string()))
-            .collect();
+        let m: BTreeMap<&String, String> = s.fields.iter().map(|(k, v)| (k, v.to_numeric_string())).collect();
         serde_json::to_string(&m).expect("strings serialise")
     });
-    let args = [
-        stream_id.into(),
-        key.into(),
-        live.into(),
-        tomb.into(),
-        fields.into(),
-    ];
+    let args = [stream_id.into(), key.into(), live.into(), tomb.into(), fields.into()];
     if existed {
         writer::run(
             client,

@@ -100,19 +100,12 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 
 pub fn register_invalidation() {
     // SAFETY: registered once per backend from _PG_init.
-    unsafe {
-        pg_sys::CacheRegisterRelcacheCallback(
-            Some(on_relcache_invalidation),
-            pg_sys::Datum::from(0),
-        )
-    };
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0)) };
 }
 
 /// Tells every backend (at commit; this one at once) that stream definitions changed.
 fn invalidate_everywhere() {
-    let streams = Spi::get_one::<pg_sys::Oid>("SELECT 'ecst.streams'::regclass::oid")
-        .ok()
-        .flatten();
+    let streams = Spi::get_one::<pg_sys::Oid>("SELECT 'ecst.streams'::regclass::oid").ok().flatten();
     if let Some(oid) = streams {
         // SAFETY: queues an ordinary relcache invalidation for the catalog table.
         unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oid) };
@@ -141,11 +134,7 @@ pub fn try_stream(name: &str) -> Option<Rc<Stream>> {
     }
     let def = read_definition(name)?;
     let stream = build(&def).unwrap_or_else(|(code, message, hint)| {
-        raise(
-            code,
-            format!("stream \"{name}\" no longer matches its tables: {message}"),
-            hint.as_deref(),
-        )
+        raise(code, format!("stream \"{name}\" no longer matches its tables: {message}"), hint.as_deref())
     });
     let stream = Rc::new(stream);
     WATCHED.with(|w| {
@@ -153,9 +142,7 @@ pub fn try_stream(name: &str) -> Option<Rc<Stream>> {
         w.insert(stream.table.oid);
         w.extend(stream.children.iter().map(|c| c.table.oid));
         for catalog in ["ecst.streams", "ecst.stream_children"] {
-            if let Ok(Some(oid)) =
-                Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{catalog}'::regclass::oid"))
-            {
+            if let Ok(Some(oid)) = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{catalog}'::regclass::oid")) {
                 w.insert(oid);
             }
         }
@@ -179,9 +166,7 @@ fn read_definition(name: &str) -> Option<Definition> {
             .expect("reading ecst.streams");
         let row = rows.into_iter().next()?;
         let id: i32 = row.get(1).unwrap().unwrap();
-        let json = |i: usize| -> Value {
-            serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap()
-        };
+        let json = |i: usize| -> Value { serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap() };
         let mut def = Definition {
             id,
             name: name.to_string(),
@@ -204,9 +189,7 @@ fn read_definition(name: &str) -> Option<Definition> {
             )
             .expect("reading ecst.stream_children");
         for row in children {
-            let json = |i: usize| -> Value {
-                serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap()
-            };
+            let json = |i: usize| -> Value { serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap() };
             def.children.push(ChildDefinition {
                 name: row.get(1).unwrap().unwrap(),
                 path: row.get(2).unwrap().unwrap(),
@@ -270,17 +253,10 @@ fn relation(oid: pg_sys::Oid) -> Result<Relation, Invalid> {
             .expect("reading pg_attribute");
         for a in attrs {
             let name: String = a.get(1).unwrap().unwrap();
-            let ty = ColumnType::new(
-                a.get(2).unwrap().unwrap(),
-                a.get(3).unwrap().unwrap(),
-                a.get(4).unwrap().unwrap(),
-            );
+            let ty =
+                ColumnType::new(a.get(2).unwrap().unwrap(), a.get(3).unwrap().unwrap(), a.get(4).unwrap().unwrap());
             rel.attributes.push(Attribute {
-                column: Column {
-                    quoted: quote_identifier(&name),
-                    name,
-                    ty,
-                },
+                column: Column { quoted: quote_identifier(&name), name, ty },
                 readonly: a.get(5).unwrap().unwrap(),
             });
         }
@@ -305,19 +281,13 @@ fn has_unique_index(oid: pg_sys::Oid, columns: &[String]) -> bool {
 }
 
 fn find<'a>(rel: &'a Relation, column: &str) -> Result<&'a Attribute, Invalid> {
-    rel.attributes
-        .iter()
-        .find(|a| a.column.name == column)
-        .ok_or_else(|| {
-            invalid(
-                Code::ERRCODE_UNDEFINED_COLUMN,
-                format!(
-                    "column \"{column}\" of relation {} does not exist",
-                    rel.display
-                ),
-                None,
-            )
-        })
+    rel.attributes.iter().find(|a| a.column.name == column).ok_or_else(|| {
+        invalid(
+            Code::ERRCODE_UNDEFINED_COLUMN,
+            format!("column \"{column}\" of relation {} does not exist", rel.display),
+            None,
+        )
+    })
 }
 
 fn check_table(rel: &Relation) -> Result<(), Invalid> {
@@ -377,18 +347,11 @@ fn table_of(
     columns: &Value,
     what: &str,
 ) -> Result<(Table, TableInfo), Invalid> {
-    let keys = key_columns
-        .iter()
-        .map(|c| find(rel, c).map(|a| a.column.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let keys = key_columns.iter().map(|c| find(rel, c).map(|a| a.column.clone())).collect::<Result<Vec<_>, _>>()?;
     let writable: Vec<Column> = rel
         .attributes
         .iter()
-        .filter(|a| {
-            !a.readonly
-                && !key_columns.contains(&a.column.name)
-                && !excluded.contains(&a.column.name)
-        })
+        .filter(|a| !a.readonly && !key_columns.contains(&a.column.name) && !excluded.contains(&a.column.name))
         .map(|a| a.column.clone())
         .collect();
     let mut explicit = Vec::new();
@@ -410,36 +373,16 @@ fn table_of(
         }
         explicit.push((field.clone(), column.clone()));
     }
-    let table = Table::new(
-        key_columns.to_vec(),
-        writable.iter().map(|c| c.name.clone()).collect(),
-        explicit,
-    );
-    Ok((
-        table,
-        TableInfo {
-            oid,
-            qualified: rel.qualified.clone(),
-            keys,
-            columns: writable,
-        },
-    ))
+    let table = Table::new(key_columns.to_vec(), writable.iter().map(|c| c.name.clone()).collect(), explicit);
+    Ok((table, TableInfo { oid, qualified: rel.qualified.clone(), keys, columns: writable }))
 }
 
 fn build(def: &Definition) -> Result<Stream, Invalid> {
     let shape: Shape = def.shape.parse().map_err(|e: String| {
-        invalid(
-            Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            e,
-            Some(&format!("shape must be {}.", Shape::NAMES)),
-        )
+        invalid(Code::ERRCODE_INVALID_PARAMETER_VALUE, e, Some(&format!("shape must be {}.", Shape::NAMES)))
     })?;
     let on_conflict: OnConflict = def.on_conflict.parse().map_err(|e: String| {
-        invalid(
-            Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            e,
-            Some(&format!("on_conflict must be {}.", OnConflict::NAMES)),
-        )
+        invalid(Code::ERRCODE_INVALID_PARAMETER_VALUE, e, Some(&format!("on_conflict must be {}.", OnConflict::NAMES)))
     })?;
     let rel = relation(def.target)?;
     check_table(&rel)?;
@@ -482,43 +425,25 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         on_conflict,
         children,
     };
-    Ok(Stream {
-        id: def.id,
-        spec,
-        table: info,
-        children: child_infos,
-    })
+    Ok(Stream { id: def.id, spec, table: info, children: child_infos })
 }
 
 fn unique_missing(table: &str, columns: &[String]) -> Invalid {
     let cols: Vec<String> = columns.iter().map(quote_identifier).collect();
     invalid(
         Code::ERRCODE_INVALID_COLUMN_REFERENCE,
-        format!(
-            "{table} has no primary key or unique index on exactly ({})",
-            columns.join(", ")
-        ),
-        Some(&format!(
-            "CREATE UNIQUE INDEX ON {table} ({});",
-            cols.join(", ")
-        )),
+        format!("{table} has no primary key or unique index on exactly ({})", columns.join(", ")),
+        Some(&format!("CREATE UNIQUE INDEX ON {table} ({});", cols.join(", "))),
     )
 }
 
-fn build_child(
-    c: &ChildDefinition,
-    parent_key: &[String],
-) -> Result<(ChildSpec, ChildInfo), Invalid> {
+fn build_child(c: &ChildDefinition, parent_key: &[String]) -> Result<(ChildSpec, ChildInfo), Invalid> {
     let what = format!("child \"{}\"", c.name);
     let rel = relation(c.target)?;
     check_table(&rel)?;
     let key = string_map(&c.key, &format!("{what} key"))?;
     if key.is_empty() {
-        return Err(invalid(
-            Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("{what} needs a key"),
-            None,
-        ));
+        return Err(invalid(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("{what} needs a key"), None));
     }
     let parent_columns: Vec<String> = match &c.parent_key {
         Value::String(s) => vec![s.clone()],
@@ -538,24 +463,11 @@ fn build_child(
             Some(r#"For example: "parent_key": "customer_id""#),
         ));
     }
-    let parent = parent_columns
-        .iter()
-        .map(|p| find(&rel, p).map(|a| a.column.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let parent =
+        parent_columns.iter().map(|p| find(&rel, p).map(|a| a.column.clone())).collect::<Result<Vec<_>, _>>()?;
     let key_columns: Vec<String> = key.iter().map(|(_, col)| (*col).clone()).collect();
-    let (table, info) = table_of(
-        c.target,
-        &rel,
-        &key_columns,
-        &parent_columns,
-        &c.columns,
-        &what,
-    )?;
-    let with_parent: Vec<String> = parent_columns
-        .iter()
-        .chain(key_columns.iter())
-        .cloned()
-        .collect();
+    let (table, info) = table_of(c.target, &rel, &key_columns, &parent_columns, &c.columns, &what)?;
+    let with_parent: Vec<String> = parent_columns.iter().chain(key_columns.iter()).cloned().collect();
     let conflict = if has_unique_index(c.target, &key_columns) {
         key_columns.clone()
     } else if has_unique_index(c.target, &with_parent) {
@@ -563,13 +475,8 @@ fn build_child(
     } else {
         return Err(unique_missing(&rel.display, &with_parent));
     };
-    let path = Path::parse(&c.path).map_err(|e| {
-        invalid(
-            Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("{what} path: {e}"),
-            None,
-        )
-    })?;
+    let path = Path::parse(&c.path)
+        .map_err(|e| invalid(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("{what} path: {e}"), None))?;
     let spec = ChildSpec {
         name: c.name.clone(),
         path,
@@ -577,14 +484,7 @@ fn build_child(
         key_fields: key.iter().map(|(f, _)| (*f).clone()).collect(),
         parent_columns,
     };
-    Ok((
-        spec,
-        ChildInfo {
-            table: info,
-            parent,
-            conflict: conflict.iter().map(quote_identifier).collect(),
-        },
-    ))
+    Ok((spec, ChildInfo { table: info, parent, conflict: conflict.iter().map(quote_identifier).collect() }))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -604,18 +504,11 @@ pub fn create_stream(
     on_conflict: &str,
 ) {
     if name.is_empty() {
-        raise(
-            Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            "a stream name must not be empty",
-            None,
-        );
+        raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, "a stream name must not be empty", None);
     }
-    if Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM ecst.streams WHERE name = $1)",
-        &[name.into()],
-    )
-    .unwrap()
-    .unwrap_or(false)
+    if Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM ecst.streams WHERE name = $1)", &[name.into()])
+        .unwrap()
+        .unwrap_or(false)
     {
         raise(
             Code::ERRCODE_DUPLICATE_OBJECT,
@@ -710,18 +603,15 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
                 ),
             };
             let table = text("table");
-            let target = Spi::get_one_with_args::<pg_sys::Oid>(
-                "SELECT to_regclass($1)::oid",
-                &[table.as_str().into()],
-            )
-            .unwrap()
-            .unwrap_or_else(|| {
-                raise(
-                    Code::ERRCODE_UNDEFINED_TABLE,
-                    format!("relation \"{table}\" (child \"{name}\") does not exist"),
-                    None,
-                )
-            });
+            let target = Spi::get_one_with_args::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[table.as_str().into()])
+                .unwrap()
+                .unwrap_or_else(|| {
+                    raise(
+                        Code::ERRCODE_UNDEFINED_TABLE,
+                        format!("relation \"{table}\" (child \"{name}\") does not exist"),
+                        None,
+                    )
+                });
             ChildDefinition {
                 path: text("path"),
                 target,
@@ -740,12 +630,10 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
 /// Drops a stream's definition, version state, event ids and counters. Never drops the
 /// replica tables; dead letters stay for inspection. Returns false if there was none.
 pub fn drop_stream(name: &str) -> bool {
-    let dropped = Spi::get_one_with_args::<i32>(
-        "DELETE FROM ecst.streams WHERE name = $1 RETURNING id",
-        &[name.into()],
-    )
-    .unwrap()
-    .is_some();
+    let dropped = Spi::connect_mut(|client| {
+        let deleted = client.update("DELETE FROM ecst.streams WHERE name = $1", None, &[name.into()]);
+        deleted.expect("deleting the stream").len() > 0
+    });
     if dropped {
         invalidate_everywhere();
     }

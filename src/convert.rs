@@ -24,11 +24,7 @@ pub struct ColumnType {
 
 impl ColumnType {
     pub fn new(oid: pg_sys::Oid, typmod: i32, name: String) -> ColumnType {
-        let (mut input, mut ioparam, mut output) = (
-            pg_sys::Oid::INVALID,
-            pg_sys::Oid::INVALID,
-            pg_sys::Oid::INVALID,
-        );
+        let (mut input, mut ioparam, mut output) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
         let mut varlena = false;
         // SAFETY: plain catalog lookups; they raise an ERROR for a type that does not exist.
         unsafe {
@@ -36,15 +32,7 @@ impl ColumnType {
             pg_sys::getTypeOutputInfo(oid, &mut output, &mut varlena);
         }
         let plain_text = oid == pg_sys::TEXTOID || (oid == pg_sys::VARCHAROID && typmod < 0);
-        ColumnType {
-            oid,
-            typmod,
-            name,
-            input,
-            ioparam,
-            output,
-            plain_text,
-        }
+        ColumnType { oid, typmod, name, input, ioparam, output, plain_text }
     }
 
     /// Reads `text` as a value of this type. `Err` carries PostgreSQL's message for data
@@ -53,19 +41,10 @@ impl ColumnType {
         let c = CString::new(text).map_err(|_| "contains a NUL character".to_string())?;
         PgTryBuilder::new(|| {
             // SAFETY: `c` outlives the call; the input function copies what it keeps.
-            Ok(unsafe {
-                pg_sys::OidInputFunctionCall(
-                    self.input,
-                    c.as_ptr() as *mut _,
-                    self.ioparam,
-                    self.typmod,
-                )
-            })
+            Ok(unsafe { pg_sys::OidInputFunctionCall(self.input, c.as_ptr() as *mut _, self.ioparam, self.typmod) })
         })
         .catch_others(|e| match e {
-            CaughtError::PostgresError(ref r)
-                if errors::is_event_error(&errors::sqlstate(r.sql_error_code())) =>
-            {
+            CaughtError::PostgresError(ref r) if errors::is_event_error(&errors::sqlstate(r.sql_error_code())) => {
                 Err(r.message().to_string())
             }
             other => other.rethrow(),

@@ -52,15 +52,7 @@ fn flush() {
     let rows: Vec<serde_json::Value> = pending
         .iter()
         .map(|(id, c)| {
-            serde_json::json!([
-                id,
-                c.applied,
-                c.duplicate,
-                c.stale,
-                c.skipped,
-                c.conflicts,
-                c.dead_lettered
-            ])
+            serde_json::json!([id, c.applied, c.duplicate, c.stale, c.skipped, c.conflicts, c.dead_lettered])
         })
         .collect();
     // A stream dropped in this same transaction has no row left to count against.
@@ -77,14 +69,9 @@ fn flush() {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
-            flush()
-        }
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => flush(),
         pg_sys::XactEvent::XACT_EVENT_ABORT
         | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
         | pg_sys::XactEvent::XACT_EVENT_COMMIT

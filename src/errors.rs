@@ -43,10 +43,7 @@ mod tests {
 
     #[test]
     fn sqlstates_unpack() {
-        assert_eq!(
-            sqlstate(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION),
-            "22P02"
-        );
+        assert_eq!(sqlstate(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION), "22P02");
         assert_eq!(sqlstate(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION), "23505");
         assert!(is_event_error("22P02"));
         assert!(!is_event_error("57014"));

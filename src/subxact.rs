@@ -21,12 +21,7 @@ pub fn run<T, E>(work: impl FnOnce() -> Result<T, E>) -> SubResult<T, E> {
     // SAFETY: the standard internal-subtransaction protocol (see pl_exec.c's exec_stmt_block):
     // remember the memory context and resource owner, and restore both after commit or rollback.
     // Kept as addresses so the catch closure is trivially unwind-safe.
-    let (context, owner) = unsafe {
-        (
-            pg_sys::CurrentMemoryContext as usize,
-            pg_sys::CurrentResourceOwner as usize,
-        )
-    };
+    let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext as usize, pg_sys::CurrentResourceOwner as usize) };
     unsafe {
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(context as pg_sys::MemoryContext);

@@ -1,10 +1,13 @@
 //! `#[pg_test]`s: SPEC §1–3 inside a real backend (each test runs in a rolled-back transaction).
+//! Worker, COPY, crash and concurrency behaviour are tested against a running server in `tests/`.
 
 #[pgrx::pg_schema]
 mod tests {
     use pgrx::prelude::*;
 
     const SNAPSHOT: &str = include_str!("../../shared/fixtures/fine_grained_snapshot.json");
+    const DELTA: &str = include_str!("../../shared/fixtures/fine_grained_delta.json");
+    const AGGREGATE: &str = include_str!("../../shared/fixtures/aggregate_snapshot.json");
 
     fn run(sql: &str) {
         Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -14,33 +17,568 @@ mod tests {
         Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    fn apply(stream: &str, event: &str) -> String {
-        Spi::get_one_with_args::<String>(
-            "SELECT ecst.apply($1, $2)::text",
-            &[stream.into(), event.into()],
-        )
-        .unwrap()
-        .unwrap()
+    fn text(sql: &str) -> String {
+        one::<String>(sql).unwrap_or_else(|| panic!("{sql} returned NULL"))
     }
 
+    fn count(sql: &str) -> i64 {
+        one::<i64>(&format!("SELECT count(*) FROM ({sql}) q")).unwrap()
+    }
+
+    fn apply(stream: &str, event: &str) -> String {
+        Spi::get_one_with_args::<String>("SELECT ecst.apply($1, $2)::text", &[stream.into(), event.into()])
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The SQLSTATE a statement fails with (None if it succeeds).
+    fn sqlstate(sql: &str) -> Option<String> {
+        if one::<bool>("SELECT to_regprocedure('pg_temp.sqlstate_of(text)') IS NULL") == Some(true) {
+            run("CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS
+                 $f$ BEGIN EXECUTE q; RETURN NULL; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$");
+        }
+        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap()
+    }
+
+    /// The (error_code, message) of the newest dead letter.
+    fn last_dead_letter() -> (String, String) {
+        let code = text("SELECT error_code FROM ecst.dead_letters ORDER BY id DESC LIMIT 1");
+        let message = text("SELECT message FROM ecst.dead_letters ORDER BY id DESC LIMIT 1");
+        (code, message)
+    }
+
+    fn address_table(name: &str) {
+        run(&format!(
+            "CREATE TABLE {name} (address_id text PRIMARY KEY, address_purpose text, line1 text,
+                                  address_line2 text, address_ts bigint)"
+        ));
+    }
+
+    /// The fixture snapshot's stream: entity snapshots under addressContent, versioned by addressTS.
     fn address_stream() {
+        address_table("address");
+        run(r#"SELECT ecst.create_stream(name => 'address', target => 'address'::regclass, shape => 'entity_snapshot',
+                key => '{"addressId": "address_id"}', state_path => 'addressContent',
+                columns => '{"addressLine1": "line1"}', version => 'newState.addressContent.addressTS')"#);
+    }
+
+    fn delta_stream(name: &str, version: Option<&str>, on_conflict: &str) {
+        address_table(name);
+        let version = version.map(|v| format!("'{v}'")).unwrap_or("NULL".into());
+        run(&format!(
+            r#"SELECT ecst.create_stream(name => '{name}', target => '{name}'::regclass, shape => 'delta',
+                key => '{{"addressId": "address_id"}}', columns => '{{"addressLine1": "line1"}}',
+                version => {version}, on_conflict => '{on_conflict}')"#
+        ));
+    }
+
+    fn customer_stream() {
+        run("CREATE TABLE customer (customer_id text PRIMARY KEY, name text)");
+        run("CREATE TABLE customer_address (customer_id text NOT NULL REFERENCES customer, address_id text NOT NULL,
+                address_purpose text, line1 text, address_line2 text, address_ts bigint,
+                PRIMARY KEY (customer_id, address_id))");
         run(
-            "CREATE TABLE address (address_id text PRIMARY KEY, address_purpose text, line1 text,
-                                   address_line2 text, address_ts bigint)",
+            r#"SELECT ecst.create_stream(name => 'customer', target => 'customer'::regclass, shape => 'aggregate_snapshot',
+                key => '{"customerId": "customer_id"}',
+                children => '{"addresses": {"path": "addressContent.addresses", "table": "customer_address",
+                              "key": {"addressId": "address_id"}, "parent_key": "customer_id",
+                              "columns": {"addressLine1": "line1"}}}')"#,
         );
-        run("SELECT ecst.create_stream(name => 'address', target => 'address'::regclass, shape => 'entity_snapshot',
-                key => '{\"addressId\": \"address_id\"}', state_path => 'addressContent',
-                columns => '{\"addressLine1\": \"line1\"}', version => 'newState.addressContent.addressTS')");
+    }
+
+    fn row(table: &str, key: &str) -> String {
+        text(&format!(
+            "SELECT concat_ws('|', address_id, coalesce(address_purpose, '-'), coalesce(line1, '-'),
+                    coalesce(address_line2, '-'), coalesce(address_ts::text, '-'))
+             FROM {table} WHERE address_id = '{key}'"
+        ))
+    }
+
+    // ---------------------------------------------------------------- SPEC §1: shapes
+
+    #[pg_test]
+    fn fixture_entity_snapshot_applies_once() {
+        address_stream();
+        assert_eq!(apply("address", SNAPSHOT), "applied");
+        assert_eq!(row("address", "12366"), "12366|billing|48 Baker Street|London, UK, E1 7AE|1572134205");
+        assert_eq!(apply("address", SNAPSHOT), "duplicate");
+        let jsonb =
+            Spi::get_one_with_args::<String>("SELECT ecst.apply('address', $1::jsonb)::text", &[SNAPSHOT.into()]);
+        assert_eq!(jsonb.unwrap().as_deref(), Some("duplicate"), "the jsonb overload applies the same event");
     }
 
     #[pg_test]
-    fn fixture_snapshot_applies_once() {
+    fn snapshot_absent_field_means_null() {
         address_stream();
-        assert_eq!(apply("address", SNAPSHOT), "applied");
+        apply("address", SNAPSHOT);
+        let partial = r#"{"addressId": "12366", "newState": {"addressContent": {"addressLine1": "1 New Road", "addressTS": 1572134300}}}"#;
+        assert_eq!(apply("address", partial), "applied");
+        assert_eq!(row("address", "12366"), "12366|-|1 New Road|-|1572134300");
+    }
+
+    #[pg_test]
+    fn fixture_delta_updates_only_the_changed_field() {
+        delta_stream("address_d", None, "apply");
+        run("INSERT INTO address_d VALUES ('12366', 'billing', '84 Baker Street', 'London, UK, E1 7AE', 1)");
+        assert_eq!(apply("address_d", DELTA), "applied");
+        assert_eq!(row("address_d", "12366"), "12366|billing|48 Baker Street|London, UK, E1 7AE|1");
+        assert_eq!(text("SELECT conflicts::text FROM ecst.stats WHERE stream = 'address_d'"), "0");
+        // Explicit null sets NULL; absent fields stay.
+        assert_eq!(apply("address_d", r#"{"addressId": "12366", "newState": {"addressLine2": null}}"#), "applied");
+        assert_eq!(row("address_d", "12366"), "12366|billing|48 Baker Street|-|1");
+    }
+
+    #[pg_test]
+    fn fixture_aggregate_with_repeated_child_key_is_dead_lettered_whole() {
+        customer_stream();
+        assert_eq!(apply("customer", AGGREGATE), "dead_lettered");
+        let (code, message) = last_dead_letter();
+        assert_eq!(code, "duplicate_child_key");
+        assert!(message.contains("123124"), "{message}");
+        assert_eq!(count("SELECT * FROM customer"), 0, "nothing half-applied");
+        assert_eq!(count("SELECT * FROM customer_address"), 0);
         assert_eq!(
-            one::<String>("SELECT concat_ws('|', address_id, address_purpose, line1, address_line2, address_ts) FROM address"),
-            Some("12366|billing|48 Baker Street|London, UK, E1 7AE|1572134205".into())
+            text("SELECT payload FROM ecst.dead_letters ORDER BY id DESC LIMIT 1"),
+            AGGREGATE,
+            "payload kept exactly as received"
         );
-        assert_eq!(apply("address", SNAPSHOT), "duplicate");
+    }
+
+    #[pg_test]
+    fn aggregate_children_are_replaced_as_a_set() {
+        customer_stream();
+        let ev = |addresses: &str| {
+            format!(
+                r#"{{"customerId": "911000100", "newState": {{"name": "Ada", "addressContent": {{"addresses": [{addresses}]}}}}}}"#
+            )
+        };
+        let a = r#"{"addressId": "a", "addressLine1": "1 A St", "addressTS": 1}"#;
+        let b = r#"{"addressId": "b", "addressLine1": "2 B St", "addressTS": 1}"#;
+        let b2 = r#"{"addressId": "b", "addressLine1": "22 B St", "addressPurpose": "billing", "addressTS": 2}"#;
+        let c = r#"{"addressId": "c", "addressLine1": "3 C St", "addressTS": 1}"#;
+        assert_eq!(apply("customer", &ev(&format!("{a}, {b}"))), "applied");
+        assert_eq!(
+            text("SELECT string_agg(address_id || ':' || line1, ',' ORDER BY address_id) FROM customer_address"),
+            "a:1 A St,b:2 B St"
+        );
+        assert_eq!(apply("customer", &ev(&format!("{b2}, {c}"))), "applied");
+        assert_eq!(
+            text("SELECT string_agg(concat_ws(':', address_id, line1, address_purpose), ',' ORDER BY address_id) FROM customer_address"),
+            "b:22 B St:billing,c:3 C St",
+            "a deleted, b updated, c inserted"
+        );
+        assert_eq!(text("SELECT name FROM customer"), "Ada");
+        assert_eq!(apply("customer", r#"{"customerId": "911000100", "oldState": {}}"#), "applied");
+        assert_eq!(count("SELECT * FROM customer"), 0);
+        assert_eq!(count("SELECT * FROM customer_address"), 0, "a deleted aggregate loses its children");
+    }
+
+    #[pg_test]
+    fn create_update_delete_inferred_and_no_state_is_a_dead_letter() {
+        delta_stream("addr", None, "apply");
+        assert_eq!(apply("addr", r#"{"addressId": "1", "newState": {"addressLine1": "x"}}"#), "applied");
+        assert_eq!(
+            apply(
+                "addr",
+                r#"{"addressId": "1", "oldState": {"addressLine1": "x"}, "newState": {"addressLine1": "y"}}"#
+            ),
+            "applied"
+        );
+        assert_eq!(row("addr", "1"), "1|-|y|-|-");
+        assert_eq!(apply("addr", r#"{"addressId": "1", "oldState": {"addressLine1": "y"}}"#), "applied");
+        assert_eq!(count("SELECT * FROM addr"), 0);
+        assert_eq!(apply("addr", r#"{"addressId": "1", "oldState": null, "newState": null}"#), "dead_lettered");
+        assert_eq!(last_dead_letter().0, "no_state");
+    }
+
+    #[pg_test]
+    fn unmapped_fields_are_not_stored_and_values_convert_by_column_type() {
+        run("CREATE TABLE person (id bigint PRIMARY KEY, born date, score numeric(5,2), tags jsonb, nick varchar(5))");
+        run(r#"SELECT ecst.create_stream('person', 'person', 'entity_snapshot', '{"id": "id"}')"#);
+        let ok = r#"{"id": "042", "newState": {"born": "1990-02-03", "score": 12.5, "tags": {"a": [1]}, "nick": "ada", "ssn": "123-45-6789"}}"#;
+        assert_eq!(apply("person", ok), "applied");
+        assert_eq!(
+            text("SELECT concat_ws('|', id, born, score, tags, nick) FROM person"),
+            "42|1990-02-03|12.50|{\"a\": [1]}|ada"
+        );
+        assert_eq!(count("SELECT * FROM person WHERE row_to_json(person)::text LIKE '%123-45-6789%'"), 0);
+        assert_eq!(apply("person", r#"{"id": 42, "newState": {"born": "not-a-date"}}"#), "dead_lettered");
+        let (code, message) = last_dead_letter();
+        assert_eq!(code, "invalid_value");
+        assert!(message.contains("\"born\"") && message.contains("\"born\" (date)"), "{message}");
+        assert_eq!(apply("person", r#"{"id": 42, "newState": {"nick": "much too long"}}"#), "dead_lettered");
+        assert!(last_dead_letter().1.contains("character varying(5)"), "{}", last_dead_letter().1);
+        assert_eq!(apply("person", r#"{"id": 42, "newState": {"score": 123456}}"#), "dead_lettered");
+        assert_eq!(apply("person", r#"{"id": "x", "newState": {}}"#), "dead_lettered");
+        assert_eq!(last_dead_letter().0, "invalid_key");
+        assert_eq!(
+            text("SELECT concat_ws('|', id, born, score, tags, nick) FROM person"),
+            "42|1990-02-03|12.50|{\"a\": [1]}|ada"
+        );
+    }
+
+    #[pg_test]
+    fn keys_are_canonical_column_values() {
+        run("CREATE TABLE thing (id bigint PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('thing', 'thing', 'entity_snapshot', '{"id": "id"}', version => 'v')"#);
+        assert_eq!(apply("thing", r#"{"id": "042", "v": 2, "newState": {"v": "two"}}"#), "applied");
+        assert_eq!(
+            apply("thing", r#"{"id": 42, "v": 1, "newState": {"v": "one"}}"#),
+            "stale",
+            "\"042\" and 42 are one entity"
+        );
+        assert_eq!(text("SELECT v FROM thing"), "two");
+    }
+
+    // ---------------------------------------------------------------- SPEC §3: versions
+
+    #[pg_test]
+    fn versions_decide_and_tombstones_remain() {
+        address_stream();
+        let at = |ts: i64, line: &str| {
+            format!(
+                r#"{{"addressId": "7", "newState": {{"addressContent": {{"addressLine1": "{line}", "addressTS": {ts}}}}}}}"#
+            )
+        };
+        assert_eq!(apply("address", &at(10, "ten")), "applied");
+        assert_eq!(apply("address", &at(9, "nine")), "stale", "9 < 10 numerically");
+        assert_eq!(apply("address", &at(10, "ten")), "duplicate");
+        assert_eq!(apply("address", &at(11, "eleven")), "applied");
+        assert_eq!(text("SELECT line1 FROM address"), "eleven");
+        // A delete without a version is a dead letter (the version path is under newState).
+        assert_eq!(apply("address", r#"{"addressId": "7", "oldState": {"addressContent": {}}}"#), "dead_lettered");
+        assert_eq!(last_dead_letter().0, "missing_version");
+        assert_eq!(text("SELECT line1 FROM address"), "eleven");
+    }
+
+    #[pg_test]
+    fn tombstones_block_older_creates() {
+        run("CREATE TABLE t (id text PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('t', 't', 'entity_snapshot', '{"id": "id"}', version => 'at')"#);
+        assert_eq!(apply("t", r#"{"id": "1", "at": "2024-05-01T12:00:00Z", "oldState": {"v": "a"}}"#), "applied");
+        assert_eq!(
+            apply("t", r#"{"id": "1", "at": "2024-05-01T13:00:00+02:00", "newState": {"v": "old"}}"#),
+            "stale",
+            "11:00Z is before the delete"
+        );
+        assert_eq!(count("SELECT * FROM t"), 0);
+        assert_eq!(text("SELECT tomb_version::text FROM ecst.entity_state"), "1714564800");
+        assert_eq!(apply("t", r#"{"id": "1", "at": "2024-05-01T12:00:00.5Z", "newState": {"v": "new"}}"#), "applied");
+        assert_eq!(text("SELECT v FROM t"), "new");
+        assert_eq!(apply("t", r#"{"id": "1", "at": "noon", "newState": {"v": "x"}}"#), "dead_lettered");
+        assert_eq!(last_dead_letter().0, "invalid_version");
+    }
+
+    #[pg_test]
+    fn event_ids_deduplicate() {
+        run("CREATE TABLE t (id text PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('t', 't', 'delta', '{"id": "id"}', event_id => 'meta.eventId')"#);
+        assert_eq!(apply("t", r#"{"id": "1", "meta": {"eventId": "e1"}, "newState": {"v": "a"}}"#), "applied");
+        assert_eq!(apply("t", r#"{"id": "1", "meta": {"eventId": "e2"}, "newState": {"v": "b"}}"#), "applied");
+        assert_eq!(apply("t", r#"{"id": "1", "meta": {"eventId": "e1"}, "newState": {"v": "a"}}"#), "duplicate");
+        assert_eq!(text("SELECT v FROM t"), "b");
+    }
+
+    #[pg_test]
+    fn deltas_merge_per_field_and_deletes_keep_newer_fields() {
+        delta_stream("d", Some("ts"), "apply");
+        assert_eq!(
+            apply("d", r#"{"addressId": "1", "ts": 1, "newState": {"addressLine1": "a", "addressPurpose": "p"}}"#),
+            "applied"
+        );
+        assert_eq!(apply("d", r#"{"addressId": "1", "ts": 4, "newState": {"addressPurpose": "q"}}"#), "applied");
+        assert_eq!(apply("d", r#"{"addressId": "1", "ts": 3, "oldState": {}}"#), "applied");
+        assert_eq!(row("d", "1"), "1|q|-|-|-", "the delete at 3 cleared line1 (1), purpose (4) survived");
+        assert_eq!(apply("d", r#"{"addressId": "1", "ts": 2, "newState": {"addressLine1": "late"}}"#), "stale");
+        assert_eq!(apply("d", r#"{"addressId": "1", "ts": 6, "newState": {"addressLine2": "x"}}"#), "applied");
+        assert_eq!(
+            apply("d", r#"{"addressId": "1", "ts": 5, "newState": {"addressLine2": "y", "addressLine1": "z"}}"#),
+            "applied"
+        );
+        assert_eq!(row("d", "1"), "1|q|z|x|-", "older delta still brings the field nobody newer wrote");
+        assert_eq!(
+            apply("d", r#"{"addressId": "1", "ts": 5, "newState": {"addressLine2": "y", "addressLine1": "z"}}"#),
+            "duplicate"
+        );
+    }
+
+    // ---------------------------------------------------------------- conflicts
+
+    #[pg_test]
+    fn conflicts_follow_on_conflict_and_are_counted() {
+        for (policy, expected) in [("apply", "applied"), ("skip", "skipped"), ("dead_letter", "dead_lettered")] {
+            let name = format!("c_{policy}");
+            delta_stream(&name, Some("ts"), policy);
+            run(&format!("INSERT INTO {name} (address_id, line1) VALUES ('1', 'actual')"));
+            let ev = r#"{"addressId": "1", "ts": 2, "oldState": {"addressLine1": "expected"}, "newState": {"addressLine1": "next"}}"#;
+            assert_eq!(apply(&name, ev), expected, "{policy}");
+            assert_eq!(
+                text(&format!("SELECT conflicts::text FROM ecst.stats WHERE stream = '{name}'")),
+                "1",
+                "{policy}"
+            );
+            let line1 = text(&format!("SELECT line1 FROM {name}"));
+            assert_eq!(line1, if policy == "apply" { "next" } else { "actual" }, "{policy}");
+        }
+        assert_eq!(last_dead_letter().0, "conflict");
+        delta_stream("c_error", Some("ts"), "error");
+        run("INSERT INTO c_error (address_id, line1) VALUES ('1', 'actual')");
+        let ev = r#"{"addressId": "1", "ts": 2, "oldState": {"addressLine1": "expected"}, "newState": {"addressLine1": "next"}}"#;
+        assert_eq!(sqlstate(&format!("SELECT ecst.apply('c_error', '{ev}')")).as_deref(), Some("23000"));
+        let matching = r#"{"addressId": "1", "ts": 3, "oldState": {"addressLine1": "actual"}, "newState": {"addressLine1": "next"}}"#;
+        assert_eq!(apply("c_error", matching), "applied", "matching oldState is no conflict");
+    }
+
+    // ---------------------------------------------------------------- bad input
+
+    #[pg_test]
+    fn bad_input_of_every_kind_is_dead_lettered_with_a_reason() {
+        delta_stream("d", Some("ts"), "apply");
+        let deep = format!(
+            r#"{{"addressId": "1", "ts": 1, "newState": {{"x": {}1{}}}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let huge_number =
+            format!(r#"{{"addressId": "1", "ts": 1, "newState": {{"addressTS": 1{}}}}}"#, "0".repeat(400));
+        let cases: Vec<(String, &str)> = vec![
+            ("not json at all".into(), "invalid_json"),
+            ("".into(), "invalid_json"),
+            ("[1, 2]".into(), "not_an_object"),
+            (r#""a string""#.into(), "not_an_object"),
+            (r#"{"ts": 1, "newState": {}}"#.into(), "missing_key"),
+            (r#"{"addressId": null, "ts": 1, "newState": {}}"#.into(), "missing_key"),
+            (r#"{"addressId": ["1"], "ts": 1, "newState": {}}"#.into(), "invalid_key"),
+            (r#"{"addressId": {"a": 1}, "ts": 1, "newState": {}}"#.into(), "invalid_key"),
+            (r#"{"addressId": "1", "ts": 1, "newState": 5}"#.into(), "invalid_state"),
+            (r#"{"addressId": "1", "ts": 1, "oldState": "x", "newState": {}}"#.into(), "invalid_state"),
+            (r#"{"addressId": "1", "ts": 1}"#.into(), "no_state"),
+            (r#"{"addressId": "1", "newState": {}}"#.into(), "missing_version"),
+            (r#"{"addressId": "1", "ts": [1], "newState": {}}"#.into(), "invalid_version"),
+            (r#"{"addressId": "1", "ts": 1e999999, "newState": {}}"#.into(), "invalid_version"),
+            (r#"{"addressId": "1", "ts": 1, "newState": {"addressTS": "ten"}}"#.into(), "invalid_value"),
+            (r#"{"addressId": "1", "ts": 1, "newState": {"addressTS": 1.5}}"#.into(), "invalid_value"),
+            (r#"{"addressId": "1", "ts": 1, "newState": {"addressLine1": "a\u0000b"}}"#.into(), "invalid_value"),
+            (
+                r#"{"addressId": "1", "ts": 1, "newState": {"line1": "a", "addressLine1": "b"}}"#.into(),
+                "field_collision",
+            ),
+            (deep, "invalid_json"),
+            (huge_number, "invalid_value"),
+        ];
+        for (payload, code) in &cases {
+            assert_eq!(apply("d", payload), "dead_lettered", "{payload:.80}");
+            let (got, message) = last_dead_letter();
+            assert_eq!(&got, code, "{payload:.80}: {message}");
+            assert!(!message.is_empty());
+            assert_eq!(text("SELECT payload FROM ecst.dead_letters ORDER BY id DESC LIMIT 1"), *payload, "verbatim");
+        }
+        assert_eq!(count("SELECT * FROM d"), 0);
+        assert_eq!(text("SELECT dead_lettered::text FROM ecst.stats WHERE stream = 'd'"), cases.len().to_string());
+    }
+
+    #[pg_test]
+    fn write_failures_are_dead_letters_and_retry_puts_them_back() {
+        run("CREATE TABLE t (id text PRIMARY KEY, v text NOT NULL CHECK (v <> 'bad'))");
+        run(r#"SELECT ecst.create_stream('t', 't', 'entity_snapshot', '{"id": "id"}')"#);
+        assert_eq!(apply("t", r#"{"id": "1", "newState": {}}"#), "dead_lettered");
+        assert_eq!(text("SELECT sqlstate FROM ecst.dead_letters"), "23502");
+        assert_eq!(last_dead_letter().0, "write_failed");
+        assert_eq!(apply("t", r#"{"id": "2", "newState": {"v": "bad"}}"#), "dead_lettered");
+        assert_eq!(apply("t", r#"{"id": "3", "newState": {"v": "good"}}"#), "applied");
+        assert_eq!(text("SELECT string_agg(id, ',' ORDER BY id) FROM t"), "3");
+        run("ALTER TABLE t ALTER COLUMN v DROP NOT NULL");
+        assert_eq!(
+            text("SELECT string_agg(outcome || '=' || count, ',' ORDER BY outcome) FROM ecst.retry_dead_letters('t')"),
+            "applied=1,dead_lettered=1"
+        );
+        assert_eq!(text("SELECT string_agg(id, ',' ORDER BY id) FROM t"), "1,3");
+        assert_eq!(text("SELECT attempts::text || ':' || error_code FROM ecst.dead_letters"), "2:write_failed");
+        assert_eq!(count("SELECT * FROM ecst.retry_dead_letters('nope')"), 0, "no letters of that stream");
+    }
+
+    // ---------------------------------------------------------------- batches and stats
+
+    #[pg_test]
+    fn apply_batch_counts_outcomes_and_keeps_order_per_entity() {
+        delta_stream("d", Some("ts"), "apply");
+        let events = [
+            r#"{"addressId": "2", "ts": 1, "newState": {"addressLine1": "b1"}}"#,
+            r#"{"addressId": "1", "ts": 1, "newState": {"addressLine1": "a1"}}"#,
+            r#"{"addressId": "1", "ts": 2, "newState": {"addressLine1": "a2"}}"#,
+            r#"{"addressId": "1", "ts": 2, "newState": {"addressLine1": "a2"}}"#,
+            r#"{"addressId": "2", "ts": 0, "newState": {"addressLine1": "b0"}}"#,
+            "garbage",
+        ];
+        let arr: Vec<Option<String>> = events.iter().map(|e| Some(e.to_string())).collect();
+        let got = Spi::get_one_with_args::<String>(
+            "SELECT string_agg(outcome || '=' || count, ',' ORDER BY outcome) FROM ecst.apply_batch('d', $1::jsonb[]::text[])",
+            &[arr[..5].to_vec().into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, "applied=3,duplicate=1,stale=1");
+        assert_eq!(row("d", "1"), "1|-|a2|-|-");
+        assert_eq!(row("d", "2"), "2|-|b1|-|-");
+        let got = Spi::get_one_with_args::<String>(
+            "SELECT string_agg(outcome || '=' || count, ',') FROM ecst.apply_batch('d', $1::text[])",
+            &[arr[5..].to_vec().into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, "dead_lettered=1");
+        assert_eq!(
+            text("SELECT concat_ws(',', applied, duplicate, stale, skipped, conflicts, dead_lettered) FROM ecst.stats WHERE stream = 'd'"),
+            "3,1,1,0,0,1"
+        );
+        assert!(one::<bool>("SELECT last_applied_at IS NOT NULL FROM ecst.stats WHERE stream = 'd'").unwrap());
+    }
+
+    // ---------------------------------------------------------------- create_stream checks
+
+    #[pg_test]
+    fn create_stream_checks_everything_up_front() {
+        run("CREATE TABLE t (id text PRIMARY KEY, other text, g text GENERATED ALWAYS AS (other || '!') STORED, plain text)");
+        run("CREATE TABLE nokey (id text, v text)");
+        run("CREATE VIEW v AS SELECT * FROM t");
+        let create = |args: &str| sqlstate(&format!("SELECT ecst.create_stream({args})"));
+        assert_eq!(create(r#"'s', 'missing_table', 'delta', '{"id": "id"}'"#).as_deref(), Some("42P01"));
+        assert_eq!(create(r#"'s', 'v', 'delta', '{"id": "id"}'"#).as_deref(), Some("42809"));
+        assert_eq!(create(r#"'s', 't', 'snapshot', '{"id": "id"}'"#).as_deref(), Some("22023"));
+        assert_eq!(create(r#"'s', 't', 'delta', '{"id": "nope"}'"#).as_deref(), Some("42703"));
+        assert_eq!(create(r#"'s', 't', 'delta', '{}'"#).as_deref(), Some("22023"));
+        assert_eq!(create(r#"'s', 't', 'delta', '["id"]'"#).as_deref(), Some("22023"));
+        assert_eq!(create(r#"'s', 't', 'delta', '{"id": "other"}'"#).as_deref(), Some("42P10"));
+        assert_eq!(create(r#"'s', 'nokey', 'delta', '{"id": "id"}'"#).as_deref(), Some("42P10"));
+        assert_eq!(
+            create(r#"'s', 't', 'delta', '{"id": "id"}', columns => '{"a": "nope"}'"#).as_deref(),
+            Some("42703")
+        );
+        assert_eq!(create(r#"'s', 't', 'delta', '{"id": "id"}', columns => '{"a": "g"}'"#).as_deref(), Some("428C9"));
+        assert_eq!(create(r#"'s', 't', 'delta', '{"id": "id"}', version => 'a..b'"#).as_deref(), Some("22023"));
+        assert_eq!(create(r#"'s', 't', 'delta', '{"id": "id"}', on_conflict => 'ignore'"#).as_deref(), Some("22023"));
+        assert_eq!(create(r#"'s', 't', 'delta', '{"id": "id"}', children => '{"c": {}}'"#).as_deref(), Some("22023"));
+        assert_eq!(create(r#"'s', 't', 'aggregate_snapshot', '{"id": "id"}', children => '{"c": {"path": "x", "table": "nope", "key": {"a": "b"}, "parent_key": "id"}}'"#).as_deref(), Some("42P01"));
+        assert_eq!(create(r#"'s', 't', 'aggregate_snapshot', '{"id": "id"}', children => '{"c": {"path": "x", "table": "nokey", "key": {"v": "v"}, "parent_key": "id"}}'"#).as_deref(), Some("42P10"));
+        assert_eq!(create(r#"'', 't', 'delta', '{"id": "id"}'"#).as_deref(), Some("22023"));
+        assert_eq!(create(r#"'s', 't', 'delta', '{"id": "id"}'"#), None);
+        assert_eq!(create(r#"'s', 't', 'delta', '{"id": "id"}'"#).as_deref(), Some("42710"));
+        assert_eq!(sqlstate("SELECT ecst.apply('nope', '{}')").as_deref(), Some("42704"));
+        // Not the owner.
+        run("CREATE ROLE ecst_test_stranger");
+        run("GRANT USAGE ON SCHEMA ecst TO ecst_test_stranger");
+        run("GRANT SELECT, INSERT ON ecst.streams TO ecst_test_stranger");
+        run("SET ROLE ecst_test_stranger");
+        let state = create(r#"'s2', 't', 'delta', '{"id": "id"}'"#);
+        run("RESET ROLE");
+        assert_eq!(state.as_deref(), Some("42501"));
+    }
+
+    #[pg_test]
+    fn drop_stream_keeps_the_replica() {
+        address_stream();
+        apply("address", SNAPSHOT);
+        assert_eq!(one::<bool>("SELECT ecst.drop_stream('address')"), Some(true));
+        assert_eq!(one::<bool>("SELECT ecst.drop_stream('address')"), Some(false));
+        assert_eq!(count("SELECT * FROM address"), 1);
+        assert_eq!(count("SELECT * FROM ecst.entity_state"), 0);
+        assert_eq!(sqlstate(&format!("SELECT ecst.apply('address', '{}')", SNAPSHOT)).as_deref(), Some("42704"));
+    }
+
+    #[pg_test]
+    fn quoted_identifiers_are_safe() {
+        run(r#"CREATE TABLE "we""ird; DROP TABLE x" ("my key" text PRIMARY KEY, "Col; DROP TABLE y" text)"#);
+        run(r#"SELECT ecst.create_stream('w', '"we""ird; DROP TABLE x"', 'delta', '{"k": "my key"}',
+                columns => '{"c": "Col; DROP TABLE y"}')"#);
+        assert_eq!(apply("w", r#"{"k": "1", "newState": {"c": "v"}}"#), "applied");
+        assert_eq!(text(r#"SELECT "Col; DROP TABLE y" FROM "we""ird; DROP TABLE x""#), "v");
+    }
+
+    // ---------------------------------------------------------------- SQL-level convergence
+
+    /// A small deterministic generator (no RNG crate needed in the extension).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn random_events(rng: &mut Lcg, shape: &str) -> Vec<(String, i64, String)> {
+        let fields = ["addressPurpose", "addressLine1", "addressLine2", "addressTS"];
+        let mut events = Vec::new();
+        for entity in 0..4 {
+            for step in 0..(2 + rng.next(6)) {
+                let version = (step as i64 + 1) * 10 + entity;
+                let key = format!("e{entity}");
+                let payload = if rng.next(5) == 0 {
+                    format!(r#"{{"addressId": "{key}", "ts": {version}, "oldState": {{}}}}"#)
+                } else {
+                    let mut state = Vec::new();
+                    for (i, f) in fields.iter().enumerate() {
+                        match rng.next(3) {
+                            0 => {}
+                            1 if i == 3 => state.push(format!(r#""{f}": {}"#, rng.next(100))),
+                            1 => state.push(format!(r#""{f}": "{f}-{}""#, rng.next(3))),
+                            _ => state.push(format!(r#""{f}": null"#)),
+                        }
+                    }
+                    format!(r#"{{"addressId": "{key}", "ts": {version}, "newState": {{{}}}}}"#, state.join(", "))
+                };
+                events.push((key, version, payload));
+            }
+        }
+        let _ = shape;
+        events
+    }
+
+    fn converges(shape: &str) {
+        for seed in 1..=40u64 {
+            let mut rng = Lcg(seed);
+            let in_order = format!("io_{seed}");
+            let shuffled = format!("sh_{seed}");
+            for name in [&in_order, &shuffled] {
+                address_table(name);
+                run(&format!(
+                    r#"SELECT ecst.create_stream('{name}', '{name}', '{shape}', '{{"addressId": "address_id"}}',
+                        columns => '{{"addressLine1": "line1"}}', version => 'ts')"#
+                ));
+            }
+            let mut events = random_events(&mut rng, shape);
+            let mut ordered = events.clone();
+            ordered.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+            for (_, _, p) in &ordered {
+                apply(&in_order, p);
+            }
+            // Shuffle (Fisher–Yates) and add duplicates.
+            for i in (1..events.len()).rev() {
+                events.swap(i, rng.next(i as u64 + 1) as usize);
+            }
+            let extra: Vec<_> =
+                (0..events.len() / 2).map(|_| events[rng.next(events.len() as u64) as usize].clone()).collect();
+            events.extend(extra);
+            for i in (1..events.len()).rev() {
+                events.swap(i, rng.next(i as u64 + 1) as usize);
+            }
+            for (_, _, p) in &events {
+                apply(&shuffled, p);
+            }
+            let diff = count(&format!(
+                "(SELECT * FROM {in_order} EXCEPT SELECT * FROM {shuffled}) UNION ALL (SELECT * FROM {shuffled} EXCEPT SELECT * FROM {in_order})"
+            ));
+            assert_eq!(diff, 0, "{shape} seed {seed}: shuffled delivery differs from in-order");
+            assert_eq!(count(&format!("SELECT * FROM {in_order}")), count(&format!("SELECT * FROM {shuffled}")));
+        }
+    }
+
+    #[pg_test]
+    fn delta_converges_in_sql() {
+        converges("delta");
+    }
+
+    #[pg_test]
+    fn entity_snapshot_converges_in_sql() {
+        converges("entity_snapshot");
     }
 }

@@ -35,18 +35,11 @@ thread_local! {
 }
 
 /// Runs `sql` with `args` through a cached prepared plan.
-pub fn run<'c>(
-    client: &mut SpiClient<'c>,
-    sql: &str,
-    args: &[DatumWithOid<'_>],
-) -> SpiTupleTable<'c> {
+pub fn run<'c>(client: &mut SpiClient<'c>, sql: &str, args: &[DatumWithOid<'_>]) -> SpiTupleTable<'c> {
     let cached = PLANS.with(|p| p.borrow().contains_key(sql));
     if !cached {
         let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
-        let plan = client
-            .prepare_mut(sql, &types)
-            .unwrap_or_else(|e| panic!("preparing {sql}: {e}"))
-            .keep();
+        let plan = client.prepare_mut(sql, &types).unwrap_or_else(|e| panic!("preparing {sql}: {e}")).keep();
         PLANS.with(|p| {
             let mut p = p.borrow_mut();
             if p.len() >= MAX_PLANS {
@@ -58,9 +51,7 @@ pub fn run<'c>(
     PLANS.with(|p| {
         let plans = p.borrow();
         let plan = plans.get(sql).expect("plan just cached");
-        client
-            .update(plan, None, args)
-            .unwrap_or_else(|e| panic!("running {sql}: {e}"))
+        client.update(plan, None, args).unwrap_or_else(|e| panic!("running {sql}: {e}"))
     })
 }
 
@@ -78,26 +69,13 @@ fn where_keys(keys: &[Bound], first_param: usize) -> String {
 
 /// `INSERT ... ON CONFLICT (conflict) DO UPDATE SET <update> = EXCLUDED.<update>`
 /// (`DO NOTHING` when there is nothing to update).
-pub fn upsert(
-    client: &mut SpiClient,
-    table: &str,
-    row: &[Bound],
-    conflict: &[String],
-    update: &[&str],
-) {
+pub fn upsert(client: &mut SpiClient, table: &str, row: &[Bound], conflict: &[String], update: &[&str]) {
     let cols: Vec<&str> = row.iter().map(|b| b.column.quoted.as_str()).collect();
     let params: Vec<String> = (1..=row.len()).map(|i| format!("${i}")).collect();
     let action = if update.is_empty() {
         "NOTHING".to_string()
     } else {
-        format!(
-            "UPDATE SET {}",
-            update
-                .iter()
-                .map(|c| format!("{c} = EXCLUDED.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!("UPDATE SET {}", update.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect::<Vec<_>>().join(", "))
     };
     let sql = format!(
         "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
@@ -111,16 +89,8 @@ pub fn upsert(
 
 /// Resets columns to their DEFAULT (a delta delete older than a surviving update).
 pub fn clear(client: &mut SpiClient, table: &TableInfo, keys: &[Bound], columns: &[&Column]) {
-    let sets: Vec<String> = columns
-        .iter()
-        .map(|c| format!("{} = DEFAULT", c.quoted))
-        .collect();
-    let sql = format!(
-        "UPDATE {} SET {} WHERE {}",
-        table.qualified,
-        sets.join(", "),
-        where_keys(keys, 1)
-    );
+    let sets: Vec<String> = columns.iter().map(|c| format!("{} = DEFAULT", c.quoted)).collect();
+    let sql = format!("UPDATE {} SET {} WHERE {}", table.qualified, sets.join(", "), where_keys(keys, 1));
     let args: Vec<_> = keys.iter().map(Bound::arg).collect();
     run(client, &sql, &args);
 }
@@ -133,23 +103,13 @@ pub fn delete(client: &mut SpiClient, table: &str, keys: &[Bound]) {
 }
 
 /// Deletes a parent's child rows whose key is not among `keep` (canonical key texts).
-pub fn prune_children(
-    client: &mut SpiClient,
-    child: &ChildInfo,
-    parent: &[Bound],
-    keep: &[Vec<String>],
-) {
+pub fn prune_children(client: &mut SpiClient, child: &ChildInfo, parent: &[Bound], keep: &[Vec<String>]) {
     let n = parent.len();
     let key_cols = &child.table.keys;
-    let arrays: Vec<String> = (0..key_cols.len())
-        .map(|i| format!("${}::text[]", n + 1 + i))
-        .collect();
+    let arrays: Vec<String> = (0..key_cols.len()).map(|i| format!("${}::text[]", n + 1 + i)).collect();
     let aliases: Vec<String> = (0..key_cols.len()).map(|i| format!("k{i}")).collect();
-    let matches: Vec<String> = key_cols
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("c.{}::text = k.k{i}", c.quoted))
-        .collect();
+    let matches: Vec<String> =
+        key_cols.iter().enumerate().map(|(i, c)| format!("c.{}::text = k.k{i}", c.quoted)).collect();
     let sql = format!(
         "DELETE FROM {} AS c WHERE {} AND NOT EXISTS (SELECT 1 FROM unnest({}) AS k({}) WHERE {})",
         child.table.qualified,
@@ -172,36 +132,16 @@ pub fn prune_children(
 }
 
 /// For each `old` cell: does the replica's current value differ? `None` if the row is absent.
-pub fn differs(
-    client: &mut SpiClient,
-    table: &TableInfo,
-    keys: &[Bound],
-    old: &[Bound],
-) -> Option<Vec<bool>> {
+pub fn differs(client: &mut SpiClient, table: &TableInfo, keys: &[Bound], old: &[Bound]) -> Option<Vec<bool>> {
     let n = keys.len();
     let tests: Vec<String> = old
         .iter()
         .enumerate()
-        .map(|(i, b)| {
-            format!(
-                "{}::text IS DISTINCT FROM ${}::text",
-                b.column.quoted,
-                n + 1 + i
-            )
-        })
+        .map(|(i, b)| format!("{}::text IS DISTINCT FROM ${}::text", b.column.quoted, n + 1 + i))
         .collect();
-    let sql = format!(
-        "SELECT {} FROM {} WHERE {}",
-        tests.join(", "),
-        table.qualified,
-        where_keys(keys, 1)
-    );
+    let sql = format!("SELECT {} FROM {} WHERE {}", tests.join(", "), table.qualified, where_keys(keys, 1));
     let args: Vec<_> = keys.iter().chain(old.iter()).map(Bound::arg).collect();
     let rows = run(client, &sql, &args);
     let row = rows.into_iter().next()?;
-    Some(
-        (1..=old.len())
-            .map(|i| row.get::<bool>(i).unwrap().unwrap_or(true))
-            .collect(),
-    )
+    Some((1..=old.len()).map(|i| row.get::<bool>(i).unwrap().unwrap_or(true)).collect())
 }

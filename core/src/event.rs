@@ -64,22 +64,15 @@ pub struct Event {
 
 /// Parses an event for `spec`.
 pub fn parse(spec: &StreamSpec, text: &str) -> Result<Event, Rejection> {
-    let root: Json = serde_json::from_str(text).map_err(|e| {
-        Rejection::new(
-            RejectCode::InvalidJson,
-            format!("payload is not valid JSON: {e}"),
-        )
-    })?;
+    let root: Json = serde_json::from_str(text)
+        .map_err(|e| Rejection::new(RejectCode::InvalidJson, format!("payload is not valid JSON: {e}")))?;
     parse_value(spec, &root)
 }
 
 /// Parses an already-decoded event for `spec`.
 pub fn parse_value(spec: &StreamSpec, root: &Json) -> Result<Event, Rejection> {
     let obj = root.as_object().ok_or_else(|| {
-        Rejection::new(
-            RejectCode::NotAnObject,
-            format!("an event must be a JSON object, not {}", json_type(root)),
-        )
+        Rejection::new(RejectCode::NotAnObject, format!("an event must be a JSON object, not {}", json_type(root)))
     })?;
 
     let key = spec
@@ -101,16 +94,12 @@ pub fn parse_value(spec: &StreamSpec, root: &Json) -> Result<Event, Rejection> {
         None => None,
         Some(path) => {
             let found = path.lookup(root).unwrap_or(&Json::Null);
-            let v = Version::from_json(found).map_err(|e| {
-                Rejection::new(RejectCode::InvalidVersion, format!("{e} (at {path})"))
-            })?;
+            let v = Version::from_json(found)
+                .map_err(|e| Rejection::new(RejectCode::InvalidVersion, format!("{e} (at {path})")))?;
             Some(v.ok_or_else(|| {
                 Rejection::new(
                     RejectCode::MissingVersion,
-                    format!(
-                        "stream {:?} is versioned but the event has no version at {path}",
-                        spec.name
-                    ),
+                    format!("stream {:?} is versioned but the event has no version at {path}", spec.name),
                 )
             })?)
         }
@@ -125,10 +114,7 @@ pub fn parse_value(spec: &StreamSpec, root: &Json) -> Result<Event, Rejection> {
             Some(other) => {
                 return Err(Rejection::new(
                     RejectCode::InvalidEventId,
-                    format!(
-                        "the event id at {path} must be a string or a number, not {}",
-                        json_type(other)
-                    ),
+                    format!("the event id at {path} must be a string or a number, not {}", json_type(other)),
                 ))
             }
         },
@@ -136,12 +122,10 @@ pub fn parse_value(spec: &StreamSpec, root: &Json) -> Result<Event, Rejection> {
 
     let old = match (old_state, spec.shape) {
         // oldState only feeds the conflict check: without the state_path object it has no cells.
-        (Some(state), Shape::Delta | Shape::EntitySnapshot) => {
-            match entity_state(spec, state, "oldState")? {
-                Some(entity) => map_fields(&spec.table, entity, false, "oldState")?,
-                None => Vec::new(),
-            }
-        }
+        (Some(state), Shape::Delta | Shape::EntitySnapshot) => match entity_state(spec, state, "oldState")? {
+            Some(entity) => map_fields(&spec.table, entity, false, "oldState")?,
+            None => Vec::new(),
+        },
         _ => Vec::new(),
     };
 
@@ -169,20 +153,11 @@ pub fn parse_value(spec: &StreamSpec, root: &Json) -> Result<Event, Rejection> {
         }
     };
 
-    Ok(Event {
-        key,
-        version,
-        event_id,
-        op,
-        old,
-    })
+    Ok(Event { key, version, event_id, op, old })
 }
 
 /// `oldState`/`newState`: absent or null is `None`; anything but an object is invalid.
-fn state_object<'a>(
-    obj: &'a Map<String, Json>,
-    name: &str,
-) -> Result<Option<&'a Map<String, Json>>, Rejection> {
+fn state_object<'a>(obj: &'a Map<String, Json>, name: &str) -> Result<Option<&'a Map<String, Json>>, Rejection> {
     match obj.get(name) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::Object(m)) => Ok(Some(m)),
@@ -221,12 +196,7 @@ fn entity_state<'a>(
 
 /// Maps an object's fields onto the table's columns. With `full`, every column gets a cell
 /// (NULL for fields the object lacks). Fields that map to no column are dropped.
-fn map_fields(
-    table: &Table,
-    obj: &Map<String, Json>,
-    full: bool,
-    what: &str,
-) -> Result<Vec<Cell>, Rejection> {
+fn map_fields(table: &Table, obj: &Map<String, Json>, full: bool, what: &str) -> Result<Vec<Cell>, Rejection> {
     let mut slots: Vec<Option<Cell>> = vec![None; table.columns.len()];
     for (field, json) in obj {
         let Target::Column(column) = table.resolve(field) else {
@@ -235,56 +205,31 @@ fn map_fields(
         if let Some(prev) = &slots[column] {
             return Err(Rejection::new(
                 RejectCode::FieldCollision,
-                format!(
-                    "{what} fields {:?} and {field:?} both map to column {:?}",
-                    prev.field, table.columns[column]
-                ),
+                format!("{what} fields {:?} and {field:?} both map to column {:?}", prev.field, table.columns[column]),
             ));
         }
         let value = json_value(json, || format!("{what}.{field}"))?;
-        slots[column] = Some(Cell {
-            column,
-            field: field.clone(),
-            value,
-        });
+        slots[column] = Some(Cell { column, field: field.clone(), value });
     }
     Ok(slots
         .into_iter()
         .enumerate()
         .filter_map(|(column, cell)| match cell {
             Some(c) => Some(c),
-            None if full => Some(Cell {
-                column,
-                field: table.columns[column].clone(),
-                value: Value::Null,
-            }),
+            None if full => Some(Cell { column, field: table.columns[column].clone(), value: Value::Null }),
             None => None,
         })
         .collect())
 }
 
-fn child_set(
-    index: usize,
-    child: &ChildSpec,
-    entity: &Map<String, Json>,
-) -> Result<ChildSet, Rejection> {
+fn child_set(index: usize, child: &ChildSpec, entity: &Map<String, Json>) -> Result<ChildSet, Rejection> {
     let elements = match child.path.lookup(&Json::Object(entity.clone())) {
-        None | Some(Json::Null) => {
-            return Ok(ChildSet {
-                child: index,
-                rows: Vec::new(),
-            })
-        }
+        None | Some(Json::Null) => return Ok(ChildSet { child: index, rows: Vec::new() }),
         Some(Json::Array(a)) => a.clone(),
         Some(other) => {
             return Err(Rejection::new(
                 RejectCode::InvalidChildren,
-                format!(
-                    "child {:?} at {} must be an array, not {}",
-                    child.name,
-                    child.path,
-                    json_type(other)
-                ),
+                format!("child {:?} at {} must be an array, not {}", child.name, child.path, json_type(other)),
             ))
         }
     };
@@ -293,29 +238,15 @@ fn child_set(
         let Json::Object(obj) = element else {
             return Err(Rejection::new(
                 RejectCode::InvalidChildren,
-                format!(
-                    "child {:?} element {} must be an object, not {}",
-                    child.name,
-                    i + 1,
-                    json_type(element)
-                ),
+                format!("child {:?} element {} must be an object, not {}", child.name, i + 1, json_type(element)),
             ));
         };
         let key = child
             .key_fields
             .iter()
-            .map(|f| {
-                key_text(obj.get(f), || {
-                    format!("child {:?} element {} key field {f:?}", child.name, i + 1)
-                })
-            })
+            .map(|f| key_text(obj.get(f), || format!("child {:?} element {} key field {f:?}", child.name, i + 1)))
             .collect::<Result<Vec<_>, _>>()?;
-        let cells = map_fields(
-            &child.table,
-            obj,
-            true,
-            &format!("{} element {}", child.name, i + 1),
-        )?;
+        let cells = map_fields(&child.table, obj, true, &format!("{} element {}", child.name, i + 1))?;
         rows.push(ChildRow { key, cells });
     }
     let set = ChildSet { child: index, rows };
@@ -330,8 +261,7 @@ pub fn check_unique_child_keys(child: &ChildSpec, set: &ChildSet) -> Result<(), 
     for (i, row) in set.rows.iter().enumerate() {
         seen.entry(row.key.as_slice()).or_default().push(i + 1);
     }
-    let mut repeated: Vec<(&[String], Vec<usize>)> =
-        seen.into_iter().filter(|(_, at)| at.len() > 1).collect();
+    let mut repeated: Vec<(&[String], Vec<usize>)> = seen.into_iter().filter(|(_, at)| at.len() > 1).collect();
     if repeated.is_empty() {
         return Ok(());
     }
@@ -339,46 +269,32 @@ pub fn check_unique_child_keys(child: &ChildSpec, set: &ChildSet) -> Result<(), 
     let described: Vec<String> = repeated
         .iter()
         .map(|(key, at)| {
-            let named: Vec<String> = child
-                .key_fields
-                .iter()
-                .zip(key.iter())
-                .map(|(f, v)| format!("{f}={v:?}"))
-                .collect();
+            let named: Vec<String> =
+                child.key_fields.iter().zip(key.iter()).map(|(f, v)| format!("{f}={v:?}")).collect();
             let at: Vec<String> = at.iter().map(usize::to_string).collect();
             format!("{} at elements {}", named.join(", "), at.join(", "))
         })
         .collect();
     Err(Rejection::new(
         RejectCode::DuplicateChildKey,
-        format!(
-            "child {:?} repeats a child key: {}",
-            child.name,
-            described.join("; ")
-        ),
+        format!("child {:?} repeats a child key: {}", child.name, described.join("; ")),
     ))
 }
 
 fn key_text(value: Option<&Json>, what: impl Fn() -> String) -> Result<String, Rejection> {
     match value {
-        None | Some(Json::Null) => Err(Rejection::new(
-            RejectCode::MissingKey,
-            format!("{} is missing or null", what()),
-        )),
-        Some(Json::String(s)) if s.contains('\0') => Err(Rejection::new(
-            RejectCode::InvalidKey,
-            format!("{} contains a NUL character", what()),
-        )),
+        None | Some(Json::Null) => {
+            Err(Rejection::new(RejectCode::MissingKey, format!("{} is missing or null", what())))
+        }
+        Some(Json::String(s)) if s.contains('\0') => {
+            Err(Rejection::new(RejectCode::InvalidKey, format!("{} contains a NUL character", what())))
+        }
         Some(Json::String(s)) => Ok(s.clone()),
         Some(Json::Number(n)) => Ok(n.to_string()),
         Some(Json::Bool(b)) => Ok(b.to_string()),
         Some(other) => Err(Rejection::new(
             RejectCode::InvalidKey,
-            format!(
-                "{} must be a string or a number, not {}",
-                what(),
-                json_type(other)
-            ),
+            format!("{} must be a string or a number, not {}", what(), json_type(other)),
         )),
     }
 }
@@ -389,10 +305,7 @@ fn json_value(json: &Json, what: impl Fn() -> String) -> Result<Value, Rejection
         Json::String(s) if s.contains('\0') => {
             return Err(Rejection::new(
                 RejectCode::InvalidValue,
-                format!(
-                    "{} contains a NUL character (\\u0000), which PostgreSQL text cannot hold",
-                    what()
-                ),
+                format!("{} contains a NUL character (\\u0000), which PostgreSQL text cannot hold", what()),
             ))
         }
         Json::String(s) => Value::Text(s.clone()),

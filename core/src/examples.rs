@@ -6,12 +6,7 @@ use crate::spec::{ChildSpec, OnConflict, Path, Shape, StreamSpec, Table};
 fn address_table() -> Table {
     Table::new(
         vec!["address_id".into()],
-        vec![
-            "address_purpose".into(),
-            "line1".into(),
-            "address_line2".into(),
-            "address_ts".into(),
-        ],
+        vec!["address_purpose".into(), "line1".into(), "address_line2".into(), "address_ts".into()],
         vec![("addressLine1".into(), "line1".into())],
     )
 }
@@ -46,12 +41,7 @@ pub fn address_delta() -> StreamSpec {
 pub fn customer_aggregate() -> StreamSpec {
     let child_table = Table::new(
         vec!["address_id".into()],
-        vec![
-            "address_purpose".into(),
-            "line1".into(),
-            "address_line2".into(),
-            "address_ts".into(),
-        ],
+        vec!["address_purpose".into(), "line1".into(), "address_line2".into(), "address_ts".into()],
         vec![("addressLine1".into(), "line1".into())],
     );
     StreamSpec {

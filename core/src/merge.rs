@@ -45,9 +45,7 @@ impl EntityState {
     }
 
     fn has_seen(&self, v: &Version) -> bool {
-        self.live.as_ref() == Some(v)
-            || self.tomb.as_ref() == Some(v)
-            || self.fields.values().any(|f| f == v)
+        self.live.as_ref() == Some(v) || self.tomb.as_ref() == Some(v) || self.fields.values().any(|f| f == v)
     }
 }
 
@@ -106,12 +104,7 @@ pub enum Decision {
 
 impl Decision {
     fn unchanged(outcome: Outcome) -> Decision {
-        Decision::Done {
-            outcome,
-            conflict: false,
-            write: Write::Nothing,
-            state: None,
-        }
+        Decision::Done { outcome, conflict: false, write: Write::Nothing, state: None }
     }
 }
 
@@ -132,12 +125,7 @@ pub fn decide(
             Ok(c) => c,
             Err(d) => return d,
         };
-        return Decision::Done {
-            outcome: Outcome::Applied,
-            conflict,
-            write: full_write(ev),
-            state: None,
-        };
+        return Decision::Done { outcome: Outcome::Applied, conflict, write: full_write(ev), state: None };
     };
     let cur = state.cloned().unwrap_or_default();
     if cur.has_seen(v) {
@@ -159,12 +147,7 @@ pub fn decide(
         Op::Upsert { .. } => next.live = Some(v.clone()),
         Op::Delete => next.tomb = Some(v.clone()),
     }
-    Decision::Done {
-        outcome: Outcome::Applied,
-        conflict,
-        write: full_write(ev),
-        state: Some(next),
-    }
+    Decision::Done { outcome: Outcome::Applied, conflict, write: full_write(ev), state: Some(next) }
 }
 
 fn decide_delta(
@@ -206,19 +189,11 @@ fn decide_delta(
                 next.fields.clear();
                 Write::Delete
             };
-            Decision::Done {
-                outcome: Outcome::Applied,
-                conflict,
-                write,
-                state: Some(next),
-            }
+            Decision::Done { outcome: Outcome::Applied, conflict, write, state: Some(next) }
         }
         Op::Upsert { cells, .. } => {
-            let writable: Vec<Cell> = cells
-                .iter()
-                .filter(|c| cur.fields.get(&columns[c.column]).is_none_or(|fv| fv < v))
-                .cloned()
-                .collect();
+            let writable: Vec<Cell> =
+                cells.iter().filter(|c| cur.fields.get(&columns[c.column]).is_none_or(|fv| fv < v)).cloned().collect();
             let raises_live = cur.live.as_ref().is_none_or(|l| l < v);
             if writable.is_empty() && !raises_live {
                 return Decision::unchanged(Outcome::Stale);
@@ -238,27 +213,16 @@ fn decide_delta(
             let write = if writable.is_empty() && !needs_row {
                 Write::Nothing
             } else {
-                Write::Upsert {
-                    cells: writable,
-                    children: Vec::new(),
-                }
+                Write::Upsert { cells: writable, children: Vec::new() }
             };
-            Decision::Done {
-                outcome: Outcome::Applied,
-                conflict,
-                write,
-                state: Some(next),
-            }
+            Decision::Done { outcome: Outcome::Applied, conflict, write, state: Some(next) }
         }
     }
 }
 
 fn full_write(ev: &Event) -> Write {
     match &ev.op {
-        Op::Upsert { cells, children } => Write::Upsert {
-            cells: cells.clone(),
-            children: children.clone(),
-        },
+        Op::Upsert { cells, children } => Write::Upsert { cells: cells.clone(), children: children.clone() },
         Op::Delete => Write::Delete,
     }
 }
@@ -284,16 +248,10 @@ fn check_conflict(
     );
     match spec.on_conflict {
         OnConflict::Apply => Ok(true),
-        OnConflict::Skip => Err(Decision::Done {
-            outcome: Outcome::Skipped,
-            conflict: true,
-            write: Write::Nothing,
-            state: None,
-        }),
-        OnConflict::DeadLetter => Err(Decision::DeadLetter(Rejection::new(
-            RejectCode::Conflict,
-            message,
-        ))),
+        OnConflict::Skip => {
+            Err(Decision::Done { outcome: Outcome::Skipped, conflict: true, write: Write::Nothing, state: None })
+        }
+        OnConflict::DeadLetter => Err(Decision::DeadLetter(Rejection::new(RejectCode::Conflict, message))),
         OnConflict::Error => Err(Decision::Raise(message)),
     }
 }

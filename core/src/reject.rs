@@ -96,10 +96,7 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
-        Rejection {
-            code,
-            message: message.into(),
-        }
+        Rejection { code, message: message.into() }
     }
 }
 

@@ -23,12 +23,7 @@ impl Replica {
     /// Applies one event (never conflicts: the oracle reports no mismatches).
     pub fn apply(&mut self, spec: &StreamSpec, ev: &Event) -> Outcome {
         match decide(spec, self.states.get(&ev.key), ev, |_| Vec::new()) {
-            Decision::Done {
-                outcome,
-                write,
-                state,
-                ..
-            } => {
+            Decision::Done { outcome, write, state, .. } => {
                 self.write(&ev.key, write);
                 if let Some(s) = state {
                     self.states.insert(ev.key.clone(), s);
@@ -48,13 +43,9 @@ impl Replica {
                     set(row, c.column, c.value);
                 }
                 for set_ in children {
-                    self.children
-                        .retain(|(ci, pk, _), _| !(*ci == set_.child && pk == key));
+                    self.children.retain(|(ci, pk, _), _| !(*ci == set_.child && pk == key));
                     for r in set_.rows {
-                        let row = self
-                            .children
-                            .entry((set_.child, key.to_vec(), r.key))
-                            .or_default();
+                        let row = self.children.entry((set_.child, key.to_vec(), r.key)).or_default();
                         for c in r.cells {
                             set(row, c.column, c.value);
                         }
@@ -62,10 +53,7 @@ impl Replica {
                 }
             }
             Write::Clear { columns } => {
-                let row = self
-                    .rows
-                    .get_mut(key)
-                    .expect("Clear targets an existing row");
+                let row = self.rows.get_mut(key).expect("Clear targets an existing row");
                 for c in columns {
                     row.remove(&c);
                 }
@@ -107,17 +95,11 @@ pub fn reference(spec: &StreamSpec, events: &[Event]) -> (Rows, ChildRows) {
             Op::Delete => Write::Delete,
             Op::Upsert { cells, children } => {
                 if spec.shape == Shape::Delta {
-                    Write::Upsert {
-                        cells: cells.clone(),
-                        children: Vec::new(),
-                    }
+                    Write::Upsert { cells: cells.clone(), children: Vec::new() }
                 } else {
                     // A snapshot replaces the whole row.
                     r.rows.remove(&ev.key);
-                    Write::Upsert {
-                        cells: cells.clone(),
-                        children: children.clone(),
-                    }
+                    Write::Upsert { cells: cells.clone(), children: children.clone() }
                 }
             }
         };

@@ -100,9 +100,7 @@ impl Path {
 
     /// The value at this path, if every step is an object holding the next segment.
     pub fn lookup<'v>(&self, root: &'v Value) -> Option<&'v Value> {
-        self.0
-            .iter()
-            .try_fold(root, |v, seg| v.as_object()?.get(seg))
+        self.0.iter().try_fold(root, |v, seg| v.as_object()?.get(seg))
     }
 }
 
@@ -137,24 +135,10 @@ pub struct Table {
 
 impl Table {
     /// `explicit` maps JSON field → column name (the stream's `columns` option).
-    pub fn new(
-        key_columns: Vec<String>,
-        columns: Vec<String>,
-        explicit: Vec<(String, String)>,
-    ) -> Table {
-        let index = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.clone(), i))
-            .collect();
+    pub fn new(key_columns: Vec<String>, columns: Vec<String>, explicit: Vec<(String, String)>) -> Table {
+        let index = columns.iter().enumerate().map(|(i, c)| (c.clone(), i)).collect();
         let keys = key_columns.iter().cloned().collect();
-        Table {
-            key_columns,
-            columns,
-            explicit: explicit.into_iter().collect(),
-            index,
-            keys,
-        }
+        Table { key_columns, columns, explicit: explicit.into_iter().collect(), index, keys }
     }
 
     /// Resolves a JSON field: the explicit mapping first, then a column of the same name,
@@ -257,10 +241,7 @@ mod tests {
     fn names_parse() {
         assert_eq!("delta".parse::<Shape>().unwrap(), Shape::Delta);
         assert!("snapshot".parse::<Shape>().is_err());
-        assert_eq!(
-            "dead_letter".parse::<OnConflict>().unwrap(),
-            OnConflict::DeadLetter
-        );
+        assert_eq!("dead_letter".parse::<OnConflict>().unwrap(), OnConflict::DeadLetter);
         assert!("ignore".parse::<OnConflict>().is_err());
     }
 }

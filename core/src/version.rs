@@ -34,8 +34,7 @@ impl Version {
 
     /// Parses a decimal number (as JSON or PostgreSQL `numeric` text).
     pub fn parse_decimal(text: &str) -> Result<Version, String> {
-        let d = BigDecimal::from_str(text)
-            .map_err(|e| format!("version {text:?} is not a number: {e}"))?;
+        let d = BigDecimal::from_str(text).map_err(|e| format!("version {text:?} is not a number: {e}"))?;
         let (_, scale) = d.as_bigint_and_exponent();
         if scale.abs() > MAX_SCALE || d.digits() > MAX_DIGITS {
             return Err(format!(
@@ -48,14 +47,10 @@ impl Version {
 
     /// Parses an RFC 3339 timestamp into epoch seconds with nanosecond precision.
     pub fn parse_timestamp(text: &str) -> Result<Version, String> {
-        let ts = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| {
-            format!(
-                "version {:?} is not an RFC 3339 timestamp: {e}",
-                truncate(text, 60)
-            )
-        })?;
-        let nanos = BigInt::from(ts.timestamp()) * BigInt::from(1_000_000_000i64)
-            + BigInt::from(ts.timestamp_subsec_nanos());
+        let ts = chrono::DateTime::parse_from_rfc3339(text)
+            .map_err(|e| format!("version {:?} is not an RFC 3339 timestamp: {e}", truncate(text, 60)))?;
+        let nanos =
+            BigInt::from(ts.timestamp()) * BigInt::from(1_000_000_000i64) + BigInt::from(ts.timestamp_subsec_nanos());
         Ok(Version(BigDecimal::new(nanos, 9).normalized()))
     }
 
@@ -133,19 +128,11 @@ mod tests {
 
     #[test]
     fn invalid_versions_are_explained() {
-        assert!(Version::from_json(&json!("yesterday"))
-            .unwrap_err()
-            .contains("RFC 3339"));
-        assert!(Version::from_json(&json!(true))
-            .unwrap_err()
-            .contains("boolean"));
-        assert!(Version::from_json(&json!({}))
-            .unwrap_err()
-            .contains("object"));
+        assert!(Version::from_json(&json!("yesterday")).unwrap_err().contains("RFC 3339"));
+        assert!(Version::from_json(&json!(true)).unwrap_err().contains("boolean"));
+        assert!(Version::from_json(&json!({})).unwrap_err().contains("object"));
         let huge: Value = serde_json::from_str("1e999999999").unwrap();
-        assert!(Version::from_json(&huge)
-            .unwrap_err()
-            .contains("out of range"));
+        assert!(Version::from_json(&huge).unwrap_err().contains("out of range"));
         assert_eq!(Version::from_json(&Value::Null).unwrap(), None);
     }
 

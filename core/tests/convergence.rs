@@ -9,12 +9,7 @@ use ecst_core::spec::{Path, StreamSpec};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
-const FIELDS: [&str; 4] = [
-    "addressPurpose",
-    "addressLine1",
-    "addressLine2",
-    "addressTS",
-];
+const FIELDS: [&str; 4] = ["addressPurpose", "addressLine1", "addressLine2", "addressTS"];
 
 #[derive(Debug, Clone)]
 enum Step {
@@ -77,20 +72,14 @@ fn events(spec: &StreamSpec, history: &[Vec<Step>]) -> Vec<Event> {
                     _ => Value::Object(fields_json(fields)),
                 }),
             };
-            let key = if spec.name == "customer" {
-                "customerId"
-            } else {
-                "addressId"
-            };
+            let key = if spec.name == "customer" { "customerId" } else { "addressId" };
             ev.insert(key.into(), json!(format!("e{entity}")));
             ev.insert("ts".into(), json!(version));
             match state {
                 Some(s) => ev.insert("newState".into(), s),
                 None => ev.insert("oldState".into(), json!({})),
             };
-            out.push(
-                parse(spec, &Value::Object(ev).to_string()).expect("generated events are valid"),
-            );
+            out.push(parse(spec, &Value::Object(ev).to_string()).expect("generated events are valid"));
         }
     }
     out
@@ -105,11 +94,7 @@ fn dedup(v: &[u8]) -> Vec<u8> {
 
 fn versioned(mut spec: StreamSpec) -> StreamSpec {
     spec.version = Some(Path::parse("ts").unwrap());
-    spec.state_path = if spec.name == "address" {
-        Some(Path::parse("addressContent").unwrap())
-    } else {
-        None
-    };
+    spec.state_path = if spec.name == "address" { Some(Path::parse("addressContent").unwrap()) } else { None };
     spec
 }
 
@@ -126,11 +111,7 @@ fn deliver(spec: &StreamSpec, events: &[Event], order: &[usize]) -> Replica {
     r
 }
 
-fn check(
-    spec: StreamSpec,
-    history: Vec<Vec<Step>>,
-    order: Vec<usize>,
-) -> Result<(), TestCaseError> {
+fn check(spec: StreamSpec, history: Vec<Vec<Step>>, order: Vec<usize>) -> Result<(), TestCaseError> {
     let spec = versioned(spec);
     let evs = events(&spec, &history);
     let expected = reference(&spec, &evs);
