@@ -79,7 +79,7 @@ fn apply_text(stream: &str, event: &str) -> &'static str {
 fn counts_table(
     counts: BTreeMap<&'static str, i64>,
 ) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
-    TableIterator::new(counts.into_iter())
+    TableIterator::new(counts)
 }
 
 /// Applies many events; events of one entity are applied in array order. Returns the count
@@ -132,7 +132,6 @@ fn retry_dead_letters(
                 &[stream.into()],
             )
             .expect("reading ecst.dead_letters")
-            .into_iter()
             .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap(), r.get(3).unwrap()))
             .collect();
         for (id, name, payload) in letters {

@@ -64,20 +64,23 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Appli
                 message,
                 Some("The stream's on_conflict is 'error'. Re-sync the entity, or use on_conflict 'apply', 'skip' or 'dead_letter'."),
             ),
-            SubResult::Failed(CaughtError::PostgresError(report))
-                if errors::is_event_error(&errors::sqlstate(report.sql_error_code())) =>
-            {
-                let mut message = report.message().to_string();
-                if let Some(detail) = report.detail() {
-                    message = format!("{message} ({detail})");
+            SubResult::Failed(caught) => match *caught {
+                CaughtError::PostgresError(report) if errors::is_event_error(&errors::sqlstate(report.sql_error_code())) => {
+                    let mut message = report.message().to_string();
+                    if let Some(detail) = report.detail() {
+                        message = format!("{message} ({detail})");
+                    }
+                    return Applied::Rejected {
+                        rejection: Rejection::new(
+                            RejectCode::WriteFailed,
+                            format!("writing {}: {message}", stream.table.qualified),
+                        ),
+                        sqlstate: Some(errors::sqlstate(report.sql_error_code())),
+                        conflict: false,
+                    };
                 }
-                return Applied::Rejected {
-                    rejection: Rejection::new(RejectCode::WriteFailed, format!("writing {}: {message}", stream.table.qualified)),
-                    sqlstate: Some(errors::sqlstate(report.sql_error_code())),
-                    conflict: false,
-                };
-            }
-            SubResult::Failed(other) => other.rethrow(),
+                other => other.rethrow(),
+            },
         }
     }
     raise(
@@ -255,11 +258,12 @@ fn write_children(
     }
 }
 
-/// Which `oldState` fields disagree with the replica (all non-null ones if the row is absent).
+/// Which `oldState` fields disagree with the replica's row. Without a row there is nothing to
+/// disagree with (a new consumer's first event is not a conflict).
 fn mismatches(client: &mut SpiClient, stream: &Stream, keys: &[Bound], cells: &[Cell], old: &[Bound]) -> Vec<String> {
     match writer::differs(client, &stream.table, keys, old) {
         Some(differs) => cells.iter().zip(differs).filter(|(_, d)| *d).map(|(c, _)| c.field.clone()).collect(),
-        None => cells.iter().filter(|c| c.value != Value::Null).map(|c| c.field.clone()).collect(),
+        None => Vec::new(),
     }
 }
 

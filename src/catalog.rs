@@ -632,7 +632,7 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
 pub fn drop_stream(name: &str) -> bool {
     let dropped = Spi::connect_mut(|client| {
         let deleted = client.update("DELETE FROM ecst.streams WHERE name = $1", None, &[name.into()]);
-        deleted.expect("deleting the stream").len() > 0
+        !deleted.expect("deleting the stream").is_empty()
     });
     if dropped {
         invalidate_everywhere();

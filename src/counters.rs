@@ -55,6 +55,9 @@ fn flush() {
             serde_json::json!([id, c.applied, c.duplicate, c.stale, c.skipped, c.conflicts, c.dead_lettered])
         })
         .collect();
+    // At pre-commit the statement's snapshot is gone: take one for the INSERT.
+    // SAFETY: balanced push/pop around the statement, inside a live transaction.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     // A stream dropped in this same transaction has no row left to count against.
     Spi::run_with_args(
         "INSERT INTO ecst.stream_counters
@@ -66,6 +69,7 @@ fn flush() {
         &[JsonB(serde_json::Value::Array(rows)).into()],
     )
     .expect("writing ecst.stream_counters");
+    unsafe { pg_sys::PopActiveSnapshot() };
 }
 
 #[pg_guard]

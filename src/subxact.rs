@@ -14,7 +14,7 @@ pub enum SubResult<T, E> {
     /// The work returned `Err`; its writes were rolled back.
     RolledBack(E),
     /// PostgreSQL (or Rust) raised an error; its writes were rolled back.
-    Failed(CaughtError),
+    Failed(Box<CaughtError>),
 }
 
 pub fn run<T, E>(work: impl FnOnce() -> Result<T, E>) -> SubResult<T, E> {
@@ -52,7 +52,7 @@ pub fn run<T, E>(work: impl FnOnce() -> Result<T, E>) -> SubResult<T, E> {
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
         }
         restore();
-        SubResult::Failed(caught)
+        SubResult::Failed(Box::new(caught))
     })
     .execute()
 }

@@ -101,6 +101,11 @@ mod tests {
         address_stream();
         assert_eq!(apply("address", SNAPSHOT), "applied");
         assert_eq!(row("address", "12366"), "12366|billing|48 Baker Street|London, UK, E1 7AE|1572134205");
+        assert_eq!(
+            text("SELECT conflicts::text FROM ecst.stats WHERE stream = 'address'"),
+            "0",
+            "oldState of an entity the replica never had is no conflict"
+        );
         assert_eq!(apply("address", SNAPSHOT), "duplicate");
         let jsonb =
             Spi::get_one_with_args::<String>("SELECT ecst.apply('address', $1::jsonb)::text", &[SNAPSHOT.into()]);

@@ -123,7 +123,7 @@ pub fn decide(
         // Unversioned stream: arrival order decides, every event is the newest.
         let conflict = match check_conflict(spec, ev, true, mismatches) {
             Ok(c) => c,
-            Err(d) => return d,
+            Err(d) => return *d,
         };
         return Decision::Done { outcome: Outcome::Applied, conflict, write: full_write(ev), state: None };
     };
@@ -140,7 +140,7 @@ pub fn decide(
     }
     let conflict = match check_conflict(spec, ev, newest, mismatches) {
         Ok(c) => c,
-        Err(d) => return d,
+        Err(d) => return *d,
     };
     let mut next = cur;
     match ev.op {
@@ -167,7 +167,7 @@ fn decide_delta(
         Op::Delete => {
             let conflict = match check_conflict(spec, ev, newest, mismatches) {
                 Ok(c) => c,
-                Err(d) => return d,
+                Err(d) => return *d,
             };
             let mut next = cur;
             next.tomb = Some(v.clone());
@@ -200,7 +200,7 @@ fn decide_delta(
             }
             let conflict = match check_conflict(spec, ev, newest, mismatches) {
                 Ok(c) => c,
-                Err(d) => return d,
+                Err(d) => return *d,
             };
             let needs_row = !cur.exists();
             let mut next = cur;
@@ -233,7 +233,7 @@ fn check_conflict(
     ev: &Event,
     newest: bool,
     mismatches: impl FnOnce(&[Cell]) -> Vec<String>,
-) -> Result<bool, Decision> {
+) -> Result<bool, Box<Decision>> {
     if !newest || ev.old.is_empty() {
         return Ok(false);
     }
@@ -248,11 +248,14 @@ fn check_conflict(
     );
     match spec.on_conflict {
         OnConflict::Apply => Ok(true),
-        OnConflict::Skip => {
-            Err(Decision::Done { outcome: Outcome::Skipped, conflict: true, write: Write::Nothing, state: None })
-        }
-        OnConflict::DeadLetter => Err(Decision::DeadLetter(Rejection::new(RejectCode::Conflict, message))),
-        OnConflict::Error => Err(Decision::Raise(message)),
+        OnConflict::Skip => Err(Box::new(Decision::Done {
+            outcome: Outcome::Skipped,
+            conflict: true,
+            write: Write::Nothing,
+            state: None,
+        })),
+        OnConflict::DeadLetter => Err(Box::new(Decision::DeadLetter(Rejection::new(RejectCode::Conflict, message)))),
+        OnConflict::Error => Err(Box::new(Decision::Raise(message))),
     }
 }
 

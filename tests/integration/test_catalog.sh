@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Committed transactions (counters flushed at commit) and pg_dump/restore of stream
+# definitions, version state and dead letters.
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+. tests/integration/common.sh
+it_start
+
+psql_it -d postgres -c "CREATE DATABASE src"
+psql_it -d src -v snapshot="$(cat "$FIXTURES/fine_grained_snapshot.json")" <<'SQL' >/dev/null
+CREATE EXTENSION pg_ecst;
+CREATE TABLE address (address_id text PRIMARY KEY, address_purpose text, line1 text, address_line2 text, address_ts bigint);
+SELECT ecst.create_stream('address', 'address', 'entity_snapshot', '{"addressId": "address_id"}',
+    state_path => 'addressContent', columns => '{"addressLine1": "line1"}', version => 'newState.addressContent.addressTS');
+CREATE TABLE customer (customer_id text PRIMARY KEY);
+CREATE TABLE customer_address (customer_id text NOT NULL, address_id text NOT NULL, line1 text, PRIMARY KEY (customer_id, address_id));
+SELECT ecst.create_stream('customer', 'customer', 'aggregate_snapshot', '{"customerId": "customer_id"}',
+    children => '{"addresses": {"path": "addresses", "table": "customer_address", "key": {"addressId": "address_id"}, "parent_key": "customer_id"}}');
+SELECT ecst.apply('address', :'snapshot');
+SELECT ecst.apply('address', :'snapshot');
+SELECT ecst.apply('address', 'not json');
+SELECT ecst.apply('customer', '{"customerId": "c1", "newState": {"addresses": [{"addressId": "a1", "line1": "x"}]}}');
+SQL
+
+check "counters are flushed at commit" "1|1|1" \
+    "$(psql_it -d src -c "SELECT sum(applied) || '|' || sum(duplicate) || '|' || sum(dead_lettered) FROM ecst.stream_counters c JOIN ecst.streams s ON s.id = c.stream_id WHERE s.name = 'address'")"
+check "ecst.stats after commit" "address|1|1|1" \
+    "$(psql_it -d src -c "SELECT concat_ws('|', stream, applied, duplicate, dead_lettered) FROM ecst.stats WHERE stream = 'address'")"
+psql_it -d src -c "BEGIN; SELECT ecst.apply('address', '{\"addressId\": \"9\", \"newState\": {\"addressContent\": {\"addressTS\": 5}}}'); ROLLBACK;" >/dev/null
+check "rolled-back applies are not counted" "1" \
+    "$(psql_it -d src -c "SELECT applied FROM ecst.stats WHERE stream = 'address'")"
+psql_it -d src -c "SELECT ecst.compact_counters()" >/dev/null
+check "compact_counters folds rows to one per stream" "1|1" \
+    "$(psql_it -d src -c "SELECT count(*) || '|' || sum(applied) FROM ecst.stream_counters c JOIN ecst.streams s ON s.id = c.stream_id WHERE s.name = 'address'")"
+
+sudo -u postgres /usr/lib/postgresql/15/bin/pg_dump -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -Fc -f "$IT_DIR/src.dump" src
+psql_it -d postgres -c "CREATE DATABASE dst"
+sudo -u postgres /usr/lib/postgresql/15/bin/pg_restore -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -d dst "$IT_DIR/src.dump"
+
+check "streams survive pg_dump/restore" "address,customer" \
+    "$(psql_it -d dst -c "SELECT string_agg(name, ',' ORDER BY name) FROM ecst.streams")"
+check "child definitions survive" "customer_address" \
+    "$(psql_it -d dst -c "SELECT target::text FROM ecst.stream_children")"
+check "version state survives (older event is stale after restore)" "stale" \
+    "$(psql_it -d dst -c "SELECT ecst.apply('address', '{\"addressId\": \"12366\", \"newState\": {\"addressContent\": {\"addressTS\": 1}}}')")"
+check "dead letters survive" "invalid_json|not json" \
+    "$(psql_it -d dst -c "SELECT error_code || '|' || payload FROM ecst.dead_letters")"
+check "restored stream applies" "applied" \
+    "$(psql_it -d dst -c "SELECT ecst.apply('customer', '{\"customerId\": \"c1\", \"newState\": {\"addresses\": []}}')")"
+check "restored aggregate replaced its children" "0" \
+    "$(psql_it -d dst -c "SELECT count(*) FROM customer_address")"
+psql_it -d dst -c "SELECT ecst.apply('address', 'still not json')" >/dev/null
+check "dead letter ids continue after restore" "2|2" \
+    "$(psql_it -d dst -c "SELECT count(DISTINCT id) || '|' || max(id) FROM ecst.dead_letters")"
+it_done
