@@ -45,6 +45,13 @@ COMMENT ON FUNCTION ecst.retry_dead_letters(text) IS 'Puts dead letters (of one 
 
 COMMENT ON FUNCTION ecst.apply_batch(text, jsonb[]) IS 'Applies many events (in order per entity); returns the count per outcome';
 
+-- The pg_ecst background processes of this server.
+CREATE VIEW ecst.workers AS
+SELECT pid, backend_type, application_name, datname AS database, state, query AS activity, backend_start
+FROM pg_catalog.pg_stat_activity
+WHERE backend_type IN ('pg_ecst worker', 'pg_ecst launcher');
+COMMENT ON VIEW ecst.workers IS 'pg_ecst background launcher and workers (from pg_stat_activity)';
+
 CREATE VIEW ecst.stats AS
 SELECT s.name                              AS stream,
        s.shape,
@@ -54,7 +61,11 @@ SELECT s.name                              AS stream,
        coalesce(c.skipped, 0)::bigint       AS skipped,
        coalesce(c.conflicts, 0)::bigint     AS conflicts,
        coalesce(c.dead_lettered, 0)::bigint AS dead_lettered,
-       c.last_applied_at
+       coalesce(i.pending, 0)::bigint       AS pending,
+       now() - i.oldest                     AS oldest_pending_age,
+       c.last_applied_at,
+       (SELECT count(*) FROM ecst.workers w WHERE w.backend_type = 'pg_ecst worker'
+          AND w.database = current_database())::int AS workers_running
 FROM ecst.streams s
 LEFT JOIN (
     SELECT u.stream_id,
@@ -69,8 +80,36 @@ LEFT JOIN (
         FROM ecst._unflushed_counters()
     ) u
     GROUP BY u.stream_id
-) c ON c.stream_id = s.id;
-COMMENT ON VIEW ecst.stats IS 'pg_ecst per-stream counters';
+) c ON c.stream_id = s.id
+LEFT JOIN (
+    SELECT stream, count(*) AS pending, min(received_at) AS oldest FROM ecst.inbox GROUP BY stream
+) i ON i.stream = s.name;
+COMMENT ON VIEW ecst.stats IS 'pg_ecst per-stream counters, inbox backlog and worker status';
+
+-- Wake the background workers when rows arrive in the inbox (at commit).
+CREATE TRIGGER inbox_wake AFTER INSERT ON ecst.inbox
+    FOR EACH STATEMENT EXECUTE FUNCTION ecst._inbox_wake();
+
+-- Trigger mode: AFTER INSERT ... FOR EACH ROW EXECUTE FUNCTION ecst.apply_trigger('stream', 'payload_column')
+-- applies the row's event in the same transaction (the payload column may be text, json or jsonb).
+CREATE FUNCTION ecst.apply_trigger() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    payload text;
+    col text := coalesce(TG_ARGV[1], 'payload');
+BEGIN
+    IF TG_NARGS < 1 OR TG_LEVEL <> 'ROW' OR TG_WHEN <> 'AFTER' OR TG_OP NOT IN ('INSERT', 'UPDATE') THEN
+        RAISE EXCEPTION 'ecst.apply_trigger() must be an AFTER INSERT (or UPDATE) ... FOR EACH ROW trigger with the stream name as its first argument'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'CREATE TRIGGER t AFTER INSERT ON my_events FOR EACH ROW EXECUTE FUNCTION ecst.apply_trigger(''my_stream'', ''payload'');';
+    END IF;
+    EXECUTE format('SELECT ($1).%I::text', col) INTO payload USING NEW;
+    PERFORM ecst.apply(TG_ARGV[0], payload);
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION ecst.apply_trigger() IS 'Row trigger applying each inserted event: ecst.apply_trigger(stream [, payload_column])';
 
 -- Folds the append-only counter rows into one row per stream (keeps ecst.stats cheap).
 CREATE FUNCTION ecst.compact_counters() RETURNS bigint
@@ -86,4 +125,6 @@ AS $$
     )
     SELECT (SELECT count(*) FROM gone) - (SELECT count(*) FROM folded)
 $$;
+COMMENT ON FUNCTION ecst.process_inbox(bigint) IS 'Applies pending inbox events now, in this transaction; returns rows processed';
+
 COMMENT ON FUNCTION ecst.compact_counters() IS 'Folds ecst.stream_counters into one row per stream; returns rows removed';

@@ -93,6 +93,24 @@ CREATE TABLE ecst.stream_counters (
 CREATE INDEX stream_counters_stream_idx ON ecst.stream_counters (stream_id);
 COMMENT ON TABLE ecst.stream_counters IS 'pg_ecst counter deltas behind ecst.stats';
 
+-- The inbox: pipelines COPY/INSERT raw events here and the workers (or ecst.process_inbox)
+-- apply and delete them. Built for ingestion speed: payload is text (any line is accepted; a
+-- bad one becomes a dead letter when processed), no primary key, one index on seq (inbox order).
+-- The sequence caches values per session so concurrent writers do not contend on it; within
+-- one session (one pipeline) seq grows with insertion order.
+CREATE SEQUENCE ecst.inbox_seq AS bigint CACHE 1000;
+CREATE TABLE ecst.inbox (
+    stream      text,
+    payload     text,
+    seq         bigint NOT NULL DEFAULT nextval('ecst.inbox_seq'),
+    received_at timestamptz NOT NULL DEFAULT now()
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+        autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 100000);
+CREATE INDEX inbox_seq_idx ON ecst.inbox (seq);
+COMMENT ON TABLE ecst.inbox IS 'pg_ecst inbox: COPY ecst.inbox (stream, payload) FROM STDIN, one JSON event per line';
+
+SELECT pg_catalog.pg_extension_config_dump('ecst.inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('ecst.inbox_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ecst.streams', '');
 SELECT pg_catalog.pg_extension_config_dump('ecst.streams_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ecst.stream_children', '');

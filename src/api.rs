@@ -1,9 +1,11 @@
 //! The SQL functions of schema `ecst` (the wrappers with `regclass`/`jsonb` signatures and the
 //! `ecst.stats` view are in `sql/finalize.sql`).
 
-use crate::apply::{self, Applied};
+use crate::apply::{self, Applied, ErrorPolicy};
 use crate::catalog;
 use crate::counters;
+use crate::gucs;
+use crate::inbox;
 use ecst_core::event::parse;
 use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::prelude::*;
@@ -17,13 +19,6 @@ fn outcome(a: &Applied) -> &'static str {
     match a {
         Applied::Done { outcome, .. } => outcome.as_str(),
         Applied::Rejected { .. } => "dead_lettered",
-    }
-}
-
-fn count(stream_id: i32, a: &Applied) {
-    match a {
-        Applied::Done { outcome, conflict } => counters::add(stream_id, Some(*outcome), *conflict),
-        Applied::Rejected { conflict, .. } => counters::add(stream_id, None, *conflict),
     }
 }
 
@@ -67,11 +62,11 @@ fn drop_stream(name: &str) -> bool {
 fn apply_text(stream: &str, event: &str) -> &'static str {
     let s = catalog::stream(stream);
     Spi::connect_mut(|client| {
-        let result = apply::apply_payload(client, &s, event);
+        let result = apply::apply_payload(client, &s, event, ErrorPolicy::Caller);
         if let Applied::Rejected { rejection, sqlstate, .. } = &result {
             apply::dead_letter(client, Some(stream), Some(event), rejection, sqlstate.as_deref());
         }
-        count(s.id, &result);
+        counters::count(s.id, &result);
         outcome(&result)
     })
 }
@@ -103,13 +98,13 @@ fn apply_batch_text(
     Spi::connect_mut(|client| {
         for (i, ev) in &parsed {
             let result = match ev {
-                Ok(ev) => apply::apply_event(client, &s, ev),
+                Ok(ev) => apply::apply_event(client, &s, ev, ErrorPolicy::Caller),
                 Err(r) => Applied::Rejected { rejection: r.clone(), sqlstate: None, conflict: false },
             };
             if let Applied::Rejected { rejection, sqlstate, .. } = &result {
                 apply::dead_letter(client, Some(stream), events[*i].as_deref(), rejection, sqlstate.as_deref());
             }
-            count(s.id, &result);
+            counters::count(s.id, &result);
             *counts.entry(outcome(&result)).or_insert(0) += 1;
         }
     });
@@ -137,7 +132,7 @@ fn retry_dead_letters(
         for (id, name, payload) in letters {
             let target = name.as_deref().and_then(catalog::try_stream);
             let result = match (&target, &payload) {
-                (Some(s), Some(p)) => apply::apply_payload(client, s, p),
+                (Some(s), Some(p)) => apply::apply_payload(client, s, p, ErrorPolicy::Caller),
                 (None, _) => Applied::Rejected {
                     rejection: Rejection::new(
                         RejectCode::UnknownStream,
@@ -213,4 +208,29 @@ fn _unflushed_counters() -> TableIterator<
             (c.applied > 0).then_some(now).flatten(),
         )
     }))
+}
+
+/// Applies the inbox's pending events now, in the caller's transaction (usable without the
+/// background worker). Returns the number of inbox rows processed.
+#[pg_extern]
+fn process_inbox(max_events: default!(Option<i64>, "NULL")) -> i64 {
+    if let Some(m) = max_events {
+        if m < 0 {
+            crate::errors::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "max_events must not be negative",
+                None,
+            );
+        }
+    }
+    inbox::process(max_events, gucs::BATCH_SIZE.get() as i64)
+}
+
+/// Which worker owns an inbox row (used by the workers' claim query).
+#[pg_extern(stable, parallel_safe)]
+fn _inbox_partition(stream: Option<&str>, payload: Option<&str>, workers: i32) -> i32 {
+    match (stream, payload) {
+        (Some(s), Some(p)) => inbox::partition(s, p, workers),
+        _ => 0,
+    }
 }

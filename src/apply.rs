@@ -42,16 +42,36 @@ enum Stop {
 
 const ATTEMPTS: usize = 5;
 
+/// Which PostgreSQL errors raised while applying one event make it a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorPolicy {
+    /// A SQL caller: data errors are dead letters; anything else (permissions, cancel...) is raised.
+    Caller,
+    /// The background worker has nobody to raise to: every error that is not about the session or
+    /// server (cancel, out of memory, deadlock, internal) is a dead letter, so one poison event
+    /// never stops the worker.
+    Worker,
+}
+
+impl ErrorPolicy {
+    fn dead_letters(self, sqlstate: &str) -> bool {
+        match self {
+            ErrorPolicy::Caller => errors::is_event_error(sqlstate),
+            ErrorPolicy::Worker => !errors::is_session_error(sqlstate),
+        }
+    }
+}
+
 /// Parses and applies one payload.
-pub fn apply_payload(client: &mut SpiClient, stream: &Stream, payload: &str) -> Applied {
+pub fn apply_payload(client: &mut SpiClient, stream: &Stream, payload: &str, policy: ErrorPolicy) -> Applied {
     match parse(&stream.spec, payload) {
-        Ok(ev) => apply_event(client, stream, &ev),
+        Ok(ev) => apply_event(client, stream, &ev, policy),
         Err(rejection) => Applied::Rejected { rejection, sqlstate: None, conflict: false },
     }
 }
 
 /// Applies one parsed event in its own subtransaction.
-pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Applied {
+pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: ErrorPolicy) -> Applied {
     for _ in 0..ATTEMPTS {
         match subxact::run(|| attempt(client, stream, ev)) {
             SubResult::Committed((outcome, conflict)) => return Applied::Done { outcome, conflict },
@@ -65,7 +85,7 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Appli
                 Some("The stream's on_conflict is 'error'. Re-sync the entity, or use on_conflict 'apply', 'skip' or 'dead_letter'."),
             ),
             SubResult::Failed(caught) => match *caught {
-                CaughtError::PostgresError(report) if errors::is_event_error(&errors::sqlstate(report.sql_error_code())) => {
+                CaughtError::PostgresError(report) if policy.dead_letters(&errors::sqlstate(report.sql_error_code())) => {
                     let mut message = report.message().to_string();
                     if let Some(detail) = report.detail() {
                         message = format!("{message} ({detail})");
@@ -91,38 +111,38 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Appli
 }
 
 /// Converts a cell through its column type.
-fn bind<'a>(column: &'a Column, field: &str, value: &Value) -> Result<Bound<'a>, Stop> {
+pub(crate) fn bind<'a>(column: &'a Column, field: &str, value: &Value) -> Result<Bound<'a>, Rejection> {
     let value = match value {
         Value::Null => None,
         Value::Text(t) => Some(column.ty.input(t).map_err(|e| {
-            Stop::Reject(
-                Rejection::new(
-                    RejectCode::InvalidValue,
-                    format!("field \"{field}\" does not fit column \"{}\" ({}): {e}", column.name, column.ty.name),
-                ),
-                false,
+            Rejection::new(
+                RejectCode::InvalidValue,
+                format!("field \"{field}\" does not fit column \"{}\" ({}): {e}", column.name, column.ty.name),
             )
         })?),
     };
     Ok(Bound { column, value })
 }
 
+impl From<Rejection> for Stop {
+    fn from(r: Rejection) -> Stop {
+        Stop::Reject(r, false)
+    }
+}
+
 /// Converts key values, returning the bound keys and their canonical texts.
-fn bind_keys<'a>(
+pub(crate) fn bind_keys<'a>(
     columns: &'a [Column],
     fields: &[String],
     values: &[String],
-) -> Result<(Vec<Bound<'a>>, Vec<String>), Stop> {
+) -> Result<(Vec<Bound<'a>>, Vec<String>), Rejection> {
     let mut bound = Vec::with_capacity(values.len());
     let mut canonical = Vec::with_capacity(values.len());
     for ((column, field), text) in columns.iter().zip(fields).zip(values) {
         let invalid = |e: String| {
-            Stop::Reject(
-                Rejection::new(
-                    RejectCode::InvalidKey,
-                    format!("key field \"{field}\" does not fit column \"{}\" ({}): {e}", column.name, column.ty.name),
-                ),
-                false,
+            Rejection::new(
+                RejectCode::InvalidKey,
+                format!("key field \"{field}\" does not fit column \"{}\" ({}): {e}", column.name, column.ty.name),
             )
         };
         let canon = column.ty.canonical(text).map_err(invalid)?;
@@ -143,11 +163,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
     let spec = &stream.spec;
     let table = &stream.table;
     let (keys, canonical) = bind_keys(&table.keys, &spec.key_fields, &ev.key)?;
-    let entity_key = if canonical.len() == 1 {
-        canonical[0].clone()
-    } else {
-        serde_json::to_string(&canonical).expect("strings serialise")
-    };
+    let entity_key = join_key(canonical);
 
     // Convert every value up front: a value that does not fit is a dead letter, stale or not.
     let mut new_cells: BTreeMap<usize, Bound> = BTreeMap::new();
@@ -320,7 +336,7 @@ fn save_state(client: &mut SpiClient, stream_id: i32, key: &str, s: &EntityState
     Ok(())
 }
 
-/// Records a dead letter (payload exactly as received).
+/// Records a dead letter (payload exactly as received) received now.
 pub fn dead_letter(
     client: &mut SpiClient,
     stream: Option<&str>,
@@ -328,11 +344,45 @@ pub fn dead_letter(
     r: &Rejection,
     sqlstate: Option<&str>,
 ) {
+    dead_letter_received(client, stream, payload, r, sqlstate, None);
+}
+
+/// Records a dead letter that arrived at `received_at` (an inbox row), or now.
+pub fn dead_letter_received(
+    client: &mut SpiClient,
+    stream: Option<&str>,
+    payload: Option<&str>,
+    r: &Rejection,
+    sqlstate: Option<&str>,
+    received_at: Option<pgrx::datum::TimestampWithTimeZone>,
+) {
     writer::run(
         client,
-        "INSERT INTO ecst.dead_letters (stream, payload, error_code, message, sqlstate) VALUES ($1, $2, $3, $4, $5)",
-        &[stream.into(), payload.into(), r.code.as_str().into(), r.message.as_str().into(), sqlstate.into()],
+        "INSERT INTO ecst.dead_letters (stream, payload, error_code, message, sqlstate, received_at)
+         VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))",
+        &[
+            stream.into(),
+            payload.into(),
+            r.code.as_str().into(),
+            r.message.as_str().into(),
+            sqlstate.into(),
+            received_at.into(),
+        ],
     );
+}
+
+/// The canonical entity key of an event (what version state is kept under), if its key fits.
+pub fn entity_key(stream: &Stream, ev: &Event) -> Option<String> {
+    let (_, canonical) = bind_keys(&stream.table.keys, &stream.spec.key_fields, &ev.key).ok()?;
+    Some(join_key(canonical))
+}
+
+fn join_key(mut canonical: Vec<String>) -> String {
+    if canonical.len() == 1 {
+        canonical.pop().expect("one key")
+    } else {
+        serde_json::to_string(&canonical).expect("strings serialise")
+    }
 }
 
 /// The canonical order key of an event for batch application: events of one entity keep

@@ -39,6 +39,14 @@ pub fn add(stream_id: i32, outcome: Option<Outcome>, conflict: bool) {
     });
 }
 
+/// Counts what happened to one event.
+pub fn count(stream_id: i32, applied: &crate::apply::Applied) {
+    match applied {
+        crate::apply::Applied::Done { outcome, conflict } => add(stream_id, Some(*outcome), *conflict),
+        crate::apply::Applied::Rejected { conflict, .. } => add(stream_id, None, *conflict),
+    }
+}
+
 /// This backend's counts not yet written (for `ecst.stats` inside the same transaction).
 pub fn unflushed() -> Vec<(i32, Counts)> {
     PENDING.with(|p| p.borrow().iter().map(|(k, v)| (*k, *v)).collect())

@@ -37,6 +37,13 @@ pub fn is_event_error(sqlstate: &str) -> bool {
     )
 }
 
+/// Errors about the session or the server rather than any one event: operator intervention
+/// (cancel, shutdown), insufficient resources, system errors, serialization failures and
+/// deadlocks, connection problems, internal errors. The worker retries its batch on these.
+pub fn is_session_error(sqlstate: &str) -> bool {
+    matches!(&sqlstate[..2], "57" | "53" | "54" | "58" | "XX" | "40" | "08" | "25")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +55,7 @@ mod tests {
         assert!(is_event_error("22P02"));
         assert!(!is_event_error("57014"));
         assert!(!is_event_error("42501"));
+        assert!(is_session_error("57014") && is_session_error("40P01"));
+        assert!(!is_session_error("42501") && !is_session_error("23505"));
     }
 }

@@ -12,7 +12,10 @@ mod catalog;
 mod convert;
 mod counters;
 mod errors;
+mod gucs;
+mod inbox;
 mod subxact;
+mod worker;
 mod writer;
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -25,6 +28,8 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    worker::init();
     catalog::register_invalidation();
     counters::register_flush();
 }

@@ -35,3 +35,30 @@ it_done() {
         exit 1
     fi
 }
+
+# wait_for DB DESCRIPTION SQL EXPECTED [TIMEOUT_S]: polls until SQL returns EXPECTED.
+wait_for() {
+    local db=$1 desc=$2 sql=$3 want=$4 deadline=$((SECONDS + ${5:-90})) got
+    while true; do
+        got=$(psql_it -d "$db" -c "$sql" 2>/dev/null || true)
+        if [ "$got" == "$want" ]; then
+            check "$desc" "$want" "$got"
+            return 0
+        fi
+        if [ $SECONDS -ge $deadline ]; then
+            check "$desc (timed out)" "$want" "$got"
+            return 0
+        fi
+        sleep 0.2
+    done
+}
+
+# wait_ready: waits for the server to accept connections again (after a crash restart).
+wait_ready() {
+    local deadline=$((SECONDS + 60))
+    until sudo -u postgres /usr/lib/postgresql/15/bin/pg_isready -q -h "$IT_DIR/sock" -p "$IT_PORT"; do
+        [ $SECONDS -lt $deadline ] || { echo "server did not come back"; exit 1; }
+        sleep 0.2
+    done
+    sleep 0.5
+}

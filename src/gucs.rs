@@ -1,0 +1,57 @@
+//! pg_ecst's settings. All but `ecst.workers`' upper bound are reloaded on SIGHUP.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// Upper bound of `ecst.workers` (slots in shared memory).
+pub const MAX_WORKERS: usize = 32;
+
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"ecst.database",
+        c"Database whose inbox the pg_ecst background workers drain.",
+        c"The workers wait quietly until this database and the pg_ecst extension in it exist.",
+        &DATABASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ecst.workers",
+        c"Number of pg_ecst background workers (0 disables them).",
+        c"Events are partitioned between workers by entity key, so each entity's events keep inbox order.",
+        &WORKERS,
+        0,
+        MAX_WORKERS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ecst.batch_size",
+        c"Inbox events a worker applies per transaction.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ecst.naptime",
+        c"How long an idle worker sleeps between inbox checks (ms); inserts wake it at once.",
+        c"",
+        &NAPTIME_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}
+
+pub fn database() -> String {
+    DATABASE.get().and_then(|c| c.into_string().ok()).unwrap_or_else(|| "postgres".into())
+}

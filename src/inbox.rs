@@ -1,0 +1,129 @@
+//! Draining `ecst.inbox`: claim the oldest rows (by `seq`, i.e. inbox order), apply them in that
+//! order, and delete them — all in the caller's transaction, so the rows go away exactly when the
+//! replica writes commit. A crash before commit leaves both untouched; nothing is lost or doubled.
+//!
+//! Several workers split the inbox by entity: worker `i` of `n` only claims rows whose entity key
+//! hashes to `i`, so the events of one entity are always applied by one worker, in inbox order.
+
+use crate::apply::{self, Applied, ErrorPolicy};
+use crate::catalog::{self, Stream};
+use crate::counters;
+use crate::writer;
+use ecst_core::event::parse;
+use ecst_core::reject::{RejectCode, Rejection};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+
+/// Which part of the inbox a drainer owns: `(index, of)`; `None` owns everything.
+pub type Part = Option<(i32, i32)>;
+
+struct Row {
+    seq: i64,
+    stream: Option<String>,
+    payload: Option<String>,
+    received_at: pgrx::datum::TimestampWithTimeZone,
+}
+
+/// Claims up to `limit` rows of `part` and applies them. Returns how many rows were processed.
+pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
+    Spi::connect_mut(|client| {
+        let mut rows = claim(client, limit, part);
+        rows.sort_by_key(|r| r.seq);
+        let mut streams: HashMap<String, Option<Rc<Stream>>> = HashMap::new();
+        for row in &rows {
+            let stream = row
+                .stream
+                .as_ref()
+                .and_then(|name| streams.entry(name.clone()).or_insert_with(|| catalog::try_stream(name)).clone());
+            let result = match (&stream, &row.payload) {
+                (Some(s), Some(p)) => apply::apply_payload(client, s, p, policy),
+                (Some(_), None) => rejected(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
+                (None, _) => rejected(Rejection::new(
+                    RejectCode::UnknownStream,
+                    format!("stream {:?} does not exist", row.stream.as_deref().unwrap_or("")),
+                )),
+            };
+            if let Applied::Rejected { rejection, sqlstate, .. } = &result {
+                apply::dead_letter_received(
+                    client,
+                    row.stream.as_deref(),
+                    row.payload.as_deref(),
+                    rejection,
+                    sqlstate.as_deref(),
+                    Some(row.received_at),
+                );
+            }
+            if let Some(s) = &stream {
+                counters::count(s.id, &result);
+            }
+        }
+        rows.len() as i64
+    })
+}
+
+fn rejected(rejection: Rejection) -> Applied {
+    Applied::Rejected { rejection, sqlstate: None, conflict: false }
+}
+
+/// Deletes and returns the oldest `limit` rows of `part`. Concurrent drainers of the same rows
+/// wait for each other; the second finds them gone.
+fn claim(client: &mut SpiClient, limit: i64, part: Part) -> Vec<Row> {
+    let rows = match part {
+        Some((index, of)) if of > 1 => writer::run(
+            client,
+            "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(
+                 SELECT ctid FROM ecst.inbox WHERE ecst._inbox_partition(stream, payload, $2) = $3
+                 ORDER BY seq LIMIT $1))
+             RETURNING seq, stream, payload, received_at",
+            &[limit.into(), of.into(), index.into()],
+        ),
+        _ => writer::run(
+            client,
+            "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
+             RETURNING seq, stream, payload, received_at",
+            &[limit.into()],
+        ),
+    };
+    rows.map(|r| Row {
+        seq: r.get(1).unwrap().unwrap(),
+        stream: r.get(2).unwrap(),
+        payload: r.get(3).unwrap(),
+        received_at: r.get(4).unwrap().unwrap(),
+    })
+    .collect()
+}
+
+/// The worker (of `of`) that owns an inbox row: a hash of the stream and the entity's canonical
+/// key. Rows without a parseable key go to worker 0 (they become dead letters anyway).
+pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
+    if of <= 1 {
+        return 0;
+    }
+    let Some(s) = catalog::try_stream(stream) else { return 0 };
+    let Ok(ev) = parse(&s.spec, payload) else { return 0 };
+    let Some(key) = apply::entity_key(&s, &ev) else { return 0 };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (stream, key).hash(&mut h);
+    (h.finish() % of as u64) as i32
+}
+
+/// Drains everything visible (up to `max` rows) in the caller's transaction.
+pub fn process(max: Option<i64>, batch: i64) -> i64 {
+    let mut total = 0;
+    loop {
+        let want = match max {
+            Some(m) if m - total <= 0 => break,
+            Some(m) => batch.min(m - total),
+            None => batch,
+        };
+        let n = drain_batch(want, None, ErrorPolicy::Caller);
+        total += n;
+        if n < want {
+            break;
+        }
+    }
+    total
+}

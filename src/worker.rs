@@ -1,0 +1,305 @@
+//! The background workers (need `shared_preload_libraries = 'pg_ecst'`).
+//!
+//! A static **launcher** (connected to no database) keeps `ecst.workers` **workers** running in
+//! `ecst.database`: it waits quietly while that database does not exist, restarts a worker that
+//! stopped, and follows `ecst.workers`/`ecst.database` changes on SIGHUP. Worker `i` of `n` drains
+//! the inbox rows whose entity hashes to `i`, one batch per transaction, and sleeps on its latch
+//! between batches. Inserting into `ecst.inbox` sets the workers' latches when the inserting
+//! transaction commits, so events are applied within milliseconds.
+
+use crate::apply::ErrorPolicy;
+use crate::gucs;
+use crate::inbox;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags,
+};
+use pgrx::lwlock::PgLwLock;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory};
+use std::cell::Cell;
+use std::time::Duration;
+
+/// Per worker slot: the pid holding it and its latch (shared memory is mapped at the same
+/// address in every backend, so the latch pointer is valid everywhere).
+#[derive(Clone, Copy, Default)]
+pub struct Slots {
+    pid: [i32; gucs::MAX_WORKERS],
+    latch: [usize; gucs::MAX_WORKERS],
+}
+
+unsafe impl PGRXSharedMemory for Slots {}
+
+static SLOTS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"pg_ecst_worker_slots") };
+
+thread_local! {
+    static PRELOADED: Cell<bool> = const { Cell::new(false) };
+    static WAKE_ON_COMMIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called from `_PG_init`: shared memory, the launcher, and the commit hook that wakes workers.
+pub fn init() {
+    // SAFETY: reading a postmaster global during library load.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    if preloading {
+        pg_shmem_init!(SLOTS);
+        PRELOADED.with(|p| p.set(true));
+        BackgroundWorkerBuilder::new("pg_ecst launcher")
+            .set_type("pg_ecst launcher")
+            .set_library("pg_ecst")
+            .set_function("pg_ecst_launcher_main")
+            .enable_spi_access()
+            .set_restart_time(Some(Duration::from_secs(5)))
+            .load();
+    } else if unsafe { pg_sys::IsUnderPostmaster } && !unsafe { pg_sys::IsBinaryUpgrade } {
+        // Loaded on first use in a session: SQL functions work, the background worker does not.
+        pgrx::debug1!("pg_ecst: not in shared_preload_libraries; the background worker is not running");
+    }
+    // SAFETY: registered once per backend.
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+}
+
+/// Whether shared memory (and so the workers) exists in this server.
+fn preloaded() -> bool {
+    // In backends forked from a postmaster that preloaded us, the flag was set before fork.
+    PRELOADED.with(|p| p.get())
+}
+
+/// Asks for the workers to be woken when the current transaction commits.
+pub fn wake_on_commit() {
+    if preloaded() {
+        WAKE_ON_COMMIT.with(|w| w.set(true));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_ON_COMMIT.with(|w| w.replace(false)) => wake_all(),
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            WAKE_ON_COMMIT.with(|w| w.set(false))
+        }
+        _ => {}
+    }
+}
+
+fn wake_all() {
+    let slots = *SLOTS.share();
+    for latch in slots.latch.iter().filter(|l| **l != 0) {
+        // SAFETY: a latch in shared memory; setting a latch is always safe (at worst spurious).
+        unsafe { pg_sys::SetLatch(*latch as *mut pg_sys::Latch) };
+    }
+}
+
+fn naptime() -> Duration {
+    Duration::from_millis(gucs::NAPTIME_MS.get().max(10) as u64)
+}
+
+fn reload_config() {
+    // SAFETY: the standard SIGHUP handling of a background worker.
+    unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+}
+
+// ---------------------------------------------------------------------------------------
+// The launcher
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_ecst_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let mut workers: Vec<Option<DynamicBackgroundWorker>> = (0..gucs::MAX_WORKERS).map(|_| None).collect();
+    let mut database = String::new();
+    let mut reported_missing = false;
+    loop {
+        if BackgroundWorker::sighup_received() {
+            reload_config();
+        }
+        let wanted_db = gucs::database();
+        let wanted = gucs::WORKERS.get().clamp(0, gucs::MAX_WORKERS as i32) as usize;
+        if wanted_db != database {
+            stop_all(&mut workers);
+            database = wanted_db.clone();
+            reported_missing = false;
+        }
+        if database_exists(&database) {
+            if reported_missing {
+                log!("pg_ecst: database \"{database}\" exists now; starting {wanted} worker(s)");
+                reported_missing = false;
+            }
+            for (i, slot) in workers.iter_mut().enumerate() {
+                if i >= wanted {
+                    if let Some(w) = slot.take() {
+                        let _ = w.terminate();
+                    }
+                } else if slot.as_ref().is_none_or(|w| matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped))) {
+                    *slot = start_worker(&database, i);
+                }
+            }
+        } else {
+            if !reported_missing {
+                log!("pg_ecst: database \"{database}\" (ecst.database) does not exist; waiting for it");
+                reported_missing = true;
+            }
+            stop_all(&mut workers);
+        }
+        if !BackgroundWorker::wait_latch(Some(naptime().max(Duration::from_millis(500)))) {
+            break;
+        }
+    }
+    stop_all(&mut workers);
+}
+
+fn stop_all(workers: &mut [Option<DynamicBackgroundWorker>]) {
+    for slot in workers.iter_mut() {
+        if let Some(w) = slot.take() {
+            let _ = w.terminate();
+        }
+    }
+}
+
+fn start_worker(database: &str, index: usize) -> Option<DynamicBackgroundWorker> {
+    BackgroundWorkerBuilder::new(&format!("pg_ecst worker {index}"))
+        .set_type("pg_ecst worker")
+        .set_library("pg_ecst")
+        .set_function("pg_ecst_worker_main")
+        .set_argument(Some(pg_sys::Datum::from(index)))
+        .set_extra(database)
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
+        .ok()
+}
+
+/// Whether a database exists. A heap scan of pg_database (as PostgreSQL's own launchers do):
+/// without a database, and right after crash recovery, its index cannot be opened.
+fn database_exists(name: &str) -> bool {
+    BackgroundWorker::transaction(|| unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        let mut found = false;
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_database;
+            let datname = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr());
+            if datname.to_bytes() == name.as_bytes() {
+                found = true;
+                break;
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        found
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// A worker
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
+    let index = arg.value();
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    if !claim_slot(index) {
+        return; // another live worker holds this slot
+    }
+    unsafe {
+        pg_sys::before_shmem_exit(Some(release_slot), pg_sys::Datum::from(index));
+        pg_sys::SetConfigOption(
+            c"application_name".as_ptr(),
+            std::ffi::CString::new(format!("pg_ecst worker {index}")).unwrap().as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+        pg_sys::pgstat_report_appname(std::ffi::CString::new(format!("pg_ecst worker {index}")).unwrap().as_ptr());
+    }
+    let mut reported_missing = false;
+    loop {
+        if BackgroundWorker::sighup_received() {
+            reload_config();
+            if gucs::database() != database || index >= gucs::WORKERS.get().max(0) as usize {
+                return; // the launcher starts the right workers
+            }
+        }
+        let of = gucs::WORKERS.get().max(1);
+        let batch = gucs::BATCH_SIZE.get().max(1) as i64;
+        let processed = BackgroundWorker::transaction(|| {
+            report_activity(c"draining the inbox");
+            if !extension_installed() {
+                return None;
+            }
+            Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker))
+        });
+        match processed {
+            None if !reported_missing => {
+                log!("pg_ecst worker {index}: extension pg_ecst is not installed in database \"{database}\"; waiting");
+                reported_missing = true;
+            }
+            Some(n) => {
+                reported_missing = false;
+                if n >= batch {
+                    continue; // more is waiting: no sleep
+                }
+            }
+            None => {}
+        }
+        report_activity(c"idle");
+        if !BackgroundWorker::wait_latch(Some(naptime())) {
+            return; // SIGTERM
+        }
+    }
+}
+
+fn report_activity(what: &std::ffi::CStr) {
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, what.as_ptr()) };
+}
+
+fn extension_installed() -> bool {
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_ecst')")
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+fn claim_slot(index: usize) -> bool {
+    let mut slots = SLOTS.exclusive();
+    let holder = slots.pid[index];
+    let me = unsafe { pg_sys::MyProcPid };
+    // SAFETY: kill(pid, 0) only checks that the process exists.
+    if holder != 0 && holder != me && unsafe { libc_kill(holder, 0) } == 0 {
+        return false;
+    }
+    slots.pid[index] = me;
+    slots.latch[index] = unsafe { pg_sys::MyLatch } as usize;
+    true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
+    let index = arg.value();
+    let mut slots = SLOTS.exclusive();
+    if slots.pid[index] == unsafe { pg_sys::MyProcPid } {
+        slots.pid[index] = 0;
+        slots.latch[index] = 0;
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// `AFTER INSERT ... FOR EACH STATEMENT` on `ecst.inbox`: wake the workers at commit.
+#[pg_trigger]
+fn _inbox_wake<'a>(
+    _trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    wake_on_commit();
+    Ok(None)
+}

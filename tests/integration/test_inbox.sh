@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# SPEC §4 against a running server with pg_ecst preloaded: COPY into the inbox (text and CSV,
+# malformed lines mixed in), the background worker, wake-up latency, kill -9 in the middle of a
+# drain, several workers keeping per-entity order, trigger mode, process_inbox without workers,
+# and waiting quietly for a database that does not exist yet.
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+. tests/integration/common.sh
+it_start "ecst.database = 'ecst_it'" "ecst.naptime = 2000" "ecst.batch_size = 500"
+gen() { python3 tests/integration/gen_events.py "$@"; }
+work=$IT_DIR/work
+mkdir -p "$work"
+DB=ecst_it
+q() { psql_it -d $DB -c "$1"; }
+
+psql_it -d postgres -c "CREATE DATABASE ecst_it"
+psql_it -d $DB >/dev/null <<'SQL'
+CREATE EXTENSION pg_ecst;
+CREATE TABLE snap (id text PRIMARY KEY, line1 text);
+SELECT ecst.create_stream('snap', 'snap', 'entity_snapshot', '{"id": "id"}', version => 'ts');
+CREATE TABLE crash (id text PRIMARY KEY, line1 text);
+SELECT ecst.create_stream('crash', 'crash', 'entity_snapshot', '{"id": "id"}', version => 'ts');
+CREATE TABLE delt (id text PRIMARY KEY, a text, b text);
+SELECT ecst.create_stream('delt', 'delt', 'delta', '{"id": "id"}');
+CREATE TABLE lat (id text PRIMARY KEY, v text);
+SELECT ecst.create_stream('lat', 'lat', 'entity_snapshot', '{"id": "id"}');
+CREATE TABLE expected (id text PRIMARY KEY, x text, y text);
+SQL
+
+echo "-- worker"
+wait_for $DB "one worker runs" "SELECT count(*) FROM ecst.workers WHERE backend_type = 'pg_ecst worker'" 1
+check "worker is named pg_ecst in pg_stat_activity" "pg_ecst worker 0" \
+    "$(q "SELECT application_name FROM pg_stat_activity WHERE backend_type = 'pg_ecst worker'")"
+
+# compare TABLE COLUMNS: replica rows equal the expected CSV (loaded into table expected)
+compare() {
+    q "TRUNCATE expected" >/dev/null
+    psql_it -d $DB -c "\\copy expected FROM '$2' WITH (FORMAT csv)" >/dev/null
+    q "SELECT count(*) FROM ((SELECT $3 FROM $1 EXCEPT SELECT id, coalesce(x, ''), coalesce(y, '') FROM expected) UNION ALL (SELECT id, coalesce(x, ''), coalesce(y, '') FROM expected EXCEPT SELECT $3 FROM $1)) d"
+}
+
+echo "-- COPY (text format) with malformed lines"
+gen --shape snapshot --stream snap --entities 2000 --events 20000 --bad 25 --seed 7 \
+    --out "$work/snap.tsv" --expected "$work/snap.csv" --bad-out "$work/snap.bad"
+check "COPY of 20025 lines with 25 malformed ones succeeds" "COPY 20025" \
+    "$(psql -X -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -d $DB -c "\\copy ecst.inbox (stream, payload) FROM '$work/snap.tsv'")"
+wait_for $DB "the worker drains the inbox" "SELECT count(*) FROM ecst.inbox" 0 120
+check "replica = highest version per entity" 0 "$(compare snap "$work/snap.csv" "id, line1, ''")"
+check "every bad line is a dead letter" 25 "$(q "SELECT count(*) FROM ecst.dead_letters WHERE stream = 'snap'")"
+q "CREATE TEMP TABLE bad (payload text)" >/dev/null
+check "bad lines kept verbatim" 0 "$(psql_it -d $DB -c "CREATE TEMP TABLE bad (payload text)" -c "\\copy bad FROM '$work/snap.bad' WITH (FORMAT csv, DELIMITER E'\\x01', QUOTE E'\\x02')" -c "SELECT count(*) FROM (SELECT payload FROM bad EXCEPT SELECT payload FROM ecst.dead_letters) d" | tail -1)"
+check "stats: every event accounted once" "20000|0|25|0" \
+    "$(q "SELECT (applied + stale) || '|' || duplicate || '|' || dead_lettered || '|' || pending FROM ecst.stats WHERE stream = 'snap'")"
+
+echo "-- COPY (CSV format)"
+printf '%s\n' 'delt,"{""id"": ""csv1"", ""newState"": {""a"": ""x, \""quoted\"" y""}}"' \
+              'delt,not json either' > "$work/events.csv"
+psql_it -d $DB -c "\\copy ecst.inbox (stream, payload) FROM '$work/events.csv' WITH (FORMAT csv)" >/dev/null
+wait_for $DB "CSV rows are applied" "SELECT a FROM delt WHERE id = 'csv1'" 'x, "quoted" y'
+wait_for $DB "CSV bad row is a dead letter" "SELECT count(*) FROM ecst.dead_letters WHERE payload = 'not json either'" 1
+
+echo "-- latency: single INSERTed events"
+psql_it -d $DB >/dev/null <<'SQL'
+CREATE TABLE latencies (ms float8);
+CREATE PROCEDURE measure(n int) LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz;
+BEGIN
+    FOR i IN 1..n LOOP
+        t0 := clock_timestamp();
+        INSERT INTO ecst.inbox (stream, payload) VALUES ('lat', format('{"id": "l%s", "newState": {"v": "x"}}', i));
+        COMMIT;
+        WHILE NOT EXISTS (SELECT 1 FROM lat WHERE id = 'l' || i) LOOP
+            PERFORM pg_sleep(0.0002);
+            EXIT WHEN clock_timestamp() - t0 > interval '10 s';
+        END LOOP;
+        INSERT INTO latencies VALUES (extract(epoch FROM clock_timestamp() - t0) * 1000);
+        COMMIT;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
+END $$;
+CALL measure(200);
+SQL
+lat=$(q "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2) || ' ms p50, ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2) || ' ms p99, ' || round(max(ms)::numeric, 2) || ' ms max' FROM latencies")
+echo "  latency insert->visible over 200 events (naptime 2000 ms): $lat"
+check "every single event is visible well under a second (naptime is 2 s)" "t" "$(q "SELECT max(ms) < 1000 FROM latencies")"
+
+echo "-- trigger mode"
+psql_it -d $DB >/dev/null <<'SQL'
+CREATE TABLE app_events (id serial PRIMARY KEY, body jsonb);
+CREATE TRIGGER apply_app_events AFTER INSERT ON app_events FOR EACH ROW EXECUTE FUNCTION ecst.apply_trigger('snap', 'body');
+SQL
+check "the trigger applies in the same transaction" "from trigger" \
+    "$(psql_it -d $DB -c "BEGIN" -c "INSERT INTO app_events (body) VALUES ('{\"id\": \"trig\", \"ts\": 1, \"newState\": {\"line1\": \"from trigger\"}}')" -c "SELECT line1 FROM snap WHERE id = 'trig'" -c "ROLLBACK" | tail -1)"
+check "rolled back with its transaction" "0" "$(q "SELECT count(*) FROM snap WHERE id = 'trig'")"
+check "misuse is explained" "22023" \
+    "$(psql_it -d $DB -c "CREATE TABLE t2 (p text)" -c "CREATE TRIGGER x BEFORE INSERT ON t2 FOR EACH ROW EXECUTE FUNCTION ecst.apply_trigger('snap', 'p')" -c "DO \$\$ BEGIN INSERT INTO t2 VALUES ('{}'); EXCEPTION WHEN OTHERS THEN RAISE NOTICE '%', SQLSTATE; END \$\$" 2>&1 | grep -o '22023')"
+
+echo "-- kill -9 of the worker in the middle of a large drain"
+gen --shape snapshot --stream crash --entities 5000 --events 60000 --seed 11 --out "$work/crash.tsv" --expected "$work/crash.csv"
+psql_it -d $DB -c "\\copy ecst.inbox (stream, payload) FROM '$work/crash.tsv'" >/dev/null
+wait_for $DB "the worker started draining" "SELECT count(*) < 55000 FROM ecst.inbox" t 60
+pid=$(q "SELECT pid FROM ecst.workers WHERE backend_type = 'pg_ecst worker'")
+pending_at_kill=$(q "SELECT count(*) FROM ecst.inbox")
+kill -9 "$pid"
+echo "  killed worker $pid with $pending_at_kill events pending"
+wait_ready
+wait_for $DB "the inbox drains after recovery" "SELECT count(*) FROM ecst.inbox" 0 180
+check "replica exactly right after the crash" 0 "$(compare crash "$work/crash.csv" "id, line1, ''")"
+check "nothing dead-lettered, nothing applied twice, nothing lost" "60000|0|0" \
+    "$(q "SELECT (applied + stale) || '|' || duplicate || '|' || dead_lettered FROM ecst.stats WHERE stream = 'crash'")"
+
+echo "-- two workers keep per-entity inbox order (unversioned deltas)"
+q "ALTER SYSTEM SET ecst.workers = 2" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+wait_for $DB "two workers run" "SELECT count(*) FROM ecst.workers WHERE backend_type = 'pg_ecst worker'" 2
+q "DELETE FROM delt" >/dev/null
+gen --shape delta --stream delt --entities 300 --events 30000 --seed 5 --out "$work/delt.tsv" --expected "$work/delt.csv"
+psql_it -d $DB -c "\\copy ecst.inbox (stream, payload) FROM '$work/delt.tsv'" >/dev/null
+wait_for $DB "the workers drain the inbox" "SELECT count(*) FROM ecst.inbox" 0 180
+check "final state = in-order application" 0 "$(compare delt "$work/delt.csv" "id, coalesce(a, ''), coalesce(b, '')" | tail -1)"
+
+echo "-- process_inbox without workers"
+q "ALTER SYSTEM SET ecst.workers = 0" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+wait_for $DB "workers stop" "SELECT count(*) FROM ecst.workers WHERE backend_type = 'pg_ecst worker'" 0
+q "INSERT INTO ecst.inbox (stream, payload) VALUES ('lat', '{\"id\": \"manual\", \"newState\": {\"v\": \"m\"}}'), ('lat', 'junk'), ('nope', '{}')" >/dev/null
+check "process_inbox applies synchronously" "3|m" \
+    "$(psql_it -d $DB -c "SELECT ecst.process_inbox()" -c "SELECT v FROM lat WHERE id = 'manual'" | paste -sd'|')"
+check "unknown stream in the inbox is a dead letter" "unknown_stream" "$(q "SELECT error_code FROM ecst.dead_letters WHERE stream = 'nope'")"
+check "process_inbox(max_events) bounds the work" "1|1" \
+    "$(psql_it -d $DB -c "INSERT INTO ecst.inbox (stream, payload) VALUES ('lat', '{\"id\": \"m2\", \"newState\": {}}'), ('lat', '{\"id\": \"m3\", \"newState\": {}}')" -c "SELECT ecst.process_inbox(max_events => 1)" -c "SELECT count(*) FROM ecst.inbox" | paste -sd'|')"
+
+echo "-- waiting quietly for a database that does not exist yet"
+q "ALTER SYSTEM SET ecst.workers = 1" >/dev/null
+q "ALTER SYSTEM SET ecst.database = 'later_db'" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+sleep 4
+check "the launcher logs the missing database once" 1 "$(grep -c 'database "later_db" (ecst.database) does not exist' "$IT_DIR/server.log")"
+psql_it -d postgres -c "CREATE DATABASE later_db" >/dev/null
+wait_for later_db "a worker starts in the new database" "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_ecst worker' AND datname = 'later_db'" 1
+sleep 3
+check "it logs the missing extension once" 1 "$(grep -c 'extension pg_ecst is not installed in database "later_db"' "$IT_DIR/server.log")"
+psql_it -d later_db -c "CREATE EXTENSION pg_ecst" -c "CREATE TABLE t (id text PRIMARY KEY)" \
+    -c "SELECT ecst.create_stream('t', 't', 'entity_snapshot', '{\"id\": \"id\"}')" \
+    -c "INSERT INTO ecst.inbox (stream, payload) VALUES ('t', '{\"id\": \"1\", \"newState\": {}}')" >/dev/null
+wait_for later_db "and then applies its inbox" "SELECT count(*) FROM t" 1 30
+check "no pg_ecst process failed (exit code 1) in the server log" 0 \
+    "$(grep -c 'background worker "pg_ecst.*exited with exit code 1' "$IT_DIR/server.log" || true)"
+check "no worker errors in the server log" 0 "$(grep -c 'ERROR' "$IT_DIR/server.log" | grep -v '^0$' >/dev/null; grep 'ERROR' "$IT_DIR/server.log" | grep -vc 'canceling\|terminating\|22023\|apply_trigger\|^$' || true)"
+it_done
