@@ -128,3 +128,11 @@ $$;
 COMMENT ON FUNCTION ecst.process_inbox(bigint) IS 'Applies pending inbox events now, in this transaction; returns rows processed';
 
 COMMENT ON FUNCTION ecst.compact_counters() IS 'Folds ecst.stream_counters into one row per stream; returns rows removed';
+
+CREATE FUNCTION ecst.load_snapshot(stream text, source regclass, mode text DEFAULT 'merge', as_of text DEFAULT NULL)
+RETURNS TABLE (loaded bigint, stale bigint, deleted bigint, dead_lettered bigint)
+LANGUAGE sql VOLATILE
+AS $$ SELECT * FROM ecst._load_snapshot(stream, source::oid, mode, as_of) $$;
+COMMENT ON FUNCTION ecst.load_snapshot(text, regclass, text, text)
+    IS 'Bulk-loads snapshot events from source.payload under the version rules; replace mode deletes absent entities not newer than as_of';
+COMMENT ON FUNCTION ecst.export_snapshot(text) IS 'The replica as create events in the stream''s own format, with versions';

@@ -2,10 +2,12 @@
 //! `ecst.stats` view are in `sql/finalize.sql`).
 
 use crate::apply::{self, Applied, ErrorPolicy};
+use crate::bulk;
 use crate::catalog;
 use crate::counters;
 use crate::gucs;
 use crate::inbox;
+use crate::snapshot;
 use ecst_core::event::parse;
 use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::prelude::*;
@@ -94,18 +96,17 @@ fn apply_batch_text(
         })
         .collect();
     parsed.sort_by(|(_, a), (_, b)| apply::batch_order(a).cmp(&apply::batch_order(b)));
+    let order: Vec<usize> = parsed.iter().map(|(i, _)| *i).collect();
+    let parsed: Vec<Result<_, Rejection>> = parsed.into_iter().map(|(_, e)| e).collect();
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
-        for (i, ev) in &parsed {
-            let result = match ev {
-                Ok(ev) => apply::apply_event(client, &s, ev, ErrorPolicy::Caller),
-                Err(r) => Applied::Rejected { rejection: r.clone(), sqlstate: None, conflict: false },
-            };
-            if let Applied::Rejected { rejection, sqlstate, .. } = &result {
+        let results = bulk::apply_run(client, &s, &parsed, ErrorPolicy::Caller);
+        for (i, result) in order.iter().zip(&results) {
+            if let Applied::Rejected { rejection, sqlstate, .. } = result {
                 apply::dead_letter(client, Some(stream), events[*i].as_deref(), rejection, sqlstate.as_deref());
             }
-            counters::count(s.id, &result);
-            *counts.entry(outcome(&result)).or_insert(0) += 1;
+            counters::count(s.id, result);
+            *counts.entry(outcome(result)).or_insert(0) += 1;
         }
     });
     counts_table(counts)
@@ -233,4 +234,22 @@ fn _inbox_partition(stream: Option<&str>, payload: Option<&str>, workers: i32) -
         (Some(s), Some(p)) => inbox::partition(s, p, workers),
         _ => 0,
     }
+}
+
+/// Bulk-loads a snapshot (one create event per row of `source.payload`); see `ecst.load_snapshot`.
+#[pg_extern(name = "_load_snapshot")]
+fn load_snapshot(
+    stream: &str,
+    source: pg_sys::Oid,
+    mode: Option<&str>,
+    as_of: Option<&str>,
+) -> TableIterator<'static, (name!(loaded, i64), name!(stale, i64), name!(deleted, i64), name!(dead_lettered, i64))> {
+    let c = snapshot::load(stream, source, mode.unwrap_or("merge"), as_of);
+    TableIterator::once((c.loaded, c.stale, c.deleted, c.dead_lettered))
+}
+
+/// The replica as create events in the stream's own format, with versions.
+#[pg_extern]
+fn export_snapshot(stream: &str) -> SetOfIterator<'static, JsonB> {
+    SetOfIterator::new(snapshot::export(stream).into_iter().map(JsonB))
 }

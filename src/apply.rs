@@ -290,29 +290,35 @@ fn load_state(client: &mut SpiClient, stream_id: i32, key: &str) -> Result<Optio
          FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = $2 FOR UPDATE",
         &[stream_id.into(), key.into()],
     );
-    let Some(row) = rows.into_iter().next() else {
-        return Ok(None);
-    };
+    Ok(rows
+        .into_iter()
+        .next()
+        .map(|row| state_from_text(row.get(1).unwrap(), row.get(2).unwrap(), row.get(3).unwrap())))
+}
+
+/// An entity state from its stored text form (`numeric` versions, `jsonb` field versions).
+pub(crate) fn state_from_text(live: Option<String>, tomb: Option<String>, fields: Option<String>) -> EntityState {
     let version = |text: Option<String>| text.map(|t| Version::parse_decimal(&t).expect("stored versions are valid"));
-    let mut state = EntityState {
-        live: version(row.get::<String>(1).unwrap()),
-        tomb: version(row.get::<String>(2).unwrap()),
-        fields: BTreeMap::new(),
-    };
-    if let Some(fields) = row.get::<String>(3).unwrap() {
+    let mut state = EntityState { live: version(live), tomb: version(tomb), fields: BTreeMap::new() };
+    if let Some(fields) = fields {
         let map: BTreeMap<String, String> = serde_json::from_str(&fields).expect("stored field versions are valid");
         state.fields = map.into_iter().map(|(k, v)| (k, Version::parse_decimal(&v).expect("valid"))).collect();
     }
-    Ok(Some(state))
+    state
+}
+
+/// The `field_versions` jsonb text of a state (`None` when it has none).
+pub(crate) fn fields_to_text(s: &EntityState) -> Option<String> {
+    (!s.fields.is_empty()).then(|| {
+        let m: BTreeMap<&String, String> = s.fields.iter().map(|(k, v)| (k, v.to_numeric_string())).collect();
+        serde_json::to_string(&m).expect("strings serialise")
+    })
 }
 
 fn save_state(client: &mut SpiClient, stream_id: i32, key: &str, s: &EntityState, existed: bool) -> Result<(), Stop> {
     let live = s.live.as_ref().map(Version::to_numeric_string);
     let tomb = s.tomb.as_ref().map(Version::to_numeric_string);
-    let fields = (!s.fields.is_empty()).then(|| {
-        let m: BTreeMap<&String, String> = s.fields.iter().map(|(k, v)| (k, v.to_numeric_string())).collect();
-        serde_json::to_string(&m).expect("strings serialise")
-    });
+    let fields = fields_to_text(s);
     let args = [stream_id.into(), key.into(), live.into(), tomb.into(), fields.into()];
     if existed {
         writer::run(

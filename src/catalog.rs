@@ -264,6 +264,19 @@ fn relation(oid: pg_sys::Oid) -> Result<Relation, Invalid> {
     })
 }
 
+/// The quoted name of a snapshot source: any relation with a `payload` column.
+pub fn payload_source(oid: pg_sys::Oid) -> String {
+    let rel = relation(oid).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
+    if !rel.attributes.iter().any(|a| a.column.name == "payload") {
+        raise(
+            Code::ERRCODE_UNDEFINED_COLUMN,
+            format!("{} has no column \"payload\"", rel.display),
+            Some("A snapshot source needs a column payload (text, json or jsonb) holding one event per row."),
+        );
+    }
+    rel.qualified
+}
+
 /// Whether a valid, non-partial unique index (or primary key) has exactly these key columns.
 fn has_unique_index(oid: pg_sys::Oid, columns: &[String]) -> bool {
     Spi::get_one_with_args::<bool>(

@@ -20,6 +20,11 @@ pub struct ColumnType {
     output: pg_sys::Oid,
     /// text/varchar without typmod: input and output are the identity.
     plain_text: bool,
+    /// The array type and element layout, for set-based writes (`unnest` of typed arrays).
+    array_oid: pg_sys::Oid,
+    typlen: i16,
+    byval: bool,
+    align: std::ffi::c_char,
 }
 
 impl ColumnType {
@@ -32,7 +37,13 @@ impl ColumnType {
             pg_sys::getTypeOutputInfo(oid, &mut output, &mut varlena);
         }
         let plain_text = oid == pg_sys::TEXTOID || (oid == pg_sys::VARCHAROID && typmod < 0);
-        ColumnType { oid, typmod, name, input, ioparam, output, plain_text }
+        let (mut typlen, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        // SAFETY: catalog lookups for an existing type.
+        let array_oid = unsafe {
+            pg_sys::get_typlenbyvalalign(oid, &mut typlen, &mut byval, &mut align);
+            pg_sys::get_array_type(oid)
+        };
+        ColumnType { oid, typmod, name, input, ioparam, output, plain_text, array_oid, typlen, byval, align }
     }
 
     /// Reads `text` as a value of this type. `Err` carries PostgreSQL's message for data
@@ -60,6 +71,34 @@ impl ColumnType {
             let s = CStr::from_ptr(p).to_string_lossy().into_owned();
             pg_sys::pfree(p.cast());
             s
+        }
+    }
+
+    /// The array type of this type, if it has one.
+    pub fn array_oid(&self) -> Option<pg_sys::Oid> {
+        (self.array_oid != pg_sys::Oid::INVALID).then_some(self.array_oid)
+    }
+
+    /// A one-dimensional array of this type from datums (`None` is NULL), for `unnest($n)`.
+    pub fn array(&self, values: &[Option<pg_sys::Datum>]) -> pgrx::datum::DatumWithOid<'static> {
+        let mut datums: Vec<pg_sys::Datum> = values.iter().map(|v| v.unwrap_or(pg_sys::Datum::from(0))).collect();
+        let mut nulls: Vec<bool> = values.iter().map(Option::is_none).collect();
+        let mut dims = [values.len() as i32];
+        let mut lbs = [1i32];
+        // SAFETY: datums are values of this type; construct_md_array copies them into a palloc'd array.
+        unsafe {
+            let array = pg_sys::construct_md_array(
+                datums.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+                1,
+                dims.as_mut_ptr(),
+                lbs.as_mut_ptr(),
+                self.oid,
+                self.typlen as i32,
+                self.byval,
+                self.align,
+            );
+            pgrx::datum::DatumWithOid::new(pg_sys::Datum::from(array), self.array_oid)
         }
     }
 

@@ -6,6 +6,7 @@
 //! hashes to `i`, so the events of one entity are always applied by one worker, in inbox order.
 
 use crate::apply::{self, Applied, ErrorPolicy};
+use crate::bulk;
 use crate::catalog::{self, Stream};
 use crate::counters;
 use crate::writer;
@@ -33,31 +34,47 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
         let mut rows = claim(client, limit, part);
         rows.sort_by_key(|r| r.seq);
         let mut streams: HashMap<String, Option<Rc<Stream>>> = HashMap::new();
-        for row in &rows {
-            let stream = row
+        // Consecutive rows of one stream are applied together (set-based); runs keep inbox order.
+        for run in rows.chunk_by(|a, b| a.stream == b.stream) {
+            let stream = run[0]
                 .stream
                 .as_ref()
                 .and_then(|name| streams.entry(name.clone()).or_insert_with(|| catalog::try_stream(name)).clone());
-            let result = match (&stream, &row.payload) {
-                (Some(s), Some(p)) => apply::apply_payload(client, s, p, policy),
-                (Some(_), None) => rejected(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
-                (None, _) => rejected(Rejection::new(
-                    RejectCode::UnknownStream,
-                    format!("stream {:?} does not exist", row.stream.as_deref().unwrap_or("")),
-                )),
+            let results: Vec<Applied> = match &stream {
+                Some(s) => {
+                    let events: Vec<Result<_, Rejection>> = run
+                        .iter()
+                        .map(|r| match &r.payload {
+                            Some(p) => parse(&s.spec, p),
+                            None => Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
+                        })
+                        .collect();
+                    bulk::apply_run(client, s, &events, policy)
+                }
+                None => run
+                    .iter()
+                    .map(|r| {
+                        rejected(Rejection::new(
+                            RejectCode::UnknownStream,
+                            format!("stream {:?} does not exist", r.stream.as_deref().unwrap_or("")),
+                        ))
+                    })
+                    .collect(),
             };
-            if let Applied::Rejected { rejection, sqlstate, .. } = &result {
-                apply::dead_letter_received(
-                    client,
-                    row.stream.as_deref(),
-                    row.payload.as_deref(),
-                    rejection,
-                    sqlstate.as_deref(),
-                    Some(row.received_at),
-                );
-            }
-            if let Some(s) = &stream {
-                counters::count(s.id, &result);
+            for (row, result) in run.iter().zip(&results) {
+                if let Applied::Rejected { rejection, sqlstate, .. } = result {
+                    apply::dead_letter_received(
+                        client,
+                        row.stream.as_deref(),
+                        row.payload.as_deref(),
+                        rejection,
+                        sqlstate.as_deref(),
+                        Some(row.received_at),
+                    );
+                }
+                if let Some(s) = &stream {
+                    counters::count(s.id, result);
+                }
             }
         }
         rows.len() as i64

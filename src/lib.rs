@@ -8,12 +8,14 @@ use pgrx::prelude::*;
 
 mod api;
 mod apply;
+mod bulk;
 mod catalog;
 mod convert;
 mod counters;
 mod errors;
 mod gucs;
 mod inbox;
+mod snapshot;
 mod subxact;
 mod worker;
 mod writer;

@@ -334,6 +334,54 @@ mod tests {
         assert_eq!(apply("c_error", matching), "applied", "matching oldState is no conflict");
     }
 
+    #[pg_test]
+    fn batches_check_conflicts_against_the_evolving_row() {
+        delta_stream("cb", Some("ts"), "dead_letter");
+        run("INSERT INTO cb (address_id, line1) VALUES ('1', 'a')");
+        let events: Vec<Option<String>> = [
+            r#"{"addressId": "1", "ts": 1, "oldState": {"addressLine1": "a"}, "newState": {"addressLine1": "b"}}"#,
+            r#"{"addressId": "1", "ts": 2, "oldState": {"addressLine1": "b"}, "newState": {"addressLine1": "c"}}"#,
+            r#"{"addressId": "1", "ts": 3, "oldState": {"addressLine1": "zzz"}, "newState": {"addressLine1": "d"}}"#,
+            r#"{"addressId": "2", "ts": 1, "oldState": {"addressLine1": "x"}, "newState": {"addressLine1": "y"}}"#,
+        ]
+        .iter()
+        .map(|e| Some(e.to_string()))
+        .collect();
+        let got = Spi::get_one_with_args::<String>(
+            "SELECT string_agg(outcome || '=' || count, ',' ORDER BY outcome) FROM ecst.apply_batch('cb', $1::text[])",
+            &[events.into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, "applied=3,dead_lettered=1", "only ts 3 disagrees with the row ts 2 left");
+        assert_eq!(row("cb", "1"), "1|-|c|-|-");
+        assert_eq!(row("cb", "2"), "2|-|y|-|-", "no row, no conflict");
+        assert_eq!(last_dead_letter().0, "conflict");
+        assert_eq!(text("SELECT conflicts::text FROM ecst.stats WHERE stream = 'cb'"), "1");
+    }
+
+    #[pg_test]
+    fn a_failing_write_in_a_batch_isolates_the_bad_event() {
+        run("CREATE TABLE t (id text PRIMARY KEY, v text CHECK (v <> 'bad'))");
+        run(r#"SELECT ecst.create_stream('t', 't', 'entity_snapshot', '{"id": "id"}', version => 'ts')"#);
+        let events: Vec<Option<String>> = (1..=20)
+            .map(|i| {
+                let v = if i == 7 { "bad" } else { "ok" };
+                Some(format!(r#"{{"id": "{i}", "ts": 1, "newState": {{"v": "{v}"}}}}"#))
+            })
+            .collect();
+        let got = Spi::get_one_with_args::<String>(
+            "SELECT string_agg(outcome || '=' || count, ',' ORDER BY outcome) FROM ecst.apply_batch('t', $1::text[])",
+            &[events.into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, "applied=19,dead_lettered=1");
+        assert_eq!(text("SELECT sqlstate FROM ecst.dead_letters"), "23514");
+        assert_eq!(count("SELECT * FROM t"), 19);
+        assert_eq!(count("SELECT * FROM ecst.entity_state"), 19, "the bad event left no version behind");
+    }
+
     // ---------------------------------------------------------------- bad input
 
     #[pg_test]
@@ -543,7 +591,8 @@ mod tests {
             let mut rng = Lcg(seed);
             let in_order = format!("io_{seed}");
             let shuffled = format!("sh_{seed}");
-            for name in [&in_order, &shuffled] {
+            let batched = format!("ba_{seed}");
+            for name in [&in_order, &shuffled, &batched] {
                 address_table(name);
                 run(&format!(
                     r#"SELECT ecst.create_stream('{name}', '{name}', '{shape}', '{{"addressId": "address_id"}}',
@@ -569,10 +618,26 @@ mod tests {
             for (_, _, p) in &events {
                 apply(&shuffled, p);
             }
+            // The same delivery through apply_batch (set-based), in chunks of random size.
+            let mut rest: &[(String, i64, String)] = &events;
+            while !rest.is_empty() {
+                let n = (1 + rng.next(12) as usize).min(rest.len());
+                let chunk: Vec<Option<String>> = rest[..n].iter().map(|(_, _, p)| Some(p.clone())).collect();
+                Spi::run_with_args(
+                    &format!("SELECT * FROM ecst.apply_batch('{batched}', $1::text[])"),
+                    &[chunk.into()],
+                )
+                .unwrap();
+                rest = &rest[n..];
+            }
             let diff = count(&format!(
                 "(SELECT * FROM {in_order} EXCEPT SELECT * FROM {shuffled}) UNION ALL (SELECT * FROM {shuffled} EXCEPT SELECT * FROM {in_order})"
             ));
             assert_eq!(diff, 0, "{shape} seed {seed}: shuffled delivery differs from in-order");
+            let diff = count(&format!(
+                "(SELECT * FROM {in_order} EXCEPT SELECT * FROM {batched}) UNION ALL (SELECT * FROM {batched} EXCEPT SELECT * FROM {in_order})"
+            ));
+            assert_eq!(diff, 0, "{shape} seed {seed}: batched delivery differs from in-order");
             assert_eq!(count(&format!("SELECT * FROM {in_order}")), count(&format!("SELECT * FROM {shuffled}")));
         }
     }

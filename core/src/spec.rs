@@ -1,7 +1,7 @@
 //! A stream's definition as the core sees it: the shape, where the key, state, version and
 //! event id sit in an event, and how JSON fields resolve to replica columns.
 
-use heck::ToSnakeCase;
+use heck::{ToLowerCamelCase, ToSnakeCase};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -102,6 +102,25 @@ impl Path {
     pub fn lookup<'v>(&self, root: &'v Value) -> Option<&'v Value> {
         self.0.iter().try_fold(root, |v, seg| v.as_object()?.get(seg))
     }
+
+    /// The object at this path inside `root`, created (as empty objects) where missing.
+    /// `None` if something on the way is not an object.
+    pub fn object_mut<'v>(&self, root: &'v mut Value) -> Option<&'v mut serde_json::Map<String, Value>> {
+        let mut cur = root;
+        for seg in &self.0 {
+            let obj = cur.as_object_mut()?;
+            cur = obj.entry(seg.clone()).or_insert_with(|| Value::Object(serde_json::Map::new()));
+        }
+        cur.as_object_mut()
+    }
+
+    /// Sets the value at this path unless one is there already (creating objects on the way).
+    pub fn set_default(&self, root: &mut Value, value: Value) {
+        let Some((last, parents)) = self.0.split_last() else { return };
+        if let Some(obj) = Path(parents.to_vec()).object_mut(root) {
+            obj.entry(last.clone()).or_insert(value);
+        }
+    }
 }
 
 impl fmt::Display for Path {
@@ -150,6 +169,24 @@ impl Table {
         match self.target_of(field) {
             Target::Unmapped => self.target_of(&field.to_snake_case()),
             found => found,
+        }
+    }
+
+    /// The JSON field to write a column under when exporting: the explicitly mapped field, else
+    /// the lowerCamelCase name if it resolves back to this column (`address_line2` →
+    /// `addressLine2`), else the column name itself (which always resolves back).
+    pub fn field_name(&self, column: usize) -> String {
+        let name = &self.columns[column];
+        let mut explicit: Vec<&String> = self.explicit.iter().filter(|(_, c)| *c == name).map(|(f, _)| f).collect();
+        explicit.sort();
+        if let Some(f) = explicit.first() {
+            return (*f).clone();
+        }
+        let camel = name.to_lower_camel_case();
+        if self.resolve(&camel) == Target::Column(column) {
+            camel
+        } else {
+            name.clone()
         }
     }
 
@@ -224,6 +261,20 @@ mod tests {
         assert_eq!(t.resolve("addressLine2"), Target::Unmapped);
         assert_eq!(t.resolve("addressId"), Target::Key);
         assert_eq!(t.resolve("socialSecurityNumber"), Target::Unmapped);
+    }
+
+    #[test]
+    fn export_field_names_resolve_back_to_their_column() {
+        let t = table();
+        assert_eq!(t.field_name(0), "addressPurpose", "explicit mapping");
+        assert_eq!(t.field_name(1), "addressLine1", "camelCase resolves back by snake_case");
+        assert_eq!(t.field_name(2), "line2");
+        for i in 0..t.columns.len() {
+            assert_eq!(t.resolve(&t.field_name(i)), Target::Column(i));
+        }
+        let odd = Table::new(vec![], vec!["Weird Name".into(), "a__b".into()], vec![]);
+        assert_eq!(odd.field_name(0), "Weird Name");
+        assert_eq!(odd.resolve(&odd.field_name(1)), Target::Column(1));
     }
 
     #[test]

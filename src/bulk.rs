@@ -1,0 +1,433 @@
+//! Set-based application of a run of events of one stream: the whole run is decided in memory
+//! (the core's `decide` folded per entity, in order) and written with a handful of statements
+//! over typed arrays — one `SELECT ... FOR UPDATE` of the version states, one `DELETE`, one
+//! `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE` per written column set, one state
+//! upsert — instead of several statements and a subtransaction per event.
+//!
+//! The run is one subtransaction. If anything in it fails (a constraint, a trigger, a concurrent
+//! creator of the same entity), it is rolled back and the run is applied event by event instead,
+//! which isolates the bad event exactly as before. Aggregates and composite keys always take the
+//! per-event path.
+
+use crate::apply::{self, Applied, ErrorPolicy};
+use crate::catalog::{Column, Stream};
+use crate::errors::{self, raise};
+use crate::subxact::{self, SubResult};
+use crate::writer;
+use ecst_core::event::{Cell, Event, Op};
+use ecst_core::merge::{decide, Decision, EntityState, Outcome, Write};
+use ecst_core::reject::Rejection;
+use ecst_core::spec::Shape;
+use ecst_core::version::Version;
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::spi::SpiClient;
+use pgrx::PgSqlErrorCode as Code;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Whether a stream can be applied set-based.
+pub fn eligible(stream: &Stream) -> bool {
+    stream.spec.shape != Shape::AggregateSnapshot
+        && stream.table.keys.len() == 1
+        && stream.table.keys[0].ty.array_oid().is_some()
+        && stream.table.columns.iter().all(|c| c.ty.array_oid().is_some())
+}
+
+/// Applies `events` (in order) and returns one result per event.
+pub fn apply_run(
+    client: &mut SpiClient,
+    stream: &Stream,
+    events: &[Result<Event, Rejection>],
+    policy: ErrorPolicy,
+) -> Vec<Applied> {
+    if eligible(stream) && events.len() > 1 {
+        match subxact::run(|| run_set_based(client, stream, events, policy)) {
+            SubResult::Committed(results) => return results,
+            SubResult::RolledBack(Fallback::Raise(message)) => raise(
+                Code::ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION,
+                message,
+                Some("The stream's on_conflict is 'error'. Re-sync the entity, or use on_conflict 'apply', 'skip' or 'dead_letter'."),
+            ),
+            SubResult::RolledBack(Fallback::OneByOne) => {
+                pgrx::debug1!("pg_ecst: stream \"{}\": a concurrent session created an entity; applying {} events one by one", stream.spec.name, events.len());
+            }
+            SubResult::Failed(caught) => match *caught {
+                CaughtError::PostgresError(ref r) if errors::is_session_error(&errors::sqlstate(r.sql_error_code())) => {
+                    caught.rethrow()
+                }
+                CaughtError::PostgresError(ref r) => {
+                    // A data error somewhere in the run: find it event by event.
+                    pgrx::debug1!(
+                        "pg_ecst: stream \"{}\": set-based apply of {} events failed ({}); applying them one by one",
+                        stream.spec.name,
+                        events.len(),
+                        r.message()
+                    );
+                }
+                _ => {}
+            },
+        }
+    }
+    one_by_one(client, stream, events, policy)
+}
+
+fn one_by_one(
+    client: &mut SpiClient,
+    stream: &Stream,
+    events: &[Result<Event, Rejection>],
+    policy: ErrorPolicy,
+) -> Vec<Applied> {
+    events
+        .iter()
+        .map(|e| match e {
+            Ok(ev) => apply::apply_event(client, stream, ev, policy),
+            Err(r) => rejected(r.clone(), false),
+        })
+        .collect()
+}
+
+fn rejected(rejection: Rejection, conflict: bool) -> Applied {
+    Applied::Rejected { rejection, sqlstate: None, conflict }
+}
+
+/// A key and the values of the written columns, for one row of an upsert.
+type RowValues = (pg_sys::Datum, Vec<Option<pg_sys::Datum>>);
+
+/// Why the set-based attempt gave up (its subtransaction is rolled back).
+enum Fallback {
+    /// Apply the run event by event (a concurrent creator of an entity won the race).
+    OneByOne,
+    /// `on_conflict => 'error'`.
+    Raise(String),
+}
+
+/// One event with its values converted.
+struct Item<'e> {
+    index: usize,
+    ev: &'e Event,
+    key: pg_sys::Datum,
+    /// New cells by column index.
+    cells: HashMap<usize, Option<pg_sys::Datum>>,
+    /// `oldState` cells, converted and printed back (canonical text) for the conflict check.
+    old: Vec<(usize, Option<String>)>,
+}
+
+/// The replica row of one entity after the run, as set-based writes.
+#[derive(Default)]
+struct Final {
+    /// Delete the existing row first (a delete, possibly followed by a re-create).
+    delete: bool,
+    /// Then upsert these cells (`None`: no upsert).
+    upsert: Option<BTreeMap<usize, Option<pg_sys::Datum>>>,
+}
+
+fn run_set_based(
+    client: &mut SpiClient,
+    stream: &Stream,
+    events: &[Result<Event, Rejection>],
+    policy: ErrorPolicy,
+) -> Result<Vec<Applied>, Fallback> {
+    let spec = &stream.spec;
+    let table = &stream.table;
+    let key_col = &table.keys[0];
+    let mut results: Vec<Option<Applied>> = vec![None; events.len()];
+
+    // 1. Convert keys and values; group by entity (sorted: locks are taken in key order).
+    let mut entities: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+    for (index, e) in events.iter().enumerate() {
+        let ev = match e {
+            Ok(ev) => ev,
+            Err(r) => {
+                results[index] = Some(rejected(r.clone(), false));
+                continue;
+            }
+        };
+        match convert(stream, index, ev) {
+            Ok((key, item)) => entities.entry(key).or_default().push(item),
+            Err(r) => results[index] = Some(rejected(r, false)),
+        }
+    }
+
+    // 2. Event ids: the first occurrence of a new id goes on; the rest are duplicates.
+    let mut fresh_ids: HashSet<String> = HashSet::new();
+    if spec.event_id.is_some() {
+        let mut ids: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        for items in entities.values() {
+            for it in items {
+                if let Some(id) = &it.ev.event_id {
+                    if seen.insert(id.clone()) {
+                        ids.push(id.clone());
+                    }
+                }
+            }
+        }
+        if !ids.is_empty() {
+            let rows = writer::run(
+                client,
+                "INSERT INTO ecst.applied_events (stream_id, event_id) SELECT $1, unnest($2::text[])
+                 ON CONFLICT DO NOTHING RETURNING event_id",
+                &[stream.id.into(), ids.into()],
+            );
+            fresh_ids = rows.map(|r| r.get::<String>(1).unwrap().unwrap()).collect();
+        }
+    }
+
+    // 3. Version states, locked.
+    let keys: Vec<String> = entities.keys().cloned().collect();
+    let mut states: HashMap<String, EntityState> = HashMap::new();
+    if spec.is_versioned() && !keys.is_empty() {
+        let rows = writer::run(
+            client,
+            "SELECT entity_key, live_version::text, tomb_version::text, field_versions::text
+             FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2::text[])
+             ORDER BY entity_key FOR UPDATE",
+            &[stream.id.into(), keys.clone().into()],
+        );
+        for r in rows {
+            let key: String = r.get(1).unwrap().unwrap();
+            let state = apply::state_from_text(r.get(2).unwrap(), r.get(3).unwrap(), r.get(4).unwrap());
+            states.insert(key, state);
+        }
+    }
+
+    // 4. Current rows of the entities whose events carry oldState (for the conflict check).
+    let needs_row: Vec<&String> =
+        entities.iter().filter(|(_, items)| items.iter().any(|it| !it.old.is_empty())).map(|(k, _)| k).collect();
+    let mut rows: HashMap<String, Vec<Option<String>>> = HashMap::new();
+    if !needs_row.is_empty() {
+        let datums: Vec<Option<pg_sys::Datum>> = needs_row.iter().map(|k| Some(entities[*k][0].key)).collect();
+        let cols: Vec<String> = table.columns.iter().map(|c| format!("{}::text", c.quoted)).collect();
+        let sql = format!(
+            "SELECT {}::text{}{} FROM {} WHERE {} = ANY ($1)",
+            key_col.quoted,
+            if cols.is_empty() { "" } else { ", " },
+            cols.join(", "),
+            table.qualified,
+            key_col.quoted
+        );
+        for r in writer::run(client, &sql, &[key_col.ty.array(&datums)]) {
+            let key: String = r.get(1).unwrap().unwrap();
+            let values = (0..table.columns.len()).map(|i| r.get::<String>(i + 2).unwrap()).collect();
+            rows.insert(key, values);
+        }
+    }
+
+    // 5. Decide, entity by entity, in order; compose each entity's final write.
+    let mut finals: Vec<(pg_sys::Datum, Final)> = Vec::new();
+    let mut new_states: Vec<(String, EntityState, bool)> = Vec::new();
+    let mut one_by_one_entities: Vec<&String> = Vec::new();
+    let mut unapplied_ids: Vec<String> = Vec::new();
+    for (key, items) in &entities {
+        let existed = states.contains_key(key);
+        let mut state = states.remove(key);
+        let mut row = rows.remove(key);
+        let mut fin = Final::default();
+        let mut changed = false;
+        let mut needs_one_by_one = false;
+        // Simulate the row only when a later event's oldState will be compared with it.
+        let track_row = items.iter().any(|i| !i.old.is_empty());
+        let mut decided: Vec<(usize, Applied)> = Vec::new();
+        for it in items {
+            if let Some(id) = &it.ev.event_id {
+                if !fresh_ids.remove(id) {
+                    decided.push((it.index, Applied::Done { outcome: Outcome::Duplicate, conflict: false }));
+                    continue;
+                }
+            }
+            let decision = decide(&stream.spec, state.as_ref(), it.ev, |_: &[Cell]| mismatches(it, row.as_ref()));
+            match decision {
+                Decision::Done { outcome, conflict, write, state: next } => {
+                    decided.push((it.index, Applied::Done { outcome, conflict }));
+                    match write {
+                        Write::Nothing => {}
+                        Write::Upsert { cells, .. } => {
+                            let upsert = fin.upsert.get_or_insert_with(BTreeMap::new);
+                            if spec.shape.is_snapshot() {
+                                upsert.clear();
+                            }
+                            for c in &cells {
+                                upsert.insert(c.column, it.cells[&c.column]);
+                            }
+                            if track_row {
+                                let r = row.get_or_insert_with(|| vec![None; table.columns.len()]);
+                                for c in &cells {
+                                    r[c.column] = it.cells[&c.column].map(|d| table.columns[c.column].ty.output(d));
+                                }
+                            }
+                        }
+                        Write::Clear { .. } => needs_one_by_one = true,
+                        Write::Delete => {
+                            fin = Final { delete: true, upsert: None };
+                            row = None;
+                        }
+                    }
+                    if let Some(n) = next {
+                        state = Some(n);
+                        changed = true;
+                    }
+                }
+                Decision::DeadLetter(r) => {
+                    if let Some(id) = &it.ev.event_id {
+                        unapplied_ids.push(id.clone());
+                    }
+                    decided.push((it.index, rejected(r, true)));
+                }
+                Decision::Raise(message) => return Err(Fallback::Raise(message)),
+            }
+        }
+        if needs_one_by_one {
+            // A delete older than surviving delta fields resets columns to DEFAULT, which a
+            // set-based write cannot express: this entity goes event by event.
+            one_by_one_entities.push(key);
+            unapplied_ids.extend(items.iter().filter_map(|it| it.ev.event_id.clone()));
+            continue;
+        }
+        for (index, applied) in decided {
+            results[index] = Some(applied);
+        }
+        if fin.delete || fin.upsert.is_some() {
+            finals.push((items[0].key, fin));
+        }
+        if changed {
+            new_states.push((key.clone(), state.expect("changed state"), existed));
+        }
+    }
+
+    // 6. Write: deletes, then upserts grouped by column set, then version states.
+    let deletes: Vec<Option<pg_sys::Datum>> = finals.iter().filter(|(_, f)| f.delete).map(|(k, _)| Some(*k)).collect();
+    if !deletes.is_empty() {
+        let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", table.qualified, key_col.quoted);
+        writer::run(client, &sql, &[key_col.ty.array(&deletes)]);
+    }
+    let mut groups: BTreeMap<Vec<usize>, Vec<RowValues>> = BTreeMap::new();
+    for (key, fin) in &finals {
+        if let Some(cells) = &fin.upsert {
+            groups.entry(cells.keys().copied().collect()).or_default().push((*key, cells.values().copied().collect()));
+        }
+    }
+    for (columns, rows) in groups {
+        upsert_many(client, stream, &columns, &rows);
+    }
+    save_states(client, stream.id, &new_states)?;
+    if !unapplied_ids.is_empty() {
+        writer::run(
+            client,
+            "DELETE FROM ecst.applied_events WHERE stream_id = $1 AND event_id = ANY ($2::text[])",
+            &[stream.id.into(), unapplied_ids.into()],
+        );
+    }
+
+    // 7. Entities that need the per-event path, in order.
+    for key in one_by_one_entities {
+        for it in &entities[key] {
+            results[it.index] = Some(apply::apply_event(client, stream, it.ev, policy));
+        }
+    }
+    Ok(results.into_iter().map(|r| r.expect("every event decided")).collect())
+}
+
+/// Converts one event's key and values. Returns its canonical entity key.
+fn convert<'e>(stream: &Stream, index: usize, ev: &'e Event) -> Result<(String, Item<'e>), Rejection> {
+    let table = &stream.table;
+    let (keys, mut canonical) = apply::bind_keys(&table.keys, &stream.spec.key_fields, &ev.key)?;
+    let key = keys[0].value.expect("keys are not null");
+    let mut cells = HashMap::new();
+    if let Op::Upsert { cells: new, .. } = &ev.op {
+        for c in new {
+            cells.insert(c.column, apply::bind(&table.columns[c.column], &c.field, &c.value)?.value);
+        }
+    }
+    let mut old = Vec::with_capacity(ev.old.len());
+    for c in &ev.old {
+        let column: &Column = &table.columns[c.column];
+        let bound = apply::bind(column, &c.field, &c.value)?;
+        old.push((c.column, bound.value.map(|d| column.ty.output(d))));
+    }
+    Ok((canonical.pop().expect("one key"), Item { index, ev, key, cells, old }))
+}
+
+/// Which `oldState` fields of `it` differ from the entity's current row (none without a row).
+fn mismatches(it: &Item, row: Option<&Vec<Option<String>>>) -> Vec<String> {
+    let Some(row) = row else { return Vec::new() };
+    it.ev
+        .old
+        .iter()
+        .zip(&it.old)
+        .filter(|(_, (column, text))| &row[*column] != text)
+        .map(|(cell, _)| cell.field.clone())
+        .collect()
+}
+
+/// `INSERT ... SELECT * FROM unnest(keys, col1, ...) ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col`.
+fn upsert_many(client: &mut SpiClient, stream: &Stream, columns: &[usize], rows: &[RowValues]) {
+    let table = &stream.table;
+    let key_col = &table.keys[0];
+    let cols: Vec<&Column> = columns.iter().map(|&i| &table.columns[i]).collect();
+    let names: Vec<&str> =
+        std::iter::once(key_col.quoted.as_str()).chain(cols.iter().map(|c| c.quoted.as_str())).collect();
+    let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
+    let action = if cols.is_empty() {
+        "NOTHING".to_string()
+    } else {
+        format!(
+            "UPDATE SET {}",
+            cols.iter().map(|c| format!("{0} = EXCLUDED.{0}", c.quoted)).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let sql = format!(
+        "INSERT INTO {} ({}) SELECT * FROM unnest({}) ON CONFLICT ({}) DO {action}",
+        table.qualified,
+        names.join(", "),
+        params.join(", "),
+        key_col.quoted
+    );
+    let mut args = Vec::with_capacity(names.len());
+    let keys: Vec<Option<pg_sys::Datum>> = rows.iter().map(|(k, _)| Some(*k)).collect();
+    args.push(key_col.ty.array(&keys));
+    for (i, c) in cols.iter().enumerate() {
+        let values: Vec<Option<pg_sys::Datum>> = rows.iter().map(|(_, v)| v[i]).collect();
+        args.push(c.ty.array(&values));
+    }
+    writer::run(client, &sql, &args);
+}
+
+/// Writes the new version states: updates for entities that had one, inserts for new ones. A new
+/// entity that a concurrent session created meanwhile sends the run down the per-event path.
+fn save_states(client: &mut SpiClient, stream_id: i32, states: &[(String, EntityState, bool)]) -> Result<(), Fallback> {
+    for existed in [true, false] {
+        let chosen: Vec<&(String, EntityState, bool)> = states.iter().filter(|s| s.2 == existed).collect();
+        if chosen.is_empty() {
+            continue;
+        }
+        let keys: Vec<String> = chosen.iter().map(|s| s.0.clone()).collect();
+        let text = |v: &Option<Version>| v.as_ref().map(Version::to_numeric_string);
+        let live: Vec<Option<String>> = chosen.iter().map(|s| text(&s.1.live)).collect();
+        let tomb: Vec<Option<String>> = chosen.iter().map(|s| text(&s.1.tomb)).collect();
+        let fields: Vec<Option<String>> = chosen.iter().map(|s| apply::fields_to_text(&s.1)).collect();
+        let args = [stream_id.into(), keys.into(), live.into(), tomb.into(), fields.into()];
+        if existed {
+            writer::run(
+                client,
+                "UPDATE ecst.entity_state s SET live_version = u.l::numeric, tomb_version = u.t::numeric,
+                        field_versions = u.f::jsonb
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u (k, l, t, f)
+                 WHERE s.stream_id = $1 AND s.entity_key = u.k",
+                &args,
+            );
+        } else {
+            let inserted = writer::run(
+                client,
+                "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
+                 SELECT $1, u.k, u.l::numeric, u.t::numeric, u.f::jsonb
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u (k, l, t, f)
+                 ON CONFLICT DO NOTHING RETURNING 1",
+                &args,
+            );
+            if inserted.len() < chosen.len() {
+                return Err(Fallback::OneByOne);
+            }
+        }
+    }
+    Ok(())
+}

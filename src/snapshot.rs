@@ -1,0 +1,272 @@
+//! Bootstrap and backfill (SPEC §5): loading a snapshot in bulk, and exporting the replica as
+//! create events in the stream's own format.
+//!
+//! A load reads the source's `payload` column through a cursor and applies it in chunks through
+//! the set-based path, so version rules decide per entity exactly as for events: an older
+//! snapshot row never overwrites newer state, and events applied meanwhile stay correct.
+
+use crate::apply::{self, Applied, ErrorPolicy};
+use crate::bulk;
+use crate::catalog::{self, Stream};
+use crate::counters;
+use crate::errors::raise;
+use ecst_core::event::parse;
+use ecst_core::merge::Outcome;
+use ecst_core::reject::{RejectCode, Rejection};
+use ecst_core::version::Version;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::{pg_sys, PgSqlErrorCode as Code};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashSet};
+
+/// Rows applied per chunk of a load.
+const CHUNK: i64 = 10_000;
+/// A progress NOTICE every this many rows.
+const PROGRESS_EVERY: i64 = 100_000;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LoadCounts {
+    pub loaded: i64,
+    pub stale: i64,
+    pub deleted: i64,
+    pub dead_lettered: i64,
+}
+
+/// `ecst.load_snapshot(stream, source, mode, as_of)`.
+pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&str>) -> LoadCounts {
+    let stream = catalog::stream(stream_name);
+    let replace = match mode {
+        "merge" => false,
+        "replace" => true,
+        other => raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("unknown mode \"{other}\""),
+            Some("mode must be 'merge' or 'replace'."),
+        ),
+    };
+    let as_of = as_of.map(|text| {
+        Version::parse_decimal(text).or_else(|_| Version::parse_timestamp(text)).unwrap_or_else(|_| {
+            raise(
+                Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("as_of {text:?} is neither a number nor an RFC 3339 timestamp"),
+                None,
+            )
+        })
+    });
+    if replace && stream.spec.is_versioned() && as_of.is_none() {
+        raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("mode 'replace' on versioned stream \"{stream_name}\" needs as_of"),
+            Some("Pass the version the snapshot was taken at: entities absent from it are deleted only if not newer."),
+        );
+    }
+    if as_of.is_some() && !stream.spec.is_versioned() {
+        raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("as_of needs a versioned stream; \"{stream_name}\" has no version path"),
+            None,
+        );
+    }
+    let source_name = catalog::payload_source(source);
+    let mut counts = LoadCounts::default();
+    let mut seen: HashSet<String> = HashSet::new();
+    Spi::connect_mut(|client| {
+        let mut cursor = client.open_cursor(format!("SELECT payload::text FROM {source_name}").as_str(), &[]);
+        let mut read = 0i64;
+        loop {
+            let payloads: Vec<Option<String>> =
+                cursor.fetch(CHUNK as _).expect("reading the snapshot").map(|r| r.get::<String>(1).unwrap()).collect();
+            if payloads.is_empty() {
+                break;
+            }
+            let events: Vec<Result<_, Rejection>> = payloads
+                .iter()
+                .map(|p| match p {
+                    Some(p) => parse(&stream.spec, p),
+                    None => Err(Rejection::new(RejectCode::InvalidJson, "the payload is NULL")),
+                })
+                .collect();
+            if replace {
+                seen.extend(events.iter().flatten().filter_map(|ev| apply::entity_key(&stream, ev)));
+            }
+            let results = bulk::apply_run(client, &stream, &events, ErrorPolicy::Caller);
+            for (payload, result) in payloads.iter().zip(&results) {
+                match result {
+                    Applied::Done { outcome: Outcome::Applied, .. } => counts.loaded += 1,
+                    Applied::Done { .. } => counts.stale += 1,
+                    Applied::Rejected { rejection, sqlstate, .. } => {
+                        counts.dead_lettered += 1;
+                        apply::dead_letter(
+                            client,
+                            Some(stream_name),
+                            payload.as_deref(),
+                            rejection,
+                            sqlstate.as_deref(),
+                        );
+                    }
+                }
+                counters::count(stream.id, result);
+            }
+            let before = read;
+            read += payloads.len() as i64;
+            if read / PROGRESS_EVERY > before / PROGRESS_EVERY {
+                notice!(
+                    "pg_ecst: load_snapshot(\"{stream_name}\"): {read} rows read ({} loaded, {} stale, {} dead-lettered)",
+                    counts.loaded,
+                    counts.stale,
+                    counts.dead_lettered
+                );
+            }
+        }
+        if replace {
+            counts.deleted = delete_absent(client, &stream, &seen, as_of.as_ref());
+        }
+    });
+    counts
+}
+
+/// SQL for an entity's canonical key text from a table's key columns (see `apply::entity_key`).
+fn key_expr(alias: &str, columns: &[&str]) -> String {
+    match columns {
+        [one] => format!("{alias}.{one}::text"),
+        many => format!(
+            "to_json(ARRAY[{}])::text",
+            many.iter().map(|c| format!("{alias}.{c}::text")).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// Replace mode: deletes the replica entities absent from the snapshot whose version is not newer
+/// than `as_of`, leaving tombstones at `as_of`. Returns how many were deleted.
+fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>, as_of: Option<&Version>) -> i64 {
+    let table = &stream.table;
+    let keys: Vec<&str> = table.keys.iter().map(|k| k.quoted.as_str()).collect();
+    let candidates: Vec<String> = match as_of {
+        Some(v) => client
+            .select(
+                "SELECT entity_key FROM ecst.entity_state
+                 WHERE stream_id = $1 AND live_version IS NOT NULL
+                   AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric",
+                None,
+                &[stream.id.into(), v.to_numeric_string().into()],
+            )
+            .expect("reading ecst.entity_state")
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect(),
+        None => client
+            .select(&format!("SELECT {} FROM {} t", key_expr("t", &keys), table.qualified), None, &[])
+            .expect("reading the replica")
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect(),
+    };
+    let gone: Vec<String> = candidates.into_iter().filter(|k| !seen.contains(k)).collect();
+    if gone.is_empty() {
+        return 0;
+    }
+    for child in &stream.children {
+        let parent: Vec<&str> = child.parent.iter().map(|c| c.quoted.as_str()).collect();
+        let sql =
+            format!("DELETE FROM {} c WHERE {} = ANY ($1::text[])", child.table.qualified, key_expr("c", &parent));
+        client.update(&sql, None, &[gone.clone().into()]).expect("deleting child rows");
+    }
+    let sql = format!("DELETE FROM {} t WHERE {} = ANY ($1::text[])", table.qualified, key_expr("t", &keys));
+    client.update(&sql, None, &[gone.clone().into()]).expect("deleting replica rows");
+    if let Some(v) = as_of {
+        client
+            .update(
+                "UPDATE ecst.entity_state SET tomb_version = $3::numeric, field_versions = NULL
+                 WHERE stream_id = $1 AND entity_key = ANY ($2::text[])",
+                None,
+                &[stream.id.into(), gone.clone().into(), v.to_numeric_string().into()],
+            )
+            .expect("writing tombstones");
+    }
+    gone.len() as i64
+}
+
+/// `ecst.export_snapshot(stream)`: every replica entity as a create event in the stream's format.
+pub fn export(stream_name: &str) -> Vec<Value> {
+    let stream = catalog::stream(stream_name);
+    let spec = &stream.spec;
+    let table = &stream.table;
+    Spi::connect(|client| {
+        let keys: Vec<&str> = table.keys.iter().map(|k| k.quoted.as_str()).collect();
+        let mut select: Vec<String> = vec![key_expr("t", &keys), "s.live_version::text".into()];
+        select.extend(table.keys.iter().map(|k| format!("to_jsonb(t.{})::text", k.quoted)));
+        select.extend(table.columns.iter().map(|c| format!("to_jsonb(t.{})::text", c.quoted)));
+        let sql = format!(
+            "SELECT {} FROM {} t LEFT JOIN ecst.entity_state s ON s.stream_id = $1 AND s.entity_key = {} ORDER BY 1",
+            select.join(", "),
+            table.qualified,
+            key_expr("t", &keys)
+        );
+        let children = export_children(client, &stream);
+        client
+            .select(&sql, None, &[stream.id.into()])
+            .expect("reading the replica")
+            .map(|r| {
+                let entity_key: String = r.get(1).unwrap().unwrap();
+                let version: Option<String> = r.get(2).unwrap();
+                let mut event = Value::Object(Map::new());
+                for (i, field) in spec.key_fields.iter().enumerate() {
+                    event[field] = parse_json(r.get(3 + i).unwrap());
+                }
+                let first = 3 + table.keys.len();
+                let mut entity = Value::Object(
+                    (0..table.columns.len())
+                        .map(|i| (spec.table.field_name(i), parse_json(r.get(first + i).unwrap())))
+                        .collect(),
+                );
+                for (ci, child) in spec.children.iter().enumerate() {
+                    let rows = children.get(&(ci, entity_key.clone())).cloned().unwrap_or_default();
+                    child.path.set_default(&mut entity, Value::Array(rows));
+                }
+                let new_state = match &spec.state_path {
+                    Some(path) => {
+                        let mut root = Value::Object(Map::new());
+                        path.set_default(&mut root, entity);
+                        root
+                    }
+                    None => entity,
+                };
+                event["newState"] = new_state;
+                if let (Some(path), Some(v)) = (&spec.version, version) {
+                    path.set_default(&mut event, serde_json::from_str(&v).expect("numeric text is a JSON number"));
+                }
+                event
+            })
+            .collect()
+    })
+}
+
+/// Child rows as JSON objects, by (child index, canonical parent key), in key order.
+fn export_children(client: &SpiClient, stream: &Stream) -> BTreeMap<(usize, String), Vec<Value>> {
+    let mut out: BTreeMap<(usize, String), Vec<Value>> = BTreeMap::new();
+    for (ci, (info, spec)) in stream.children.iter().zip(&stream.spec.children).enumerate() {
+        let parent: Vec<&str> = info.parent.iter().map(|c| c.quoted.as_str()).collect();
+        let mut select = vec![key_expr("c", &parent)];
+        select.extend(info.table.keys.iter().map(|k| format!("to_jsonb(c.{})::text", k.quoted)));
+        select.extend(info.table.columns.iter().map(|c| format!("to_jsonb(c.{})::text", c.quoted)));
+        let order: Vec<String> = info.table.keys.iter().map(|k| format!("c.{}", k.quoted)).collect();
+        let sql =
+            format!("SELECT {} FROM {} c ORDER BY 1, {}", select.join(", "), info.table.qualified, order.join(", "));
+        for r in client.select(&sql, None, &[]).expect("reading child rows") {
+            let parent_key: String = r.get(1).unwrap().unwrap();
+            let mut element = Map::new();
+            for (i, field) in spec.key_fields.iter().enumerate() {
+                element.insert(field.clone(), parse_json(r.get(2 + i).unwrap()));
+            }
+            let first = 2 + info.table.keys.len();
+            for i in 0..info.table.columns.len() {
+                element.insert(spec.table.field_name(i), parse_json(r.get(first + i).unwrap()));
+            }
+            out.entry((ci, parent_key)).or_default().push(Value::Object(element));
+        }
+    }
+    out
+}
+
+fn parse_json(text: Option<String>) -> Value {
+    text.map(|t| serde_json::from_str(&t).expect("to_jsonb is JSON")).unwrap_or(Value::Null)
+}
