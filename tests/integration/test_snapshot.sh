@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# SPEC §5 against a running server: snapshot + events in every interleaving (and a load running
+# while the worker applies events) equal events alone; replace mode; reloading is a no-op;
+# export -> load round trips for the three shapes; a file_fdw source.
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+. tests/integration/common.sh
+IT_DIR=/tmp/pg_ecst-it-snap IT_PORT=54332
+it_start "ecst.database = 'snap'" "ecst.naptime = 200"
+DB=snap
+q() { psql_it -d $DB -c "$1"; }
+psql_it -d postgres -c "CREATE DATABASE snap" >/dev/null
+
+psql_it -d $DB >/dev/null <<'SQL'
+CREATE EXTENSION pg_ecst;
+CREATE EXTENSION file_fdw;
+-- History: 300 entities, versions 1..10 each; every 7th version is a delete.
+CREATE TABLE history AS
+SELECT e, v, CASE WHEN (e + v) % 7 = 0
+         THEN format('{"id": "e%s", "ts": %s, "oldState": {}}', e, v)
+         ELSE format('{"id": "e%s", "ts": %s, "newState": {"line1": "e%s v%s", "n": %s}}', e, v, e, v, e * v) END AS payload
+FROM generate_series(1, 300) e, generate_series(1, 10) v;
+-- The snapshot as of version 5: each entity's state at 5 as a create event (absent if deleted).
+CREATE TABLE snapshot5 AS
+SELECT payload FROM (
+    SELECT DISTINCT ON (e) e, payload, payload::jsonb ? 'newState' AS live FROM history WHERE v <= 5 ORDER BY e, v DESC
+) s WHERE live;
+CREATE TABLE later AS SELECT e, v, payload FROM history WHERE v > 5;
+CREATE FUNCTION make_replica(name text) RETURNS void LANGUAGE plpgsql AS $f$
+BEGIN
+    EXECUTE format('CREATE TABLE %I (id text PRIMARY KEY, line1 text, n bigint)', name);
+    PERFORM ecst.create_stream(name, name::regclass, 'entity_snapshot', '{"id": "id"}', version => 'ts');
+END $f$;
+CREATE FUNCTION differs(a text, b text) RETURNS bigint LANGUAGE plpgsql AS $f$
+DECLARE n bigint;
+BEGIN
+    EXECUTE format('SELECT count(*) FROM ((TABLE %I EXCEPT TABLE %I) UNION ALL (TABLE %I EXCEPT TABLE %I)) d', a, b, b, a) INTO n;
+    RETURN n;
+END $f$;
+SELECT make_replica('ref');
+SELECT count(*) FROM (SELECT ecst.apply('ref', payload) FROM history ORDER BY e, v) a;
+SQL
+check "reference replica has rows" t "$(q "SELECT count(*) > 100 FROM ref")"
+
+echo "-- snapshot + events in every interleaving"
+psql_it -d $DB >/dev/null <<'SQL'
+SELECT make_replica('snap_first');
+SELECT * FROM ecst.load_snapshot('snap_first', 'snapshot5');
+SELECT count(*) FROM (SELECT ecst.apply('snap_first', payload) FROM later ORDER BY e, v) a;
+SELECT make_replica('events_first');
+SELECT count(*) FROM (SELECT ecst.apply('events_first', payload) FROM later ORDER BY random()) a;
+SELECT * FROM ecst.load_snapshot('events_first', 'snapshot5');
+SELECT make_replica('interleaved');
+SELECT count(*) FROM (SELECT ecst.apply('interleaved', payload) FROM later WHERE v % 2 = 0 ORDER BY random()) a;
+SELECT * FROM ecst.load_snapshot('interleaved', 'snapshot5');
+SELECT count(*) FROM (SELECT ecst.apply('interleaved', payload) FROM later WHERE v % 2 = 1 ORDER BY random()) a;
+SQL
+for t in snap_first events_first interleaved; do
+    check "$t = events alone in order" 0 "$(q "SELECT differs('ref', '$t')")"
+done
+
+echo "-- a load while the worker applies the later events"
+q "SELECT make_replica('concurrent')" >/dev/null
+q "INSERT INTO ecst.inbox (stream, payload) SELECT 'concurrent', payload FROM later ORDER BY random()" >/dev/null
+q "SELECT * FROM ecst.load_snapshot('concurrent', 'snapshot5')" >/dev/null
+wait_for $DB "the worker drains the inbox" "SELECT count(*) FROM ecst.inbox" 0 60
+check "concurrent load + events = events alone" 0 "$(q "SELECT differs('ref', 'concurrent')")"
+
+echo "-- reloading the same snapshot is a no-op"
+before=$(q "SELECT md5(string_agg(t::text, ',' ORDER BY id)) FROM snap_first t")
+check "reload: nothing loaded, all stale" "0|$(q "SELECT count(*) FROM snapshot5")|0|0" \
+    "$(q "SELECT concat_ws('|', loaded, stale, deleted, dead_lettered) FROM ecst.load_snapshot('snap_first', 'snapshot5')")"
+check "replica unchanged" "$before" "$(q "SELECT md5(string_agg(t::text, ',' ORDER BY id)) FROM snap_first t")"
+
+echo "-- replace mode"
+psql_it -d $DB >/dev/null <<'SQL'
+SELECT make_replica('rep');
+SELECT ecst.apply('rep', '{"id": "old", "ts": 3, "newState": {"line1": "absent, older than as_of"}}');
+SELECT ecst.apply('rep', '{"id": "new", "ts": 7, "newState": {"line1": "absent, newer than as_of"}}');
+SELECT ecst.apply('rep', '{"id": "e1", "ts": 2, "newState": {"line1": "in the snapshot"}}');
+SQL
+check "replace deletes exactly the stale absentees" "1" \
+    "$(q "SELECT deleted FROM ecst.load_snapshot('rep', 'snapshot5', mode => 'replace', as_of => '5')")"
+check "absent but newer entity kept; absent older one gone" "e1,new" \
+    "$(q "SELECT string_agg(id, ',' ORDER BY id) FROM rep WHERE id IN ('old', 'new', 'e1')")"
+check "a tombstone at as_of keeps an older event out" "stale" \
+    "$(q "SELECT ecst.apply('rep', '{\"id\": \"old\", \"ts\": 4, \"newState\": {\"line1\": \"late\"}}')")"
+check "replace needs as_of on a versioned stream" "22023" \
+    "$(psql_it -d $DB -c "DO \$\$ BEGIN PERFORM ecst.load_snapshot('rep', 'snapshot5', mode => 'replace'); EXCEPTION WHEN OTHERS THEN RAISE NOTICE '%', SQLSTATE; END \$\$" 2>&1 | grep -o 22023)"
+check "a source without payload column is refused" "42703" \
+    "$(psql_it -d $DB -c "DO \$\$ BEGIN PERFORM ecst.load_snapshot('rep', 'ref'); EXCEPTION WHEN OTHERS THEN RAISE NOTICE '%', SQLSTATE; END \$\$" 2>&1 | grep -o 42703)"
+
+echo "-- export -> load round trip, three shapes"
+psql_it -d $DB >/dev/null <<'SQL'
+-- entity_snapshot under a state_path, with a renamed column and a timestamp version
+CREATE TABLE a1 (address_id text PRIMARY KEY, address_purpose text, line1 text, address_line2 text, address_ts bigint, seen timestamptz);
+CREATE TABLE a2 (LIKE a1 INCLUDING ALL);
+SELECT ecst.create_stream(s, s::regclass, 'entity_snapshot', '{"addressId": "address_id"}', state_path => 'addressContent',
+        columns => '{"addressLine1": "line1"}', version => 'meta.at') FROM unnest(ARRAY['a1', 'a2']) s;
+SELECT ecst.apply('a1', format('{"addressId": "%s", "meta": {"at": "2024-01-0%sT10:00:00.5Z"}, "newState": {"addressContent": {"addressPurpose": "billing", "addressLine1": "%s Baker St", "addressLine2": null, "addressTS": %s, "seen": "2024-02-01T00:00:00Z"}}}', i, 1 + i % 9, i, i * 1000))
+FROM generate_series(1, 50) i;
+CREATE TABLE a1_export AS SELECT p AS payload FROM ecst.export_snapshot('a1') p;
+SELECT * FROM ecst.load_snapshot('a2', 'a1_export');
+-- delta
+CREATE TABLE d1 (id bigint PRIMARY KEY, a text, b numeric, c jsonb);
+CREATE TABLE d2 (LIKE d1 INCLUDING ALL);
+SELECT ecst.create_stream(s, s::regclass, 'delta', '{"id": "id"}', version => 'v') FROM unnest(ARRAY['d1', 'd2']) s;
+SELECT ecst.apply('d1', format('{"id": %s, "v": %s, "newState": {"a": "x%s"}}', i % 20, i, i)) FROM generate_series(1, 100) i;
+SELECT ecst.apply('d1', format('{"id": %s, "v": %s, "newState": {"b": %s.25, "c": {"k": [%s]}}}', i % 30, 100 + i, i, i)) FROM generate_series(1, 100) i;
+CREATE TABLE d1_export AS SELECT p AS payload FROM ecst.export_snapshot('d1') p;
+SELECT * FROM ecst.load_snapshot('d2', 'd1_export');
+-- aggregate
+CREATE TABLE c1 (customer_id text PRIMARY KEY, name text);
+CREATE TABLE c1_addr (customer_id text NOT NULL, address_id text NOT NULL, line1 text, address_ts bigint, PRIMARY KEY (customer_id, address_id));
+CREATE TABLE c2 (LIKE c1 INCLUDING ALL);
+CREATE TABLE c2_addr (LIKE c1_addr INCLUDING ALL);
+SELECT ecst.create_stream(p, p::regclass, 'aggregate_snapshot', '{"customerId": "customer_id"}', version => 'ts',
+    children => format('{"addresses": {"path": "addressContent.addresses", "table": "%s_addr", "key": {"addressId": "address_id"}, "parent_key": "customer_id", "columns": {"addressLine1": "line1"}}}', p)::jsonb)
+FROM unnest(ARRAY['c1', 'c2']) p;
+SELECT ecst.apply('c1', format('{"customerId": "c%s", "ts": 1, "newState": {"name": "n%s", "addressContent": {"addresses": [%s]}}}', i, i,
+    (SELECT string_agg(format('{"addressId": "a%s", "addressLine1": "%s Road", "addressTS": %s}', j, j, j), ', ') FROM generate_series(1, i % 5) j)))
+FROM generate_series(1, 40) i;
+CREATE TABLE c1_export AS SELECT p AS payload FROM ecst.export_snapshot('c1') p;
+SELECT * FROM ecst.load_snapshot('c2', 'c1_export');
+SQL
+check "entity_snapshot round trip is exact" 0 "$(q "SELECT differs('a1', 'a2')")"
+check "entity_snapshot versions round trip" 0 "$(q "SELECT count(*) FROM ((SELECT entity_key, live_version FROM ecst.entity_state e JOIN ecst.streams s ON s.id = e.stream_id WHERE s.name = 'a1') EXCEPT (SELECT entity_key, live_version FROM ecst.entity_state e JOIN ecst.streams s ON s.id = e.stream_id WHERE s.name = 'a2')) d")"
+check "delta round trip is exact" 0 "$(q "SELECT differs('d1', 'd2')")"
+check "aggregate round trip is exact" "0|0" "$(q "SELECT differs('c1', 'c2') || '|' || differs('c1_addr', 'c2_addr')")"
+check "export uses the stream's own field names" "t" \
+    "$(q "SELECT payload ? 'addressId' AND payload->'newState'->'addressContent' ? 'addressLine1' AND payload->'newState'->'addressContent' ? 'addressLine2' FROM a1_export LIMIT 1")"
+
+echo "-- file_fdw source"
+psql -X -q -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -d $DB -c "COPY (SELECT * FROM ecst.export_snapshot('c1')) TO '$IT_DIR/c1.ndjson'"
+psql_it -d $DB >/dev/null <<SQL
+CREATE SERVER files FOREIGN DATA WRAPPER file_fdw;
+CREATE FOREIGN TABLE c1_file (payload text) SERVER files OPTIONS (filename '$IT_DIR/c1.ndjson');
+CREATE TABLE c3 (LIKE c1 INCLUDING ALL);
+CREATE TABLE c3_addr (LIKE c1_addr INCLUDING ALL);
+SELECT ecst.create_stream('c3', 'c3', 'aggregate_snapshot', '{"customerId": "customer_id"}', version => 'ts',
+    children => '{"addresses": {"path": "addressContent.addresses", "table": "c3_addr", "key": {"addressId": "address_id"}, "parent_key": "customer_id", "columns": {"addressLine1": "line1"}}}');
+SQL
+check "file_fdw NDJSON loads" "40" "$(q "SELECT loaded FROM ecst.load_snapshot('c3', 'c1_file')")"
+check "file_fdw load reproduces the replica" "0|0" "$(q "SELECT differs('c1', 'c3') || '|' || differs('c1_addr', 'c3_addr')")"
+it_done
