@@ -10,11 +10,12 @@ CREATE FUNCTION ecst.create_stream(
     version     text DEFAULT NULL,
     event_id    text DEFAULT NULL,
     children    jsonb DEFAULT NULL,
-    on_conflict text DEFAULT 'apply'
+    on_conflict text DEFAULT 'apply',
+    retain_events boolean DEFAULT false
 ) RETURNS void
 LANGUAGE sql VOLATILE
-AS $$ SELECT ecst._create_stream(name, target::oid, shape, key, state_path, columns, version, event_id, children, on_conflict) $$;
-COMMENT ON FUNCTION ecst.create_stream(text, regclass, text, jsonb, text, jsonb, text, text, jsonb, text)
+AS $$ SELECT ecst._create_stream(name, target::oid, shape, key, state_path, columns, version, event_id, children, on_conflict, retain_events) $$;
+COMMENT ON FUNCTION ecst.create_stream(text, regclass, text, jsonb, text, jsonb, text, text, jsonb, text, boolean)
     IS 'Binds one kind of ECST event to a replica table (see README: Streams)';
 
 CREATE FUNCTION ecst.apply(stream text, event text) RETURNS ecst.outcome

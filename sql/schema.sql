@@ -20,6 +20,7 @@ CREATE TABLE ecst.streams (
     event_id    text,
     on_conflict text NOT NULL DEFAULT 'apply'
                 CHECK (on_conflict IN ('apply', 'skip', 'dead_letter', 'error')),
+    retain_events boolean NOT NULL DEFAULT false,
     created_at  timestamptz NOT NULL DEFAULT now(),
     created_by  name NOT NULL DEFAULT current_user
 );
@@ -38,6 +39,18 @@ CREATE TABLE ecst.stream_children (
     PRIMARY KEY (stream_id, name)
 );
 COMMENT ON TABLE ecst.stream_children IS 'pg_ecst child tables of aggregate_snapshot streams';
+
+-- Applied events of streams created with retain_events => true, in application order, for
+-- ecst.rebuild; ecst.compact_events flattens it.
+CREATE SEQUENCE ecst.event_log_seq AS bigint;
+CREATE TABLE ecst.event_log (
+    stream_id integer NOT NULL REFERENCES ecst.streams (id) ON DELETE CASCADE,
+    seq       bigint NOT NULL DEFAULT nextval('ecst.event_log_seq'),
+    payload   text NOT NULL,
+    logged_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream_id, seq)
+);
+COMMENT ON TABLE ecst.event_log IS 'pg_ecst retained events (streams with retain_events), replayed by ecst.rebuild';
 
 -- What pg_ecst remembers per entity: the highest create/update version (live), the highest
 -- delete version (tombstone) and, for delta streams, the version of each column's last write.
@@ -119,3 +132,5 @@ SELECT pg_catalog.pg_extension_config_dump('ecst.applied_events', '');
 SELECT pg_catalog.pg_extension_config_dump('ecst.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('ecst.dead_letters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ecst.stream_counters', '');
+SELECT pg_catalog.pg_extension_config_dump('ecst.event_log', '');
+SELECT pg_catalog.pg_extension_config_dump('ecst.event_log_seq', '');

@@ -7,6 +7,7 @@ use crate::catalog;
 use crate::counters;
 use crate::gucs;
 use crate::inbox;
+use crate::retention;
 use crate::snapshot;
 use ecst_core::event::parse;
 use ecst_core::reject::{RejectCode, Rejection};
@@ -37,6 +38,7 @@ fn create_stream(
     event_id: Option<String>,
     children: Option<JsonB>,
     on_conflict: Option<String>,
+    retain_events: Option<bool>,
 ) {
     catalog::create_stream(
         name,
@@ -49,6 +51,7 @@ fn create_stream(
         event_id,
         children.map(|c| c.0),
         on_conflict.as_deref().unwrap_or("apply"),
+        retain_events.unwrap_or(false),
     )
 }
 
@@ -65,10 +68,9 @@ fn apply_text(stream: &str, event: &str) -> &'static str {
     let s = catalog::stream(stream);
     Spi::connect_mut(|client| {
         let result = apply::apply_payload(client, &s, event, ErrorPolicy::Caller);
-        if let Applied::Rejected { rejection, sqlstate, .. } = &result {
-            apply::dead_letter(client, Some(stream), Some(event), rejection, sqlstate.as_deref());
-        }
-        counters::count(s.id, &result);
+        let mut retained = Vec::new();
+        apply::record(client, Some(&s), Some(stream), Some(event), &result, None, &mut retained);
+        retention::append(client, &s, retained);
         outcome(&result)
     })
 }
@@ -101,13 +103,12 @@ fn apply_batch_text(
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
         let results = bulk::apply_run(client, &s, &parsed, ErrorPolicy::Caller);
+        let mut retained = Vec::new();
         for (i, result) in order.iter().zip(&results) {
-            if let Applied::Rejected { rejection, sqlstate, .. } = result {
-                apply::dead_letter(client, Some(stream), events[*i].as_deref(), rejection, sqlstate.as_deref());
-            }
-            counters::count(s.id, result);
+            apply::record(client, Some(&s), Some(stream), events[*i].as_deref(), result, None, &mut retained);
             *counts.entry(outcome(result)).or_insert(0) += 1;
         }
+        retention::append(client, &s, retained);
     });
     counts_table(counts)
 }
@@ -165,10 +166,20 @@ fn retry_dead_letters(
                         )
                         .expect("updating ecst.dead_letters");
                 }
-                Applied::Done { outcome, conflict } => {
+                Applied::Done { .. } => {
                     client.update("DELETE FROM ecst.dead_letters WHERE id = $1", None, &[id.into()]).expect("deleting");
                     if let Some(s) = &target {
-                        counters::add(s.id, Some(*outcome), *conflict);
+                        let mut retained = Vec::new();
+                        apply::record(
+                            client,
+                            Some(s),
+                            name.as_deref(),
+                            payload.as_deref(),
+                            &result,
+                            None,
+                            &mut retained,
+                        );
+                        retention::append(client, s, retained);
                     }
                 }
             }
@@ -252,4 +263,19 @@ fn load_snapshot(
 #[pg_extern]
 fn export_snapshot(stream: &str) -> SetOfIterator<'static, JsonB> {
     SetOfIterator::new(snapshot::export(stream).into_iter().map(JsonB))
+}
+
+/// Empties the stream's replica tables and version state and replays its event log
+/// (streams with `retain_events`).
+#[pg_extern]
+fn rebuild(
+    stream: &str,
+) -> TableIterator<'static, (name!(replayed, i64), name!(applied, i64), name!(dead_lettered, i64))> {
+    TableIterator::once(retention::rebuild(stream))
+}
+
+/// Flattens the stream's event log; a rebuild afterwards gives the same replica.
+#[pg_extern]
+fn compact_events(stream: &str) -> TableIterator<'static, (name!(events_before, i64), name!(events_after, i64))> {
+    TableIterator::once(retention::compact(stream))
 }

@@ -342,19 +342,34 @@ fn save_state(client: &mut SpiClient, stream_id: i32, key: &str, s: &EntityState
     Ok(())
 }
 
-/// Records a dead letter (payload exactly as received) received now.
-pub fn dead_letter(
+/// Records what happened to one event: a dead letter (payload verbatim) if it was rejected, the
+/// stream's counters, and — for streams that retain events — the payload for the event log
+/// (collected in `retained`, written once per batch by `retention::append`). The log keeps every
+/// event but duplicates and dead letters: an event stale under today's mapping (a delta whose
+/// fields are all unmapped) may write a column a later mapping adds.
+pub fn record(
     client: &mut SpiClient,
-    stream: Option<&str>,
+    stream: Option<&Stream>,
+    stream_name: Option<&str>,
     payload: Option<&str>,
-    r: &Rejection,
-    sqlstate: Option<&str>,
+    result: &Applied,
+    received_at: Option<pgrx::datum::TimestampWithTimeZone>,
+    retained: &mut Vec<String>,
 ) {
-    dead_letter_received(client, stream, payload, r, sqlstate, None);
+    if let Applied::Rejected { rejection, sqlstate, .. } = result {
+        dead_letter(client, stream_name, payload, rejection, sqlstate.as_deref(), received_at);
+    }
+    if let Some(s) = stream {
+        crate::counters::count(s.id, result);
+        let kept = matches!(result, Applied::Done { outcome, .. } if *outcome != Outcome::Duplicate);
+        if let (true, true, Some(p)) = (s.retain_events, kept, payload) {
+            retained.push(p.to_string());
+        }
+    }
 }
 
 /// Records a dead letter that arrived at `received_at` (an inbox row), or now.
-pub fn dead_letter_received(
+pub fn dead_letter(
     client: &mut SpiClient,
     stream: Option<&str>,
     payload: Option<&str>,

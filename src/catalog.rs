@@ -45,6 +45,8 @@ pub struct ChildInfo {
 #[derive(Debug)]
 pub struct Stream {
     pub id: i32,
+    /// Keep applied events in `ecst.event_log` (for `ecst.rebuild`).
+    pub retain_events: bool,
     pub spec: StreamSpec,
     pub table: TableInfo,
     pub children: Vec<ChildInfo>,
@@ -62,6 +64,7 @@ struct Definition {
     version: Option<String>,
     event_id: Option<String>,
     on_conflict: String,
+    retain_events: bool,
     children: Vec<ChildDefinition>,
 }
 
@@ -158,7 +161,8 @@ fn read_definition(name: &str) -> Option<Definition> {
     Spi::connect(|client| {
         let rows = client
             .select(
-                "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict
+                "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
+                        retain_events
                  FROM ecst.streams WHERE name = $1",
                 None,
                 &[name.into()],
@@ -178,6 +182,7 @@ fn read_definition(name: &str) -> Option<Definition> {
             version: row.get(7).unwrap(),
             event_id: row.get(8).unwrap(),
             on_conflict: row.get(9).unwrap().unwrap(),
+            retain_events: row.get(10).unwrap().unwrap(),
             children: Vec::new(),
         };
         let children = client
@@ -438,7 +443,7 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         on_conflict,
         children,
     };
-    Ok(Stream { id: def.id, spec, table: info, children: child_infos })
+    Ok(Stream { id: def.id, retain_events: def.retain_events, spec, table: info, children: child_infos })
 }
 
 fn unique_missing(table: &str, columns: &[String]) -> Invalid {
@@ -515,6 +520,7 @@ pub fn create_stream(
     event_id: Option<String>,
     children: Option<Value>,
     on_conflict: &str,
+    retain_events: bool,
 ) {
     if name.is_empty() {
         raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, "a stream name must not be empty", None);
@@ -541,6 +547,7 @@ pub fn create_stream(
         version: version.clone(),
         event_id: event_id.clone(),
         on_conflict: on_conflict.to_string(),
+        retain_events,
         children,
     };
     for oid in std::iter::once(def.target).chain(def.children.iter().map(|c| c.target)) {
@@ -555,8 +562,9 @@ pub fn create_stream(
     }
     build(&def).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
     let id = Spi::get_one_with_args::<i32>(
-        "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict)
-         VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
+                                   retain_events)
+         VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
         &[
             name.into(),
             target.into(),
@@ -567,6 +575,7 @@ pub fn create_stream(
             version.into(),
             event_id.into(),
             on_conflict.into(),
+            retain_events.into(),
         ],
     )
     .unwrap()

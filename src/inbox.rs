@@ -8,7 +8,7 @@
 use crate::apply::{self, Applied, ErrorPolicy};
 use crate::bulk;
 use crate::catalog::{self, Stream};
-use crate::counters;
+use crate::retention;
 use crate::writer;
 use ecst_core::event::parse;
 use ecst_core::reject::{RejectCode, Rejection};
@@ -61,20 +61,20 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
                     })
                     .collect(),
             };
+            let mut retained = Vec::new();
             for (row, result) in run.iter().zip(&results) {
-                if let Applied::Rejected { rejection, sqlstate, .. } = result {
-                    apply::dead_letter_received(
-                        client,
-                        row.stream.as_deref(),
-                        row.payload.as_deref(),
-                        rejection,
-                        sqlstate.as_deref(),
-                        Some(row.received_at),
-                    );
-                }
-                if let Some(s) = &stream {
-                    counters::count(s.id, result);
-                }
+                apply::record(
+                    client,
+                    stream.as_deref(),
+                    row.stream.as_deref(),
+                    row.payload.as_deref(),
+                    result,
+                    Some(row.received_at),
+                    &mut retained,
+                );
+            }
+            if let Some(s) = &stream {
+                retention::append(client, s, retained);
             }
         }
         rows.len() as i64

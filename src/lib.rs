@@ -15,6 +15,7 @@ mod counters;
 mod errors;
 mod gucs;
 mod inbox;
+mod retention;
 mod snapshot;
 mod subxact;
 mod worker;

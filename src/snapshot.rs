@@ -8,8 +8,8 @@
 use crate::apply::{self, Applied, ErrorPolicy};
 use crate::bulk;
 use crate::catalog::{self, Stream};
-use crate::counters;
 use crate::errors::raise;
+use crate::retention;
 use ecst_core::event::parse;
 use ecst_core::merge::Outcome;
 use ecst_core::reject::{RejectCode, Rejection};
@@ -91,23 +91,24 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
                 seen.extend(events.iter().flatten().filter_map(|ev| apply::entity_key(&stream, ev)));
             }
             let results = bulk::apply_run(client, &stream, &events, ErrorPolicy::Caller);
+            let mut retained = Vec::new();
             for (payload, result) in payloads.iter().zip(&results) {
                 match result {
                     Applied::Done { outcome: Outcome::Applied, .. } => counts.loaded += 1,
                     Applied::Done { .. } => counts.stale += 1,
-                    Applied::Rejected { rejection, sqlstate, .. } => {
-                        counts.dead_lettered += 1;
-                        apply::dead_letter(
-                            client,
-                            Some(stream_name),
-                            payload.as_deref(),
-                            rejection,
-                            sqlstate.as_deref(),
-                        );
-                    }
+                    Applied::Rejected { .. } => counts.dead_lettered += 1,
                 }
-                counters::count(stream.id, result);
+                apply::record(
+                    client,
+                    Some(&stream),
+                    Some(stream_name),
+                    payload.as_deref(),
+                    result,
+                    None,
+                    &mut retained,
+                );
             }
+            retention::append(client, &stream, retained);
             let before = read;
             read += payloads.len() as i64;
             if read / PROGRESS_EVERY > before / PROGRESS_EVERY {
