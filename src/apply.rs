@@ -40,7 +40,7 @@ enum Stop {
     Raise(String),
 }
 
-const ATTEMPTS: usize = 5;
+const ATTEMPTS: usize = 50;
 
 /// Which PostgreSQL errors raised while applying one event make it a dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +191,6 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
     }
 
     let state = if spec.is_versioned() { load_state(client, stream.id, &entity_key)? } else { None };
-    let existed = state.is_some();
     let decision =
         decide(spec, state.as_ref(), ev, |old_cells: &[Cell]| mismatches(client, stream, &keys, old_cells, &old));
     let (outcome, conflict, write, next) = match decision {
@@ -226,7 +225,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         }
     }
     if let Some(next) = next {
-        save_state(client, stream.id, &entity_key, &next, existed)?;
+        save_state(client, stream.id, &entity_key, state.as_ref(), &next)?;
     }
     Ok((outcome, conflict))
 }
@@ -283,11 +282,15 @@ fn mismatches(client: &mut SpiClient, stream: &Stream, keys: &[Bound], cells: &[
     }
 }
 
+/// Reads an entity's version state without locking it: `save_state` only writes it if it is still
+/// what was read (compare-and-swap), and a concurrent change makes the attempt retry. No
+/// `FOR UPDATE`: a row lock taken in one event's subtransaction and re-taken in the next turns
+/// into a growing MultiXact when one transaction applies many events of an entity.
 fn load_state(client: &mut SpiClient, stream_id: i32, key: &str) -> Result<Option<EntityState>, Stop> {
     let rows = writer::run(
         client,
         "SELECT live_version::text, tomb_version::text, field_versions::text
-         FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = $2 FOR UPDATE",
+         FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = $2",
         &[stream_id.into(), key.into()],
     );
     Ok(rows
@@ -315,31 +318,49 @@ pub(crate) fn fields_to_text(s: &EntityState) -> Option<String> {
     })
 }
 
-fn save_state(client: &mut SpiClient, stream_id: i32, key: &str, s: &EntityState, existed: bool) -> Result<(), Stop> {
-    let live = s.live.as_ref().map(Version::to_numeric_string);
-    let tomb = s.tomb.as_ref().map(Version::to_numeric_string);
-    let fields = fields_to_text(s);
-    let args = [stream_id.into(), key.into(), live.into(), tomb.into(), fields.into()];
-    if existed {
-        writer::run(
+/// Writes the new state if the stored one is still `read` (else a concurrent session changed the
+/// entity meanwhile and the event is retried).
+fn save_state(
+    client: &mut SpiClient,
+    stream_id: i32,
+    key: &str,
+    read: Option<&EntityState>,
+    s: &EntityState,
+) -> Result<(), Stop> {
+    let text = |v: &Option<Version>| v.as_ref().map(Version::to_numeric_string);
+    let Some(old) = read else {
+        let inserted = writer::run(
             client,
-            "UPDATE ecst.entity_state SET live_version = $3::numeric, tomb_version = $4::numeric,
-                    field_versions = $5::jsonb
-             WHERE stream_id = $1 AND entity_key = $2",
-            &args,
+            "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
+             VALUES ($1, $2, $3::numeric, $4::numeric, $5::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
+            &[stream_id.into(), key.into(), text(&s.live).into(), text(&s.tomb).into(), fields_to_text(s).into()],
         );
-        return Ok(());
-    }
-    let inserted = writer::run(
+        return if inserted.is_empty() { Err(Stop::Retry) } else { Ok(()) };
+    };
+    let updated = writer::run(
         client,
-        "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
-         VALUES ($1, $2, $3::numeric, $4::numeric, $5::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
-        &args,
+        "UPDATE ecst.entity_state SET live_version = $3::numeric, tomb_version = $4::numeric,
+                field_versions = $5::jsonb
+         WHERE stream_id = $1 AND entity_key = $2
+           AND live_version IS NOT DISTINCT FROM $6::numeric AND tomb_version IS NOT DISTINCT FROM $7::numeric
+           AND field_versions IS NOT DISTINCT FROM $8::jsonb
+         RETURNING 1",
+        &[
+            stream_id.into(),
+            key.into(),
+            text(&s.live).into(),
+            text(&s.tomb).into(),
+            fields_to_text(s).into(),
+            text(&old.live).into(),
+            text(&old.tomb).into(),
+            fields_to_text(old).into(),
+        ],
     );
-    if inserted.is_empty() {
-        return Err(Stop::Retry);
+    if updated.is_empty() {
+        Err(Stop::Retry)
+    } else {
+        Ok(())
     }
-    Ok(())
 }
 
 /// Records what happened to one event: a dead letter (payload verbatim) if it was rejected, the

@@ -3,6 +3,7 @@
 
 use heck::{ToLowerCamelCase, ToSnakeCase};
 use serde_json::Value;
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
@@ -150,6 +151,8 @@ pub struct Table {
     explicit: HashMap<String, String>,
     index: HashMap<String, usize>,
     keys: HashSet<String>,
+    /// Field → target, memoised: the snake_case rule costs more than parsing the field.
+    resolved: RefCell<HashMap<String, Target>>,
 }
 
 impl Table {
@@ -157,12 +160,31 @@ impl Table {
     pub fn new(key_columns: Vec<String>, columns: Vec<String>, explicit: Vec<(String, String)>) -> Table {
         let index = columns.iter().enumerate().map(|(i, c)| (c.clone(), i)).collect();
         let keys = key_columns.iter().cloned().collect();
-        Table { key_columns, columns, explicit: explicit.into_iter().collect(), index, keys }
+        Table {
+            key_columns,
+            columns,
+            explicit: explicit.into_iter().collect(),
+            index,
+            keys,
+            resolved: RefCell::new(HashMap::new()),
+        }
     }
 
     /// Resolves a JSON field: the explicit mapping first, then a column of the same name,
     /// then its snake_case (`addressLine1` → `address_line1`).
     pub fn resolve(&self, field: &str) -> Target {
+        if let Some(t) = self.resolved.borrow().get(field) {
+            return *t;
+        }
+        let t = self.resolve_uncached(field);
+        let mut memo = self.resolved.borrow_mut();
+        if memo.len() < 10_000 {
+            memo.insert(field.to_string(), t);
+        }
+        t
+    }
+
+    fn resolve_uncached(&self, field: &str) -> Target {
         if let Some(col) = self.explicit.get(field) {
             return self.target_of(col);
         }
