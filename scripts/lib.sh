@@ -32,10 +32,21 @@ ensure_deps() {
     fi
 }
 
-# Builds and installs the extension into the system PostgreSQL ($1: extra cargo-pgrx flags).
+# Builds and installs the extension into the system PostgreSQL. Debug build by default;
+# `install_extension --release` for an optimised one. Files are staged with `cargo pgrx package`
+# and put in place with `install`, which replaces each file by a new inode: a running server that
+# has the old pg_ecst.so mapped keeps it (copying over it in place crashes such servers).
 install_extension() {
+    local profile=--debug
+    [ "${1:-}" = "--release" ] && profile=""
     log "building and installing pg_ecst ${1:-}"
-    cargo pgrx install --pg-config "$PG_CONFIG" --sudo ${1:-} >/dev/null
+    local stage
+    stage=$(mktemp -d /tmp/pg_ecst-package.XXXXXX)
+    cargo pgrx package --pg-config "$PG_CONFIG" $profile --out-dir "$stage" >/dev/null
+    (cd "$stage" && find . -type f) | while read -r f; do
+        as_root install -D -m 0644 "$stage/$f" "/${f#./}"
+    done
+    rm -rf "$stage"
 }
 
 # A scratch cluster owned by `postgres` on a private port and socket directory, with

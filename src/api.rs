@@ -238,15 +238,6 @@ fn process_inbox(max_events: default!(Option<i64>, "NULL")) -> i64 {
     inbox::process(max_events, gucs::BATCH_SIZE.get() as i64)
 }
 
-/// Which worker owns an inbox row (used by the workers' claim query).
-#[pg_extern(stable, parallel_safe)]
-fn _inbox_partition(stream: Option<&str>, payload: Option<&str>, workers: i32) -> i32 {
-    match (stream, payload) {
-        (Some(s), Some(p)) => inbox::partition(s, p, workers),
-        _ => 0,
-    }
-}
-
 /// Bulk-loads a snapshot (one create event per row of `source.payload`); see `ecst.load_snapshot`.
 #[pg_extern(name = "_load_snapshot")]
 fn load_snapshot(

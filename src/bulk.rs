@@ -177,7 +177,7 @@ fn run_set_based(
     let keys: Vec<String> = entities.keys().cloned().collect();
     let mut states: HashMap<String, EntityState> = HashMap::new();
     if spec.is_versioned() && !keys.is_empty() {
-        let rows = writer::run(
+        let rows = writer::run_once(
             client,
             "SELECT entity_key, live_version::text, tomb_version::text, field_versions::text
              FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2::text[])
@@ -206,7 +206,7 @@ fn run_set_based(
             table.qualified,
             key_col.quoted
         );
-        for r in writer::run(client, &sql, &[key_col.ty.array(&datums)]) {
+        for r in writer::run_once(client, &sql, &[key_col.ty.array(&datums)]) {
             let key: String = r.get(1).unwrap().unwrap();
             let values = (0..table.columns.len()).map(|i| r.get::<String>(i + 2).unwrap()).collect();
             rows.insert(key, values);
@@ -298,7 +298,7 @@ fn run_set_based(
     let deletes: Vec<Option<pg_sys::Datum>> = finals.iter().filter(|(_, f)| f.delete).map(|(k, _)| Some(*k)).collect();
     if !deletes.is_empty() {
         let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", table.qualified, key_col.quoted);
-        writer::run(client, &sql, &[key_col.ty.array(&deletes)]);
+        writer::run_once(client, &sql, &[key_col.ty.array(&deletes)]);
     }
     let mut groups: BTreeMap<Vec<usize>, Vec<RowValues>> = BTreeMap::new();
     for (key, fin) in &finals {
@@ -311,7 +311,7 @@ fn run_set_based(
     }
     save_states(client, stream.id, &new_states)?;
     if !unapplied_ids.is_empty() {
-        writer::run(
+        writer::run_once(
             client,
             "DELETE FROM ecst.applied_events WHERE stream_id = $1 AND event_id = ANY ($2::text[])",
             &[stream.id.into(), unapplied_ids.into()],
@@ -407,7 +407,7 @@ fn save_states(client: &mut SpiClient, stream_id: i32, states: &[(String, Entity
         let fields: Vec<Option<String>> = chosen.iter().map(|s| apply::fields_to_text(&s.1)).collect();
         let args = [stream_id.into(), keys.into(), live.into(), tomb.into(), fields.into()];
         if existed {
-            writer::run(
+            writer::run_once(
                 client,
                 "UPDATE ecst.entity_state s SET live_version = u.l::numeric, tomb_version = u.t::numeric,
                         field_versions = u.f::jsonb

@@ -86,31 +86,51 @@ fn rejected(rejection: Rejection) -> Applied {
 }
 
 /// Deletes and returns the oldest `limit` rows of `part`. Concurrent drainers of the same rows
-/// wait for each other; the second finds them gone.
+/// wait for each other; the second finds them gone. A worker of several looks at a window of the
+/// oldest rows (in `seq` order, through the index), keeps those whose entity it owns, and leaves
+/// the others to their workers.
 fn claim(client: &mut SpiClient, limit: i64, part: Part) -> Vec<Row> {
-    let rows = match part {
-        Some((index, of)) if of > 1 => writer::run(
-            client,
-            "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(
-                 SELECT ctid FROM ecst.inbox WHERE ecst._inbox_partition(stream, payload, $2) = $3
-                 ORDER BY seq LIMIT $1))
-             RETURNING seq, stream, payload, received_at",
-            &[limit.into(), of.into(), index.into()],
-        ),
-        _ => writer::run(
+    let claimed = match part {
+        Some((index, of)) if of > 1 => {
+            let window = limit.saturating_mul(of as i64 * 2);
+            let mine: Vec<String> = writer::run_once(
+                client,
+                "SELECT ctid::text, stream, payload FROM ecst.inbox ORDER BY seq LIMIT $1",
+                &[window.into()],
+            )
+            .filter_map(|r| {
+                let owner = match (r.get::<String>(2).unwrap(), r.get::<String>(3).unwrap()) {
+                    (Some(s), Some(p)) => partition(&s, &p, of),
+                    _ => 0,
+                };
+                (owner == index).then(|| r.get::<String>(1).unwrap().unwrap())
+            })
+            .take(limit as usize)
+            .collect();
+            if mine.is_empty() {
+                return Vec::new();
+            }
+            writer::run_once(
+                client,
+                "DELETE FROM ecst.inbox WHERE ctid = ANY ($1::text[]::tid[]) RETURNING seq, stream, payload, received_at",
+                &[mine.into()],
+            )
+        }
+        _ => writer::run_once(
             client,
             "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
              RETURNING seq, stream, payload, received_at",
             &[limit.into()],
         ),
     };
-    rows.map(|r| Row {
-        seq: r.get(1).unwrap().unwrap(),
-        stream: r.get(2).unwrap(),
-        payload: r.get(3).unwrap(),
-        received_at: r.get(4).unwrap().unwrap(),
-    })
-    .collect()
+    claimed
+        .map(|r| Row {
+            seq: r.get(1).unwrap().unwrap(),
+            stream: r.get(2).unwrap(),
+            payload: r.get(3).unwrap(),
+            received_at: r.get(4).unwrap().unwrap(),
+        })
+        .collect()
 }
 
 /// The worker (of `of`) that owns an inbox row: a hash of the stream and the entity's canonical

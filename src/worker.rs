@@ -236,6 +236,8 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
             }
             Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker))
         });
+        // Report table statistics, or autovacuum never sees the inbox deletes and state updates.
+        unsafe { pg_sys::pgstat_report_stat(false) };
         match processed {
             None if !reported_missing => {
                 log!("pg_ecst worker {index}: extension pg_ecst is not installed in database \"{database}\"; waiting");

@@ -55,6 +55,13 @@ pub fn run<'c>(client: &mut SpiClient<'c>, sql: &str, args: &[DatumWithOid<'_>])
     })
 }
 
+/// Runs `sql` planned for these very arguments (no cached plan). For statements whose best plan
+/// depends on the values — lookups by an array of keys, `LIMIT $n` over a queue — a cached
+/// generic plan made while a table was small turns into a sequential scan forever after.
+pub fn run_once<'c>(client: &mut SpiClient<'c>, sql: &str, args: &[DatumWithOid<'_>]) -> SpiTupleTable<'c> {
+    client.update(sql, None, args).unwrap_or_else(|e| panic!("running {sql}: {e}"))
+}
+
 fn list(columns: &[&str]) -> String {
     columns.join(", ")
 }

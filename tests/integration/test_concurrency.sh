@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Four sessions at once apply shuffled, duplicated copies of overlapping events — through
+# ecst.apply (one event per transaction), ecst.apply_batch (two sessions), and the inbox with two
+# workers. No error may reach a session, and the replicas must equal in-order application.
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+. tests/integration/common.sh
+IT_DIR=/tmp/pg_ecst-it-conc IT_PORT=54333
+it_start "ecst.database = 'conc'" "ecst.workers = 2" "ecst.naptime = 100" "deadlock_timeout = '100ms'"
+DB=conc
+q() { psql_it -d $DB -c "$1"; }
+psql_it -d postgres -c "CREATE DATABASE conc" >/dev/null
+work=$IT_DIR/work
+mkdir -p "$work"
+
+psql_it -d $DB >/dev/null <<'SQL'
+CREATE EXTENSION pg_ecst;
+-- 150 entities x 12 versions: snapshots with deletes, and deltas touching 1-3 fields.
+CREATE TABLE ev_snap AS
+SELECT e, v, CASE WHEN (e + v) % 9 = 0 THEN format('{"id": "e%s", "ts": %s, "oldState": {}}', e, v)
+                  ELSE format('{"id": "e%s", "ts": %s, "newState": {"a": "a%s", "b": %s}}', e, v, v, e * v) END AS payload
+FROM generate_series(1, 150) e, generate_series(1, 12) v;
+CREATE TABLE ev_delta AS
+SELECT e, v, CASE WHEN (e * v) % 13 = 0 THEN format('{"id": "e%s", "ts": %s, "oldState": {}}', e, v)
+                  ELSE format('{"id": "e%s", "ts": %s, "newState": {%s}}', e, v,
+                       concat_ws(', ', CASE WHEN v % 2 = 0 THEN format('"a": "a%s"', v) END,
+                                       CASE WHEN v % 3 <> 0 THEN format('"b": %s', v) END,
+                                       CASE WHEN v % 2 = 1 OR v % 3 = 0 THEN format('"c": "c%s"', v) END)) END AS payload
+FROM generate_series(1, 150) e, generate_series(1, 12) v;
+CREATE FUNCTION differs(a text, b text) RETURNS bigint LANGUAGE plpgsql AS $f$
+DECLARE n bigint;
+BEGIN
+    EXECUTE format('SELECT count(*) FROM ((TABLE %I EXCEPT TABLE %I) UNION ALL (TABLE %I EXCEPT TABLE %I)) d', a, b, b, a) INTO n;
+    RETURN n;
+END $f$;
+CREATE TABLE snap_ref (id text PRIMARY KEY, a text, b bigint);
+CREATE TABLE snap (LIKE snap_ref INCLUDING ALL);
+CREATE TABLE delta_ref (id text PRIMARY KEY, a text, b bigint, c text);
+CREATE TABLE delta (LIKE delta_ref INCLUDING ALL);
+SELECT ecst.create_stream(n, n::regclass, 'entity_snapshot', '{"id": "id"}', version => 'ts') FROM unnest(ARRAY['snap_ref', 'snap']) n;
+SELECT ecst.create_stream(n, n::regclass, 'delta', '{"id": "id"}', version => 'ts') FROM unnest(ARRAY['delta_ref', 'delta']) n;
+SELECT count(*) FROM (SELECT ecst.apply('snap_ref', payload) FROM ev_snap ORDER BY e, v) x;
+SELECT count(*) FROM (SELECT ecst.apply('delta_ref', payload) FROM ev_delta ORDER BY e, v) x;
+SQL
+wait_for $DB "two workers run" "SELECT count(*) FROM ecst.workers WHERE backend_type = 'pg_ecst worker'" 2
+
+# Session scripts: each a shuffled copy (with duplicates) of both streams' events.
+for s in 1 2 3 4; do
+    q "SELECT stream || E'\\t' || payload FROM (SELECT 'snap' AS stream, payload FROM ev_snap UNION ALL SELECT 'delta', payload FROM ev_delta
+       UNION ALL (SELECT 'snap', payload FROM ev_snap ORDER BY random() LIMIT 300)) x ORDER BY random()" > "$work/s$s.tsv"
+done
+# s1: one ecst.apply per transaction
+awk -F'\t' '{ gsub(/\x27/, "\x27\x27", $2); printf "SELECT ecst.apply(\x27%s\x27, \x27%s\x27);\n", $1, $2 }' "$work/s1.tsv" > "$work/s1.sql"
+# s2, s4: apply_batch in chunks of 100 (one transaction each), per stream
+for s in 2 4; do
+    awk -F'\t' -v s=$s '{ gsub(/\x27/, "\x27\x27", $2); print > ("'"$work"'/s" s "_" $1 ".txt") }' "$work/s$s.tsv"
+    : > "$work/s$s.sql"
+    for stream in snap delta; do
+        split -l 100 "$work/s${s}_$stream.txt" "$work/s${s}_${stream}_chunk_"
+        for c in "$work"/s${s}_${stream}_chunk_*; do
+            printf "SELECT count(*) FROM ecst.apply_batch('%s', ARRAY[%s]);\n" "$stream" "$(sed "s/.*/'&'/" "$c" | paste -sd,)" >> "$work/s$s.sql"
+        done
+    done
+    shuf --random-source=<(yes) "$work/s$s.sql" -o "$work/s$s.sql"
+done
+run_session() { psql -X -q -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -d $DB -v ON_ERROR_STOP=0 -f "$1" > "$1.out" 2> "$1.err"; }
+started=$SECONDS
+run_session "$work/s1.sql" &
+run_session "$work/s2.sql" &
+psql_it -d $DB -c "\\copy ecst.inbox (stream, payload) FROM '$work/s3.tsv'" > "$work/s3.err" 2>&1 &
+run_session "$work/s4.sql" &
+wait
+wait_for $DB "the inbox drains" "SELECT count(*) FROM ecst.inbox" 0 120
+echo "  4 sessions, $(wc -l < "$work/s1.tsv") events each, done in $((SECONDS - started)) s"
+check "no error reached any session" 0 "$(cat "$work"/s*.err | grep -c . || true)"
+check "no dead letters" 0 "$(q "SELECT count(*) FROM ecst.dead_letters")"
+check "snapshot replica = in-order" 0 "$(q "SELECT differs('snap_ref', 'snap')")"
+check "delta replica = in-order" 0 "$(q "SELECT differs('delta_ref', 'delta')")"
+check "no deadlocks logged" 0 "$(grep -c 'deadlock detected' "$IT_DIR/server.log" || true)"
+it_done
