@@ -199,6 +199,10 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         Decision::Raise(message) => return Err(Stop::Raise(message)),
     };
 
+    // Lock order, the same on every path: the entity's state row first, then replica rows.
+    if let Some(next) = next {
+        save_state(client, stream.id, &entity_key, state.as_ref(), &next)?;
+    }
     match write {
         Write::Nothing => {}
         Write::Upsert { cells, children: sets } => {
@@ -223,9 +227,6 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
             }
             writer::delete(client, &table.qualified, &keys);
         }
-    }
-    if let Some(next) = next {
-        save_state(client, stream.id, &entity_key, state.as_ref(), &next)?;
     }
     Ok((outcome, conflict))
 }

@@ -40,7 +40,12 @@ pub fn apply_run(
     events: &[Result<Event, Rejection>],
     policy: ErrorPolicy,
 ) -> Vec<Applied> {
-    if eligible(stream) && events.len() > 1 {
+    // A run that lost the race to create an entity is retried set-based (the winner has committed
+    // by then): falling back to one event at a time would take locks in another order.
+    for _ in 0..RACE_RETRIES {
+        if !eligible(stream) || events.len() <= 1 {
+            break;
+        }
         match subxact::run(|| run_set_based(client, stream, events, policy)) {
             SubResult::Committed(results) => return results,
             SubResult::RolledBack(Fallback::Raise(message)) => raise(
@@ -48,8 +53,9 @@ pub fn apply_run(
                 message,
                 Some("The stream's on_conflict is 'error'. Re-sync the entity, or use on_conflict 'apply', 'skip' or 'dead_letter'."),
             ),
-            SubResult::RolledBack(Fallback::OneByOne) => {
-                pgrx::debug1!("pg_ecst: stream \"{}\": a concurrent session created an entity; applying {} events one by one", stream.spec.name, events.len());
+            SubResult::RolledBack(Fallback::Race) => {
+                pgrx::debug1!("pg_ecst: stream \"{}\": a concurrent session created an entity; retrying", stream.spec.name);
+                continue;
             }
             SubResult::Failed(caught) => match *caught {
                 CaughtError::PostgresError(ref r) if errors::is_session_error(&errors::sqlstate(r.sql_error_code())) => {
@@ -67,23 +73,29 @@ pub fn apply_run(
                 _ => {}
             },
         }
+        break;
     }
     one_by_one(client, stream, events, policy)
 }
 
+/// Applies events one at a time, visiting entities in key order (each entity's events in their
+/// order), so that concurrent sessions lock entities in the same order.
 fn one_by_one(
     client: &mut SpiClient,
     stream: &Stream,
     events: &[Result<Event, Rejection>],
     policy: ErrorPolicy,
 ) -> Vec<Applied> {
-    events
-        .iter()
-        .map(|e| match e {
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    order.sort_by(|&a, &b| apply::batch_order(&events[a]).cmp(&apply::batch_order(&events[b])));
+    let mut results: Vec<Option<Applied>> = vec![None; events.len()];
+    for i in order {
+        results[i] = Some(match &events[i] {
             Ok(ev) => apply::apply_event(client, stream, ev, policy),
             Err(r) => rejected(r.clone(), false),
-        })
-        .collect()
+        });
+    }
+    results.into_iter().map(|r| r.expect("every event applied")).collect()
 }
 
 fn rejected(rejection: Rejection, conflict: bool) -> Applied {
@@ -93,10 +105,13 @@ fn rejected(rejection: Rejection, conflict: bool) -> Applied {
 /// A key and the values of the written columns, for one row of an upsert.
 type RowValues = (pg_sys::Datum, Vec<Option<pg_sys::Datum>>);
 
+/// Set-based retries of a run that lost a race to create an entity.
+const RACE_RETRIES: usize = 20;
+
 /// Why the set-based attempt gave up (its subtransaction is rolled back).
 enum Fallback {
-    /// Apply the run event by event (a concurrent creator of an entity won the race).
-    OneByOne,
+    /// A concurrent session created one of the run's entities first: retry.
+    Race,
     /// `on_conflict => 'error'`.
     Raise(String),
 }
@@ -181,7 +196,7 @@ fn run_set_based(
             client,
             "SELECT entity_key, live_version::text, tomb_version::text, field_versions::text
              FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2::text[])
-             ORDER BY entity_key FOR UPDATE",
+             ORDER BY entity_key COLLATE \"C\" FOR UPDATE",
             &[stream.id.into(), keys.clone().into()],
         );
         for r in rows {
@@ -294,7 +309,9 @@ fn run_set_based(
         }
     }
 
-    // 6. Write: deletes, then upserts grouped by column set, then version states.
+    // 6. Write, in the lock order every path follows: version states first (existing ones are
+    //    locked already; new ones are inserted in key order), then replica rows in key order.
+    save_states(client, stream.id, &new_states)?;
     let deletes: Vec<Option<pg_sys::Datum>> = finals.iter().filter(|(_, f)| f.delete).map(|(k, _)| Some(*k)).collect();
     if !deletes.is_empty() {
         let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", table.qualified, key_col.quoted);
@@ -309,7 +326,6 @@ fn run_set_based(
     for (columns, rows) in groups {
         upsert_many(client, stream, &columns, &rows);
     }
-    save_states(client, stream.id, &new_states)?;
     if !unapplied_ids.is_empty() {
         writer::run_once(
             client,
@@ -425,7 +441,7 @@ fn save_states(client: &mut SpiClient, stream_id: i32, states: &[(String, Entity
                 &args,
             );
             if inserted.len() < chosen.len() {
-                return Err(Fallback::OneByOne);
+                return Err(Fallback::Race);
             }
         }
     }

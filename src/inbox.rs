@@ -34,8 +34,16 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
         let mut rows = claim(client, limit, part);
         rows.sort_by_key(|r| r.seq);
         let mut streams: HashMap<String, Option<Rc<Stream>>> = HashMap::new();
-        // Consecutive rows of one stream are applied together (set-based); runs keep inbox order.
-        for run in rows.chunk_by(|a, b| a.stream == b.stream) {
+        // The rows of each stream are applied together (set-based), in inbox order. One run per
+        // stream per batch: several runs of one stream would lock its entities out of key order.
+        let mut by_stream: Vec<Vec<&Row>> = Vec::new();
+        for row in &rows {
+            match by_stream.iter_mut().find(|run| run[0].stream == row.stream) {
+                Some(run) => run.push(row),
+                None => by_stream.push(vec![row]),
+            }
+        }
+        for run in &by_stream {
             let stream = run[0]
                 .stream
                 .as_ref()

@@ -53,7 +53,7 @@ done
 awk -F'\t' '{ gsub(/\x27/, "\x27\x27", $2); printf "SELECT ecst.apply(\x27%s\x27, \x27%s\x27);\n", $1, $2 }' "$work/s1.tsv" > "$work/s1.sql"
 # s2, s4: apply_batch in chunks of 100 (one transaction each), per stream
 for s in 2 4; do
-    awk -F'\t' -v s=$s '{ gsub(/\x27/, "\x27\x27", $2); print > ("'"$work"'/s" s "_" $1 ".txt") }' "$work/s$s.tsv"
+    awk -F'\t' -v s=$s '{ gsub(/\x27/, "\x27\x27", $2); print $2 > ("'"$work"'/s" s "_" $1 ".txt") }' "$work/s$s.tsv"
     : > "$work/s$s.sql"
     for stream in snap delta; do
         split -l 100 "$work/s${s}_$stream.txt" "$work/s${s}_${stream}_chunk_"
