@@ -10,6 +10,7 @@ contestant A loads and what every other contestant is compared with.
 """
 import argparse
 import csv
+import json
 import os
 import random
 import shlex
@@ -40,7 +41,7 @@ SETTINGS = [
     "ecst.naptime = 1000",
 ]
 
-WORKLOADS = ["entity_snapshot", "delta", "aggregate", "percall", "latency", "memory"]
+WORKLOADS = ["entity_snapshot", "delta", "aggregate", "snapshot_load", "percall", "latency", "memory"]
 
 PSQL = [f"{PG_BIN}/psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
         "-h", f"{DIR}/sock", "-p", str(PORT), "-U", "postgres"]
@@ -772,6 +773,43 @@ def run_percall(scale, seed):
 
 
 # ---------------------------------------------------------------------------------------------
+# L. bootstrap: ecst.load_snapshot of 1M entity snapshots into an empty replica vs COPY of the same
+#    final rows (SPEC §5; the target is at most 1.5x).
+
+def run_snapshot_load(scale, seed):
+    n = max(1, round(1_000_000 * scale))
+    log(f"workload snapshot_load: {n:,} entity snapshots, one per entity")
+    rng = random.Random(seed + 5)
+    with open(f"{DATA}/snapload.ndjson", "w") as events, open(f"{DATA}/snapload.csv", "w", newline="") as rows:
+        w = csv.writer(rows)
+        for i in range(n):
+            purpose, l1, l2, ts = rng.choice(["billing", "shipping"]), line1(rng), line2(rng), rng.randrange(1, 10**9)
+            events.write(json.dumps({"addressId": f"s{i}", "newState": {"addressContent": {
+                "addressPurpose": purpose, "addressLine1": l1, "addressLine2": l2, "addressTS": ts}}}) + "\n")
+            w.writerow([f"s{i}", purpose, l1, l2, ts])
+    psql("CREATE SCHEMA sl;" + ADDRESS_DDL.format(s="sl").replace("sl.address", "sl.address_a") +
+         ADDRESS_DDL.format(s="sl").replace("sl.address", "sl.address_l") +
+         "CREATE TABLE sl.src (payload text);"
+         "SELECT ecst.create_stream('address_load', 'sl.address_l', 'entity_snapshot', '{\"addressId\": \"address_id\"}', "
+         "state_path => 'addressContent', columns => '{\"addressLine1\": \"line1\"}', "
+         "version => 'newState.addressContent.addressTS');")
+    settle()
+    a = timed(f"\\copy sl.address_a FROM '{DATA}/snapload.csv' WITH (FORMAT csv)")
+    settle()
+    copy_src = timed(f"\\copy sl.src (payload) FROM '{DATA}/snapload.ndjson' WITH (FORMAT csv, DELIMITER E'\\x01', QUOTE E'\\x02')")
+    settle()
+    load = timed("SELECT * FROM ecst.load_snapshot('address_load', 'sl.src');")
+    result("snapshot_load", "A  COPY final rows", a, n, a, None, f"{n:,} rows")
+    result("snapshot_load", "L1 COPY the events into a text table", copy_src, n, a, None, "")
+    result("snapshot_load", "L2 ecst.load_snapshot from that table", load, n, a, None,
+           f"target: at most 1.5×A; measured {load / a:.2f}×A")
+    result("snapshot_load", "L  total", copy_src + load, n, a, None, "")
+    x, y = diff_count("sl.address_l", "sl.address_a", ADDR_COLS)
+    check("snapshot_load: load_snapshot replica = COPY replica", x == 0 and y == 0, f"({x} / {y} rows differ)")
+    psql("DROP SCHEMA sl CASCADE; SELECT ecst.drop_stream('address_load');")
+
+
+# ---------------------------------------------------------------------------------------------
 # E. latency
 
 LATENCY_SQL = """
@@ -893,6 +931,8 @@ def main():
                 meta = generate(name, args.scale, args.seed)
                 run_set_workload(name, meta)
                 psql("DROP SCHEMA a, b, c1, c2, c1r CASCADE;" if name == "entity_snapshot" else "DROP SCHEMA a, b, c1, c2 CASCADE;")  # keep the next workload's server small
+        if "snapshot_load" in only:
+            run_snapshot_load(args.scale, args.seed)
         if "percall" in only:
             run_percall(args.scale, args.seed)
         if "latency" in only:

@@ -418,6 +418,9 @@ mod tests {
             ),
             (deep, "invalid_json"),
             (huge_number, "invalid_value"),
+            (r#"{"addressId": "1", "ts": 1, "newState": {"addressLine1": "\ud800"}}"#.into(), "invalid_json"),
+            (r#"{"addressId": "1", "ts": 1, "newState": {"addressTS": 1e400}}"#.into(), "invalid_value"),
+            (format!(r#"{{"addressId": "1", "ts": "{}", "newState": {{}}}}"#, "9".repeat(100)), "invalid_version"),
         ];
         for (payload, code) in &cases {
             assert_eq!(apply("d", payload), "dead_lettered", "{payload:.80}");
@@ -428,6 +431,28 @@ mod tests {
         }
         assert_eq!(count("SELECT * FROM d"), 0);
         assert_eq!(text("SELECT dead_lettered::text FROM ecst.stats WHERE stream = 'd'"), cases.len().to_string());
+    }
+
+    #[pg_test]
+    fn big_payloads_and_duplicate_keys() {
+        delta_stream("d", Some("ts"), "apply");
+        let big =
+            format!(r#"{{"addressId": "1", "ts": 1, "newState": {{"addressLine1": "{}"}}}}"#, "x".repeat(10 << 20));
+        assert_eq!(apply("d", &big), "applied", "a 10 MB value fits a text column");
+        assert_eq!(one::<i64>("SELECT length(line1)::bigint FROM d"), Some(10 << 20));
+        let big_unmapped =
+            format!(r#"{{"addressId": "2", "ts": 1, "newState": {{"blob": "{}"}}}}"#, "y".repeat(10 << 20));
+        assert_eq!(apply("d", &big_unmapped), "applied");
+        assert_eq!(text("SELECT concat_ws('|', address_id, line1) FROM d WHERE address_id = '2'"), "2", "not stored");
+        assert_eq!(
+            apply("d", r#"{"addressId": "3", "ts": 1, "newState": {"addressLine1": "first", "addressLine1": "last"}}"#),
+            "applied"
+        );
+        assert_eq!(
+            text("SELECT line1 FROM d WHERE address_id = '3'"),
+            "last",
+            "the last duplicate key wins, as in jsonb"
+        );
     }
 
     #[pg_test]

@@ -62,3 +62,15 @@ wait_ready() {
     done
     sleep 0.5
 }
+
+# create_differs DB: SQL function differs(a, b) = rows in one table and not the other, both ways.
+create_differs() {
+    psql_it -d "$1" >/dev/null <<'SQL'
+CREATE FUNCTION differs(a text, b text) RETURNS bigint LANGUAGE plpgsql AS $f$
+DECLARE n bigint;
+BEGIN
+    EXECUTE format('SELECT count(*) FROM ((TABLE %I EXCEPT TABLE %I) UNION ALL (TABLE %I EXCEPT TABLE %I)) d', a, b, b, a) INTO n;
+    RETURN n;
+END $f$;
+SQL
+}

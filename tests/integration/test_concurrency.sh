@@ -10,6 +10,7 @@ it_start "ecst.database = 'conc'" "ecst.workers = 2" "ecst.naptime = 100" "deadl
 DB=conc
 q() { psql_it -d $DB -c "$1"; }
 psql_it -d postgres -c "CREATE DATABASE conc" >/dev/null
+create_differs $DB
 work=$IT_DIR/work
 mkdir -p "$work"
 
@@ -27,12 +28,6 @@ SELECT e, v, CASE WHEN (e * v) % 13 = 0 THEN format('{"id": "e%s", "ts": %s, "ol
                                        CASE WHEN v % 3 <> 0 THEN format('"b": %s', v) END,
                                        CASE WHEN v % 2 = 1 OR v % 3 = 0 THEN format('"c": "c%s"', v) END)) END AS payload
 FROM generate_series(1, 150) e, generate_series(1, 12) v;
-CREATE FUNCTION differs(a text, b text) RETURNS bigint LANGUAGE plpgsql AS $f$
-DECLARE n bigint;
-BEGIN
-    EXECUTE format('SELECT count(*) FROM ((TABLE %I EXCEPT TABLE %I) UNION ALL (TABLE %I EXCEPT TABLE %I)) d', a, b, b, a) INTO n;
-    RETURN n;
-END $f$;
 CREATE TABLE snap_ref (id text PRIMARY KEY, a text, b bigint);
 CREATE TABLE snap (LIKE snap_ref INCLUDING ALL);
 CREATE TABLE delta_ref (id text PRIMARY KEY, a text, b bigint, c text);

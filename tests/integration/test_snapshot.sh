@@ -10,6 +10,7 @@ it_start "ecst.database = 'snap'" "ecst.naptime = 200"
 DB=snap
 q() { psql_it -d $DB -c "$1"; }
 psql_it -d postgres -c "CREATE DATABASE snap" >/dev/null
+create_differs $DB
 
 psql_it -d $DB >/dev/null <<'SQL'
 CREATE EXTENSION pg_ecst;
@@ -30,12 +31,6 @@ CREATE FUNCTION make_replica(name text) RETURNS void LANGUAGE plpgsql AS $f$
 BEGIN
     EXECUTE format('CREATE TABLE %I (id text PRIMARY KEY, line1 text, n bigint)', name);
     PERFORM ecst.create_stream(name, name::regclass, 'entity_snapshot', '{"id": "id"}', version => 'ts');
-END $f$;
-CREATE FUNCTION differs(a text, b text) RETURNS bigint LANGUAGE plpgsql AS $f$
-DECLARE n bigint;
-BEGIN
-    EXECUTE format('SELECT count(*) FROM ((TABLE %I EXCEPT TABLE %I) UNION ALL (TABLE %I EXCEPT TABLE %I)) d', a, b, b, a) INTO n;
-    RETURN n;
 END $f$;
 SELECT make_replica('ref');
 SELECT count(*) FROM (SELECT ecst.apply('ref', payload) FROM history ORDER BY e, v) a;
