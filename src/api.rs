@@ -89,23 +89,21 @@ fn apply_batch_text(
     events: Vec<Option<String>>,
 ) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
     let s = catalog::stream(stream);
-    let mut parsed: Vec<(usize, Result<_, Rejection>)> = events
+    // bulk::apply_run visits entities in key order (the lock order); each entity's events keep
+    // their array order.
+    let parsed: Vec<Result<_, Rejection>> = events
         .iter()
-        .enumerate()
-        .map(|(i, e)| match e {
-            Some(text) => (i, parse(&s.spec, text)),
-            None => (i, Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL"))),
+        .map(|e| match e {
+            Some(text) => parse(&s.spec, text),
+            None => Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
         })
         .collect();
-    parsed.sort_by(|(_, a), (_, b)| apply::batch_order(a).cmp(&apply::batch_order(b)));
-    let order: Vec<usize> = parsed.iter().map(|(i, _)| *i).collect();
-    let parsed: Vec<Result<_, Rejection>> = parsed.into_iter().map(|(_, e)| e).collect();
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
         let results = bulk::apply_run(client, &s, &parsed, ErrorPolicy::Caller);
         let mut retained = Vec::new();
-        for (i, result) in order.iter().zip(&results) {
-            apply::record(client, Some(&s), Some(stream), events[*i].as_deref(), result, None, &mut retained);
+        for (event, result) in events.iter().zip(&results) {
+            apply::record(client, Some(&s), Some(stream), event.as_deref(), result, None, &mut retained);
             *counts.entry(outcome(result)).or_insert(0) += 1;
         }
         retention::append(client, &s, retained);

@@ -36,6 +36,7 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
         let mut streams: HashMap<String, Option<Rc<Stream>>> = HashMap::new();
         // The rows of each stream are applied together (set-based), in inbox order. One run per
         // stream per batch: several runs of one stream would lock its entities out of key order.
+        // (Two streams writing one replica table are therefore not ordered within a batch.)
         let mut by_stream: Vec<Vec<&Row>> = Vec::new();
         for row in &rows {
             match by_stream.iter_mut().find(|run| run[0].stream == row.stream) {
@@ -43,6 +44,9 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
                 None => by_stream.push(vec![row]),
             }
         }
+        // Streams in name order: with entities in key order within each run, every session takes
+        // its locks in one global (stream, key) order.
+        by_stream.sort_by(|a, b| a[0].stream.cmp(&b[0].stream));
         for run in &by_stream {
             let stream = run[0]
                 .stream
