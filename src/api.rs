@@ -9,7 +9,6 @@ use crate::gucs;
 use crate::inbox;
 use crate::retention;
 use crate::snapshot;
-use ecst_core::event::parse;
 use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB};
@@ -67,7 +66,7 @@ fn drop_stream(name: &str) -> bool {
 fn apply_text(stream: &str, event: &str) -> &'static str {
     let s = catalog::stream(stream);
     Spi::connect_mut(|client| {
-        let result = apply::apply_payload(client, &s, event, ErrorPolicy::Caller);
+        let result = apply::apply_payload(client, &s, Some(event), ErrorPolicy::Caller);
         let mut retained = Vec::new();
         apply::record(client, Some(&s), Some(stream), Some(event), &result, None, &mut retained);
         retention::append(client, &s, retained);
@@ -91,13 +90,7 @@ fn apply_batch_text(
     let s = catalog::stream(stream);
     // bulk::apply_run visits entities in key order (the lock order); each entity's events keep
     // their array order.
-    let parsed: Vec<Result<_, Rejection>> = events
-        .iter()
-        .map(|e| match e {
-            Some(text) => parse(&s.spec, text),
-            None => Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
-        })
-        .collect();
+    let parsed: Vec<Result<_, Rejection>> = events.iter().map(|e| apply::parse_payload(&s, e.as_deref())).collect();
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
         let results = bulk::apply_run(client, &s, &parsed, ErrorPolicy::Caller);
@@ -132,17 +125,12 @@ fn retry_dead_letters(
         for (id, name, payload) in letters {
             let target = name.as_deref().and_then(catalog::try_stream);
             let result = match (&target, &payload) {
-                (Some(s), Some(p)) => apply::apply_payload(client, s, p, ErrorPolicy::Caller),
+                (Some(s), p) => apply::apply_payload(client, s, p.as_deref(), ErrorPolicy::Caller),
                 (None, _) => Applied::Rejected {
                     rejection: Rejection::new(
                         RejectCode::UnknownStream,
                         format!("stream {:?} does not exist", name.as_deref().unwrap_or("")),
                     ),
-                    sqlstate: None,
-                    conflict: false,
-                },
-                (Some(_), None) => Applied::Rejected {
-                    rejection: Rejection::new(RejectCode::InvalidJson, "the event is NULL"),
                     sqlstate: None,
                     conflict: false,
                 },

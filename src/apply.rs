@@ -62,9 +62,17 @@ impl ErrorPolicy {
     }
 }
 
-/// Parses and applies one payload.
-pub fn apply_payload(client: &mut SpiClient, stream: &Stream, payload: &str, policy: ErrorPolicy) -> Applied {
-    match parse(&stream.spec, payload) {
+/// Parses a payload as received (a NULL payload is rejected).
+pub fn parse_payload(stream: &Stream, payload: Option<&str>) -> Result<Event, Rejection> {
+    match payload {
+        Some(text) => parse(&stream.spec, text),
+        None => Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
+    }
+}
+
+/// Parses and applies one payload as received.
+pub fn apply_payload(client: &mut SpiClient, stream: &Stream, payload: Option<&str>, policy: ErrorPolicy) -> Applied {
+    match parse_payload(stream, payload) {
         Ok(ev) => apply_event(client, stream, &ev, policy),
         Err(rejection) => Applied::Rejected { rejection, sqlstate: None, conflict: false },
     }

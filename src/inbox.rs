@@ -54,13 +54,8 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
                 .and_then(|name| streams.entry(name.clone()).or_insert_with(|| catalog::try_stream(name)).clone());
             let results: Vec<Applied> = match &stream {
                 Some(s) => {
-                    let events: Vec<Result<_, Rejection>> = run
-                        .iter()
-                        .map(|r| match &r.payload {
-                            Some(p) => parse(&s.spec, p),
-                            None => Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
-                        })
-                        .collect();
+                    let events: Vec<Result<_, Rejection>> =
+                        run.iter().map(|r| apply::parse_payload(s, r.payload.as_deref())).collect();
                     bulk::apply_run(client, s, &events, policy)
                 }
                 None => run

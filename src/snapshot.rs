@@ -10,9 +10,8 @@ use crate::bulk;
 use crate::catalog::{self, Stream};
 use crate::errors::raise;
 use crate::retention;
-use ecst_core::event::parse;
 use ecst_core::merge::Outcome;
-use ecst_core::reject::{RejectCode, Rejection};
+use ecst_core::reject::Rejection;
 use ecst_core::version::Version;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -80,13 +79,8 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
             if payloads.is_empty() {
                 break;
             }
-            let events: Vec<Result<_, Rejection>> = payloads
-                .iter()
-                .map(|p| match p {
-                    Some(p) => parse(&stream.spec, p),
-                    None => Err(Rejection::new(RejectCode::InvalidJson, "the payload is NULL")),
-                })
-                .collect();
+            let events: Vec<Result<_, Rejection>> =
+                payloads.iter().map(|p| apply::parse_payload(&stream, p.as_deref())).collect();
             if replace {
                 seen.extend(events.iter().flatten().filter_map(|ev| apply::entity_key(&stream, ev)));
             }
