@@ -191,10 +191,11 @@ fn _unflushed_counters() -> TableIterator<
         name!(last_applied_at, Option<pgrx::datum::TimestampWithTimeZone>),
     ),
 > {
-    let now = (counters::unflushed().iter().any(|(_, c)| c.applied > 0))
+    let pending = counters::unflushed();
+    let now = (pending.iter().any(|(_, c)| c.applied > 0))
         .then(|| Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT clock_timestamp()").ok().flatten())
         .flatten();
-    TableIterator::new(counters::unflushed().into_iter().map(move |(id, c)| {
+    TableIterator::new(pending.into_iter().map(move |(id, c)| {
         (
             id,
             c.applied,

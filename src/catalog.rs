@@ -108,12 +108,19 @@ pub fn register_invalidation() {
 
 /// Tells every backend (at commit; this one at once) that stream definitions changed.
 fn invalidate_everywhere() {
-    let streams = Spi::get_one::<pg_sys::Oid>("SELECT 'ecst.streams'::regclass::oid").ok().flatten();
-    if let Some(oid) = streams {
-        // SAFETY: queues an ordinary relcache invalidation for the catalog table.
-        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oid) };
-    }
+    let [streams, _] = catalog_oids();
+    // SAFETY: queues an ordinary relcache invalidation for the catalog table.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(streams) };
     STALE.with(|s| s.set(true));
+}
+
+/// The OIDs of `ecst.streams` and `ecst.stream_children` (one query).
+fn catalog_oids() -> [pg_sys::Oid; 2] {
+    let (streams, children) = Spi::get_two::<pg_sys::Oid, pg_sys::Oid>(
+        "SELECT 'ecst.streams'::regclass::oid, 'ecst.stream_children'::regclass::oid",
+    )
+    .expect("reading the catalog OIDs");
+    [streams.expect("ecst.streams exists"), children.expect("ecst.stream_children exists")]
 }
 
 /// The stream named `name`, or an ERROR (42704) if there is none.
@@ -144,11 +151,7 @@ pub fn try_stream(name: &str) -> Option<Rc<Stream>> {
         let mut w = w.borrow_mut();
         w.insert(stream.table.oid);
         w.extend(stream.children.iter().map(|c| c.table.oid));
-        for catalog in ["ecst.streams", "ecst.stream_children"] {
-            if let Ok(Some(oid)) = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{catalog}'::regclass::oid")) {
-                w.insert(oid);
-            }
-        }
+        w.extend(catalog_oids());
     });
     CACHE.with(|c| c.borrow_mut().insert(name.to_string(), stream.clone()));
     Some(stream)

@@ -24,7 +24,7 @@ thread_local! {
 }
 
 /// Counts one event's outcome (`None`: dead-lettered).
-pub fn add(stream_id: i32, outcome: Option<Outcome>, conflict: bool) {
+fn add(stream_id: i32, outcome: Option<Outcome>, conflict: bool) {
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
         let c = p.entry(stream_id).or_default();

@@ -4,7 +4,7 @@
 
 use crate::reject::{RejectCode, Rejection};
 use crate::spec::{ChildSpec, Shape, StreamSpec, Table, Target};
-use crate::version::{json_type, truncate, Version};
+use crate::version::{json_type, Version};
 use serde_json::{Map, Value as Json};
 use std::collections::HashMap;
 
@@ -313,11 +313,6 @@ fn json_value(json: &Json, what: impl Fn() -> String) -> Result<Value, Rejection
         Json::Bool(b) => Value::Text(b.to_string()),
         nested => Value::Text(nested.to_string()),
     })
-}
-
-/// A short, safe excerpt of a payload for messages.
-pub fn excerpt(text: &str) -> String {
-    truncate(text, 80)
 }
 
 #[cfg(test)]
