@@ -112,9 +112,10 @@ END
 $$;
 COMMENT ON FUNCTION ecst.apply_trigger() IS 'Row trigger applying each inserted event: ecst.apply_trigger(stream [, payload_column])';
 
--- Folds the append-only counter rows into one row per stream (keeps ecst.stats cheap).
+-- Folds the append-only counter rows into one row per stream (keeps ecst.stats cheap). It keeps
+-- every total, so it runs as the extension's owner for whoever may execute it (ecst_reader).
 CREATE FUNCTION ecst.compact_counters() RETURNS bigint
-LANGUAGE sql VOLATILE
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     WITH gone AS (DELETE FROM ecst.stream_counters RETURNING *),
     folded AS (
@@ -137,3 +138,27 @@ AS $$ SELECT * FROM ecst._load_snapshot(stream, source::oid, mode, as_of) $$;
 COMMENT ON FUNCTION ecst.load_snapshot(text, regclass, text, text)
     IS 'Bulk-loads snapshot events from source.payload under the version rules; replace mode deletes absent entities not newer than as_of';
 COMMENT ON FUNCTION ecst.export_snapshot(text) IS 'The replica as create events in the stream''s own format, with versions';
+
+-- Privileges (README: Privileges). pg_ecst's functions check the caller's privileges on the
+-- replica tables themselves and reach pg_ecst's own tables as the extension's owner, so anyone may
+-- call them; the tables themselves are granted to nobody. Two group roles (created once per
+-- cluster, NOLOGIN) carry the direct access a pipeline or a monitor needs.
+GRANT USAGE ON SCHEMA ecst TO PUBLIC;
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'ecst_writer') THEN
+        CREATE ROLE ecst_writer NOLOGIN;
+        COMMENT ON ROLE ecst_writer IS 'pg_ecst: may COPY/INSERT events into ecst.inbox';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'ecst_reader') THEN
+        CREATE ROLE ecst_reader NOLOGIN;
+        COMMENT ON ROLE ecst_reader IS 'pg_ecst: may read streams, dead letters, counters and the inbox backlog';
+    END IF;
+END
+$roles$;
+GRANT INSERT ON ecst.inbox TO ecst_writer;
+GRANT USAGE ON SEQUENCE ecst.inbox_seq TO ecst_writer;
+GRANT SELECT ON ecst.streams, ecst.stream_children, ecst.dead_letters, ecst.stream_counters, ecst.inbox,
+    ecst.stats, ecst.workers TO ecst_reader;
+REVOKE EXECUTE ON FUNCTION ecst.compact_counters() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ecst.compact_counters() TO ecst_reader;

@@ -8,11 +8,12 @@ use crate::counters;
 use crate::gucs;
 use crate::inbox;
 use crate::retention;
+use crate::security;
 use crate::snapshot;
 use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The `ecst.outcome` label of a result. The Rust functions return it as text and the SQL
 /// wrappers in `sql/finalize.sql` cast it to the schema-qualified enum, so callers need not
@@ -65,6 +66,7 @@ fn drop_stream(name: &str) -> bool {
 #[pg_extern(name = "_apply")]
 fn apply_text(stream: &str, event: &str) -> &'static str {
     let s = catalog::stream(stream);
+    security::require_apply(&s);
     Spi::connect_mut(|client| {
         let result = apply::apply_payload(client, &s, Some(event), ErrorPolicy::Caller);
         let mut retained = Vec::new();
@@ -88,6 +90,7 @@ fn apply_batch_text(
     events: Vec<Option<String>>,
 ) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
     let s = catalog::stream(stream);
+    security::require_apply(&s);
     // bulk::apply_run visits entities in key order (the lock order); each entity's events keep
     // their array order.
     let parsed: Vec<Result<_, Rejection>> = events.iter().map(|e| apply::parse_payload(&s, e.as_deref())).collect();
@@ -106,24 +109,53 @@ fn apply_batch_text(
 
 /// Puts dead letters (of one stream, or all) back through the pipeline. Those that apply now
 /// leave `ecst.dead_letters`; the others stay with their new reason and one more attempt.
+/// A named stream needs the privileges to apply it; without a name, only the letters of streams
+/// the caller may apply are retried (and those of streams that no longer exist, by the
+/// extension's owner).
 #[pg_extern(name = "_retry_dead_letters")]
 fn retry_dead_letters(
     stream: Option<&str>,
 ) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
+    if let Some(name) = stream {
+        security::require_apply(&catalog::stream(name));
+    }
+    let admin = security::is_admin();
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
-        let letters: Vec<(i64, Option<String>, Option<String>)> = client
-            .update(
-                "SELECT id, stream, payload FROM ecst.dead_letters
-                 WHERE $1::text IS NULL OR stream = $1 ORDER BY id FOR UPDATE",
-                None,
-                &[stream.into()],
-            )
-            .expect("reading ecst.dead_letters")
-            .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap(), r.get(3).unwrap()))
-            .collect();
+        let letters: Vec<(i64, Option<String>, Option<String>)> = security::internal(|| {
+            client
+                .update(
+                    "SELECT id, stream, payload FROM ecst.dead_letters
+                     WHERE $1::text IS NULL OR stream = $1 ORDER BY id",
+                    None,
+                    &[stream.into()],
+                )
+                .expect("reading ecst.dead_letters")
+                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap(), r.get(3).unwrap()))
+                .collect()
+        });
+        let mut allowed: HashMap<String, bool> = HashMap::new();
+        let mut skipped = 0i64;
         for (id, name, payload) in letters {
             let target = name.as_deref().and_then(catalog::try_stream);
+            let permitted = match (&target, &name) {
+                (Some(s), Some(n)) => *allowed.entry(n.clone()).or_insert_with(|| security::apply_denied(s).is_none()),
+                _ => admin,
+            };
+            if !permitted {
+                skipped += 1;
+                continue;
+            }
+            // Taken one by one, so a concurrent retry of the same letter waits and then skips it.
+            let locked = security::internal(|| {
+                !client
+                    .update("SELECT 1 FROM ecst.dead_letters WHERE id = $1 FOR UPDATE", None, &[id.into()])
+                    .expect("locking a dead letter")
+                    .is_empty()
+            });
+            if !locked {
+                continue;
+            }
             let result = match (&target, &payload) {
                 (Some(s), p) => apply::apply_payload(client, s, p.as_deref(), ErrorPolicy::Caller),
                 (None, _) => Applied::Rejected {
@@ -136,7 +168,7 @@ fn retry_dead_letters(
                 },
             };
             match &result {
-                Applied::Rejected { rejection, sqlstate, .. } => {
+                Applied::Rejected { rejection, sqlstate, .. } => security::internal(|| {
                     client
                         .update(
                             "UPDATE ecst.dead_letters SET error_code = $2, message = $3, sqlstate = $4,
@@ -151,9 +183,13 @@ fn retry_dead_letters(
                             ],
                         )
                         .expect("updating ecst.dead_letters");
-                }
+                }),
                 Applied::Done { .. } => {
-                    client.update("DELETE FROM ecst.dead_letters WHERE id = $1", None, &[id.into()]).expect("deleting");
+                    security::internal(|| {
+                        client
+                            .update("DELETE FROM ecst.dead_letters WHERE id = $1", None, &[id.into()])
+                            .expect("deleting a dead letter");
+                    });
                     if let Some(s) = &target {
                         let mut retained = Vec::new();
                         apply::record(
@@ -170,6 +206,9 @@ fn retry_dead_letters(
                 }
             }
             *counts.entry(outcome(&result)).or_insert(0) += 1;
+        }
+        if skipped > 0 {
+            notice!("pg_ecst: skipped {skipped} dead letter(s) of streams this role may not apply");
         }
     });
     counts_table(counts)

@@ -5,6 +5,7 @@
 
 use crate::catalog::{Column, Stream};
 use crate::errors::{self, raise};
+use crate::security;
 use crate::subxact::{self, SubResult};
 use crate::writer::{self, Bound};
 use ecst_core::event::{check_unique_child_keys, parse, Cell, ChildSet, Event, Op, Value};
@@ -188,11 +189,13 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         ev.old.iter().map(|c| bind(&table.columns[c.column], &c.field, &c.value)).collect::<Result<_, _>>()?;
 
     if let Some(id) = &ev.event_id {
-        let fresh = writer::run(
+        let fresh = security::internal(|| {
+            writer::run(
             client,
             "INSERT INTO ecst.applied_events (stream_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
             &[stream.id.into(), id.as_str().into()],
-        );
+        )
+        });
         if fresh.is_empty() {
             return Ok((Outcome::Duplicate, false));
         }
@@ -296,12 +299,14 @@ fn mismatches(client: &mut SpiClient, stream: &Stream, keys: &[Bound], cells: &[
 /// `FOR UPDATE`: a row lock taken in one event's subtransaction and re-taken in the next turns
 /// into a growing MultiXact when one transaction applies many events of an entity.
 fn load_state(client: &mut SpiClient, stream_id: i32, key: &str) -> Result<Option<EntityState>, Stop> {
-    let rows = writer::run(
-        client,
-        "SELECT live_version::text, tomb_version::text, field_versions::text
+    let rows = security::internal(|| {
+        writer::run(
+            client,
+            "SELECT live_version::text, tomb_version::text, field_versions::text
          FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = $2",
-        &[stream_id.into(), key.into()],
-    );
+            &[stream_id.into(), key.into()],
+        )
+    });
     Ok(rows
         .into_iter()
         .next()
@@ -338,33 +343,37 @@ fn save_state(
 ) -> Result<(), Stop> {
     let text = |v: &Option<Version>| v.as_ref().map(Version::to_numeric_string);
     let Some(old) = read else {
-        let inserted = writer::run(
-            client,
-            "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
+        let inserted = security::internal(|| {
+            writer::run(
+                client,
+                "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
              VALUES ($1, $2, $3::numeric, $4::numeric, $5::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
-            &[stream_id.into(), key.into(), text(&s.live).into(), text(&s.tomb).into(), fields_to_text(s).into()],
-        );
+                &[stream_id.into(), key.into(), text(&s.live).into(), text(&s.tomb).into(), fields_to_text(s).into()],
+            )
+        });
         return if inserted.is_empty() { Err(Stop::Retry) } else { Ok(()) };
     };
-    let updated = writer::run(
-        client,
-        "UPDATE ecst.entity_state SET live_version = $3::numeric, tomb_version = $4::numeric,
+    let updated = security::internal(|| {
+        writer::run(
+            client,
+            "UPDATE ecst.entity_state SET live_version = $3::numeric, tomb_version = $4::numeric,
                 field_versions = $5::jsonb
          WHERE stream_id = $1 AND entity_key = $2
            AND live_version IS NOT DISTINCT FROM $6::numeric AND tomb_version IS NOT DISTINCT FROM $7::numeric
            AND field_versions IS NOT DISTINCT FROM $8::jsonb
          RETURNING 1",
-        &[
-            stream_id.into(),
-            key.into(),
-            text(&s.live).into(),
-            text(&s.tomb).into(),
-            fields_to_text(s).into(),
-            text(&old.live).into(),
-            text(&old.tomb).into(),
-            fields_to_text(old).into(),
-        ],
-    );
+            &[
+                stream_id.into(),
+                key.into(),
+                text(&s.live).into(),
+                text(&s.tomb).into(),
+                fields_to_text(s).into(),
+                text(&old.live).into(),
+                text(&old.tomb).into(),
+                fields_to_text(old).into(),
+            ],
+        )
+    });
     if updated.is_empty() {
         Err(Stop::Retry)
     } else {
@@ -407,19 +416,21 @@ pub fn dead_letter(
     sqlstate: Option<&str>,
     received_at: Option<pgrx::datum::TimestampWithTimeZone>,
 ) {
-    writer::run(
-        client,
-        "INSERT INTO ecst.dead_letters (stream, payload, error_code, message, sqlstate, received_at)
+    security::internal(|| {
+        writer::run(
+            client,
+            "INSERT INTO ecst.dead_letters (stream, payload, error_code, message, sqlstate, received_at)
          VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))",
-        &[
-            stream.into(),
-            payload.into(),
-            r.code.as_str().into(),
-            r.message.as_str().into(),
-            sqlstate.into(),
-            received_at.into(),
-        ],
-    );
+            &[
+                stream.into(),
+                payload.into(),
+                r.code.as_str().into(),
+                r.message.as_str().into(),
+                sqlstate.into(),
+                received_at.into(),
+            ],
+        )
+    });
 }
 
 /// The canonical entity key of an event (what version state is kept under), if its key fits.

@@ -12,6 +12,7 @@
 use crate::apply::{self, Applied, ErrorPolicy};
 use crate::catalog::{Column, Stream};
 use crate::errors::{self, raise};
+use crate::security;
 use crate::subxact::{self, SubResult};
 use crate::writer;
 use ecst_core::event::{Cell, Event, Op};
@@ -178,12 +179,14 @@ fn run_set_based(
             }
         }
         if !ids.is_empty() {
-            let rows = writer::run(
-                client,
-                "INSERT INTO ecst.applied_events (stream_id, event_id) SELECT $1, unnest($2::text[])
+            let rows = security::internal(|| {
+                writer::run(
+                    client,
+                    "INSERT INTO ecst.applied_events (stream_id, event_id) SELECT $1, unnest($2::text[])
                  ON CONFLICT DO NOTHING RETURNING event_id",
-                &[stream.id.into(), ids.into()],
-            );
+                    &[stream.id.into(), ids.into()],
+                )
+            });
             fresh_ids = rows.map(|r| r.get::<String>(1).unwrap().unwrap()).collect();
         }
     }
@@ -192,13 +195,15 @@ fn run_set_based(
     let keys: Vec<String> = entities.keys().cloned().collect();
     let mut states: HashMap<String, EntityState> = HashMap::new();
     if spec.is_versioned() && !keys.is_empty() {
-        let rows = writer::run_once(
-            client,
-            "SELECT entity_key, live_version::text, tomb_version::text, field_versions::text
+        let rows = security::internal(|| {
+            writer::run_once(
+                client,
+                "SELECT entity_key, live_version::text, tomb_version::text, field_versions::text
              FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2::text[])
              ORDER BY entity_key COLLATE \"C\" FOR UPDATE",
-            &[stream.id.into(), keys.clone().into()],
-        );
+                &[stream.id.into(), keys.clone().into()],
+            )
+        });
         for r in rows {
             let key: String = r.get(1).unwrap().unwrap();
             let state = apply::state_from_text(r.get(2).unwrap(), r.get(3).unwrap(), r.get(4).unwrap());
@@ -327,11 +332,13 @@ fn run_set_based(
         upsert_many(client, stream, &columns, &rows);
     }
     if !unapplied_ids.is_empty() {
-        writer::run_once(
-            client,
-            "DELETE FROM ecst.applied_events WHERE stream_id = $1 AND event_id = ANY ($2::text[])",
-            &[stream.id.into(), unapplied_ids.into()],
-        );
+        security::internal(|| {
+            writer::run_once(
+                client,
+                "DELETE FROM ecst.applied_events WHERE stream_id = $1 AND event_id = ANY ($2::text[])",
+                &[stream.id.into(), unapplied_ids.into()],
+            )
+        });
     }
 
     // 7. Entities that need the per-event path, in order.
@@ -423,23 +430,27 @@ fn save_states(client: &mut SpiClient, stream_id: i32, states: &[(String, Entity
         let fields: Vec<Option<String>> = chosen.iter().map(|s| apply::fields_to_text(&s.1)).collect();
         let args = [stream_id.into(), keys.into(), live.into(), tomb.into(), fields.into()];
         if existed {
-            writer::run_once(
-                client,
-                "UPDATE ecst.entity_state s SET live_version = u.l::numeric, tomb_version = u.t::numeric,
+            security::internal(|| {
+                writer::run_once(
+                    client,
+                    "UPDATE ecst.entity_state s SET live_version = u.l::numeric, tomb_version = u.t::numeric,
                         field_versions = u.f::jsonb
                  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u (k, l, t, f)
                  WHERE s.stream_id = $1 AND s.entity_key = u.k",
-                &args,
-            );
+                    &args,
+                )
+            });
         } else {
-            let inserted = writer::run(
-                client,
-                "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
+            let inserted = security::internal(|| {
+                writer::run(
+                    client,
+                    "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
                  SELECT $1, u.k, u.l::numeric, u.t::numeric, u.f::jsonb
                  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u (k, l, t, f)
                  ON CONFLICT DO NOTHING RETURNING 1",
-                &args,
-            );
+                    &args,
+                )
+            });
             if inserted.len() < chosen.len() {
                 return Err(Fallback::Race);
             }

@@ -5,6 +5,7 @@
 
 use crate::convert::ColumnType;
 use crate::errors::raise;
+use crate::security;
 use ecst_core::spec::{ChildSpec, OnConflict, Path, Shape, StreamSpec, Table};
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
@@ -161,8 +162,9 @@ pub fn try_stream(name: &str) -> Option<Rc<Stream>> {
 // Reading, validating and storing definitions.
 
 fn read_definition(name: &str) -> Option<Definition> {
-    Spi::connect(|client| {
-        let rows = client
+    security::internal(|| {
+        Spi::connect(|client| {
+            let rows = client
             .select(
                 "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
                         retain_events
@@ -171,43 +173,45 @@ fn read_definition(name: &str) -> Option<Definition> {
                 &[name.into()],
             )
             .expect("reading ecst.streams");
-        let row = rows.into_iter().next()?;
-        let id: i32 = row.get(1).unwrap().unwrap();
-        let json = |i: usize| -> Value { serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap() };
-        let mut def = Definition {
-            id,
-            name: name.to_string(),
-            target: row.get(2).unwrap().unwrap(),
-            shape: row.get(3).unwrap().unwrap(),
-            key: json(4),
-            state_path: row.get(5).unwrap(),
-            columns: json(6),
-            version: row.get(7).unwrap(),
-            event_id: row.get(8).unwrap(),
-            on_conflict: row.get(9).unwrap().unwrap(),
-            retain_events: row.get(10).unwrap().unwrap(),
-            children: Vec::new(),
-        };
-        let children = client
-            .select(
-                "SELECT name, path, target::oid, key::text, parent_key::text, columns::text
-                 FROM ecst.stream_children WHERE stream_id = $1 ORDER BY name",
-                None,
-                &[id.into()],
-            )
-            .expect("reading ecst.stream_children");
-        for row in children {
+            let row = rows.into_iter().next()?;
+            let id: i32 = row.get(1).unwrap().unwrap();
             let json = |i: usize| -> Value { serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap() };
-            def.children.push(ChildDefinition {
-                name: row.get(1).unwrap().unwrap(),
-                path: row.get(2).unwrap().unwrap(),
-                target: row.get(3).unwrap().unwrap(),
+            let mut def = Definition {
+                id,
+                name: name.to_string(),
+                target: row.get(2).unwrap().unwrap(),
+                shape: row.get(3).unwrap().unwrap(),
                 key: json(4),
-                parent_key: json(5),
+                state_path: row.get(5).unwrap(),
                 columns: json(6),
-            });
-        }
-        Some(def)
+                version: row.get(7).unwrap(),
+                event_id: row.get(8).unwrap(),
+                on_conflict: row.get(9).unwrap().unwrap(),
+                retain_events: row.get(10).unwrap().unwrap(),
+                children: Vec::new(),
+            };
+            let children = client
+                .select(
+                    "SELECT name, path, target::oid, key::text, parent_key::text, columns::text
+                 FROM ecst.stream_children WHERE stream_id = $1 ORDER BY name",
+                    None,
+                    &[id.into()],
+                )
+                .expect("reading ecst.stream_children");
+            for row in children {
+                let json =
+                    |i: usize| -> Value { serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap() };
+                def.children.push(ChildDefinition {
+                    name: row.get(1).unwrap().unwrap(),
+                    path: row.get(2).unwrap().unwrap(),
+                    target: row.get(3).unwrap().unwrap(),
+                    key: json(4),
+                    parent_key: json(5),
+                    columns: json(6),
+                });
+            }
+            Some(def)
+        })
     })
 }
 
@@ -528,10 +532,10 @@ pub fn create_stream(
     if name.is_empty() {
         raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, "a stream name must not be empty", None);
     }
-    if Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM ecst.streams WHERE name = $1)", &[name.into()])
-        .unwrap()
-        .unwrap_or(false)
-    {
+    let exists = security::internal(|| {
+        Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM ecst.streams WHERE name = $1)", &[name.into()])
+    });
+    if exists.unwrap().unwrap_or(false) {
         raise(
             Code::ERRCODE_DUPLICATE_OBJECT,
             format!("stream \"{name}\" already exists"),
@@ -564,42 +568,47 @@ pub fn create_stream(
         }
     }
     build(&def).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
+    security::internal(|| store(&def));
+    invalidate_everywhere();
+}
+
+/// Writes a validated definition to `ecst.streams` / `ecst.stream_children`.
+fn store(def: &Definition) {
     let id = Spi::get_one_with_args::<i32>(
         "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
                                    retain_events)
          VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
         &[
-            name.into(),
-            target.into(),
-            shape.into(),
-            JsonB(key).into(),
-            state_path.into(),
-            JsonB(columns.unwrap_or(Value::Object(Map::new()))).into(),
-            version.into(),
-            event_id.into(),
-            on_conflict.into(),
-            retain_events.into(),
+            def.name.as_str().into(),
+            def.target.into(),
+            def.shape.as_str().into(),
+            JsonB(def.key.clone()).into(),
+            def.state_path.as_deref().into(),
+            JsonB(def.columns.clone()).into(),
+            def.version.as_deref().into(),
+            def.event_id.as_deref().into(),
+            def.on_conflict.as_str().into(),
+            def.retain_events.into(),
         ],
     )
     .unwrap()
     .unwrap();
-    for c in def.children {
+    for c in &def.children {
         Spi::run_with_args(
             "INSERT INTO ecst.stream_children (stream_id, name, path, target, key, parent_key, columns)
              VALUES ($1, $2, $3, $4::oid::regclass, $5, $6, $7)",
             &[
                 id.into(),
-                c.name.into(),
-                c.path.into(),
+                c.name.as_str().into(),
+                c.path.as_str().into(),
                 c.target.into(),
-                JsonB(c.key).into(),
-                JsonB(c.parent_key).into(),
-                JsonB(c.columns).into(),
+                JsonB(c.key.clone()).into(),
+                JsonB(c.parent_key.clone()).into(),
+                JsonB(c.columns.clone()).into(),
             ],
         )
         .unwrap();
     }
-    invalidate_everywhere();
 }
 
 /// `children => {"addresses": {"path": ..., "table": ..., "key": {...}, "parent_key": ..., "columns": {...}}}`
@@ -655,9 +664,16 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
 /// Drops a stream's definition, version state, event ids and counters. Never drops the
 /// replica tables; dead letters stay for inspection. Returns false if there was none.
 pub fn drop_stream(name: &str) -> bool {
-    let dropped = Spi::connect_mut(|client| {
-        let deleted = client.update("DELETE FROM ecst.streams WHERE name = $1", None, &[name.into()]);
-        !deleted.expect("deleting the stream").is_empty()
+    let target = security::internal(|| {
+        Spi::get_one_with_args::<pg_sys::Oid>("SELECT target::oid FROM ecst.streams WHERE name = $1", &[name.into()])
+    });
+    let Some(target) = target.expect("reading ecst.streams") else { return false };
+    security::require_owner(name, target, "drop");
+    let dropped = security::internal(|| {
+        Spi::connect_mut(|client| {
+            let deleted = client.update("DELETE FROM ecst.streams WHERE name = $1", None, &[name.into()]);
+            !deleted.expect("deleting the stream").is_empty()
+        })
     });
     if dropped {
         invalidate_everywhere();

@@ -7,6 +7,7 @@ use std::ffi::CString;
 pub const MAX_WORKERS: usize = 32;
 
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -17,6 +18,14 @@ pub fn init() {
         c"Database whose inbox the pg_ecst background workers drain.",
         c"The workers wait quietly until this database and the pg_ecst extension in it exist.",
         &DATABASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"ecst.worker_role",
+        c"Role the pg_ecst background workers run as (empty: the bootstrap superuser).",
+        c"Use a role with INSERT, UPDATE and DELETE on the replica tables and nothing more; it needs LOGIN (a background worker connects like a session). Events of streams it may not write become dead letters (SQLSTATE 42501).",
+        &WORKER_ROLE,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -54,4 +63,9 @@ pub fn init() {
 
 pub fn database() -> String {
     DATABASE.get().and_then(|c| c.into_string().ok()).unwrap_or_else(|| "postgres".into())
+}
+
+/// `ecst.worker_role`, if set.
+pub fn worker_role() -> Option<String> {
+    WORKER_ROLE.get().and_then(|c| c.into_string().ok()).filter(|r| !r.is_empty())
 }

@@ -9,6 +9,7 @@ use crate::apply::{self, Applied, ErrorPolicy};
 use crate::bulk;
 use crate::catalog::{self, Stream};
 use crate::retention;
+use crate::security;
 use crate::writer;
 use ecst_core::event::parse;
 use ecst_core::reject::{RejectCode, Rejection};
@@ -53,6 +54,25 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
                 .as_ref()
                 .and_then(|name| streams.entry(name.clone()).or_insert_with(|| catalog::try_stream(name)).clone());
             let results: Vec<Applied> = match &stream {
+                Some(s) if security::apply_denied(s).is_some() => {
+                    let message = security::apply_denied(s).expect("denied");
+                    if policy == ErrorPolicy::Caller {
+                        crate::errors::raise(
+                            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                            message,
+                            Some(security::apply_hint()),
+                        );
+                    }
+                    // The worker's role may not write this stream: its events wait in the dead
+                    // letters (retry_dead_letters once the role has the privileges).
+                    run.iter()
+                        .map(|_| Applied::Rejected {
+                            rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
+                            sqlstate: Some("42501".into()),
+                            conflict: false,
+                        })
+                        .collect()
+                }
                 Some(s) => {
                     let events: Vec<Result<_, Rejection>> =
                         run.iter().map(|r| apply::parse_payload(s, r.payload.as_deref())).collect();
@@ -100,11 +120,13 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part) -> Vec<Row> {
     let claimed = match part {
         Some((index, of)) if of > 1 => {
             let window = limit.saturating_mul(of as i64 * 2);
-            let mine: Vec<String> = writer::run_once(
-                client,
-                "SELECT ctid::text, stream, payload FROM ecst.inbox ORDER BY seq LIMIT $1",
-                &[window.into()],
-            )
+            let mine: Vec<String> = security::internal(|| {
+                writer::run_once(
+                    client,
+                    "SELECT ctid::text, stream, payload FROM ecst.inbox ORDER BY seq LIMIT $1",
+                    &[window.into()],
+                )
+            })
             .filter_map(|r| {
                 let owner = match (r.get::<String>(2).unwrap(), r.get::<String>(3).unwrap()) {
                     (Some(s), Some(p)) => partition(&s, &p, of),
@@ -117,18 +139,22 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part) -> Vec<Row> {
             if mine.is_empty() {
                 return Vec::new();
             }
-            writer::run_once(
+            security::internal(|| {
+                writer::run_once(
                 client,
                 "DELETE FROM ecst.inbox WHERE ctid = ANY ($1::text[]::tid[]) RETURNING seq, stream, payload, received_at",
                 &[mine.into()],
             )
+            })
         }
-        _ => writer::run_once(
-            client,
-            "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
+        _ => security::internal(|| {
+            writer::run_once(
+                client,
+                "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
              RETURNING seq, stream, payload, received_at",
-            &[limit.into()],
-        ),
+                &[limit.into()],
+            )
+        }),
     };
     claimed
         .map(|r| Row {

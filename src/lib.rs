@@ -16,6 +16,7 @@ mod errors;
 mod gucs;
 mod inbox;
 mod retention;
+mod security;
 mod snapshot;
 mod subxact;
 mod worker;

@@ -6,6 +6,7 @@
 use crate::apply::{self, ErrorPolicy};
 use crate::bulk;
 use crate::catalog::{self, Stream};
+use crate::security;
 use ecst_core::event::{parse, Op};
 use ecst_core::spec::Shape;
 use ecst_core::version::Version;
@@ -21,15 +22,19 @@ pub fn append(client: &mut SpiClient, stream: &Stream, payloads: Vec<String>) {
     if payloads.is_empty() {
         return;
     }
-    crate::writer::run(
-        client,
-        "INSERT INTO ecst.event_log (stream_id, payload) SELECT $1, unnest($2::text[])",
-        &[stream.id.into(), payloads.into()],
-    );
+    security::internal(|| {
+        crate::writer::run(
+            client,
+            "INSERT INTO ecst.event_log (stream_id, payload) SELECT $1, unnest($2::text[])",
+            &[stream.id.into(), payloads.into()],
+        )
+    });
 }
 
-fn retaining(name: &str) -> std::rc::Rc<Stream> {
+/// A stream that retains events, which the caller owns (`action` names the operation).
+fn retaining(name: &str, action: &str) -> std::rc::Rc<Stream> {
     let stream = catalog::stream(name);
+    security::require_owner(name, stream.table.oid, action);
     if !stream.retain_events {
         crate::errors::raise(
             pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -43,7 +48,7 @@ fn retaining(name: &str) -> std::rc::Rc<Stream> {
 /// Empties the stream's replica tables and version state and replays the event log.
 /// Returns (replayed, applied, dead_lettered).
 pub fn rebuild(name: &str) -> (i64, i64, i64) {
-    let stream = retaining(name);
+    let stream = retaining(name, "rebuild");
     let (mut replayed, mut applied, mut dead) = (0, 0, 0);
     Spi::connect_mut(|client| {
         let tables: Vec<&str> = stream
@@ -53,17 +58,22 @@ pub fn rebuild(name: &str) -> (i64, i64, i64) {
             .chain(std::iter::once(stream.table.qualified.as_str()))
             .collect();
         client.update(&format!("TRUNCATE {}", tables.join(", ")), None, &[]).expect("truncating the replica");
-        for sql in [
-            "DELETE FROM ecst.entity_state WHERE stream_id = $1",
-            "DELETE FROM ecst.applied_events WHERE stream_id = $1",
-        ] {
-            client.update(sql, None, &[stream.id.into()]).expect("clearing the version state");
-        }
-        let mut cursor = client
-            .open_cursor("SELECT payload FROM ecst.event_log WHERE stream_id = $1 ORDER BY seq", &[stream.id.into()]);
+        let mut cursor = security::internal(|| {
+            for sql in [
+                "DELETE FROM ecst.entity_state WHERE stream_id = $1",
+                "DELETE FROM ecst.applied_events WHERE stream_id = $1",
+            ] {
+                client.update(sql, None, &[stream.id.into()]).expect("clearing the version state");
+            }
+            client.open_cursor(
+                "SELECT payload FROM ecst.event_log WHERE stream_id = $1 ORDER BY seq",
+                &[stream.id.into()],
+            )
+        });
         loop {
-            let payloads: Vec<String> =
-                cursor.fetch(CHUNK as _).expect("reading ecst.event_log").map(|r| r.get(1).unwrap().unwrap()).collect();
+            let payloads: Vec<String> = security::internal(|| {
+                cursor.fetch(CHUNK as _).expect("reading ecst.event_log").map(|r| r.get(1).unwrap().unwrap()).collect()
+            });
             if payloads.is_empty() {
                 break;
             }
@@ -106,18 +116,20 @@ type Order = (Option<Version>, i64);
 /// versions survive). Unmapped fields are kept, so a later mapping can still be filled.
 /// Returns (events before, events after).
 pub fn compact(name: &str) -> (i64, i64) {
-    let stream = retaining(name);
+    let stream = retaining(name, "compact the event log of");
     let spec = &stream.spec;
     Spi::connect_mut(|client| {
-        let rows: Vec<(i64, String)> = client
-            .select(
-                "SELECT seq, payload FROM ecst.event_log WHERE stream_id = $1 ORDER BY seq FOR UPDATE",
-                None,
-                &[stream.id.into()],
-            )
-            .expect("reading ecst.event_log")
-            .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
-            .collect();
+        let rows: Vec<(i64, String)> = security::internal(|| {
+            client
+                .update(
+                    "SELECT seq, payload FROM ecst.event_log WHERE stream_id = $1 ORDER BY seq FOR UPDATE",
+                    None,
+                    &[stream.id.into()],
+                )
+                .expect("reading ecst.event_log")
+                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
+                .collect()
+        });
         let before = rows.len() as i64;
         let Some(last_seq) = rows.last().map(|r| r.0) else { return (0, 0) };
         let mut entities: BTreeMap<String, Entity> = BTreeMap::new();
@@ -189,25 +201,29 @@ pub fn compact(name: &str) -> (i64, i64) {
                 out.push(event.to_string());
             }
         }
-        client
-            .update(
-                "DELETE FROM ecst.event_log WHERE stream_id = $1 AND seq <= $2",
-                None,
-                &[stream.id.into(), last_seq.into()],
-            )
-            .expect("compacting ecst.event_log");
+        security::internal(|| {
+            client
+                .update(
+                    "DELETE FROM ecst.event_log WHERE stream_id = $1 AND seq <= $2",
+                    None,
+                    &[stream.id.into(), last_seq.into()],
+                )
+                .expect("compacting ecst.event_log");
+        });
         // Never more events than were read: the compacted ones take the lowest of the replaced
         // positions, so they still replay before anything appended meanwhile.
         let after = out.len() as i64;
         let seqs: Vec<i64> = rows.iter().map(|r| r.0).take(out.len()).collect();
-        client
-            .update(
-                "INSERT INTO ecst.event_log (stream_id, seq, payload)
+        security::internal(|| {
+            client
+                .update(
+                    "INSERT INTO ecst.event_log (stream_id, seq, payload)
                  SELECT $1, u.s, u.p FROM unnest($2::bigint[], $3::text[]) AS u (s, p)",
-                None,
-                &[stream.id.into(), seqs.into(), out.into()],
-            )
-            .expect("writing the compacted log");
+                    None,
+                    &[stream.id.into(), seqs.into(), out.into()],
+                )
+                .expect("writing the compacted log");
+        });
         (before, after)
     })
 }

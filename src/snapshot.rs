@@ -10,6 +10,7 @@ use crate::bulk;
 use crate::catalog::{self, Stream};
 use crate::errors::raise;
 use crate::retention;
+use crate::security;
 use ecst_core::merge::Outcome;
 use ecst_core::reject::Rejection;
 use ecst_core::version::Version;
@@ -17,7 +18,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{pg_sys, PgSqlErrorCode as Code};
 use serde_json::{Map, Value};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Rows applied per chunk of a load.
 const CHUNK: i64 = 10_000;
@@ -35,6 +36,7 @@ pub struct LoadCounts {
 /// `ecst.load_snapshot(stream, source, mode, as_of)`.
 pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&str>) -> LoadCounts {
     let stream = catalog::stream(stream_name);
+    security::require_apply(&stream);
     let replace = match mode {
         "merge" => false,
         "replace" => true,
@@ -138,17 +140,19 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
     let table = &stream.table;
     let keys: Vec<&str> = table.keys.iter().map(|k| k.quoted.as_str()).collect();
     let candidates: Vec<String> = match as_of {
-        Some(v) => client
-            .select(
-                "SELECT entity_key FROM ecst.entity_state
-                 WHERE stream_id = $1 AND live_version IS NOT NULL
-                   AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric",
-                None,
-                &[stream.id.into(), v.to_numeric_string().into()],
-            )
-            .expect("reading ecst.entity_state")
-            .map(|r| r.get::<String>(1).unwrap().unwrap())
-            .collect(),
+        Some(v) => security::internal(|| {
+            client
+                .select(
+                    "SELECT entity_key FROM ecst.entity_state
+                     WHERE stream_id = $1 AND live_version IS NOT NULL
+                       AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric",
+                    None,
+                    &[stream.id.into(), v.to_numeric_string().into()],
+                )
+                .expect("reading ecst.entity_state")
+                .map(|r| r.get::<String>(1).unwrap().unwrap())
+                .collect()
+        }),
         None => client
             .select(&format!("SELECT {} FROM {} t", key_expr("t", &keys), table.qualified), None, &[])
             .expect("reading the replica")
@@ -168,14 +172,16 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
     let sql = format!("DELETE FROM {} t WHERE {} = ANY ($1::text[])", table.qualified, key_expr("t", &keys));
     client.update(&sql, None, &[gone.clone().into()]).expect("deleting replica rows");
     if let Some(v) = as_of {
-        client
-            .update(
-                "UPDATE ecst.entity_state SET tomb_version = $3::numeric, field_versions = NULL
-                 WHERE stream_id = $1 AND entity_key = ANY ($2::text[])",
-                None,
-                &[stream.id.into(), gone.clone().into(), v.to_numeric_string().into()],
-            )
-            .expect("writing tombstones");
+        security::internal(|| {
+            client
+                .update(
+                    "UPDATE ecst.entity_state SET tomb_version = $3::numeric, field_versions = NULL
+                     WHERE stream_id = $1 AND entity_key = ANY ($2::text[])",
+                    None,
+                    &[stream.id.into(), gone.clone().into(), v.to_numeric_string().into()],
+                )
+                .expect("writing tombstones");
+        });
     }
     gone.len() as i64
 }
@@ -183,31 +189,41 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
 /// `ecst.export_snapshot(stream)`: every replica entity as a create event in the stream's format.
 pub fn export(stream_name: &str) -> Vec<Value> {
     let stream = catalog::stream(stream_name);
+    security::require_select(&stream);
     let spec = &stream.spec;
     let table = &stream.table;
     Spi::connect(|client| {
+        let mut versions: HashMap<String, String> = HashMap::new();
+        if spec.version.is_some() {
+            security::internal(|| {
+                let rows = client
+                    .select(
+                        "SELECT entity_key, live_version::text FROM ecst.entity_state
+                         WHERE stream_id = $1 AND live_version IS NOT NULL",
+                        None,
+                        &[stream.id.into()],
+                    )
+                    .expect("reading ecst.entity_state");
+                versions.extend(rows.map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap())));
+            });
+        }
         let keys: Vec<&str> = table.keys.iter().map(|k| k.quoted.as_str()).collect();
-        let mut select: Vec<String> = vec![key_expr("t", &keys), "s.live_version::text".into()];
+        let mut select: Vec<String> = vec![key_expr("t", &keys)];
         select.extend(table.keys.iter().map(|k| format!("to_jsonb(t.{})::text", k.quoted)));
         select.extend(table.columns.iter().map(|c| format!("to_jsonb(t.{})::text", c.quoted)));
-        let sql = format!(
-            "SELECT {} FROM {} t LEFT JOIN ecst.entity_state s ON s.stream_id = $1 AND s.entity_key = {} ORDER BY 1",
-            select.join(", "),
-            table.qualified,
-            key_expr("t", &keys)
-        );
+        let sql = format!("SELECT {} FROM {} t ORDER BY 1", select.join(", "), table.qualified);
         let children = export_children(client, &stream);
         client
-            .select(&sql, None, &[stream.id.into()])
+            .select(&sql, None, &[])
             .expect("reading the replica")
             .map(|r| {
                 let entity_key: String = r.get(1).unwrap().unwrap();
-                let version: Option<String> = r.get(2).unwrap();
+                let version: Option<String> = versions.get(&entity_key).cloned();
                 let mut event = Value::Object(Map::new());
                 for (i, field) in spec.key_fields.iter().enumerate() {
-                    event[field] = parse_json(r.get(3 + i).unwrap());
+                    event[field] = parse_json(r.get(2 + i).unwrap());
                 }
-                let first = 3 + table.keys.len();
+                let first = 2 + table.keys.len();
                 let mut entity = Value::Object(
                     (0..table.columns.len())
                         .map(|i| (spec.table.field_name(i), parse_json(r.get(first + i).unwrap())))

@@ -109,22 +109,35 @@ pub extern "C-unwind" fn pg_ecst_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(None, None);
     let mut workers: Vec<Option<DynamicBackgroundWorker>> = (0..gucs::MAX_WORKERS).map(|_| None).collect();
     let mut database = String::new();
+    let mut role: Option<String> = None;
     let mut reported_missing = false;
+    let mut reported_role = false;
     loop {
         if BackgroundWorker::sighup_received() {
             reload_config();
         }
         let wanted_db = gucs::database();
+        let wanted_role = gucs::worker_role();
         let wanted = gucs::WORKERS.get().clamp(0, gucs::MAX_WORKERS as i32) as usize;
-        if wanted_db != database {
+        if wanted_db != database || wanted_role != role {
             stop_all(&mut workers);
             database = wanted_db.clone();
+            role = wanted_role.clone();
             reported_missing = false;
+            reported_role = false;
         }
-        if database_exists(&database) {
-            if reported_missing {
-                log!("pg_ecst: database \"{database}\" exists now; starting {wanted} worker(s)");
+        let role_problem = role.as_deref().and_then(role_unusable);
+        if let Some(problem) = &role_problem {
+            if !reported_role {
+                log!("pg_ecst: {problem}; the workers wait for it (ecst.worker_role)");
+                reported_role = true;
+            }
+            stop_all(&mut workers);
+        } else if database_exists(&database) {
+            if reported_missing || reported_role {
+                log!("pg_ecst: database \"{database}\" and the worker role are ready; starting {wanted} worker(s)");
                 reported_missing = false;
+                reported_role = false;
             }
             for (i, slot) in workers.iter_mut().enumerate() {
                 if i >= wanted {
@@ -171,6 +184,31 @@ fn start_worker(database: &str, index: usize) -> Option<DynamicBackgroundWorker>
         .ok()
 }
 
+/// Why `role` cannot run the workers (missing, or without LOGIN), if it cannot. A heap scan of
+/// the shared catalog pg_authid: the launcher is connected to no database.
+fn role_unusable(name: &str) -> Option<String> {
+    BackgroundWorker::transaction(|| unsafe {
+        let rel = pg_sys::table_open(pg_sys::AuthIdRelationId, pg_sys::AccessShareLock as i32);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        let mut problem = Some(format!("role \"{name}\" does not exist"));
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_authid;
+            let rolname = std::ffi::CStr::from_ptr((*form).rolname.data.as_ptr());
+            if rolname.to_bytes() == name.as_bytes() {
+                problem = (!(*form).rolcanlogin).then(|| format!("role \"{name}\" does not have LOGIN"));
+                break;
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        problem
+    })
+}
+
 /// Whether a database exists. A heap scan of pg_database (as PostgreSQL's own launchers do):
 /// without a database, and right after crash recovery, its index cannot be opened.
 fn database_exists(name: &str) -> bool {
@@ -205,7 +243,8 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     let index = arg.value();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = BackgroundWorker::get_extra().to_string();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    let role = gucs::worker_role();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
     if !claim_slot(index) {
         return; // another live worker holds this slot
     }
@@ -223,7 +262,10 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     loop {
         if BackgroundWorker::sighup_received() {
             reload_config();
-            if gucs::database() != database || index >= gucs::WORKERS.get().max(0) as usize {
+            if gucs::database() != database
+                || gucs::worker_role() != role
+                || index >= gucs::WORKERS.get().max(0) as usize
+            {
                 return; // the launcher starts the right workers
             }
         }

@@ -1,0 +1,209 @@
+//! Whose privileges pg_ecst acts with.
+//!
+//! - Replica tables (and a snapshot's source) are read and written as the **calling role**: its
+//!   privileges, row-level security policies and triggers apply, exactly as for its own SQL.
+//!   Before applying, pg_ecst checks up front that the caller may maintain the stream's tables
+//!   (`INSERT`, `UPDATE`, `DELETE`), so a role that may not write a replica can neither write it
+//!   nor leave traces in the stream's state, dead letters or counters.
+//! - pg_ecst's own tables in schema `ecst` (version state, event ids, dead letters, counters,
+//!   inbox claims, event log, catalog) are only reached through pg_ecst's functions, which run
+//!   those statements — and only those — as the extension's owner, with `search_path` pinned
+//!   to `pg_catalog, pg_temp` so that no caller-created operator or function can be resolved
+//!   while the owner's privileges are in effect ([`internal`]).
+//! - Operations on a whole stream (`drop_stream`, `rebuild`, `compact_events`) need ownership
+//!   of its replica table, like `ALTER TABLE` would ([`require_owner`]).
+
+use crate::catalog::{Stream, TableInfo};
+use crate::errors::raise;
+use pgrx::pg_sys;
+use pgrx::PgSqlErrorCode as Code;
+
+/// The role that owns pg_ecst's tables (the role that ran `CREATE EXTENSION`).
+pub fn extension_owner() -> pg_sys::Oid {
+    // SAFETY: catalog lookups through the syscache, inside a transaction.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"ecst".as_ptr(), false);
+        let streams = pg_sys::get_relname_relid(c"streams".as_ptr(), schema);
+        if streams == pg_sys::Oid::INVALID {
+            raise(Code::ERRCODE_UNDEFINED_TABLE, "table ecst.streams does not exist", Some("Is pg_ecst installed?"));
+        }
+        relation_owner(streams).expect("ecst.streams exists")
+    }
+}
+
+/// The owner of a relation, if it exists.
+fn relation_owner(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup; the tuple is released before returning.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as _, relid.into());
+        if tuple.is_null() {
+            return None;
+        }
+        let owner = (*(pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_class)).relowner;
+        pg_sys::ReleaseSysCache(tuple);
+        Some(owner)
+    }
+}
+
+fn current_user() -> pg_sys::Oid {
+    // SAFETY: reads the current user id.
+    unsafe { pg_sys::GetUserId() }
+}
+
+fn role_name(role: pg_sys::Oid) -> String {
+    // SAFETY: returns a palloc'd copy of the name (or NULL with noerr).
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(role, true);
+        if name.is_null() {
+            format!("role {}", role.to_u32())
+        } else {
+            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// Undoes [`internal`]'s switch (also when an error unwinds through it).
+struct AsOwner {
+    user: pg_sys::Oid,
+    context: i32,
+    nest_level: i32,
+}
+
+impl AsOwner {
+    fn enter() -> AsOwner {
+        let owner = extension_owner();
+        let mut user = pg_sys::Oid::INVALID;
+        let mut context = 0;
+        // SAFETY: the same steps as a SECURITY DEFINER function with `SET search_path` (fmgr.c's
+        // fmgr_security_definer): a new GUC nesting level holding the pinned search_path, then the
+        // owner's user id; `drop` pops both.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            let nest_level = pg_sys::NewGUCNestLevel();
+            pg_sys::set_config_option(
+                c"search_path".as_ptr(),
+                c"pg_catalog, pg_temp".as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+            pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+            AsOwner { user, context, nest_level }
+        }
+    }
+}
+
+impl Drop for AsOwner {
+    fn drop(&mut self) {
+        // SAFETY: restores exactly what `enter` changed, innermost first.
+        unsafe {
+            pg_sys::AtEOXact_GUC(true, self.nest_level);
+            pg_sys::SetUserIdAndSecContext(self.user, self.context);
+        }
+    }
+}
+
+/// Runs `work` — statements on pg_ecst's own tables only, never on replica tables or anything the
+/// caller names — as the extension's owner with `search_path = pg_catalog, pg_temp`.
+pub fn internal<R>(work: impl FnOnce() -> R) -> R {
+    let _owner = AsOwner::enter();
+    work()
+}
+
+/// The privileges applying a stream needs on each of its tables.
+const APPLY: [(u32, &str); 3] =
+    [(pg_sys::ACL_INSERT, "INSERT"), (pg_sys::ACL_UPDATE, "UPDATE"), (pg_sys::ACL_DELETE, "DELETE")];
+
+fn tables(stream: &Stream) -> impl Iterator<Item = &TableInfo> {
+    std::iter::once(&stream.table).chain(stream.children.iter().map(|c| &c.table))
+}
+
+/// Why the current role may not apply `stream`'s events (`None`: it may).
+pub fn apply_denied(stream: &Stream) -> Option<String> {
+    let user = current_user();
+    for table in tables(stream) {
+        let missing: Vec<&str> = APPLY
+            .iter()
+            // SAFETY: an ACL check against a relation the stream cache has just validated.
+            .filter(|(mode, _)| unsafe {
+                pg_sys::pg_class_aclcheck(table.oid, user, *mode as pg_sys::AclMode) != pg_sys::AclResult::ACLCHECK_OK
+            })
+            .map(|(_, name)| *name)
+            .collect();
+        if !missing.is_empty() {
+            return Some(format!(
+                "permission denied: role \"{}\" lacks {} on table {} (stream \"{}\")",
+                role_name(user),
+                missing.join(", "),
+                table.qualified,
+                stream.spec.name
+            ));
+        }
+    }
+    None
+}
+
+const APPLY_HINT: &str =
+    "Applying a stream needs INSERT, UPDATE and DELETE on its replica tables: GRANT them to the role.";
+
+/// Raises 42501 unless the current role may apply `stream`'s events.
+pub fn require_apply(stream: &Stream) {
+    if let Some(message) = apply_denied(stream) {
+        raise(Code::ERRCODE_INSUFFICIENT_PRIVILEGE, message, Some(APPLY_HINT));
+    }
+}
+
+/// The hint for [`apply_denied`]'s message (for dead letters written by the worker).
+pub fn apply_hint() -> &'static str {
+    APPLY_HINT
+}
+
+/// Raises 42501 unless the current role may read every table of `stream`.
+pub fn require_select(stream: &Stream) {
+    let user = current_user();
+    for table in tables(stream) {
+        // SAFETY: an ACL check against a validated relation.
+        let ok = unsafe {
+            pg_sys::pg_class_aclcheck(table.oid, user, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK
+        };
+        if !ok {
+            raise(
+                Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied for table {} (stream \"{}\")", table.qualified, stream.spec.name),
+                Some("Exporting a stream needs SELECT on its replica tables."),
+            );
+        }
+    }
+}
+
+/// Whether the current role has the privileges of `role` (superusers have all).
+fn acts_as(role: pg_sys::Oid) -> bool {
+    // SAFETY: a role membership check.
+    unsafe { pg_sys::has_privs_of_role(current_user(), role) }
+}
+
+/// Raises 42501 unless the current role owns (or is a member of the role owning) the table
+/// `target`; a table that no longer exists can only be handled by the extension's owner.
+pub fn require_owner(stream_name: &str, target: pg_sys::Oid, action: &str) {
+    let allowed = match relation_owner(target) {
+        Some(owner) => acts_as(owner),
+        None => acts_as(extension_owner()),
+    };
+    if !allowed {
+        raise(
+            Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("must be owner of the replica table of stream \"{stream_name}\" to {action} it"),
+            Some("Only the owner of a stream's replica table (or a member of the owning role) may do this."),
+        );
+    }
+}
+
+/// Whether the current role has the extension owner's privileges (e.g. for dead letters of a
+/// stream that no longer exists).
+pub fn is_admin() -> bool {
+    acts_as(extension_owner())
+}
