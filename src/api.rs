@@ -116,8 +116,8 @@ fn apply_batch_text(
 fn retry_dead_letters(
     stream: Option<&str>,
 ) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
-    if let Some(name) = stream {
-        security::require_apply(&catalog::stream(name));
+    if let Some(s) = stream.and_then(catalog::try_stream) {
+        security::require_apply(&s);
     }
     let admin = security::is_admin();
     let mut counts = BTreeMap::new();

@@ -201,7 +201,12 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         }
     }
 
-    let state = if spec.is_versioned() { load_state(client, stream.id, &entity_key)? } else { None };
+    let state = if spec.is_versioned() {
+        load_state(client, stream.id, &entity_key)?
+    } else {
+        writer::lock_entities(client, stream.id, vec![entity_key.clone()]);
+        None
+    };
     let decision =
         decide(spec, state.as_ref(), ev, |old_cells: &[Cell]| mismatches(client, stream, &keys, old_cells, &old));
     let (outcome, conflict, write, next) = match decision {

@@ -194,6 +194,9 @@ fn run_set_based(
     // 3. Version states, locked.
     let keys: Vec<String> = entities.keys().cloned().collect();
     let mut states: HashMap<String, EntityState> = HashMap::new();
+    if !spec.is_versioned() && !keys.is_empty() {
+        writer::lock_entities(client, stream.id, keys.clone());
+    }
     if spec.is_versioned() && !keys.is_empty() {
         let rows = security::internal(|| {
             writer::run_once(

@@ -665,9 +665,15 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
 /// replica tables; dead letters stay for inspection. Returns false if there was none.
 pub fn drop_stream(name: &str) -> bool {
     let target = security::internal(|| {
-        Spi::get_one_with_args::<pg_sys::Oid>("SELECT target::oid FROM ecst.streams WHERE name = $1", &[name.into()])
+        Spi::connect(|client| {
+            client
+                .select("SELECT target::oid FROM ecst.streams WHERE name = $1", None, &[name.into()])
+                .expect("reading ecst.streams")
+                .next()
+                .and_then(|row| row.get::<pg_sys::Oid>(1).expect("an oid"))
+        })
     });
-    let Some(target) = target.expect("reading ecst.streams") else { return false };
+    let Some(target) = target else { return false };
     security::require_owner(name, target, "drop");
     let dropped = security::internal(|| {
         Spi::connect_mut(|client| {

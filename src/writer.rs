@@ -177,3 +177,17 @@ pub fn differs(client: &mut SpiClient, table: &TableInfo, keys: &[Bound], old: &
     let row = rows.into_iter().next()?;
     Some((1..=old.len()).map(|i| row.get::<bool>(i).unwrap().unwrap_or(true)).collect())
 }
+
+/// Locks entities of an unversioned stream (no version-state row to lock), in the order given,
+/// until the end of the transaction: every path (set-based and per-event) takes these before any
+/// replica row, in key order, so two sessions writing the same entities in different column-set
+/// groups or with deletes cannot deadlock. Transaction-level advisory locks on a 64-bit hash of
+/// (stream, entity key); a collision only makes two entities share a lock.
+pub fn lock_entities(client: &mut SpiClient, stream_id: i32, keys: Vec<String>) {
+    run(
+        client,
+        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(u.k, $1))
+         FROM pg_catalog.unnest($2::text[]) WITH ORDINALITY AS u (k, n) ORDER BY u.n",
+        &[(stream_id as i64).into(), keys.into()],
+    );
+}
