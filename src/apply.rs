@@ -201,8 +201,15 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         }
     }
 
+    let mut stored = false;
     let state = if spec.is_versioned() {
-        load_state(client, stream.id, &entity_key)?
+        match load_state(client, stream.id, &entity_key)? {
+            Some(state) => {
+                stored = true;
+                Some(state)
+            }
+            None => row_state(client, stream, &keys),
+        }
     } else {
         writer::lock_entities(client, stream.id, vec![entity_key.clone()]);
         None
@@ -217,7 +224,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
 
     // Lock order, the same on every path: the entity's state row first, then replica rows.
     if let Some(next) = next {
-        save_state(client, stream.id, &entity_key, state.as_ref(), &next)?;
+        save_state(client, stream.id, &entity_key, stored.then_some(state.as_ref()).flatten(), &next)?;
     }
     match write {
         Write::Nothing => {}
@@ -316,6 +323,20 @@ fn load_state(client: &mut SpiClient, stream_id: i32, key: &str) -> Result<Optio
         .into_iter()
         .next()
         .map(|row| state_from_text(row.get(1).unwrap(), row.get(2).unwrap(), row.get(3).unwrap())))
+}
+
+/// The state of an entity without a version-state row, from its replica row's version column
+/// (an entity bulk-loaded into an empty replica; see `Stream::row_version`).
+fn row_state(client: &mut SpiClient, stream: &Stream, keys: &[Bound]) -> Option<EntityState> {
+    let column = &stream.table.columns[stream.row_version?];
+    crate::snapshot::wait_for_bulk_load(stream);
+    let matches: Vec<String> =
+        keys.iter().enumerate().map(|(i, k)| format!("{} = ${}", k.column.quoted, i + 1)).collect();
+    let sql = format!("SELECT {}::text FROM {} WHERE {}", column.quoted, stream.table.qualified, matches.join(" AND "));
+    let args: Vec<_> = keys.iter().map(Bound::arg).collect();
+    let rows = writer::run(client, &sql, &args);
+    let text: Option<String> = rows.into_iter().next()?.get(1).unwrap();
+    Some(state_from_text(Some(text?), None, None))
 }
 
 /// An entity state from its stored text form (`numeric` versions, `jsonb` field versions).

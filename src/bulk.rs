@@ -213,6 +213,28 @@ fn run_set_based(
             states.insert(key, state);
         }
     }
+    // Entities with a stored state row (updated in place); the others get one inserted.
+    let stored: HashSet<String> = states.keys().cloned().collect();
+    if let Some(version_column) = stream.row_version {
+        // Entities without a state row may have been bulk-loaded: their version is in the row.
+        let missing: Vec<Option<pg_sys::Datum>> =
+            entities.iter().filter(|(k, _)| !stored.contains(*k)).map(|(_, items)| Some(items[0].key)).collect();
+        if !missing.is_empty() {
+            crate::snapshot::wait_for_bulk_load(stream);
+            let sql = format!(
+                "SELECT {}::text, {}::text FROM {} WHERE {} = ANY ($1) AND {} IS NOT NULL",
+                key_col.quoted,
+                table.columns[version_column].quoted,
+                table.qualified,
+                key_col.quoted,
+                table.columns[version_column].quoted
+            );
+            for r in writer::run_once(client, &sql, &[key_col.ty.array(&missing)]) {
+                let key: String = r.get(1).unwrap().unwrap();
+                states.insert(key, apply::state_from_text(r.get(2).unwrap(), None, None));
+            }
+        }
+    }
 
     // 4. Current rows of the entities whose events carry oldState (for the conflict check).
     let needs_row: Vec<&String> =
@@ -242,7 +264,7 @@ fn run_set_based(
     let mut one_by_one_entities: Vec<&String> = Vec::new();
     let mut unapplied_ids: Vec<String> = Vec::new();
     for (key, items) in &entities {
-        let existed = states.contains_key(key);
+        let existed = stored.contains(key);
         let mut state = states.remove(key);
         let mut row = rows.remove(key);
         let mut fin = Final::default();

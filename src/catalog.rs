@@ -51,6 +51,10 @@ pub struct Stream {
     pub spec: StreamSpec,
     pub table: TableInfo,
     pub children: Vec<ChildInfo>,
+    /// The replica column holding the entity's version exactly (entity snapshots whose version is
+    /// a mapped integer/numeric field). Entities bulk-loaded into an empty replica have no
+    /// version-state row: their state is this column until an event gives them one.
+    pub row_version: Option<usize>,
 }
 
 /// A stream definition as stored in `ecst.streams` / `ecst.stream_children`.
@@ -450,7 +454,13 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         on_conflict,
         children,
     };
-    Ok(Stream { id: def.id, retain_events: def.retain_events, spec, table: info, children: child_infos })
+    // Integer and unconstrained numeric columns hold any version exactly (a typmod would round).
+    let row_version = spec.version_column().filter(|&i| {
+        let ty = &info.columns[i].ty;
+        [pg_sys::INT2OID, pg_sys::INT4OID, pg_sys::INT8OID].contains(&ty.oid)
+            || (ty.oid == pg_sys::NUMERICOID && ty.typmod < 0)
+    });
+    Ok(Stream { id: def.id, retain_events: def.retain_events, spec, table: info, children: child_infos, row_version })
 }
 
 fn unique_missing(table: &str, columns: &[String]) -> Invalid {

@@ -47,6 +47,13 @@ pub fn count(stream_id: i32, applied: &crate::apply::Applied) {
     }
 }
 
+/// Counts `n` events with the same outcome.
+pub fn count_many(stream_id: i32, applied: &crate::apply::Applied, n: i64) {
+    for _ in 0..n {
+        count(stream_id, applied);
+    }
+}
+
 /// This backend's counts not yet written (for `ecst.stats` inside the same transaction).
 pub fn unflushed() -> Vec<(i32, Counts)> {
     PENDING.with(|p| p.borrow().iter().map(|(k, v)| (*k, *v)).collect())

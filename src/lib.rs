@@ -11,6 +11,7 @@ mod apply;
 mod bulk;
 mod catalog;
 mod convert;
+mod copy_in;
 mod counters;
 mod errors;
 mod gucs;

@@ -8,12 +8,18 @@
 use crate::apply::{self, Applied, ErrorPolicy};
 use crate::bulk;
 use crate::catalog::{self, Stream};
+use crate::copy_in;
+use crate::counters;
+use crate::errors;
 use crate::errors::raise;
 use crate::retention;
 use crate::security;
+use crate::subxact::{self, SubResult};
+use ecst_core::event::{Op, Value as CellValue};
 use ecst_core::merge::Outcome;
 use ecst_core::reject::Rejection;
 use ecst_core::version::Version;
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{pg_sys, PgSqlErrorCode as Code};
@@ -70,6 +76,9 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
         );
     }
     let source_name = catalog::payload_source(source);
+    if let Some(counts) = load_into_empty(&stream, &source_name) {
+        return counts;
+    }
     let mut counts = LoadCounts::default();
     let mut seen: HashSet<String> = HashSet::new();
     Spi::connect_mut(|client| {
@@ -123,6 +132,142 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
     counts
 }
 
+/// Source rows read per `COPY` of the empty-replica path.
+const COPY_CHUNK: i64 = 50_000;
+
+/// What the empty-replica path did (written down only once its subtransaction committed).
+struct Copied {
+    loaded: i64,
+    rejected: Vec<(Option<String>, Rejection)>,
+}
+
+/// The bootstrap case: an entity snapshot loaded into an empty replica with no version state.
+/// The rows go in through PostgreSQL's `COPY` machinery in the source's order, and their version
+/// stays in the replica row (`Stream::row_version`) instead of a version-state row per entity,
+/// so the load writes each entity once — what a plain `COPY` of the final rows does.
+///
+/// Taken only when nothing can compete: the replica is locked `SHARE ROW EXCLUSIVE` (concurrent
+/// appliers wait for the load to commit, then see its rows and versions) and found empty with no
+/// version state, in a READ COMMITTED transaction. Anything the path cannot do exactly — a delete
+/// in the snapshot, two rows of one entity (a unique violation), a value that does not fit —
+/// rolls it back, and the general path loads the snapshot instead. `None`: the general path.
+fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
+    let spec = &stream.spec;
+    let applicable = spec.shape == ecst_core::spec::Shape::EntitySnapshot
+        && (stream.row_version.is_some() || !spec.is_versioned())
+        && spec.event_id.is_none()
+        && !stream.retain_events
+        && stream.children.is_empty()
+        && unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 }
+        && !copy_in::has_row_security(&stream.table);
+    if !applicable {
+        return None;
+    }
+    Spi::connect_mut(|client| {
+        let empty = |client: &mut SpiClient| {
+            let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {})", stream.table.qualified);
+            let replica: bool = client.select(&sql, None, &[]).expect("reading the replica").first().get(1).unwrap()?;
+            let state: bool = security::internal(|| {
+                client
+                    .select(
+                        "SELECT NOT EXISTS (SELECT 1 FROM ecst.entity_state WHERE stream_id = $1)",
+                        None,
+                        &[stream.id.into()],
+                    )
+                    .expect("reading ecst.entity_state")
+                    .first()
+                    .get(1)
+                    .unwrap()
+            })?;
+            Some(replica && state)
+        };
+        if empty(client) != Some(true) {
+            return None;
+        }
+        let lock = format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", stream.table.qualified);
+        client.update(&lock, None, &[]).expect("locking the replica");
+        if empty(client) != Some(true) {
+            return None;
+        }
+        let copied = match subxact::run(|| copy_snapshot(client, stream, source_name)) {
+            SubResult::Committed(copied) => copied,
+            SubResult::RolledBack(()) => return None,
+            SubResult::Failed(caught) => match *caught {
+                CaughtError::PostgresError(ref r) if errors::is_event_error(&errors::sqlstate(r.sql_error_code())) => {
+                    notice!(
+                        "pg_ecst: load_snapshot(\"{}\"): the bulk path stopped ({}); loading row by row instead",
+                        spec.name,
+                        r.message()
+                    );
+                    return None;
+                }
+                other => other.rethrow(),
+            },
+        };
+        let mut counts = LoadCounts { loaded: copied.loaded, ..LoadCounts::default() };
+        counters::count_many(stream.id, &Applied::Done { outcome: Outcome::Applied, conflict: false }, copied.loaded);
+        let mut retained = Vec::new();
+        for (payload, rejection) in copied.rejected {
+            counts.dead_lettered += 1;
+            let result = Applied::Rejected { rejection, sqlstate: None, conflict: false };
+            apply::record(client, Some(stream), Some(&spec.name), payload.as_deref(), &result, None, &mut retained);
+        }
+        Some(counts)
+    })
+}
+
+/// Takes the replica's `ROW EXCLUSIVE` lock (which every writer takes anyway) before the state of
+/// an entity without a state row is read from its replica row: a bulk load in flight holds
+/// `SHARE ROW EXCLUSIVE` until it commits, so the read that follows (with a new snapshot) sees
+/// the loaded rows rather than deciding on the empty table.
+pub fn wait_for_bulk_load(stream: &Stream) {
+    // SAFETY: an ordinary relation lock, held to the end of the transaction like any writer's.
+    unsafe { pg_sys::LockRelationOid(stream.table.oid, pg_sys::RowExclusiveLock as i32) };
+}
+
+/// Reads the source and `COPY`s its rows into the (empty, locked) replica. `Err(())`: an event the
+/// path cannot apply exactly (a delete).
+fn copy_snapshot(client: &mut SpiClient, stream: &Stream, source_name: &str) -> Result<Copied, ()> {
+    let table = &stream.table;
+    let columns: Vec<&crate::catalog::Column> = table.keys.iter().chain(&table.columns).collect();
+    let mut copied = Copied { loaded: 0, rejected: Vec::new() };
+    let mut cursor = client.open_cursor(&format!("SELECT payload::text FROM {source_name}"), &[]);
+    let mut read = 0i64;
+    loop {
+        let payloads: Vec<Option<String>> =
+            cursor.fetch(COPY_CHUNK as _).expect("reading the snapshot").map(|r| r.get::<String>(1).unwrap()).collect();
+        if payloads.is_empty() {
+            break;
+        }
+        let mut rows = copy_in::Rows::default();
+        for payload in payloads.iter() {
+            match apply::parse_payload(stream, payload.as_deref()) {
+                Ok(ev) => match &ev.op {
+                    Op::Upsert { cells, .. } => {
+                        let mut values: Vec<Option<&str>> = ev.key.iter().map(|k| Some(k.as_str())).collect();
+                        values.resize(columns.len(), None);
+                        for c in cells {
+                            if let CellValue::Text(t) = &c.value {
+                                values[table.keys.len() + c.column] = Some(t.as_str());
+                            }
+                        }
+                        rows.push_row(values);
+                    }
+                    Op::Delete => return Err(()),
+                },
+                Err(rejection) => copied.rejected.push((payload.clone(), rejection)),
+            }
+        }
+        copied.loaded += copy_in::copy_rows(table, &columns, rows) as i64;
+        let before = read;
+        read += payloads.len() as i64;
+        if read / PROGRESS_EVERY > before / PROGRESS_EVERY {
+            notice!("pg_ecst: load_snapshot(\"{}\"): {read} rows read ({} loaded)", stream.spec.name, copied.loaded);
+        }
+    }
+    Ok(copied)
+}
+
 /// SQL for an entity's canonical key text from a table's key columns (see `apply::entity_key`).
 fn key_expr(alias: &str, columns: &[&str]) -> String {
     match columns {
@@ -139,20 +284,58 @@ fn key_expr(alias: &str, columns: &[&str]) -> String {
 fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>, as_of: Option<&Version>) -> i64 {
     let table = &stream.table;
     let keys: Vec<&str> = table.keys.iter().map(|k| k.quoted.as_str()).collect();
+    // Bulk-loaded entities without a state row, by key: their version (from the replica row).
+    let mut unstored: BTreeMap<String, String> = BTreeMap::new();
     let candidates: Vec<String> = match as_of {
-        Some(v) => security::internal(|| {
-            client
-                .select(
-                    "SELECT entity_key FROM ecst.entity_state
-                     WHERE stream_id = $1 AND live_version IS NOT NULL
-                       AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric",
-                    None,
-                    &[stream.id.into(), v.to_numeric_string().into()],
-                )
-                .expect("reading ecst.entity_state")
-                .map(|r| r.get::<String>(1).unwrap().unwrap())
-                .collect()
-        }),
+        Some(v) => {
+            let mut candidates: Vec<String> = security::internal(|| {
+                client
+                    .select(
+                        "SELECT entity_key FROM ecst.entity_state
+                         WHERE stream_id = $1 AND live_version IS NOT NULL
+                           AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric",
+                        None,
+                        &[stream.id.into(), v.to_numeric_string().into()],
+                    )
+                    .expect("reading ecst.entity_state")
+                    .map(|r| r.get::<String>(1).unwrap().unwrap())
+                    .collect()
+            });
+            if let Some(column) = stream.row_version {
+                let column = &table.columns[column].quoted;
+                let sql = format!(
+                    "SELECT {}, t.{column}::text FROM {} t WHERE t.{column} <= $1::numeric",
+                    key_expr("t", &keys),
+                    table.qualified
+                );
+                let rows: Vec<(String, String)> = client
+                    .select(&sql, None, &[v.to_numeric_string().into()])
+                    .expect("reading the replica")
+                    .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
+                    .collect();
+                if !rows.is_empty() {
+                    let all: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+                    let with_state: HashSet<String> = security::internal(|| {
+                        client
+                            .select(
+                                "SELECT entity_key FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2)",
+                                None,
+                                &[stream.id.into(), all.into()],
+                            )
+                            .expect("reading ecst.entity_state")
+                            .map(|r| r.get::<String>(1).unwrap().unwrap())
+                            .collect()
+                    });
+                    for (key, version) in rows {
+                        if !with_state.contains(&key) {
+                            candidates.push(key.clone());
+                            unstored.insert(key, version);
+                        }
+                    }
+                }
+            }
+            candidates
+        }
         None => client
             .select(&format!("SELECT {} FROM {} t", key_expr("t", &keys), table.qualified), None, &[])
             .expect("reading the replica")
@@ -181,6 +364,20 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
                     &[stream.id.into(), gone.clone().into(), v.to_numeric_string().into()],
                 )
                 .expect("writing tombstones");
+            let (keys, versions): (Vec<String>, Vec<String>) =
+                unstored.into_iter().filter(|(k, _)| !seen.contains(k)).unzip();
+            if !keys.is_empty() {
+                client
+                    .update(
+                        "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version)
+                         SELECT $1, u.k, u.l::numeric, $4::numeric FROM unnest($2::text[], $3::text[]) AS u (k, l)
+                         ON CONFLICT (stream_id, entity_key)
+                         DO UPDATE SET tomb_version = EXCLUDED.tomb_version, field_versions = NULL",
+                        None,
+                        &[stream.id.into(), keys.into(), versions.into(), v.to_numeric_string().into()],
+                    )
+                    .expect("writing tombstones");
+            }
         });
     }
     gone.len() as i64
@@ -218,7 +415,11 @@ pub fn export(stream_name: &str) -> Vec<Value> {
             .expect("reading the replica")
             .map(|r| {
                 let entity_key: String = r.get(1).unwrap().unwrap();
-                let version: Option<String> = versions.get(&entity_key).cloned();
+                // Bulk-loaded entities without a state row carry their version in the row.
+                let version: Option<String> = versions
+                    .get(&entity_key)
+                    .cloned()
+                    .or_else(|| stream.row_version.and_then(|i| r.get::<String>(2 + table.keys.len() + i).unwrap()));
                 let mut event = Value::Object(Map::new());
                 for (i, field) in spec.key_fields.iter().enumerate() {
                     event[field] = parse_json(r.get(2 + i).unwrap());

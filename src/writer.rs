@@ -18,7 +18,7 @@ pub struct Bound<'a> {
 }
 
 impl Bound<'_> {
-    fn arg(&self) -> DatumWithOid<'static> {
+    pub fn arg(&self) -> DatumWithOid<'static> {
         match self.value {
             // SAFETY: the datum was produced by this column type's input function.
             Some(d) => unsafe { DatumWithOid::new(d, self.column.ty.oid) },

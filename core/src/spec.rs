@@ -258,6 +258,27 @@ impl StreamSpec {
     pub fn is_versioned(&self) -> bool {
         self.version.is_some()
     }
+
+    /// For an entity snapshot whose version is one of the mapped state fields
+    /// (`newState.<state_path>.<field>`), the column that field is written to: a replica row then
+    /// carries its entity's version, which is what lets a bulk load skip the version-state write.
+    pub fn version_column(&self) -> Option<usize> {
+        if self.shape != Shape::EntitySnapshot {
+            return None;
+        }
+        let version = self.version.as_ref()?.segments();
+        let state: Vec<&str> = std::iter::once("newState")
+            .chain(self.state_path.iter().flat_map(|p| p.segments().iter().map(String::as_str)))
+            .collect();
+        let (field, prefix) = version.split_last()?;
+        if prefix.len() != state.len() || prefix.iter().zip(&state).any(|(a, b)| a != b) {
+            return None;
+        }
+        match self.table.resolve(field) {
+            Target::Column(i) => Some(i),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +329,32 @@ mod tests {
         assert!(Path::parse("a..b").is_err());
         assert!(Path::parse("").is_err());
         assert_eq!(p.to_string(), "newState.addressContent.addressTS");
+    }
+
+    #[test]
+    fn the_version_column_is_the_mapped_version_field() {
+        let spec = |shape: Shape, state_path: Option<&str>, version: &str| StreamSpec {
+            name: "s".into(),
+            shape,
+            key_fields: vec!["addressId".into()],
+            table: table(),
+            state_path: state_path.map(|p| Path::parse(p).unwrap()),
+            version: Some(Path::parse(version).unwrap()),
+            event_id: None,
+            on_conflict: OnConflict::Apply,
+            children: vec![],
+        };
+        let s = spec(Shape::EntitySnapshot, Some("content"), "newState.content.addressLine1");
+        assert_eq!(s.version_column(), Some(1));
+        assert_eq!(spec(Shape::EntitySnapshot, None, "newState.line2").version_column(), Some(2));
+        assert_eq!(spec(Shape::EntitySnapshot, Some("content"), "newState.line2").version_column(), None);
+        assert_eq!(spec(Shape::EntitySnapshot, None, "newState.unmapped").version_column(), None);
+        assert_eq!(spec(Shape::EntitySnapshot, None, "meta.line2").version_column(), None);
+        assert_eq!(spec(Shape::EntitySnapshot, None, "line2").version_column(), None);
+        assert_eq!(spec(Shape::Delta, None, "newState.line2").version_column(), None, "deltas keep field versions");
+        let mut unversioned = spec(Shape::EntitySnapshot, None, "newState.line2");
+        unversioned.version = None;
+        assert_eq!(unversioned.version_column(), None);
     }
 
     #[test]
