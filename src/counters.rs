@@ -23,34 +23,32 @@ thread_local! {
     static PENDING: RefCell<BTreeMap<i32, Counts>> = const { RefCell::new(BTreeMap::new()) };
 }
 
-/// Counts one event's outcome (`None`: dead-lettered).
-fn add(stream_id: i32, outcome: Option<Outcome>, conflict: bool) {
+/// Counts `n` events with one outcome (`None`: dead-lettered).
+fn add(stream_id: i32, outcome: Option<Outcome>, conflict: bool, n: i64) {
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
         let c = p.entry(stream_id).or_default();
         match outcome {
-            Some(Outcome::Applied) => c.applied += 1,
-            Some(Outcome::Duplicate) => c.duplicate += 1,
-            Some(Outcome::Stale) => c.stale += 1,
-            Some(Outcome::Skipped) => c.skipped += 1,
-            None => c.dead_lettered += 1,
+            Some(Outcome::Applied) => c.applied += n,
+            Some(Outcome::Duplicate) => c.duplicate += n,
+            Some(Outcome::Stale) => c.stale += n,
+            Some(Outcome::Skipped) => c.skipped += n,
+            None => c.dead_lettered += n,
         }
-        c.conflicts += conflict as i64;
+        c.conflicts += conflict as i64 * n;
     });
 }
 
 /// Counts what happened to one event.
 pub fn count(stream_id: i32, applied: &crate::apply::Applied) {
-    match applied {
-        crate::apply::Applied::Done { outcome, conflict } => add(stream_id, Some(*outcome), *conflict),
-        crate::apply::Applied::Rejected { conflict, .. } => add(stream_id, None, *conflict),
-    }
+    count_many(stream_id, applied, 1);
 }
 
 /// Counts `n` events with the same outcome.
 pub fn count_many(stream_id: i32, applied: &crate::apply::Applied, n: i64) {
-    for _ in 0..n {
-        count(stream_id, applied);
+    match applied {
+        crate::apply::Applied::Done { outcome, conflict } => add(stream_id, Some(*outcome), *conflict, n),
+        crate::apply::Applied::Rejected { conflict, .. } => add(stream_id, None, *conflict, n),
     }
 }
 

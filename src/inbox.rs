@@ -54,8 +54,7 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
                 .as_ref()
                 .and_then(|name| streams.entry(name.clone()).or_insert_with(|| catalog::try_stream(name)).clone());
             let results: Vec<Applied> = match &stream {
-                Some(s) if security::apply_denied(s).is_some() => {
-                    let message = security::apply_denied(s).expect("denied");
+                Some(s) if let Some(message) = security::apply_denied(s) => {
                     if policy == ErrorPolicy::Caller {
                         crate::errors::raise(
                             pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,

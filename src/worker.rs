@@ -184,54 +184,54 @@ fn start_worker(database: &str, index: usize) -> Option<DynamicBackgroundWorker>
         .ok()
 }
 
-/// Why `role` cannot run the workers (missing, or without LOGIN), if it cannot. A heap scan of
-/// the shared catalog pg_authid: the launcher is connected to no database.
-fn role_unusable(name: &str) -> Option<String> {
-    BackgroundWorker::transaction(|| unsafe {
-        let rel = pg_sys::table_open(pg_sys::AuthIdRelationId, pg_sys::AccessShareLock as i32);
+/// The first row of a shared catalog for which `pick` returns `Some`. A heap scan (as
+/// PostgreSQL's own launchers do): the launcher is connected to no database, and right after
+/// crash recovery a catalog's index cannot be opened.
+fn scan_shared_catalog<T>(relid: pg_sys::Oid, pick: impl FnMut(*mut pg_sys::HeapTupleData) -> Option<T>) -> Option<T> {
+    // `pick` only reads the tuple it is given.
+    let pick = std::panic::AssertUnwindSafe(pick);
+    BackgroundWorker::transaction(move || unsafe {
+        let mut pick = pick; // the whole wrapper, not just its field
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
         let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-        let mut problem = Some(format!("role \"{name}\" does not exist"));
-        loop {
+        let mut found = None;
+        while found.is_none() {
             let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
             if tuple.is_null() {
                 break;
             }
-            let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_authid;
-            let rolname = std::ffi::CStr::from_ptr((*form).rolname.data.as_ptr());
-            if rolname.to_bytes() == name.as_bytes() {
-                problem = (!(*form).rolcanlogin).then(|| format!("role \"{name}\" does not have LOGIN"));
-                break;
-            }
-        }
-        pg_sys::table_endscan(scan);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-        problem
-    })
-}
-
-/// Whether a database exists. A heap scan of pg_database (as PostgreSQL's own launchers do):
-/// without a database, and right after crash recovery, its index cannot be opened.
-fn database_exists(name: &str) -> bool {
-    BackgroundWorker::transaction(|| unsafe {
-        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
-        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-        let mut found = false;
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_database;
-            let datname = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr());
-            if datname.to_bytes() == name.as_bytes() {
-                found = true;
-                break;
-            }
+            found = (pick.0)(tuple);
         }
         pg_sys::table_endscan(scan);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
         found
     })
+}
+
+/// Why `role` cannot run the workers (missing, or without LOGIN), if it cannot.
+fn role_unusable(name: &str) -> Option<String> {
+    // SAFETY: tuples of pg_authid, read during the scan.
+    let can_login = scan_shared_catalog(pg_sys::AuthIdRelationId, |tuple| unsafe {
+        let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_authid;
+        let rolname = std::ffi::CStr::from_ptr((*form).rolname.data.as_ptr());
+        (rolname.to_bytes() == name.as_bytes()).then_some((*form).rolcanlogin)
+    });
+    match can_login {
+        None => Some(format!("role \"{name}\" does not exist")),
+        Some(false) => Some(format!("role \"{name}\" does not have LOGIN")),
+        Some(true) => None,
+    }
+}
+
+/// Whether a database exists.
+fn database_exists(name: &str) -> bool {
+    // SAFETY: tuples of pg_database, read during the scan.
+    scan_shared_catalog(pg_sys::DatabaseRelationId, |tuple| unsafe {
+        let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_database;
+        let datname = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr());
+        (datname.to_bytes() == name.as_bytes()).then_some(())
+    })
+    .is_some()
 }
 
 // ---------------------------------------------------------------------------------------
