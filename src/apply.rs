@@ -67,8 +67,13 @@ impl ErrorPolicy {
 pub fn parse_payload(stream: &Stream, payload: Option<&str>) -> Result<Event, Rejection> {
     match payload {
         Some(text) => parse(&stream.spec, text),
-        None => Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
+        None => Err(null_payload()),
     }
+}
+
+/// The rejection of a NULL payload.
+pub fn null_payload() -> Rejection {
+    Rejection::new(RejectCode::InvalidJson, "the event is NULL")
 }
 
 /// Parses and applies one payload as received.

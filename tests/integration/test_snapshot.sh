@@ -132,6 +132,17 @@ q "CREATE TABLE b_dup AS SELECT payload FROM b_src UNION ALL SELECT replace(payl
 check "two rows of one entity: the bulk path steps aside, newest wins" "3009|0|1|b7	v3|13" \
     "$(q "SELECT concat_ws('|', loaded, stale, dead_lettered) FROM ecst.load_snapshot('bulk4', 'b_dup')")|$(q "SELECT line1 || '|' || ts FROM bulk4 WHERE id = 'b7'")"
 
+echo "-- a bulk load cancelled midway: the session carries on, its helper thread is gone"
+q "CREATE TABLE b_big AS SELECT format('{\"id\": \"g%s\", \"newState\": {\"line1\": \"x\", \"ts\": 1}}', e) AS payload
+   FROM generate_series(1, 400000) e; SELECT make_bulk('bulk5')" >/dev/null
+out=$(psql_it -d $DB -v ON_ERROR_STOP=0 -c "SET statement_timeout = '300ms'" \
+    -c "SELECT loaded FROM ecst.load_snapshot('bulk5', 'b_big')" -c "RESET statement_timeout" \
+    -c "SELECT 'threads ' || count(*) FROM pg_ls_dir('/proc/' || pg_backend_pid() || '/task')" \
+    -c "SELECT 'rows ' || count(*) FROM bulk5" -c "SELECT 'loaded ' || loaded FROM ecst.load_snapshot('bulk5', 'b_big')" 2>&1)
+check "the load was cancelled" "1" "$(grep -c 'canceling statement due to statement timeout' <<<"$out")"
+check "... one thread left, nothing loaded, and the same session loads it all" "threads 1,rows 0,loaded 400000" \
+    "$(grep -E '^(threads|rows|loaded) ' <<<"$out" | paste -sd,)"
+
 echo "-- export -> load round trip, three shapes"
 psql_it -d $DB >/dev/null <<'SQL'
 -- entity_snapshot under a state_path, with a renamed column and a timestamp version
