@@ -178,16 +178,53 @@ pub fn differs(client: &mut SpiClient, table: &TableInfo, keys: &[Bound], old: &
     Some((1..=old.len()).map(|i| row.get::<bool>(i).unwrap().unwrap_or(true)).collect())
 }
 
+/// Above this many entities a call locks the whole stream instead of each entity: every
+/// transaction-level lock takes a slot in PostgreSQL's shared lock table
+/// (`max_locks_per_transaction` × connections, about 7,800 by default), which a batch of 50,000
+/// entity locks overflows ("out of shared memory").
+const ENTITY_LOCKS_MAX: usize = 256;
+
+/// The first key of the two-key advisory lock space used for whole-stream locks (the second is
+/// the stream id); entity locks use the one-bigint key space, which is distinct.
+const STREAM_LOCK_SPACE: u32 = 0x6563_7374; // "ecst"
+
 /// Locks entities of an unversioned stream (no version-state row to lock), in the order given,
 /// until the end of the transaction: every path (set-based and per-event) takes these before any
 /// replica row, in key order, so two sessions writing the same entities in different column-set
-/// groups or with deletes cannot deadlock. Transaction-level advisory locks on a 64-bit hash of
-/// (stream, entity key); a collision only makes two entities share a lock.
+/// groups or with deletes cannot deadlock.
+///
+/// Two levels: up to [`ENTITY_LOCKS_MAX`] entities, the stream's lock in share mode and then one
+/// transaction-level advisory lock per entity on a 64-bit hash of (stream, entity key) — a
+/// collision only makes two entities share a lock; more entities than that, the stream's lock
+/// in exclusive mode alone, which excludes every other writer of the stream until commit.
 pub fn lock_entities(client: &mut SpiClient, stream_id: i32, keys: Vec<String>) {
+    let whole = keys.len() > ENTITY_LOCKS_MAX;
+    lock_stream(stream_id, whole);
+    if whole {
+        return;
+    }
     run(
         client,
         "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(u.k, $1))
          FROM pg_catalog.unnest($2::text[]) WITH ORDINALITY AS u (k, n) ORDER BY u.n",
         &[(stream_id as i64).into(), keys.into()],
     );
+}
+
+/// `pg_advisory_xact_lock[_shared](STREAM_LOCK_SPACE, stream_id)`, taken directly.
+fn lock_stream(stream_id: i32, exclusive: bool) {
+    let mode = if exclusive { pg_sys::ExclusiveLock } else { pg_sys::ShareLock };
+    // SAFETY: the lock tag advisory.c builds for the two-int4 form (SET_LOCKTAG_INT32), in the
+    // user lock method; a transaction-level lock, released at commit or abort.
+    unsafe {
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field2: STREAM_LOCK_SPACE,
+            locktag_field3: stream_id as u32,
+            locktag_field4: 2,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+        };
+        pg_sys::LockAcquire(&tag, mode as pg_sys::LOCKMODE, false, false);
+    }
 }
