@@ -293,6 +293,20 @@ pub fn payload_source(oid: pg_sys::Oid) -> String {
     rel.qualified
 }
 
+/// Reads a relation's `pg_class` row through the syscache (`None`: no such relation).
+pub fn with_pg_class<T>(relid: pg_sys::Oid, read: impl FnOnce(&pg_sys::FormData_pg_class) -> T) -> Option<T> {
+    // SAFETY: a syscache lookup; the tuple is only read inside `read` and released before returning.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as _, relid.into());
+        if tuple.is_null() {
+            return None;
+        }
+        let value = read(&*(pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_class));
+        pg_sys::ReleaseSysCache(tuple);
+        Some(value)
+    }
+}
+
 /// Whether a valid, non-partial unique index (or primary key) has exactly these key columns.
 fn has_unique_index(oid: pg_sys::Oid, columns: &[String]) -> bool {
     Spi::get_one_with_args::<bool>(

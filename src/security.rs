@@ -13,7 +13,7 @@
 //! - Operations on a whole stream (`drop_stream`, `rebuild`, `compact_events`) need ownership
 //!   of its replica table, like `ALTER TABLE` would ([`require_owner`]).
 
-use crate::catalog::{Stream, TableInfo};
+use crate::catalog::{self, Stream, TableInfo};
 use crate::errors::raise;
 use pgrx::pg_sys;
 use pgrx::PgSqlErrorCode as Code;
@@ -33,16 +33,7 @@ pub fn extension_owner() -> pg_sys::Oid {
 
 /// The owner of a relation, if it exists.
 fn relation_owner(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
-    // SAFETY: a syscache lookup; the tuple is released before returning.
-    unsafe {
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as _, relid.into());
-        if tuple.is_null() {
-            return None;
-        }
-        let owner = (*(pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_class)).relowner;
-        pg_sys::ReleaseSysCache(tuple);
-        Some(owner)
-    }
+    catalog::with_pg_class(relid, |c| c.relowner)
 }
 
 fn current_user() -> pg_sys::Oid {

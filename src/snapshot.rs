@@ -23,7 +23,7 @@ use ecst_core::spec::StreamSpec;
 use ecst_core::version::Version;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
+use pgrx::spi::{SpiClient, SpiCursor};
 use pgrx::{pg_sys, PgSqlErrorCode as Code};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -85,14 +85,9 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
     let mut counts = LoadCounts::default();
     let mut seen: HashSet<String> = HashSet::new();
     Spi::connect_mut(|client| {
-        let mut cursor = client.open_cursor(format!("SELECT payload::text FROM {source_name}").as_str(), &[]);
-        let mut read = 0i64;
-        loop {
-            let payloads: Vec<Option<String>> =
-                cursor.fetch(CHUNK as _).expect("reading the snapshot").map(|r| r.get::<String>(1).unwrap()).collect();
-            if payloads.is_empty() {
-                break;
-            }
+        let mut cursor = open_source(client, &source_name);
+        let mut progress = Progress::new(stream_name);
+        while let Some(payloads) = next_chunk(&mut cursor, CHUNK) {
             let events: Vec<Result<_, Rejection>> =
                 payloads.iter().map(|p| apply::parse_payload(&stream, p.as_deref())).collect();
             if replace {
@@ -117,16 +112,7 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
                 );
             }
             retention::append(client, &stream, retained);
-            let before = read;
-            read += payloads.len() as i64;
-            if read / PROGRESS_EVERY > before / PROGRESS_EVERY {
-                notice!(
-                    "pg_ecst: load_snapshot(\"{stream_name}\"): {read} rows read ({} loaded, {} stale, {} dead-lettered)",
-                    counts.loaded,
-                    counts.stale,
-                    counts.dead_lettered
-                );
-            }
+            progress.advance(payloads.len(), &counts);
         }
         if replace {
             counts.deleted = delete_absent(client, &stream, &seen, as_of.as_ref());
@@ -238,19 +224,12 @@ fn copy_snapshot(client: &mut SpiClient, stream: &Stream, source_name: &str) -> 
     let table = &stream.table;
     let columns: Vec<&crate::catalog::Column> = table.keys.iter().chain(&table.columns).collect();
     let mut copied = Copied { loaded: 0, rejected: Vec::new() };
-    let mut cursor = client.open_cursor(&format!("SELECT payload::text FROM {source_name}"), &[]);
+    let mut cursor = open_source(client, source_name);
     let spec = stream.spec.clone();
     let (keys, width) = (table.keys.len(), columns.len());
-    let mut read = 0i64;
+    let mut progress = Progress::new(&stream.spec.name);
     let stopped = parallel::pipeline(
-        || {
-            let payloads: Vec<Option<String>> = cursor
-                .fetch(COPY_CHUNK as _)
-                .expect("reading the snapshot")
-                .map(|r| r.get::<String>(1).unwrap())
-                .collect();
-            (!payloads.is_empty()).then_some(payloads)
-        },
+        || next_chunk(&mut cursor, COPY_CHUNK),
         move |payloads| parse_chunk(&spec, keys, width, payloads),
         |chunk| {
             let Some(chunk) = chunk else {
@@ -258,15 +237,12 @@ fn copy_snapshot(client: &mut SpiClient, stream: &Stream, source_name: &str) -> 
             };
             copied.loaded += copy_in::copy_rows(table, &columns, chunk.rows) as i64;
             copied.rejected.extend(chunk.rejected);
-            let before = read;
-            read += chunk.read as i64;
-            if read / PROGRESS_EVERY > before / PROGRESS_EVERY {
-                notice!(
-                    "pg_ecst: load_snapshot(\"{}\"): {read} rows read ({} loaded)",
-                    stream.spec.name,
-                    copied.loaded
-                );
-            }
+            let counts = LoadCounts {
+                loaded: copied.loaded,
+                dead_lettered: copied.rejected.len() as i64,
+                ..LoadCounts::default()
+            };
+            progress.advance(chunk.read, &counts);
             ControlFlow::Continue(())
         },
     );
@@ -310,6 +286,45 @@ fn parse_chunk(spec: &StreamSpec, keys: usize, width: usize, payloads: Vec<Optio
         }
     }
     Some(chunk)
+}
+
+/// A cursor over the source's payloads, as text whatever the column type.
+fn open_source<'c>(client: &SpiClient<'c>, source_name: &str) -> SpiCursor<'c> {
+    client.open_cursor(&format!("SELECT payload::text FROM {source_name}"), &[])
+}
+
+/// The next `rows` payloads of the source (`None` at the end).
+fn next_chunk(cursor: &mut SpiCursor, rows: i64) -> Option<Vec<Option<String>>> {
+    let payloads: Vec<Option<String>> =
+        cursor.fetch(rows as _).expect("reading the snapshot").map(|r| r.get::<String>(1).unwrap()).collect();
+    (!payloads.is_empty()).then_some(payloads)
+}
+
+/// A `NOTICE` every [`PROGRESS_EVERY`] source rows.
+struct Progress<'a> {
+    stream: &'a str,
+    read: i64,
+}
+
+impl<'a> Progress<'a> {
+    fn new(stream: &'a str) -> Progress<'a> {
+        Progress { stream, read: 0 }
+    }
+
+    fn advance(&mut self, rows: usize, counts: &LoadCounts) {
+        let before = self.read;
+        self.read += rows as i64;
+        if self.read / PROGRESS_EVERY > before / PROGRESS_EVERY {
+            notice!(
+                "pg_ecst: load_snapshot(\"{}\"): {} rows read ({} loaded, {} stale, {} dead-lettered)",
+                self.stream,
+                self.read,
+                counts.loaded,
+                counts.stale,
+                counts.dead_lettered
+            );
+        }
+    }
 }
 
 /// SQL for an entity's canonical key text from a table's key columns (see `apply::entity_key`).

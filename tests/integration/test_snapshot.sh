@@ -142,6 +142,8 @@ out=$(psql_it -d $DB -v ON_ERROR_STOP=0 -c "SET statement_timeout = '300ms'" \
 check "the load was cancelled" "1" "$(grep -c 'canceling statement due to statement timeout' <<<"$out")"
 check "... one thread left, nothing loaded, and the same session loads it all" "threads 1,rows 0,loaded 400000" \
     "$(grep -E '^(threads|rows|loaded) ' <<<"$out" | paste -sd,)"
+check "... reporting progress every 100,000 rows" "1" \
+    "$(grep -c 'load_snapshot("bulk5"): 400000 rows read (400000 loaded, 0 stale, 0 dead-lettered)' <<<"$out")"
 
 echo "-- export -> load round trip, three shapes"
 psql_it -d $DB >/dev/null <<'SQL'
