@@ -263,27 +263,31 @@ struct ParsedChunk {
 /// pipeline's helper thread: pure Rust only. `None`: a delete, which this path cannot apply.
 fn parse_chunk(spec: &StreamSpec, keys: usize, width: usize, payloads: Vec<Option<String>>) -> Option<ParsedChunk> {
     let mut chunk = ParsedChunk { rows: copy_in::Rows::default(), rejected: Vec::new(), read: payloads.len() };
+    let mut events = Vec::with_capacity(payloads.len());
     for payload in payloads {
         let parsed = match payload.as_deref() {
             Some(text) => ecst_core::event::parse(spec, text),
             None => Err(apply::null_payload()),
         };
         match parsed {
-            Ok(ev) => match &ev.op {
-                Op::Upsert { cells, .. } => {
-                    let mut values: Vec<Option<&str>> = ev.key.iter().map(|k| Some(k.as_str())).collect();
-                    values.resize(width, None);
-                    for c in cells {
-                        if let CellValue::Text(t) = &c.value {
-                            values[keys + c.column] = Some(t.as_str());
-                        }
-                    }
-                    chunk.rows.push_row(values);
-                }
-                Op::Delete => return None,
-            },
+            Ok(ev) if ev.op == Op::Delete => return None,
+            Ok(ev) => events.push(ev),
             Err(rejection) => chunk.rejected.push((payload, rejection)),
         }
+    }
+    // In key order, each chunk's index insertions walk the key index's leaf pages in order
+    // instead of at random (far fewer cache misses); the heap order of a bulk load is immaterial.
+    events.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    for ev in &events {
+        let Op::Upsert { cells, .. } = &ev.op else { unreachable!("deletes returned above") };
+        let mut values: Vec<Option<&str>> = ev.key.iter().map(|k| Some(k.as_str())).collect();
+        values.resize(width, None);
+        for c in cells {
+            if let CellValue::Text(t) = &c.value {
+                values[keys + c.column] = Some(t.as_str());
+            }
+        }
+        chunk.rows.push_row(values);
     }
     Some(chunk)
 }
