@@ -93,7 +93,8 @@ fn apply_batch_text(
     security::require_apply(&s);
     // bulk::apply_run visits entities in key order (the lock order); each entity's events keep
     // their array order.
-    let parsed: Vec<Result<_, Rejection>> = events.iter().map(|e| apply::parse_payload(&s, e.as_deref())).collect();
+    let parsed: Vec<Result<_, Rejection>> =
+        events.iter().map(|e| apply::parse_payload(&s.spec, e.as_deref())).collect();
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
         let results = bulk::apply_run(client, &s, &parsed, ErrorPolicy::Caller);

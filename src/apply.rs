@@ -11,6 +11,7 @@ use crate::writer::{self, Bound};
 use ecst_core::event::{check_unique_child_keys, parse, Cell, ChildSet, Event, Op, Value};
 use ecst_core::merge::{decide, Decision, EntityState, Outcome, Write};
 use ecst_core::reject::{RejectCode, Rejection};
+use ecst_core::spec::StreamSpec;
 use ecst_core::version::Version;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::spi::SpiClient;
@@ -63,22 +64,18 @@ impl ErrorPolicy {
     }
 }
 
-/// Parses a payload as received (a NULL payload is rejected).
-pub fn parse_payload(stream: &Stream, payload: Option<&str>) -> Result<Event, Rejection> {
+/// Parses a payload as received (a NULL payload is rejected). Pure Rust: it may run on a helper
+/// thread (`snapshot::parse_chunk`).
+pub fn parse_payload(spec: &StreamSpec, payload: Option<&str>) -> Result<Event, Rejection> {
     match payload {
-        Some(text) => parse(&stream.spec, text),
-        None => Err(null_payload()),
+        Some(text) => parse(spec, text),
+        None => Err(Rejection::new(RejectCode::InvalidJson, "the event is NULL")),
     }
-}
-
-/// The rejection of a NULL payload.
-pub fn null_payload() -> Rejection {
-    Rejection::new(RejectCode::InvalidJson, "the event is NULL")
 }
 
 /// Parses and applies one payload as received.
 pub fn apply_payload(client: &mut SpiClient, stream: &Stream, payload: Option<&str>, policy: ErrorPolicy) -> Applied {
-    match parse_payload(stream, payload) {
+    match parse_payload(&stream.spec, payload) {
         Ok(ev) => apply_event(client, stream, &ev, policy),
         Err(rejection) => Applied::Rejected { rejection, sqlstate: None, conflict: false },
     }

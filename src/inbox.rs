@@ -74,7 +74,7 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy) -> i64 {
                 }
                 Some(s) => {
                     let events: Vec<Result<_, Rejection>> =
-                        run.iter().map(|r| apply::parse_payload(s, r.payload.as_deref())).collect();
+                        run.iter().map(|r| apply::parse_payload(&s.spec, r.payload.as_deref())).collect();
                     bulk::apply_run(client, s, &events, policy)
                 }
                 None => run

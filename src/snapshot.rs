@@ -89,7 +89,7 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
         let mut progress = Progress::new(stream_name);
         while let Some(payloads) = next_chunk(&mut cursor, CHUNK) {
             let events: Vec<Result<_, Rejection>> =
-                payloads.iter().map(|p| apply::parse_payload(&stream, p.as_deref())).collect();
+                payloads.iter().map(|p| apply::parse_payload(&stream.spec, p.as_deref())).collect();
             if replace {
                 seen.extend(events.iter().flatten().filter_map(|ev| apply::entity_key(&stream, ev)));
             }
@@ -235,6 +235,7 @@ fn copy_snapshot(client: &mut SpiClient, stream: &Stream, source_name: &str) -> 
             let Some(chunk) = chunk else {
                 return ControlFlow::Break(());
             };
+            let read = chunk.rows.count + chunk.rejected.len();
             copied.loaded += copy_in::copy_rows(table, &columns, chunk.rows) as i64;
             copied.rejected.extend(chunk.rejected);
             let counts = LoadCounts {
@@ -242,7 +243,7 @@ fn copy_snapshot(client: &mut SpiClient, stream: &Stream, source_name: &str) -> 
                 dead_lettered: copied.rejected.len() as i64,
                 ..LoadCounts::default()
             };
-            progress.advance(chunk.read, &counts);
+            progress.advance(read, &counts);
             ControlFlow::Continue(())
         },
     );
@@ -256,20 +257,15 @@ fn copy_snapshot(client: &mut SpiClient, stream: &Stream, source_name: &str) -> 
 struct ParsedChunk {
     rows: copy_in::Rows,
     rejected: Vec<(Option<String>, Rejection)>,
-    read: usize,
 }
 
 /// Parses payloads into `COPY` rows (key columns, then every writable column). Runs on the
 /// pipeline's helper thread: pure Rust only. `None`: a delete, which this path cannot apply.
 fn parse_chunk(spec: &StreamSpec, keys: usize, width: usize, payloads: Vec<Option<String>>) -> Option<ParsedChunk> {
-    let mut chunk = ParsedChunk { rows: copy_in::Rows::default(), rejected: Vec::new(), read: payloads.len() };
+    let mut chunk = ParsedChunk { rows: copy_in::Rows::default(), rejected: Vec::new() };
     let mut events = Vec::with_capacity(payloads.len());
     for payload in payloads {
-        let parsed = match payload.as_deref() {
-            Some(text) => ecst_core::event::parse(spec, text),
-            None => Err(apply::null_payload()),
-        };
-        match parsed {
+        match apply::parse_payload(spec, payload.as_deref()) {
             Ok(ev) if ev.op == Op::Delete => return None,
             Ok(ev) => events.push(ev),
             Err(rejection) => chunk.rejected.push((payload, rejection)),
