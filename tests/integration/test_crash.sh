@@ -21,6 +21,16 @@ CREATE TABLE expected AS SELECT DISTINCT ON (payload::jsonb->>'id') payload::jso
        payload::jsonb->'newState'->>'line1' AS line1 FROM events ORDER BY payload::jsonb->>'id', (payload::jsonb->>'ts')::int DESC;
 SQL
 differs() { q "SELECT count(*) FROM ((TABLE t EXCEPT TABLE expected) UNION ALL (TABLE expected EXCEPT TABLE t)) d"; }
+# stop_immediately_during SQL: runs SQL in the background, stops the server with -m immediate one
+# second in, restarts it and waits until it accepts connections again.
+stop_immediately_during() {
+    psql_it -d $DB -c "$1" >/dev/null 2>&1 &
+    sleep 1
+    sudo -u postgres "$PG_BIN/pg_ctl" -D "$IT_DIR/data" -m immediate -w stop >/dev/null
+    wait || true
+    sudo -u postgres "$PG_BIN/pg_ctl" -D "$IT_DIR/data" -l "$IT_DIR/server.log" -w start >/dev/null
+    wait_ready
+}
 
 echo "-- kill -9 of a client backend during apply_batch"
 psql_it -d $DB -c "SELECT count(*) FROM ecst.apply_batch('t', (SELECT array_agg(payload) FROM events))" >/dev/null 2>&1 &
@@ -38,12 +48,7 @@ echo "-- pg_ctl stop -m immediate during load_snapshot"
 q "SELECT ecst.drop_stream('t')" >/dev/null
 q "TRUNCATE t" >/dev/null
 q "SELECT ecst.create_stream('t', 't', 'entity_snapshot', '{\"id\": \"id\"}', version => 'ts')" >/dev/null
-psql_it -d $DB -c "SELECT * FROM ecst.load_snapshot('t', 'events')" >/dev/null 2>&1 &
-sleep 1
-sudo -u postgres "$PG_BIN/pg_ctl" -D "$IT_DIR/data" -m immediate -w stop >/dev/null
-wait || true
-sudo -u postgres "$PG_BIN/pg_ctl" -D "$IT_DIR/data" -l "$IT_DIR/server.log" -w start >/dev/null
-wait_ready
+stop_immediately_during "SELECT * FROM ecst.load_snapshot('t', 'events')"
 check "nothing of the interrupted load is visible" "0|0" "$(q "SELECT (SELECT count(*) FROM t) || '|' || (SELECT count(*) FROM ecst.entity_state)")"
 check "loading again gives exactly the expected replica" "400000" "$(q "SELECT loaded FROM ecst.load_snapshot('t', 'events')")"
 check "replica exact" 0 "$(differs)"
@@ -55,12 +60,7 @@ FROM generate_series(1, 400000) i;
 CREATE TABLE t2 (id text PRIMARY KEY, line1 text, ts bigint);
 SELECT ecst.create_stream('t2', 't2', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts');
 SQL
-psql_it -d $DB -c "SELECT * FROM ecst.load_snapshot('t2', 'snap')" >/dev/null 2>&1 &
-sleep 1
-sudo -u postgres "$PG_BIN/pg_ctl" -D "$IT_DIR/data" -m immediate -w stop >/dev/null
-wait || true
-sudo -u postgres "$PG_BIN/pg_ctl" -D "$IT_DIR/data" -l "$IT_DIR/server.log" -w start >/dev/null
-wait_ready
+stop_immediately_during "SELECT * FROM ecst.load_snapshot('t2', 'snap')"
 check "nothing of the interrupted bulk load is visible" "0" "$(q "SELECT count(*) FROM t2")"
 check "loading again takes the bulk path (no version-state rows) and loads every row" "400000|0|400000" \
     "$(q "SELECT loaded FROM ecst.load_snapshot('t2', 'snap')")|$(q "SELECT (SELECT count(*) FROM ecst.entity_state s JOIN ecst.streams x ON x.id = s.stream_id WHERE x.name = 't2') || '|' || (SELECT count(*) FROM t2 WHERE line1 = id AND ts = substr(id, 2)::int)")"
