@@ -258,20 +258,40 @@ def line2(rng):
     return f"{CITIES[rng.randrange(len(CITIES))]}, {rng.randrange(1000, 99999)}"
 
 
-def write_windows(rng, events, outs, maxv):
-    """Shuffles one window of (entity, version, payload) and writes it; returns stale count."""
-    rng.shuffle(events)
-    stale = 0
-    for e, v, payload in events:
-        if v < maxv.get(e, -1):
-            stale += 1
-        else:
-            maxv[e] = v
-        for f, prefix in outs:
-            f.write(prefix)
-            f.write(payload)
-            f.write("\n")
-    return stale
+class ShuffledOutput:
+    """The event files of a workload: the TSV for `COPY ecst.inbox (stream, payload)` and, if
+    asked, the NDJSON. Each window of WINDOW consecutive events is shuffled before it is written;
+    `close()` returns how many events were written after a newer one of their entity (stale)."""
+
+    def __init__(self, rng, stream, tsv, ndjson=None):
+        self.rng, self.window, self.maxv, self.stale = rng, [], {}, 0
+        self.files = [open(tsv, "w")] + ([open(ndjson, "w")] if ndjson else [])
+        self.prefixes = [f"{stream}\t", ""]
+
+    def add(self, entity, version, payload):
+        self.window.append((entity, version, payload))
+        if len(self.window) == WINDOW:
+            self._flush()
+
+    def _flush(self):
+        self.rng.shuffle(self.window)
+        for e, v, payload in self.window:
+            if v < self.maxv.get(e, -1):
+                self.stale += 1
+            else:
+                self.maxv[e] = v
+            for f, prefix in zip(self.files, self.prefixes):
+                f.write(prefix)
+                f.write(payload)
+                f.write("\n")
+        self.window = []
+
+    def close(self):
+        if self.window:
+            self._flush()
+        for f in self.files:
+            f.close()
+        return self.stale
 
 
 def gen_entity_snapshot(seed, n, entities, stream, tsv, ndjson=None, final=None):
@@ -280,11 +300,7 @@ def gen_entity_snapshot(seed, n, entities, stream, tsv, ndjson=None, final=None)
     pick = Picker(rng, entities)
     ver = {}
     state = {}
-    maxv = {}
-    stale = 0
-    files = [open(tsv, "w")] + ([open(ndjson, "w")] if ndjson else [])
-    outs = [(files[0], f"{stream}\t")] + ([(files[1], "")] if ndjson else [])
-    window = []
+    out = ShuffledOutput(rng, stream, tsv, ndjson)
     rnd, rr = rng.random, rng.randrange
     for _ in range(n):
         e = pick()
@@ -299,14 +315,8 @@ def gen_entity_snapshot(seed, n, entities, stream, tsv, ndjson=None, final=None)
                  f'"addressTS": {v}']
         payload = f'{{"addressId": "{e}", "newState": {{"addressContent": {{{"".join(parts)}}}}}}}'
         state[e] = (p, l1, l2, v)
-        window.append((e, v, payload))
-        if len(window) == WINDOW:
-            stale += write_windows(rng, window, outs, maxv)
-            window = []
-    if window:
-        stale += write_windows(rng, window, outs, maxv)
-    for f in files:
-        f.close()
+        out.add(e, v, payload)
+    stale = out.close()
     if final:
         with open(final, "w", newline="") as f:
             w = csv.writer(f)
@@ -323,11 +333,8 @@ def gen_delta(seed, n, entities, stream, tsv, ndjson, final):
     """1 event = 1-3 changed fields and a root version ts. ~3% of the values are JSON null."""
     rng = random.Random(seed)
     pick = Picker(rng, entities)
-    ver, state, maxv = {}, {}, {}
-    stale = 0
-    ft, fn = open(tsv, "w"), open(ndjson, "w")
-    outs = [(ft, f"{stream}\t"), (fn, "")]
-    window = []
+    ver, state = {}, {}
+    out = ShuffledOutput(rng, stream, tsv, ndjson)
     rnd, rr = rng.random, rng.randrange
     for _ in range(n):
         e = pick()
@@ -348,14 +355,8 @@ def gen_delta(seed, n, entities, stream, tsv, ndjson, final):
             cur[fld] = val
             parts.append(f'"{fld}": "{val}"' if val is not None else f'"{fld}": null')
         payload = f'{{"addressId": "{e}", "ts": {v}, "newState": {{{", ".join(parts)}}}}}'
-        window.append((e, v, payload))
-        if len(window) == WINDOW:
-            stale += write_windows(rng, window, outs, maxv)
-            window = []
-    if window:
-        stale += write_windows(rng, window, outs, maxv)
-    ft.close()
-    fn.close()
+        out.add(e, v, payload)
+    stale = out.close()
     with open(final, "w", newline="") as f:
         w = csv.writer(f)
         for e in sorted(state):
@@ -369,12 +370,9 @@ def gen_aggregate(seed, n, customers, stream, tsv, ndjson, final_parent, final_c
     sometimes dropped and a new one added, and addresses change."""
     rng = random.Random(seed)
     pick = Picker(rng, customers)
-    ver, kids, maxv = {}, {}, {}
-    stale = 0
+    ver, kids = {}, {}
     next_id = [100000]
-    ft, fn = open(tsv, "w"), open(ndjson, "w")
-    outs = [(ft, f"{stream}\t"), (fn, "")]
-    window = []
+    out = ShuffledOutput(rng, stream, tsv, ndjson)
     rnd, rr = rng.random, rng.randrange
 
     def new_child():
@@ -405,14 +403,8 @@ def gen_aggregate(seed, n, customers, stream, tsv, ndjson, final_parent, final_c
             f'"addressLine2": "{l2}", "addressTS": {ts}}}' for a, p, l1, l2, ts in cur)
         payload = (f'{{"customerId": "{c}", "ts": {v}, '
                    f'"newState": {{"ts": {v}, "addressContent": {{"addresses": [{addrs}]}}}}}}')
-        window.append((c, v, payload))
-        if len(window) == WINDOW:
-            stale += write_windows(rng, window, outs, maxv)
-            window = []
-    if window:
-        stale += write_windows(rng, window, outs, maxv)
-    ft.close()
-    fn.close()
+        out.add(c, v, payload)
+    stale = out.close()
     with open(final_parent, "w", newline="") as f:
         w = csv.writer(f)
         for c in sorted(ver):
