@@ -5,6 +5,7 @@
 
 use crate::catalog::{Column, Stream};
 use crate::errors::{self, raise};
+use crate::locks;
 use crate::security;
 use crate::subxact::{self, SubResult};
 use crate::writer::{self, Bound};
@@ -13,6 +14,7 @@ use ecst_core::merge::{decide, Decision, EntityState, Outcome, Write};
 use ecst_core::reject::{RejectCode, Rejection};
 use ecst_core::spec::StreamSpec;
 use ecst_core::version::Version;
+use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::spi::SpiClient;
 use pgrx::PgSqlErrorCode as Code;
@@ -121,6 +123,22 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: 
     )
 }
 
+/// Whether entities of a row-version stream (`Stream::row_version`) that have no version-state
+/// row keep it that way: their version stays in the replica row, and a write never lowers it.
+/// Only in READ COMMITTED, where every statement sees what committed before it started — in
+/// particular a state row created before this session took its stripe lock (`locks::lock_stripes`).
+pub(crate) fn row_mode(stream: &Stream) -> bool {
+    // SAFETY: a plain read of the transaction's isolation level.
+    stream.row_version.is_some() && unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 }
+}
+
+/// Whether applying `ev` may create a version-state row for an entity of a row-version stream
+/// (its stripe is then locked exclusively): a delete leaves a tombstone; outside row mode every
+/// write keeps a state row.
+pub(crate) fn creates_state_rows(stream: &Stream, row_mode: bool, ev: &Event) -> bool {
+    stream.row_version.is_some() && (!row_mode || matches!(ev.op, Op::Delete))
+}
+
 /// Converts a cell through its column type.
 pub(crate) fn bind<'a>(column: &'a Column, field: &str, value: &Value) -> Result<Bound<'a>, Rejection> {
     let value = match value {
@@ -203,6 +221,12 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         }
     }
 
+    let row_mode = row_mode(stream);
+    if stream.row_version.is_some() {
+        let mut stripes = locks::Stripes::new();
+        locks::add_stripe(&mut stripes, &entity_key, creates_state_rows(stream, row_mode, ev));
+        locks::lock_stripes(stream.id, &stripes);
+    }
     let mut stored = false;
     let state = if spec.is_versioned() {
         match load_state(client, stream.id, &entity_key)? {
@@ -213,7 +237,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
             None => row_state(client, stream, &keys),
         }
     } else {
-        writer::lock_entities(client, stream.id, vec![entity_key.clone()]);
+        crate::locks::lock_entities(client, stream.id, vec![entity_key.clone()]);
         None
     };
     let decision =
@@ -224,9 +248,15 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         Decision::Raise(message) => return Err(Stop::Raise(message)),
     };
 
+    // An entity without a state row in row mode keeps its version in the replica row alone,
+    // written only if that does not lower the row's version.
+    let guard = match (&next, stream.row_version) {
+        (Some(next), Some(column)) if row_mode && !stored && next.tomb.is_none() => Some(&table.columns[column]),
+        _ => None,
+    };
     // Lock order, the same on every path: the entity's state row first, then replica rows.
-    if let Some(next) = next {
-        save_state(client, stream.id, &entity_key, stored.then_some(state.as_ref()).flatten(), &next)?;
+    if let (Some(next), None) = (&next, guard) {
+        save_state(client, stream.id, &entity_key, stored.then_some(state.as_ref()).flatten(), next)?;
     }
     match write {
         Write::Nothing => {}
@@ -235,7 +265,10 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
             row.extend(cells.iter().map(|c| new_cells[&c.column]));
             let conflict_cols: Vec<String> = table.keys.iter().map(|k| k.quoted.clone()).collect();
             let update: Vec<&str> = cells.iter().map(|c| table.columns[c.column].quoted.as_str()).collect();
-            writer::upsert(client, &table.qualified, &row, &conflict_cols, &update);
+            if !writer::upsert(client, &table.qualified, &row, &conflict_cols, &update, guard) {
+                // A concurrent session wrote a newer version since the row was read.
+                return Err(Stop::Retry);
+            }
             for set in &sets {
                 write_children(client, stream, set.child, &keys, &children[set.child]);
             }
@@ -295,7 +328,7 @@ fn write_children(
         row.extend(r.cells.iter().copied());
         let update: Vec<&str> =
             row.iter().map(|b| b.column.quoted.as_str()).filter(|c| !child.conflict.iter().any(|k| k == c)).collect();
-        writer::upsert(client, &child.table.qualified, &row, &child.conflict, &update);
+        writer::upsert(client, &child.table.qualified, &row, &child.conflict, &update, None);
     }
 }
 

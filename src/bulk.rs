@@ -12,6 +12,7 @@
 use crate::apply::{self, Applied, ErrorPolicy};
 use crate::catalog::{Column, Stream};
 use crate::errors::{self, raise};
+use crate::locks;
 use crate::security;
 use crate::subxact::{self, SubResult};
 use crate::writer;
@@ -89,6 +90,18 @@ fn one_by_one(
 ) -> Vec<Applied> {
     let mut order: Vec<usize> = (0..events.len()).collect();
     order.sort_by(|&a, &b| apply::batch_order(&events[a]).cmp(&apply::batch_order(&events[b])));
+    // The stripes every event will take, all at once in stripe order (not entity by entity in key
+    // order, which could deadlock with another session doing the same).
+    if stream.row_version.is_some() {
+        let row_mode = apply::row_mode(stream);
+        let mut stripes = locks::Stripes::new();
+        for ev in events.iter().flatten() {
+            if let Some(key) = apply::entity_key(stream, ev) {
+                locks::add_stripe(&mut stripes, &key, apply::creates_state_rows(stream, row_mode, ev));
+            }
+        }
+        locks::lock_stripes(stream.id, &stripes);
+    }
     let mut results: Vec<Option<Applied>> = vec![None; events.len()];
     for i in order {
         results[i] = Some(match &events[i] {
@@ -135,6 +148,9 @@ struct Final {
     delete: bool,
     /// Then upsert these cells (`None`: no upsert).
     upsert: Option<BTreeMap<usize, Option<pg_sys::Datum>>>,
+    /// The entity has no state row and keeps none (row mode): the upsert must not lower the
+    /// row's version.
+    guarded: bool,
 }
 
 fn run_set_based(
@@ -193,9 +209,18 @@ fn run_set_based(
 
     // 3. Version states, locked.
     let keys: Vec<String> = entities.keys().cloned().collect();
+    let row_mode = apply::row_mode(stream);
+    if stream.row_version.is_some() {
+        let mut stripes = locks::Stripes::new();
+        for (key, items) in &entities {
+            let creates = items.iter().any(|it| apply::creates_state_rows(stream, row_mode, it.ev));
+            locks::add_stripe(&mut stripes, key, creates);
+        }
+        locks::lock_stripes(stream.id, &stripes);
+    }
     let mut states: HashMap<String, EntityState> = HashMap::new();
     if !spec.is_versioned() && !keys.is_empty() {
-        writer::lock_entities(client, stream.id, keys.clone());
+        crate::locks::lock_entities(client, stream.id, keys.clone());
     }
     if spec.is_versioned() && !keys.is_empty() {
         let rows = security::internal(|| {
@@ -303,7 +328,7 @@ fn run_set_based(
                         }
                         Write::Clear { .. } => needs_one_by_one = true,
                         Write::Delete => {
-                            fin = Final { delete: true, upsert: None };
+                            fin = Final { delete: true, ..Final::default() };
                             row = None;
                         }
                     }
@@ -331,11 +356,15 @@ fn run_set_based(
         for (index, applied) in decided {
             results[index] = Some(applied);
         }
+        let state = state.filter(|_| changed);
+        // Row mode: an entity without a state row and without a tombstone to remember keeps its
+        // version in the replica row only.
+        fin.guarded = row_mode && !existed && state.as_ref().is_some_and(|s| s.tomb.is_none());
+        if let (Some(state), false) = (state, fin.guarded) {
+            new_states.push((key.clone(), state, existed));
+        }
         if fin.delete || fin.upsert.is_some() {
             finals.push((items[0].key, fin));
-        }
-        if changed {
-            new_states.push((key.clone(), state.expect("changed state"), existed));
         }
     }
 
@@ -347,14 +376,21 @@ fn run_set_based(
         let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", table.qualified, key_col.quoted);
         writer::run_once(client, &sql, &[key_col.ty.array(&deletes)]);
     }
-    let mut groups: BTreeMap<Vec<usize>, Vec<RowValues>> = BTreeMap::new();
+    let mut groups: BTreeMap<(Vec<usize>, bool), Vec<RowValues>> = BTreeMap::new();
     for (key, fin) in &finals {
         if let Some(cells) = &fin.upsert {
-            groups.entry(cells.keys().copied().collect()).or_default().push((*key, cells.values().copied().collect()));
+            groups
+                .entry((cells.keys().copied().collect(), fin.guarded))
+                .or_default()
+                .push((*key, cells.values().copied().collect()));
         }
     }
-    for (columns, rows) in groups {
-        upsert_many(client, stream, &columns, &rows);
+    for ((columns, guarded), rows) in groups {
+        let guard = stream.row_version.filter(|_| guarded).map(|i| &table.columns[i]);
+        if upsert_many(client, stream, &columns, &rows, guard) < rows.len() {
+            // A concurrent session wrote a newer version of an entity since its row was read.
+            return Err(Fallback::Race);
+        }
     }
     if !unapplied_ids.is_empty() {
         security::internal(|| {
@@ -407,28 +443,29 @@ fn mismatches(it: &Item, row: Option<&Vec<Option<String>>>) -> Vec<String> {
         .collect()
 }
 
-/// `INSERT ... SELECT * FROM unnest(keys, col1, ...) ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col`.
-fn upsert_many(client: &mut SpiClient, stream: &Stream, columns: &[usize], rows: &[RowValues]) {
+/// `INSERT ... SELECT * FROM unnest(keys, col1, ...) ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col`,
+/// guarded like `writer::upsert`. Returns how many rows were written (all of them without a guard).
+fn upsert_many(
+    client: &mut SpiClient,
+    stream: &Stream,
+    columns: &[usize],
+    rows: &[RowValues],
+    guard: Option<&Column>,
+) -> usize {
     let table = &stream.table;
     let key_col = &table.keys[0];
     let cols: Vec<&Column> = columns.iter().map(|&i| &table.columns[i]).collect();
     let names: Vec<&str> =
         std::iter::once(key_col.quoted.as_str()).chain(cols.iter().map(|c| c.quoted.as_str())).collect();
     let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
-    let action = if cols.is_empty() {
-        "NOTHING".to_string()
-    } else {
-        format!(
-            "UPDATE SET {}",
-            cols.iter().map(|c| format!("{0} = EXCLUDED.{0}", c.quoted)).collect::<Vec<_>>().join(", ")
-        )
-    };
+    let update: Vec<&str> = cols.iter().map(|c| c.quoted.as_str()).collect();
     let sql = format!(
-        "INSERT INTO {} ({}) SELECT * FROM unnest({}) ON CONFLICT ({}) DO {action}",
+        "INSERT INTO {} AS t ({}) SELECT * FROM unnest({}) ON CONFLICT ({}) DO {}",
         table.qualified,
         names.join(", "),
         params.join(", "),
-        key_col.quoted
+        key_col.quoted,
+        writer::conflict_action(&update, guard)
     );
     let mut args = Vec::with_capacity(names.len());
     let keys: Vec<Option<pg_sys::Datum>> = rows.iter().map(|(k, _)| Some(*k)).collect();
@@ -437,7 +474,12 @@ fn upsert_many(client: &mut SpiClient, stream: &Stream, columns: &[usize], rows:
         let values: Vec<Option<pg_sys::Datum>> = rows.iter().map(|(_, v)| v[i]).collect();
         args.push(c.ty.array(&values));
     }
-    writer::run(client, &sql, &args);
+    let written = writer::run(client, &sql, &args);
+    if guard.is_some() {
+        written.len()
+    } else {
+        rows.len()
+    }
 }
 
 /// Writes the new version states: updates for entities that had one, inserts for new ones. A new

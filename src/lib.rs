@@ -16,6 +16,7 @@ mod counters;
 mod errors;
 mod gucs;
 mod inbox;
+mod locks;
 mod parallel;
 mod retention;
 mod security;

@@ -50,6 +50,8 @@ fn retaining(name: &str, action: &str) -> std::rc::Rc<Stream> {
 pub fn rebuild(name: &str) -> (i64, i64, i64) {
     let stream = retaining(name, "rebuild");
     let (mut replayed, mut applied, mut dead) = (0, 0, 0);
+    // No writer of the stream may keep a version it read before the state is cleared.
+    crate::locks::lock_stream(stream.id, true);
     Spi::connect_mut(|client| {
         let tables: Vec<&str> = stream
             .children

@@ -79,6 +79,11 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
         );
     }
     let source_name = catalog::payload_source(source);
+    if replace {
+        // The deletions of absent entities decide on versions read up front: no writer of the
+        // stream may move them meanwhile.
+        crate::locks::lock_stream(stream.id, true);
+    }
     if let Some(counts) = load_into_empty(&stream, &source_name) {
         return counts;
     }

@@ -256,6 +256,55 @@ mod tests {
         assert_eq!(text("SELECT line1 FROM address"), "eleven");
     }
 
+    /// A stream whose version is a mapped integer column keeps each entity's version in its replica
+    /// row (no version-state row) until a tombstone needs remembering; the row's version decides.
+    #[pg_test]
+    fn row_version_streams_keep_versions_in_the_row() {
+        address_stream();
+        let at = |id: i64, ts: i64| {
+            format!(
+                r#"{{"addressId": "{id}", "newState": {{"addressContent": {{"addressLine1": "l{ts}", "addressTS": {ts}}}}}}}"#
+            )
+        };
+        let states = || count("SELECT * FROM ecst.entity_state");
+        assert_eq!(apply("address", &at(7, 10)), "applied");
+        assert_eq!(apply("address", &at(7, 9)), "stale");
+        assert_eq!(apply("address", &at(7, 10)), "duplicate");
+        assert_eq!(apply("address", &at(7, 11)), "applied");
+        let batch: Vec<Option<String>> =
+            [at(8, 20), at(8, 15), at(7, 30), at(8, 20), at(9, 1)].into_iter().map(Some).collect();
+        let got = Spi::get_one_with_args::<String>(
+            "SELECT string_agg(outcome || '=' || count, ',' ORDER BY outcome) FROM ecst.apply_batch('address', $1::text[])",
+            &[batch.into()],
+        );
+        assert_eq!(got.unwrap().as_deref(), Some("applied=3,duplicate=1,stale=1"));
+        assert_eq!(text("SELECT string_agg(address_id || ':' || line1 || ':' || address_ts, ',' ORDER BY address_id) FROM address"), "7:l30:30,8:l20:20,9:l1:1");
+        assert_eq!(states(), 0, "the versions are in the rows");
+        // The row's version is the entity's version: a row moved ahead by hand makes older events stale.
+        run("UPDATE address SET address_ts = 100 WHERE address_id = '9'");
+        assert_eq!(apply("address", &at(9, 50)), "stale");
+        // A replace-mode snapshot without entity 7 deletes it and leaves a tombstone (a state row),
+        // which then decides for that entity.
+        run(&format!("CREATE TABLE src (payload text); INSERT INTO src VALUES ('{}'), ('{}')", at(8, 20), at(9, 100)));
+        assert_eq!(
+            text("SELECT deleted::text FROM ecst.load_snapshot('address', 'src', mode => 'replace', as_of => '40')"),
+            "1"
+        );
+        assert_eq!(
+            text("SELECT entity_key || ':' || live_version || ':' || tomb_version FROM ecst.entity_state"),
+            "7:30:40"
+        );
+        assert_eq!(apply("address", &at(7, 35)), "stale", "older than the tombstone");
+        assert_eq!(apply("address", &at(7, 45)), "applied");
+        assert_eq!(
+            text("SELECT live_version::text FROM ecst.entity_state"),
+            "45",
+            "a state row, once there, is kept up to date"
+        );
+        assert_eq!(apply("address", &at(7, 44)), "stale");
+        assert_eq!(text("SELECT line1 FROM address WHERE address_id = '7'"), "l45");
+    }
+
     #[pg_test]
     fn tombstones_block_older_creates() {
         run("CREATE TABLE t (id text PRIMARY KEY, v text)");

@@ -100,23 +100,47 @@ fn where_keys(keys: &[Bound], first_param: usize) -> String {
 }
 
 /// `INSERT ... ON CONFLICT (conflict) DO UPDATE SET <update> = EXCLUDED.<update>`
-/// (`DO NOTHING` when there is nothing to update).
-pub fn upsert(client: &mut SpiClient, table: &str, row: &[Bound], conflict: &[String], update: &[&str]) {
+/// (`DO NOTHING` when there is nothing to update). With a `guard` (the row's version column) an
+/// existing row is only updated if that does not lower its version; returns whether the row was
+/// written (always true without a guard).
+pub fn upsert(
+    client: &mut SpiClient,
+    table: &str,
+    row: &[Bound],
+    conflict: &[String],
+    update: &[&str],
+    guard: Option<&Column>,
+) -> bool {
     let cols: Vec<&str> = row.iter().map(|b| b.column.quoted.as_str()).collect();
     let params: Vec<String> = (1..=row.len()).map(|i| format!("${i}")).collect();
-    let action = if update.is_empty() {
+    let sql = format!(
+        "INSERT INTO {table} AS t ({}) VALUES ({}) ON CONFLICT ({}) DO {}",
+        list(&cols),
+        params.join(", "),
+        conflict.join(", "),
+        conflict_action(update, guard)
+    );
+    let args: Vec<_> = row.iter().map(Bound::arg).collect();
+    let written = run(client, &sql, &args);
+    guard.is_none() || !written.is_empty()
+}
+
+/// The `DO ...` of an upsert: `NOTHING`, or `UPDATE SET c = EXCLUDED.c, ...`, with a `guard`
+/// version column only where the stored version is older (or NULL), `RETURNING 1`.
+pub fn conflict_action(update: &[&str], guard: Option<&Column>) -> String {
+    let mut action = if update.is_empty() {
         "NOTHING".to_string()
     } else {
         format!("UPDATE SET {}", update.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect::<Vec<_>>().join(", "))
     };
-    let sql = format!(
-        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
-        list(&cols),
-        params.join(", "),
-        conflict.join(", ")
-    );
-    let args: Vec<_> = row.iter().map(Bound::arg).collect();
-    run(client, &sql, &args);
+    if let Some(v) = guard {
+        let v = &v.quoted;
+        if !update.is_empty() {
+            action.push_str(&format!(" WHERE t.{v} IS NULL OR t.{v} < EXCLUDED.{v}"));
+        }
+        action.push_str(" RETURNING 1");
+    }
+    action
 }
 
 /// Resets columns to their DEFAULT (a delta delete older than a surviving update).
@@ -176,55 +200,4 @@ pub fn differs(client: &mut SpiClient, table: &TableInfo, keys: &[Bound], old: &
     let rows = run(client, &sql, &args);
     let row = rows.into_iter().next()?;
     Some((1..=old.len()).map(|i| row.get::<bool>(i).unwrap().unwrap_or(true)).collect())
-}
-
-/// Above this many entities a call locks the whole stream instead of each entity: every
-/// transaction-level lock takes a slot in PostgreSQL's shared lock table
-/// (`max_locks_per_transaction` × connections, about 7,800 by default), which a batch of 50,000
-/// entity locks overflows ("out of shared memory").
-const ENTITY_LOCKS_MAX: usize = 256;
-
-/// The first key of the two-key advisory lock space used for whole-stream locks (the second is
-/// the stream id); entity locks use the one-bigint key space, which is distinct.
-const STREAM_LOCK_SPACE: u32 = 0x6563_7374; // "ecst"
-
-/// Locks entities of an unversioned stream (no version-state row to lock), in the order given,
-/// until the end of the transaction: every path (set-based and per-event) takes these before any
-/// replica row, in key order, so two sessions writing the same entities in different column-set
-/// groups or with deletes cannot deadlock.
-///
-/// Two levels: up to [`ENTITY_LOCKS_MAX`] entities, the stream's lock in share mode and then one
-/// transaction-level advisory lock per entity on a 64-bit hash of (stream, entity key) — a
-/// collision only makes two entities share a lock; more entities than that, the stream's lock
-/// in exclusive mode alone, which excludes every other writer of the stream until commit.
-pub fn lock_entities(client: &mut SpiClient, stream_id: i32, keys: Vec<String>) {
-    let whole = keys.len() > ENTITY_LOCKS_MAX;
-    lock_stream(stream_id, whole);
-    if whole {
-        return;
-    }
-    run(
-        client,
-        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(u.k, $1))
-         FROM pg_catalog.unnest($2::text[]) WITH ORDINALITY AS u (k, n) ORDER BY u.n",
-        &[(stream_id as i64).into(), keys.into()],
-    );
-}
-
-/// `pg_advisory_xact_lock[_shared](STREAM_LOCK_SPACE, stream_id)`, taken directly.
-fn lock_stream(stream_id: i32, exclusive: bool) {
-    let mode = if exclusive { pg_sys::ExclusiveLock } else { pg_sys::ShareLock };
-    // SAFETY: the lock tag advisory.c builds for the two-int4 form (SET_LOCKTAG_INT32), in the
-    // user lock method; a transaction-level lock, released at commit or abort.
-    unsafe {
-        let tag = pg_sys::LOCKTAG {
-            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
-            locktag_field2: STREAM_LOCK_SPACE,
-            locktag_field3: stream_id as u32,
-            locktag_field4: 2,
-            locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
-            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
-        };
-        pg_sys::LockAcquire(&tag, mode as pg_sys::LOCKMODE, false, false);
-    }
 }
