@@ -228,11 +228,18 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
         locks::lock_stripes(stream.id, &stripes);
     }
     let mut stored = false;
+    // Row mode, optimistically: an upsert without oldState of an entity without a state row is
+    // written as if its row were older (the guarded write tells); the row is read only if not.
+    let mut optimistic = false;
     let state = if spec.is_versioned() {
         match load_state(client, stream.id, &entity_key)? {
             Some(state) => {
                 stored = true;
                 Some(state)
+            }
+            None if row_mode && ev.old.is_empty() && matches!(ev.op, Op::Upsert { .. }) => {
+                optimistic = true;
+                None
             }
             None => row_state(client, stream, &keys),
         }
@@ -266,8 +273,16 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
             let conflict_cols: Vec<String> = table.keys.iter().map(|k| k.quoted.clone()).collect();
             let update: Vec<&str> = cells.iter().map(|c| table.columns[c.column].quoted.as_str()).collect();
             if !writer::upsert(client, &table.qualified, &row, &conflict_cols, &update, guard) {
-                // A concurrent session wrote a newer version since the row was read.
-                return Err(Stop::Retry);
+                if !optimistic {
+                    // A concurrent session wrote a newer version since the row was read.
+                    return Err(Stop::Retry);
+                }
+                // The row was not older: the event is stale or a duplicate.
+                let state = row_state(client, stream, &keys);
+                return match decide(spec, state.as_ref(), ev, |_: &[Cell]| Vec::new()) {
+                    Decision::Done { outcome, write: Write::Nothing, .. } => Ok((outcome, false)),
+                    _ => Err(Stop::Retry),
+                };
             }
             for set in &sets {
                 write_children(client, stream, set.child, &keys, &children[set.child]);

@@ -119,6 +119,9 @@ fn rejected(rejection: Rejection, conflict: bool) -> Applied {
 /// A key and the values of the written columns, for one row of an upsert.
 type RowValues = (pg_sys::Datum, Vec<Option<pg_sys::Datum>>);
 
+/// One row of an upsert group: the entity's canonical key, its final write and its values.
+type GroupRow<'a> = (&'a String, &'a Final, RowValues);
+
 /// Set-based retries of a run that lost a race to create an entity.
 const RACE_RETRIES: usize = 20;
 
@@ -151,6 +154,8 @@ struct Final {
     /// The entity has no state row and keeps none (row mode): the upsert must not lower the
     /// row's version.
     guarded: bool,
+    /// Decided as if the row were older, without reading it (row mode).
+    optimistic: bool,
 }
 
 fn run_set_based(
@@ -240,10 +245,30 @@ fn run_set_based(
     }
     // Entities with a stored state row (updated in place); the others get one inserted.
     let stored: HashSet<String> = states.keys().cloned().collect();
+    // Row mode, optimistically: an entity without a state row with a single event (no oldState,
+    // no event id) is written as if its row were older, by the guarded upsert; only if that
+    // writes nothing is its row read, to tell stale from duplicate. That spares reading the rows
+    // of most entities first.
+    let optimistic: HashSet<&String> = if row_mode {
+        entities
+            .iter()
+            .filter(|(k, items)| {
+                !stored.contains(*k)
+                    && matches!(&items[..], [it] if it.old.is_empty() && it.ev.event_id.is_none()
+                        && matches!(it.ev.op, Op::Upsert { .. }))
+            })
+            .map(|(k, _)| k)
+            .collect()
+    } else {
+        HashSet::new()
+    };
     if let Some(version_column) = stream.row_version {
         // Entities without a state row may have been bulk-loaded: their version is in the row.
-        let missing: Vec<Option<pg_sys::Datum>> =
-            entities.iter().filter(|(k, _)| !stored.contains(*k)).map(|(_, items)| Some(items[0].key)).collect();
+        let missing: Vec<Option<pg_sys::Datum>> = entities
+            .iter()
+            .filter(|(k, _)| !stored.contains(*k) && !optimistic.contains(k))
+            .map(|(_, items)| Some(items[0].key))
+            .collect();
         if !missing.is_empty() {
             crate::snapshot::wait_for_bulk_load(stream);
             let sql = format!(
@@ -284,7 +309,7 @@ fn run_set_based(
     }
 
     // 5. Decide, entity by entity, in order; compose each entity's final write.
-    let mut finals: Vec<(pg_sys::Datum, Final)> = Vec::new();
+    let mut finals: Vec<(&String, pg_sys::Datum, Final)> = Vec::new();
     let mut new_states: Vec<(String, EntityState, bool)> = Vec::new();
     let mut one_by_one_entities: Vec<&String> = Vec::new();
     let mut unapplied_ids: Vec<String> = Vec::new();
@@ -363,33 +388,70 @@ fn run_set_based(
         if let (Some(state), false) = (state, fin.guarded) {
             new_states.push((key.clone(), state, existed));
         }
+        fin.optimistic = optimistic.contains(key);
         if fin.delete || fin.upsert.is_some() {
-            finals.push((items[0].key, fin));
+            finals.push((key, items[0].key, fin));
         }
     }
 
     // 6. Write, in the lock order every path follows: version states first (existing ones are
     //    locked already; new ones are inserted in key order), then replica rows in key order.
     save_states(client, stream.id, &new_states)?;
-    let deletes: Vec<Option<pg_sys::Datum>> = finals.iter().filter(|(_, f)| f.delete).map(|(k, _)| Some(*k)).collect();
+    let deletes: Vec<Option<pg_sys::Datum>> =
+        finals.iter().filter(|(_, _, f)| f.delete).map(|(_, k, _)| Some(*k)).collect();
     if !deletes.is_empty() {
         let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", table.qualified, key_col.quoted);
         writer::run_once(client, &sql, &[key_col.ty.array(&deletes)]);
     }
-    let mut groups: BTreeMap<(Vec<usize>, bool), Vec<RowValues>> = BTreeMap::new();
-    for (key, fin) in &finals {
+    let mut groups: BTreeMap<(Vec<usize>, bool), Vec<GroupRow>> = BTreeMap::new();
+    for (name, key, fin) in &finals {
         if let Some(cells) = &fin.upsert {
-            groups
-                .entry((cells.keys().copied().collect(), fin.guarded))
-                .or_default()
-                .push((*key, cells.values().copied().collect()));
+            groups.entry((cells.keys().copied().collect(), fin.guarded)).or_default().push((
+                name,
+                fin,
+                (*key, cells.values().copied().collect()),
+            ));
         }
     }
-    for ((columns, guarded), rows) in groups {
+    let mut unwritten: Vec<&String> = Vec::new();
+    for ((columns, guarded), group) in groups {
         let guard = stream.row_version.filter(|_| guarded).map(|i| &table.columns[i]);
-        if upsert_many(client, stream, &columns, &rows, guard) < rows.len() {
-            // A concurrent session wrote a newer version of an entity since its row was read.
-            return Err(Fallback::Race);
+        let rows: Vec<RowValues> = group.iter().map(|(_, _, r)| r.clone()).collect();
+        let written = upsert_many(client, stream, &columns, &rows, guard);
+        if let Some(written) = written {
+            for (name, fin, _) in &group {
+                if !written.contains(*name) {
+                    if !fin.optimistic {
+                        // A concurrent session wrote a newer version since the row was read.
+                        return Err(Fallback::Race);
+                    }
+                    unwritten.push(name);
+                }
+            }
+        }
+    }
+    // Optimistic entities whose row was not older: their single event is stale or a duplicate.
+    if let (Some(version_column), false) = (stream.row_version, unwritten.is_empty()) {
+        let datums: Vec<Option<pg_sys::Datum>> = unwritten.iter().map(|k| Some(entities[*k][0].key)).collect();
+        let sql = format!(
+            "SELECT {}::text, {}::text FROM {} WHERE {} = ANY ($1)",
+            key_col.quoted, table.columns[version_column].quoted, table.qualified, key_col.quoted
+        );
+        let mut versions: HashMap<String, Option<String>> = HashMap::new();
+        for r in writer::run_once(client, &sql, &[key_col.ty.array(&datums)]) {
+            versions.insert(r.get(1).unwrap().unwrap(), r.get(2).unwrap());
+        }
+        for key in unwritten {
+            let it = &entities[key][0];
+            let Some(Some(version)) = versions.remove(key) else { return Err(Fallback::Race) };
+            let state = apply::state_from_text(Some(version), None, None);
+            match decide(spec, Some(&state), it.ev, |_: &[Cell]| Vec::new()) {
+                Decision::Done { outcome, write: Write::Nothing, .. } => {
+                    results[it.index] = Some(Applied::Done { outcome, conflict: false });
+                }
+                // The row changed again meanwhile (or was deleted by hand): start over.
+                _ => return Err(Fallback::Race),
+            }
         }
     }
     if !unapplied_ids.is_empty() {
@@ -444,14 +506,14 @@ fn mismatches(it: &Item, row: Option<&Vec<Option<String>>>) -> Vec<String> {
 }
 
 /// `INSERT ... SELECT * FROM unnest(keys, col1, ...) ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col`,
-/// guarded like `writer::upsert`. Returns how many rows were written (all of them without a guard).
+/// guarded like `writer::upsert`. With a guard, returns the keys (as text) of the rows written.
 fn upsert_many(
     client: &mut SpiClient,
     stream: &Stream,
     columns: &[usize],
     rows: &[RowValues],
     guard: Option<&Column>,
-) -> usize {
+) -> Option<HashSet<String>> {
     let table = &stream.table;
     let key_col = &table.keys[0];
     let cols: Vec<&Column> = columns.iter().map(|&i| &table.columns[i]).collect();
@@ -465,7 +527,7 @@ fn upsert_many(
         names.join(", "),
         params.join(", "),
         key_col.quoted,
-        writer::conflict_action(&update, guard)
+        writer::conflict_action(&update, guard, &format!("t.{}::text", key_col.quoted))
     );
     let mut args = Vec::with_capacity(names.len());
     let keys: Vec<Option<pg_sys::Datum>> = rows.iter().map(|(k, _)| Some(*k)).collect();
@@ -475,11 +537,7 @@ fn upsert_many(
         args.push(c.ty.array(&values));
     }
     let written = writer::run(client, &sql, &args);
-    if guard.is_some() {
-        written.len()
-    } else {
-        rows.len()
-    }
+    guard.map(|_| written.map(|r| r.get::<String>(1).unwrap().unwrap()).collect())
 }
 
 /// Writes the new version states: updates for entities that had one, inserts for new ones. A new

@@ -280,6 +280,15 @@ mod tests {
         assert_eq!(got.unwrap().as_deref(), Some("applied=3,duplicate=1,stale=1"));
         assert_eq!(text("SELECT string_agg(address_id || ':' || line1 || ':' || address_ts, ',' ORDER BY address_id) FROM address"), "7:l30:30,8:l20:20,9:l1:1");
         assert_eq!(states(), 0, "the versions are in the rows");
+        // Single events of entities written as if their row were older (no read first): the
+        // guarded write tells stale and duplicate apart.
+        let batch: Vec<Option<String>> = [at(7, 25), at(8, 20), at(10, 3)].into_iter().map(Some).collect();
+        let got = Spi::get_one_with_args::<String>(
+            "SELECT string_agg(outcome || '=' || count, ',' ORDER BY outcome) FROM ecst.apply_batch('address', $1::text[])",
+            &[batch.into()],
+        );
+        assert_eq!(got.unwrap().as_deref(), Some("applied=1,duplicate=1,stale=1"));
+        run("DELETE FROM address WHERE address_id = '10'");
         // The row's version is the entity's version: a row moved ahead by hand makes older events stale.
         run("UPDATE address SET address_ts = 100 WHERE address_id = '9'");
         assert_eq!(apply("address", &at(9, 50)), "stale");

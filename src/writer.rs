@@ -118,7 +118,7 @@ pub fn upsert(
         list(&cols),
         params.join(", "),
         conflict.join(", "),
-        conflict_action(update, guard)
+        conflict_action(update, guard, "1")
     );
     let args: Vec<_> = row.iter().map(Bound::arg).collect();
     let written = run(client, &sql, &args);
@@ -126,8 +126,8 @@ pub fn upsert(
 }
 
 /// The `DO ...` of an upsert: `NOTHING`, or `UPDATE SET c = EXCLUDED.c, ...`, with a `guard`
-/// version column only where the stored version is older (or NULL), `RETURNING 1`.
-pub fn conflict_action(update: &[&str], guard: Option<&Column>) -> String {
+/// version column only where the stored version is older (or NULL), `RETURNING <returning>`.
+pub fn conflict_action(update: &[&str], guard: Option<&Column>, returning: &str) -> String {
     let mut action = if update.is_empty() {
         "NOTHING".to_string()
     } else {
@@ -138,7 +138,7 @@ pub fn conflict_action(update: &[&str], guard: Option<&Column>) -> String {
         if !update.is_empty() {
             action.push_str(&format!(" WHERE t.{v} IS NULL OR t.{v} < EXCLUDED.{v}"));
         }
-        action.push_str(" RETURNING 1");
+        action.push_str(&format!(" RETURNING {returning}"));
     }
     action
 }
