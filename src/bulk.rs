@@ -138,8 +138,8 @@ struct Item<'e> {
     index: usize,
     ev: &'e Event,
     key: pg_sys::Datum,
-    /// New cells by column index.
-    cells: HashMap<usize, Option<pg_sys::Datum>>,
+    /// New cells by column index (NULL where the event has none; only its own cells are read).
+    cells: Vec<Option<pg_sys::Datum>>,
     /// `oldState` cells, converted and printed back (canonical text) for the conflict check.
     old: Vec<(usize, Option<String>)>,
 }
@@ -342,12 +342,12 @@ fn run_set_based(
                                 upsert.clear();
                             }
                             for c in &cells {
-                                upsert.insert(c.column, it.cells[&c.column]);
+                                upsert.insert(c.column, it.cells[c.column]);
                             }
                             if track_row {
                                 let r = row.get_or_insert_with(|| vec![None; table.columns.len()]);
                                 for c in &cells {
-                                    r[c.column] = it.cells[&c.column].map(|d| table.columns[c.column].ty.output(d));
+                                    r[c.column] = it.cells[c.column].map(|d| table.columns[c.column].ty.output(d));
                                 }
                             }
                         }
@@ -478,10 +478,10 @@ fn convert<'e>(stream: &Stream, index: usize, ev: &'e Event) -> Result<(String, 
     let table = &stream.table;
     let (keys, mut canonical) = apply::bind_keys(&table.keys, &stream.spec.key_fields, &ev.key)?;
     let key = keys[0].value.expect("keys are not null");
-    let mut cells = HashMap::new();
+    let mut cells = vec![None; table.columns.len()];
     if let Op::Upsert { cells: new, .. } = &ev.op {
         for c in new {
-            cells.insert(c.column, apply::bind(&table.columns[c.column], &c.field, &c.value)?.value);
+            cells[c.column] = apply::bind(&table.columns[c.column], &c.field, &c.value)?.value;
         }
     }
     let mut old = Vec::with_capacity(ev.old.len());
