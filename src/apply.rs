@@ -244,7 +244,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
             None => row_state(client, stream, &keys),
         }
     } else {
-        crate::locks::lock_entities(client, stream.id, vec![entity_key.clone()]);
+        locks::lock_entities(client, stream.id, vec![entity_key.clone()]);
         None
     };
     let decision =

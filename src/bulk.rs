@@ -225,7 +225,7 @@ fn run_set_based(
     }
     let mut states: HashMap<String, EntityState> = HashMap::new();
     if !spec.is_versioned() && !keys.is_empty() {
-        crate::locks::lock_entities(client, stream.id, keys.clone());
+        locks::lock_entities(client, stream.id, keys.clone());
     }
     if spec.is_versioned() && !keys.is_empty() {
         let rows = security::internal(|| {
