@@ -135,8 +135,23 @@ pub(crate) fn row_mode(stream: &Stream) -> bool {
 /// Whether applying `ev` may create a version-state row for an entity of a row-version stream
 /// (its stripe is then locked exclusively): a delete leaves a tombstone; outside row mode every
 /// write keeps a state row.
-pub(crate) fn creates_state_rows(stream: &Stream, row_mode: bool, ev: &Event) -> bool {
-    stream.row_version.is_some() && (!row_mode || matches!(ev.op, Op::Delete))
+fn creates_state_rows(row_mode: bool, ev: &Event) -> bool {
+    !row_mode || matches!(ev.op, Op::Delete)
+}
+
+/// Locks the stripes (`locks::lock_stripes`) of the entities these events of a row-version stream
+/// write, given as (canonical entity key, event): exclusively where an event may create a state
+/// row. Nothing for other streams (the iterator is then not consumed).
+pub(crate) fn lock_row_stripes<'e, K: AsRef<str>>(stream: &Stream, events: impl IntoIterator<Item = (K, &'e Event)>) {
+    if stream.row_version.is_none() {
+        return;
+    }
+    let row_mode = row_mode(stream);
+    let mut stripes = locks::Stripes::new();
+    for (key, ev) in events {
+        locks::add_stripe(&mut stripes, key.as_ref(), creates_state_rows(row_mode, ev));
+    }
+    locks::lock_stripes(stream.id, &stripes);
 }
 
 /// Converts a cell through its column type.
@@ -222,11 +237,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
     }
 
     let row_mode = row_mode(stream);
-    if stream.row_version.is_some() {
-        let mut stripes = locks::Stripes::new();
-        locks::add_stripe(&mut stripes, &entity_key, creates_state_rows(stream, row_mode, ev));
-        locks::lock_stripes(stream.id, &stripes);
-    }
+    lock_row_stripes(stream, [(entity_key.as_str(), ev)]);
     let mut stored = false;
     // Row mode, optimistically: an upsert without oldState of an entity without a state row is
     // written as if its row were older (the guarded write tells); the row is read only if not.

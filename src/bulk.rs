@@ -92,16 +92,10 @@ fn one_by_one(
     order.sort_by(|&a, &b| apply::batch_order(&events[a]).cmp(&apply::batch_order(&events[b])));
     // The stripes every event will take, all at once in stripe order (not entity by entity in key
     // order, which could deadlock with another session doing the same).
-    if stream.row_version.is_some() {
-        let row_mode = apply::row_mode(stream);
-        let mut stripes = locks::Stripes::new();
-        for ev in events.iter().flatten() {
-            if let Some(key) = apply::entity_key(stream, ev) {
-                locks::add_stripe(&mut stripes, &key, apply::creates_state_rows(stream, row_mode, ev));
-            }
-        }
-        locks::lock_stripes(stream.id, &stripes);
-    }
+    apply::lock_row_stripes(
+        stream,
+        events.iter().flatten().filter_map(|ev| Some((apply::entity_key(stream, ev)?, ev))),
+    );
     let mut results: Vec<Option<Applied>> = vec![None; events.len()];
     for i in order {
         results[i] = Some(match &events[i] {
@@ -119,8 +113,8 @@ fn rejected(rejection: Rejection, conflict: bool) -> Applied {
 /// A key and the values of the written columns, for one row of an upsert.
 type RowValues = (pg_sys::Datum, Vec<Option<pg_sys::Datum>>);
 
-/// One row of an upsert group: the entity's canonical key, its final write and its values.
-type GroupRow<'a> = (&'a String, &'a Final, RowValues);
+/// The rows of one upsert statement: the entities' canonical keys and, aligned, their values.
+type UpsertGroup<'a> = (Vec<&'a String>, Vec<RowValues>);
 
 /// Set-based retries of a run that lost a race to create an entity.
 const RACE_RETRIES: usize = 20;
@@ -154,8 +148,6 @@ struct Final {
     /// The entity has no state row and keeps none (row mode): the upsert must not lower the
     /// row's version.
     guarded: bool,
-    /// Decided as if the row were older, without reading it (row mode).
-    optimistic: bool,
 }
 
 fn run_set_based(
@@ -215,14 +207,7 @@ fn run_set_based(
     // 3. Version states, locked.
     let keys: Vec<String> = entities.keys().cloned().collect();
     let row_mode = apply::row_mode(stream);
-    if stream.row_version.is_some() {
-        let mut stripes = locks::Stripes::new();
-        for (key, items) in &entities {
-            let creates = items.iter().any(|it| apply::creates_state_rows(stream, row_mode, it.ev));
-            locks::add_stripe(&mut stripes, key, creates);
-        }
-        locks::lock_stripes(stream.id, &stripes);
-    }
+    apply::lock_row_stripes(stream, entities.iter().flat_map(|(key, items)| items.iter().map(move |it| (key, it.ev))));
     let mut states: HashMap<String, EntityState> = HashMap::new();
     if !spec.is_versioned() && !keys.is_empty() {
         locks::lock_entities(client, stream.id, keys.clone());
@@ -271,17 +256,8 @@ fn run_set_based(
             .collect();
         if !missing.is_empty() {
             crate::snapshot::wait_for_bulk_load(stream);
-            let sql = format!(
-                "SELECT {}::text, {}::text FROM {} WHERE {} = ANY ($1) AND {} IS NOT NULL",
-                key_col.quoted,
-                table.columns[version_column].quoted,
-                table.qualified,
-                key_col.quoted,
-                table.columns[version_column].quoted
-            );
-            for r in writer::run_once(client, &sql, &[key_col.ty.array(&missing)]) {
-                let key: String = r.get(1).unwrap().unwrap();
-                states.insert(key, apply::state_from_text(r.get(2).unwrap(), None, None));
+            for (key, version) in row_versions(client, stream, version_column, &missing) {
+                states.insert(key, apply::state_from_text(Some(version), None, None));
             }
         }
     }
@@ -388,7 +364,6 @@ fn run_set_based(
         if let (Some(state), false) = (state, fin.guarded) {
             new_states.push((key.clone(), state, existed));
         }
-        fin.optimistic = optimistic.contains(key);
         if fin.delete || fin.upsert.is_some() {
             finals.push((key, items[0].key, fin));
         }
@@ -403,25 +378,21 @@ fn run_set_based(
         let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", table.qualified, key_col.quoted);
         writer::run_once(client, &sql, &[key_col.ty.array(&deletes)]);
     }
-    let mut groups: BTreeMap<(Vec<usize>, bool), Vec<GroupRow>> = BTreeMap::new();
+    let mut groups: BTreeMap<(Vec<usize>, bool), UpsertGroup> = BTreeMap::new();
     for (name, key, fin) in &finals {
         if let Some(cells) = &fin.upsert {
-            groups.entry((cells.keys().copied().collect(), fin.guarded)).or_default().push((
-                name,
-                fin,
-                (*key, cells.values().copied().collect()),
-            ));
+            let (names, rows) = groups.entry((cells.keys().copied().collect(), fin.guarded)).or_default();
+            names.push(name);
+            rows.push((*key, cells.values().copied().collect()));
         }
     }
     let mut unwritten: Vec<&String> = Vec::new();
-    for ((columns, guarded), group) in groups {
+    for ((columns, guarded), (names, rows)) in groups {
         let guard = stream.row_version.filter(|_| guarded).map(|i| &table.columns[i]);
-        let rows: Vec<RowValues> = group.iter().map(|(_, _, r)| r.clone()).collect();
-        let written = upsert_many(client, stream, &columns, &rows, guard);
-        if let Some(written) = written {
-            for (name, fin, _) in &group {
-                if !written.contains(*name) {
-                    if !fin.optimistic {
+        if let Some(written) = upsert_many(client, stream, &columns, &rows, guard) {
+            for name in names {
+                if !written.contains(name) {
+                    if !optimistic.contains(name) {
                         // A concurrent session wrote a newer version since the row was read.
                         return Err(Fallback::Race);
                     }
@@ -433,17 +404,10 @@ fn run_set_based(
     // Optimistic entities whose row was not older: their single event is stale or a duplicate.
     if let (Some(version_column), false) = (stream.row_version, unwritten.is_empty()) {
         let datums: Vec<Option<pg_sys::Datum>> = unwritten.iter().map(|k| Some(entities[*k][0].key)).collect();
-        let sql = format!(
-            "SELECT {}::text, {}::text FROM {} WHERE {} = ANY ($1)",
-            key_col.quoted, table.columns[version_column].quoted, table.qualified, key_col.quoted
-        );
-        let mut versions: HashMap<String, Option<String>> = HashMap::new();
-        for r in writer::run_once(client, &sql, &[key_col.ty.array(&datums)]) {
-            versions.insert(r.get(1).unwrap().unwrap(), r.get(2).unwrap());
-        }
+        let mut versions = row_versions(client, stream, version_column, &datums);
         for key in unwritten {
             let it = &entities[key][0];
-            let Some(Some(version)) = versions.remove(key) else { return Err(Fallback::Race) };
+            let Some(version) = versions.remove(key) else { return Err(Fallback::Race) };
             let state = apply::state_from_text(Some(version), None, None);
             match decide(spec, Some(&state), it.ev, |_: &[Cell]| Vec::new()) {
                 Decision::Done { outcome, write: Write::Nothing, .. } => {
@@ -471,6 +435,25 @@ fn run_set_based(
         }
     }
     Ok(results.into_iter().map(|r| r.expect("every event decided")).collect())
+}
+
+/// The versions in the replica rows of these keys, by canonical key text (rows whose version
+/// column is NULL, and absent rows, are left out).
+fn row_versions(
+    client: &mut SpiClient,
+    stream: &Stream,
+    version_column: usize,
+    keys: &[Option<pg_sys::Datum>],
+) -> HashMap<String, String> {
+    let table = &stream.table;
+    let (key_col, version) = (&table.keys[0], &table.columns[version_column].quoted);
+    let sql = format!(
+        "SELECT {0}::text, {1}::text FROM {2} WHERE {0} = ANY ($1) AND {1} IS NOT NULL",
+        key_col.quoted, version, table.qualified
+    );
+    writer::run_once(client, &sql, &[key_col.ty.array(keys)])
+        .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
+        .collect()
 }
 
 /// Converts one event's key and values. Returns its canonical entity key.
