@@ -237,10 +237,18 @@ TS0 = 1572134105
 
 
 class Picker:
-    """Entity choice with some temporal locality (so that window shuffles create stale events)."""
+    """Entity choice with some temporal locality (so that window shuffles create stale events), and
+    each entity's versions: `next_event()` picks an entity and gives it its next version."""
 
     def __init__(self, rng, n):
         self.rng, self.n, self.recent, self.i = rng, n, [rng.randrange(n) for _ in range(16)], 0
+        self.ver = {}  # entity -> its latest version
+
+    def next_event(self):
+        e = self()
+        v = self.ver.get(e, TS0 + e) + 1 + self.rng.randrange(600)
+        self.ver[e] = v
+        return e, v
 
     def __call__(self):
         rng = self.rng
@@ -298,14 +306,11 @@ def gen_entity_snapshot(seed, n, entities, stream, tsv, ndjson=None, final=None)
     """1 event = the whole address. ~4% of addressLine2 are JSON null, ~2% omit addressPurpose."""
     rng = random.Random(seed)
     pick = Picker(rng, entities)
-    ver = {}
     state = {}
     out = ShuffledOutput(rng, stream, tsv, ndjson)
     rnd, rr = rng.random, rng.randrange
     for _ in range(n):
-        e = pick()
-        v = ver.get(e, TS0 + e) + 1 + rr(600)
-        ver[e] = v
+        e, v = pick.next_event()
         p = PURPOSES[rr(5)] if rnd() > 0.02 else None
         l1 = line1(rng)
         l2 = line2(rng) if rnd() > 0.04 else None
@@ -333,13 +338,11 @@ def gen_delta(seed, n, entities, stream, tsv, ndjson, final):
     """1 event = 1-3 changed fields and a root version ts. ~3% of the values are JSON null."""
     rng = random.Random(seed)
     pick = Picker(rng, entities)
-    ver, state = {}, {}
+    state = {}
     out = ShuffledOutput(rng, stream, tsv, ndjson)
     rnd, rr = rng.random, rng.randrange
     for _ in range(n):
-        e = pick()
-        v = ver.get(e, TS0 + e) + 1 + rr(600)
-        ver[e] = v
+        e, v = pick.next_event()
         fields = rng.sample(DELTA_FIELDS, 1 + rr(3))
         cur = state.setdefault(e, {})
         parts = []
@@ -370,7 +373,7 @@ def gen_aggregate(seed, n, customers, stream, tsv, ndjson, final_parent, final_c
     sometimes dropped and a new one added, and addresses change."""
     rng = random.Random(seed)
     pick = Picker(rng, customers)
-    ver, kids = {}, {}
+    ver, kids = pick.ver, {}
     next_id = [100000]
     out = ShuffledOutput(rng, stream, tsv, ndjson)
     rnd, rr = rng.random, rng.randrange
@@ -380,9 +383,7 @@ def gen_aggregate(seed, n, customers, stream, tsv, ndjson, final_parent, final_c
         return [str(next_id[0]), PURPOSES[rr(5)], line1(rng), line2(rng), TS0 + rr(10 ** 7)]
 
     for _ in range(n):
-        c = pick()
-        v = ver.get(c, TS0 + c) + 1 + rr(600)
-        ver[c] = v
+        c, v = pick.next_event()
         cur = kids.get(c)
         if cur is None:
             cur = [new_child() for _ in range(4)]
