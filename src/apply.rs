@@ -4,6 +4,7 @@
 //! alone and dead-lettered while the rest of a batch goes on.
 
 use crate::catalog::{Column, Stream};
+use crate::direct;
 use crate::errors::{self, raise};
 use crate::locks;
 use crate::security;
@@ -85,8 +86,10 @@ pub fn apply_payload(client: &mut SpiClient, stream: &Stream, payload: Option<&s
 
 /// Applies one parsed event in its own subtransaction.
 pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: ErrorPolicy) -> Applied {
+    // After a row insert lost a race (`direct`), the event is retried with SQL's `ON CONFLICT`.
+    let mut sql_only = false;
     for _ in 0..ATTEMPTS {
-        match subxact::run(|| attempt(client, stream, ev)) {
+        match subxact::run(|| attempt(client, stream, ev, sql_only)) {
             SubResult::Committed((outcome, conflict)) => return Applied::Done { outcome, conflict },
             SubResult::RolledBack(Stop::Retry) => continue,
             SubResult::RolledBack(Stop::Reject(rejection, conflict)) => {
@@ -98,6 +101,13 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: 
                 Some("The stream's on_conflict is 'error'. Re-sync the entity, or use on_conflict 'apply', 'skip' or 'dead_letter'."),
             ),
             SubResult::Failed(caught) => match *caught {
+                CaughtError::PostgresError(report)
+                    if direct::insert_lost_race()
+                        && report.sql_error_code() == Code::ERRCODE_UNIQUE_VIOLATION
+                        && !sql_only =>
+                {
+                    sql_only = true;
+                }
                 CaughtError::PostgresError(report) if policy.dead_letters(&errors::sqlstate(report.sql_error_code())) => {
                     let mut message = report.message().to_string();
                     if let Some(detail) = report.detail() {
@@ -203,7 +213,7 @@ struct ChildRowBound<'a> {
     cells: Vec<Bound<'a>>,
 }
 
-fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outcome, bool), Stop> {
+fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) -> Result<(Outcome, bool), Stop> {
     let spec = &stream.spec;
     let table = &stream.table;
     let (keys, canonical) = bind_keys(&table.keys, &spec.key_fields, &ev.key)?;
@@ -243,7 +253,9 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
     // written as if its row were older (the guarded write tells); the row is read only if not.
     let mut optimistic = false;
     let state = if spec.is_versioned() {
-        match load_state(client, stream.id, &entity_key)? {
+        // In row mode most entities have no state row: the executor answers that without SQL.
+        let no_state_row = row_mode && direct::state_row_exists(stream.id, &entity_key) == Some(false);
+        match if no_state_row { None } else { load_state(client, stream.id, &entity_key)? } {
             Some(state) => {
                 stored = true;
                 Some(state)
@@ -279,18 +291,37 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event) -> Result<(Outco
     match write {
         Write::Nothing => {}
         Write::Upsert { cells, children: sets } => {
-            let mut row = keys.clone();
-            row.extend(cells.iter().map(|c| new_cells[&c.column]));
-            let conflict_cols: Vec<String> = table.keys.iter().map(|k| k.quoted.clone()).collect();
-            let update: Vec<&str> = cells.iter().map(|c| table.columns[c.column].quoted.as_str()).collect();
-            if !writer::upsert(client, &table.qualified, &row, &conflict_cols, &update, guard) {
+            let set: Vec<Bound> = cells.iter().map(|c| new_cells[&c.column]).collect();
+            // A guarded write goes through the executor's row API where it can (`direct`), else
+            // through SQL.
+            let direct = match guard {
+                Some(version) if !sql_only => direct::write_if_newer(table, &keys, &set, version),
+                _ => direct::Update::Unsupported,
+            };
+            let not_newer = match direct {
+                direct::Update::Written => None,
+                direct::Update::NotNewer(version) => Some(Some(state_from_text(Some(version), None, None))),
+                direct::Update::Missing | direct::Update::Unsupported => {
+                    let mut row = keys.clone();
+                    row.extend(set.iter().copied());
+                    let conflict_cols: Vec<String> = table.keys.iter().map(|k| k.quoted.clone()).collect();
+                    let update: Vec<&str> = cells.iter().map(|c| table.columns[c.column].quoted.as_str()).collect();
+                    if writer::upsert(client, &table.qualified, &row, &conflict_cols, &update, guard) {
+                        None
+                    } else if optimistic {
+                        Some(row_state(client, stream, &keys))
+                    } else {
+                        Some(None)
+                    }
+                }
+            };
+            if let Some(row) = not_newer {
                 if !optimistic {
                     // A concurrent session wrote a newer version since the row was read.
                     return Err(Stop::Retry);
                 }
                 // The row was not older: the event is stale or a duplicate.
-                let state = row_state(client, stream, &keys);
-                return match decide(spec, state.as_ref(), ev, |_: &[Cell]| Vec::new()) {
+                return match decide(spec, row.as_ref(), ev, |_: &[Cell]| Vec::new()) {
                     Decision::Done { outcome, write: Write::Nothing, .. } => Ok((outcome, false)),
                     _ => Err(Stop::Retry),
                 };

@@ -21,6 +21,8 @@ pub struct Column {
     pub name: String,
     pub quoted: String,
     pub ty: ColumnType,
+    /// The column's attribute number (for row access through the executor, `direct.rs`).
+    pub attnum: i16,
 }
 
 /// A replica table: its quoted name, key columns (in key order) and writable columns
@@ -261,7 +263,7 @@ fn relation(oid: pg_sys::Oid) -> Result<Relation, Invalid> {
         let attrs = client
             .select(
                 "SELECT attname::text, atttypid, atttypmod, format_type(atttypid, atttypmod),
-                        attgenerated <> '' OR attidentity = 'a'
+                        attgenerated <> '' OR attidentity = 'a', attnum
                  FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
                 None,
                 &[oid.into()],
@@ -272,7 +274,7 @@ fn relation(oid: pg_sys::Oid) -> Result<Relation, Invalid> {
             let ty =
                 ColumnType::new(a.get(2).unwrap().unwrap(), a.get(3).unwrap().unwrap(), a.get(4).unwrap().unwrap());
             rel.attributes.push(Attribute {
-                column: Column { quoted: quote_identifier(&name), name, ty },
+                column: Column { quoted: quote_identifier(&name), name, ty, attnum: a.get(6).unwrap().unwrap() },
                 readonly: a.get(5).unwrap().unwrap(),
             });
         }

@@ -314,6 +314,58 @@ mod tests {
         assert_eq!(text("SELECT line1 FROM address WHERE address_id = '7'"), "l45");
     }
 
+    /// Row-mode writes go through the executor's row API (`direct.rs`) where it applies; what SQL
+    /// would enforce holds there too, and tables it does not apply to go through SQL.
+    #[pg_test]
+    fn row_writes_without_sql_keep_what_sql_enforces() {
+        run("CREATE TABLE r (id bigint PRIMARY KEY, v numeric, name text CHECK (name <> 'bad'),
+                             shout text GENERATED ALWAYS AS (upper(name)) STORED, code text UNIQUE)");
+        run(r#"SELECT ecst.create_stream('r', 'r', 'entity_snapshot', '{"id": "id"}', version => 'newState.v')"#);
+        let ev = |id: i64, v: i64, name: &str, code: &str| {
+            format!(r#"{{"id": {id}, "newState": {{"v": {v}, "name": "{name}", "code": "{code}"}}}}"#)
+        };
+        let row = |id: i64| text(&format!("SELECT concat_ws(':', v, name, shout, code) FROM r WHERE id = {id}"));
+        assert_eq!(apply("r", &ev(1, 1, "a", "c1")), "applied");
+        assert_eq!(row(1), "1:a:A:c1", "generated column computed on insert");
+        assert_eq!(apply("r", &ev(1, 2, "b", "c1")), "applied");
+        assert_eq!(row(1), "2:b:B:c1", "and on update");
+        assert_eq!(apply("r", &ev(1, 1, "x", "c1")), "stale");
+        assert_eq!(apply("r", &ev(1, 2, "b", "c1")), "duplicate");
+        assert_eq!(apply("r", &ev(1, 3, "bad", "c1")), "dead_lettered", "CHECK constraint on update");
+        assert_eq!(text("SELECT sqlstate FROM ecst.dead_letters ORDER BY id DESC LIMIT 1"), "23514");
+        // Another unique index refuses the insert: first taken for a lost race, retried through
+        // SQL, which fails the same way: a dead letter, not a retry loop.
+        assert_eq!(apply("r", &ev(2, 1, "a", "c1")), "dead_lettered", "unique code");
+        assert_eq!(text("SELECT sqlstate FROM ecst.dead_letters ORDER BY id DESC LIMIT 1"), "23505");
+        assert_eq!(apply("r", &ev(2, 1, "a", "c2")), "applied");
+        assert_eq!(row(1), "2:b:B:c1");
+        assert_eq!(count("SELECT * FROM ecst.entity_state"), 0);
+
+        // An identity column needs SQL's insert (its default); updates keep it.
+        run("CREATE TABLE ri (id bigint PRIMARY KEY, n bigint GENERATED ALWAYS AS IDENTITY, v bigint, name text)");
+        run(r#"SELECT ecst.create_stream('ri', 'ri', 'entity_snapshot', '{"id": "id"}', version => 'newState.v')"#);
+        assert_eq!(apply("ri", r#"{"id": 5, "newState": {"v": 1, "name": "a"}}"#), "applied");
+        assert_eq!(apply("ri", r#"{"id": 5, "newState": {"v": 2, "name": "b"}}"#), "applied");
+        assert_eq!(text("SELECT concat_ws(':', n, v, name) FROM ri"), "1:2:b");
+
+        // A table with triggers is written through SQL: its triggers fire.
+        run("CREATE TABLE rt (id bigint PRIMARY KEY, v bigint, name text);
+             CREATE TABLE rt_log (what text);
+             CREATE FUNCTION rt_log() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO rt_log VALUES (TG_OP || ' ' || TG_LEVEL); RETURN NULL; END $$;
+             CREATE TRIGGER rt_row AFTER UPDATE ON rt FOR EACH ROW EXECUTE FUNCTION rt_log();
+             CREATE TRIGGER rt_stmt AFTER UPDATE ON rt FOR EACH STATEMENT EXECUTE FUNCTION rt_log();");
+        run(r#"SELECT ecst.create_stream('rt', 'rt', 'entity_snapshot', '{"id": "id"}', version => 'newState.v')"#);
+        assert_eq!(apply("rt", r#"{"id": 5, "newState": {"v": 1, "name": "a"}}"#), "applied");
+        assert_eq!(apply("rt", r#"{"id": 5, "newState": {"v": 2, "name": "b"}}"#), "applied");
+        assert_eq!(apply("rt", r#"{"id": 5, "newState": {"v": 1, "name": "c"}}"#), "stale");
+        assert_eq!(
+            text("SELECT string_agg(what, ',' ORDER BY what) FROM rt_log"),
+            "UPDATE ROW,UPDATE STATEMENT,UPDATE STATEMENT,UPDATE STATEMENT"
+        );
+        assert_eq!(text("SELECT concat_ws(':', v, name) FROM rt"), "2:b");
+    }
+
     #[pg_test]
     fn tombstones_block_older_creates() {
         run("CREATE TABLE t (id text PRIMARY KEY, v text)");

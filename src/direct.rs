@@ -1,0 +1,309 @@
+//! Replica rows found and updated through the executor's per-row API — the calls PostgreSQL's
+//! logical replication apply worker makes (`RelationFindReplTupleByIndex`,
+//! `ExecSimpleRelationUpdate`) — instead of through a SQL statement: nothing to plan, start or
+//! shut down per event. Used for the hottest write there is, a guarded update of an entity whose
+//! version lives in its replica row (`apply::row_mode`), and for the question that precedes it,
+//! whether the entity has a version-state row at all.
+//!
+//! The API does what the statement would, except what it does not know about, so it is only used
+//! where none of that applies: a plain heap table (not partitioned, not a partition) keyed by its
+//! primary key, without triggers (statement triggers would not fire) or row-level security, that
+//! the current user may `SELECT` and `UPDATE`. Anything else goes through SQL as before. Stored
+//! generated columns, constraints, index maintenance and HOT are handled by the executor itself.
+//! Only built for PostgreSQL 14 and 15, whose executor API this was written and tested against;
+//! elsewhere every call answers "use SQL".
+
+use crate::catalog::{Column, TableInfo};
+use crate::writer::Bound;
+#[cfg(any(feature = "pg14", feature = "pg15"))]
+use pgrx::pg_sys;
+
+/// What a guarded write did.
+pub enum Update {
+    /// The row's version was older (or NULL), or there was no row: the row now holds the new
+    /// values.
+    Written,
+    /// The row's version was not older (its text): nothing was written.
+    NotNewer(String),
+    /// The entity has no row, and inserting one needs SQL (a column has a default).
+    Missing,
+    /// This table needs SQL (see the module comment).
+    Unsupported,
+}
+
+/// Writes the row with these `keys` and the values `set` as
+/// `INSERT … ON CONFLICT DO UPDATE … WHERE t.v IS NULL OR t.v < EXCLUDED.v` would: an existing row
+/// is locked (after waiting for a concurrent writer of it) and updated if its `version` column is
+/// NULL or older than the new version (the `set` value of that column); a missing row is
+/// inserted. An insert that loses a race to a concurrent insert of the same key fails with a
+/// unique violation (`insert_lost_race` tells).
+pub fn write_if_newer(table: &TableInfo, keys: &[Bound], set: &[Bound], version: &Column) -> Update {
+    let Some(new_version) = set.iter().find(|b| b.column.attnum == version.attnum).and_then(|b| b.value) else {
+        return Update::Unsupported;
+    };
+    imp::write_if_newer(table, keys, set, version, new_version)
+}
+
+/// Whether the error being handled was raised while inserting a row (a unique violation there
+/// means a concurrent session inserted the same key first). Clears the flag.
+pub fn insert_lost_race() -> bool {
+    imp::insert_lost_race()
+}
+
+/// Whether `ecst.entity_state` has a row for this entity, seen by a snapshot taken now (after
+/// the caller's stripe lock, which is what makes the answer last: see `apply::row_mode`).
+/// `None` where the executor API is not built (the caller then asks SQL).
+pub fn state_row_exists(stream_id: i32, entity_key: &str) -> Option<bool> {
+    imp::state_row_exists(stream_id, entity_key)
+}
+
+#[cfg(not(any(feature = "pg14", feature = "pg15")))]
+mod imp {
+    use super::*;
+
+    pub fn write_if_newer(_: &TableInfo, _: &[Bound], _: &[Bound], _: &Column, _: pgrx::pg_sys::Datum) -> Update {
+        Update::Unsupported
+    }
+
+    pub fn state_row_exists(_: i32, _: &str) -> Option<bool> {
+        None
+    }
+
+    pub fn insert_lost_race() -> bool {
+        false
+    }
+}
+
+#[cfg(any(feature = "pg14", feature = "pg15"))]
+mod imp {
+    use super::*;
+    use pgrx::IntoDatum;
+    use std::cell::Cell;
+    use std::ptr::null_mut;
+
+    thread_local! {
+        /// Set while a row is being inserted, so that the error of an insert that lost a race can
+        /// be told from any other.
+        static INSERTING: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub fn insert_lost_race() -> bool {
+        INSERTING.with(|i| i.replace(false))
+    }
+
+    pub fn write_if_newer(
+        table: &TableInfo,
+        keys: &[Bound],
+        set: &[Bound],
+        version: &Column,
+        new_version: pg_sys::Datum,
+    ) -> Update {
+        // SAFETY: the executor's per-row API used as logical replication's apply worker uses it
+        // (worker.c: create_edata_for_relation, apply_handle_update_internal, finish_edata). The
+        // relation stays locked (ROW EXCLUSIVE, as any writer's) to the end of the transaction; an
+        // error unwinds through the caller's subtransaction, which releases what was opened.
+        unsafe {
+            let rel = pg_sys::table_open(table.oid, pg_sys::RowExclusiveLock as i32);
+            let Some(pk) = usable_primary_key(rel, keys) else {
+                pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                return Update::Unsupported;
+            };
+            let estate = pg_sys::CreateExecutorState();
+            let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast::<pg_sys::RangeTblEntry>();
+            (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+            (*rte).relid = table.oid;
+            (*rte).relkind = (*(*rel).rd_rel).relkind;
+            (*rte).rellockmode = pg_sys::AccessShareLock as i32;
+            pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(null_mut(), rte.cast()));
+            let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
+            (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+            pg_sys::InitResultRelInfo(rri, rel, 1, null_mut(), 0);
+            (*estate).es_opened_result_relations = pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
+            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            if pg_sys::ActiveSnapshotSet() {
+                (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
+            }
+            pg_sys::ExecOpenIndices(rri, false);
+
+            let search = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+            let found = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+            let natts = (*(*search).tts_tupleDescriptor).natts as usize;
+            pg_sys::ExecClearTuple(search);
+            let (values, nulls) = slot_arrays(search, natts);
+            nulls.fill(true);
+            for k in keys {
+                let i = k.column.attnum as usize - 1;
+                values[i] = k.value.expect("key values are never NULL");
+                nulls[i] = false;
+            }
+            pg_sys::ExecStoreVirtualTuple(search);
+
+            let outcome = if !pg_sys::RelationFindReplTupleByIndex(
+                rel,
+                pk,
+                pg_sys::LockTupleMode::LockTupleExclusive,
+                search,
+                found,
+            ) {
+                if !insertable(rel, keys, set) {
+                    Update::Missing
+                } else {
+                    let new = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                    pg_sys::ExecClearTuple(new);
+                    let (values, nulls) = slot_arrays(new, natts);
+                    nulls.fill(true);
+                    for b in keys.iter().chain(set) {
+                        let i = b.column.attnum as usize - 1;
+                        values[i] = b.value.unwrap_or(pg_sys::Datum::from(0));
+                        nulls[i] = b.value.is_none();
+                    }
+                    pg_sys::ExecStoreVirtualTuple(new);
+                    // A concurrent insert of the same key makes this fail with a unique violation
+                    // (after waiting for it to commit); the caller then retries through SQL.
+                    INSERTING.with(|i| i.set(true));
+                    pg_sys::ExecSimpleRelationInsert(rri, estate, new);
+                    INSERTING.with(|i| i.set(false));
+                    pg_sys::CommandCounterIncrement();
+                    Update::Written
+                }
+            } else {
+                pg_sys::slot_getsomeattrs_int(found, natts as i32);
+                let (old_values, old_nulls) = slot_arrays(found, natts);
+                let v = version.attnum as usize - 1;
+                if !old_nulls[v] && compare(version, old_values[v], new_version) >= 0 {
+                    Update::NotNewer(version.ty.output(old_values[v]))
+                } else {
+                    let new = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                    pg_sys::ExecClearTuple(new);
+                    let (values, nulls) = slot_arrays(new, natts);
+                    values.copy_from_slice(old_values);
+                    nulls.copy_from_slice(old_nulls);
+                    for b in set {
+                        let i = b.column.attnum as usize - 1;
+                        values[i] = b.value.unwrap_or(pg_sys::Datum::from(0));
+                        nulls[i] = b.value.is_none();
+                    }
+                    pg_sys::ExecStoreVirtualTuple(new);
+                    let mut epq: pg_sys::EPQState = std::mem::zeroed();
+                    pg_sys::EvalPlanQualInit(&mut epq, estate, null_mut(), null_mut(), -1);
+                    pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, found, new);
+                    pg_sys::EvalPlanQualEnd(&mut epq);
+                    // Later reads and row locks of this transaction see the new row version.
+                    pg_sys::CommandCounterIncrement();
+                    Update::Written
+                }
+            };
+            pg_sys::ExecCloseIndices(rri);
+            pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+            pg_sys::FreeExecutorState(estate);
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            outcome
+        }
+    }
+
+    /// Whether a row holding only `keys` and `set` can be inserted without SQL: every other
+    /// column would be NULL, so none of them may have a default (or be an identity column).
+    /// Stored generated columns are computed by the executor.
+    unsafe fn insertable(rel: pg_sys::Relation, keys: &[Bound], set: &[Bound]) -> bool {
+        let desc = (*rel).rd_att;
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        attrs.iter().all(|a| {
+            a.attisdropped
+                || a.attgenerated != 0
+                || (!a.atthasdef && a.attidentity == 0)
+                || keys.iter().chain(set).any(|b| b.column.attnum == a.attnum)
+        })
+    }
+
+    /// The values and null flags of a slot.
+    unsafe fn slot_arrays<'s>(
+        slot: *mut pg_sys::TupleTableSlot,
+        natts: usize,
+    ) -> (&'s mut [pg_sys::Datum], &'s mut [bool]) {
+        (
+            std::slice::from_raw_parts_mut((*slot).tts_values, natts),
+            std::slice::from_raw_parts_mut((*slot).tts_isnull, natts),
+        )
+    }
+
+    /// `a` compared with `b` (negative, 0, positive) by the type's default btree order.
+    unsafe fn compare(column: &Column, a: pg_sys::Datum, b: pg_sys::Datum) -> i32 {
+        let tc = pg_sys::lookup_type_cache(column.ty.oid, pg_sys::TYPECACHE_CMP_PROC_FINFO as i32);
+        let result = pg_sys::FunctionCall2Coll(&mut (*tc).cmp_proc_finfo, pg_sys::Oid::INVALID, a, b);
+        result.value() as i32
+    }
+
+    /// The primary key of `rel` if the row API may write it for the current user, and that key is
+    /// exactly the stream's key columns.
+    unsafe fn usable_primary_key(rel: pg_sys::Relation, keys: &[Bound]) -> Option<pg_sys::Oid> {
+        let form = &*(*rel).rd_rel;
+        if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
+            || form.relispartition
+            || form.relrowsecurity
+            || !(*rel).trigdesc.is_null()
+        {
+            return None;
+        }
+        let mode = (pg_sys::ACL_SELECT | pg_sys::ACL_UPDATE) as pg_sys::AclMode;
+        if pg_sys::pg_class_aclcheck(form.oid, pg_sys::GetUserId(), mode) != pg_sys::AclResult::ACLCHECK_OK {
+            return None;
+        }
+        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        if pk == pg_sys::Oid::INVALID {
+            return None;
+        }
+        let index = pg_sys::index_open(pk, pg_sys::RowExclusiveLock as i32);
+        let ix = &*(*index).rd_index;
+        let nkeys = ix.indnkeyatts as usize;
+        let attnums = ix.indkey.values.as_slice(nkeys);
+        let same = nkeys == keys.len() && keys.iter().all(|k| attnums.contains(&k.column.attnum));
+        pg_sys::index_close(index, pg_sys::NoLock as i32);
+        same.then_some(pk)
+    }
+
+    pub fn state_row_exists(stream_id: i32, entity_key: &str) -> Option<bool> {
+        // SAFETY: an index scan of pg_ecst's own table under a registered snapshot, closed before
+        // returning; an error unwinds through the caller's subtransaction.
+        unsafe {
+            // What this transaction wrote before is seen too.
+            pg_sys::CommandCounterIncrement();
+            let namespace = pg_sys::get_namespace_oid(c"ecst".as_ptr(), false);
+            let heap_oid = pg_sys::get_relname_relid(c"entity_state".as_ptr(), namespace);
+            let index_oid = pg_sys::get_relname_relid(c"entity_state_pkey".as_ptr(), namespace);
+            if heap_oid == pg_sys::Oid::INVALID || index_oid == pg_sys::Oid::INVALID {
+                return None;
+            }
+            let heap = pg_sys::table_open(heap_oid, pg_sys::AccessShareLock as i32);
+            let index = pg_sys::index_open(index_oid, pg_sys::AccessShareLock as i32);
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+            let mut keys: [pg_sys::ScanKeyData; 2] = std::mem::zeroed();
+            pg_sys::ScanKeyInit(
+                &mut keys[0],
+                1,
+                pg_sys::BTEqualStrategyNumber as u16,
+                pg_sys::Oid::from(pg_sys::F_INT4EQ),
+                pg_sys::Datum::from(stream_id),
+            );
+            pg_sys::ScanKeyInit(
+                &mut keys[1],
+                2,
+                pg_sys::BTEqualStrategyNumber as u16,
+                pg_sys::Oid::from(pg_sys::F_TEXTEQ),
+                entity_key.into_datum().expect("text datum"),
+            );
+            // The index orders entity_key by its own collation; the search must use the same.
+            keys[1].sk_collation = *(*index).rd_indcollation.add(1);
+            let scan = pg_sys::index_beginscan(heap, index, snapshot, 2, 0);
+            pg_sys::index_rescan(scan, keys.as_mut_ptr(), 2, null_mut(), 0);
+            let slot = pg_sys::table_slot_create(heap, null_mut());
+            let exists = pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot);
+            pg_sys::ExecDropSingleTupleTableSlot(slot);
+            pg_sys::index_endscan(scan);
+            pg_sys::UnregisterSnapshot(snapshot);
+            pg_sys::index_close(index, pg_sys::AccessShareLock as i32);
+            pg_sys::table_close(heap, pg_sys::AccessShareLock as i32);
+            Some(exists)
+        }
+    }
+}
