@@ -294,14 +294,19 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
             let set: Vec<Bound> = cells.iter().map(|c| new_cells[&c.column]).collect();
             // A guarded write goes through the executor's row API where it can (`direct`), else
             // through SQL.
-            let direct = match guard {
-                Some(version) if !sql_only => direct::write_if_newer(table, &keys, &set, version),
-                _ => direct::Update::Unsupported,
+            let writer = guard.filter(|_| !sql_only).and_then(|_| direct::RowWriter::open(table));
+            let direct = match (guard, writer) {
+                (Some(version), Some(mut writer)) => {
+                    let update = writer.write_if_newer(&keys, &set, version);
+                    writer.close();
+                    update
+                }
+                _ => direct::Update::NeedsSql,
             };
             let not_newer = match direct {
                 direct::Update::Written => None,
                 direct::Update::NotNewer(version) => Some(Some(state_from_text(Some(version), None, None))),
-                direct::Update::Missing | direct::Update::Unsupported => {
+                direct::Update::NeedsSql => {
                     let mut row = keys.clone();
                     row.extend(set.iter().copied());
                     let conflict_cols: Vec<String> = table.keys.iter().map(|k| k.quoted.clone()).collect();

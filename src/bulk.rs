@@ -11,11 +11,12 @@
 
 use crate::apply::{self, Applied, ErrorPolicy};
 use crate::catalog::{Column, Stream};
+use crate::direct;
 use crate::errors::{self, raise};
 use crate::locks;
 use crate::security;
 use crate::subxact::{self, SubResult};
-use crate::writer;
+use crate::writer::{self, Bound};
 use ecst_core::event::{Cell, Event, Op};
 use ecst_core::merge::{decide, Decision, EntityState, Outcome, Write};
 use ecst_core::reject::Rejection;
@@ -386,28 +387,61 @@ fn run_set_based(
             rows.push((*key, cells.values().copied().collect()));
         }
     }
-    let mut unwritten: Vec<&String> = Vec::new();
+    // Guarded rows go through the executor's row API where it can write the table (`direct`).
+    let mut row_writer = match groups.keys().any(|(_, guarded)| *guarded) {
+        true => direct::RowWriter::open(table),
+        false => None,
+    };
+    // Guarded rows not written, with their row's version where the row API saw it.
+    let mut unwritten: Vec<(&String, Option<String>)> = Vec::new();
     for ((columns, guarded), (names, rows)) in groups {
         let guard = stream.row_version.filter(|_| guarded).map(|i| &table.columns[i]);
-        if let Some(written) = upsert_many(client, stream, &columns, &rows, guard) {
-            for name in names {
-                if !written.contains(name) {
-                    if !optimistic.contains(name) {
-                        // A concurrent session wrote a newer version since the row was read.
-                        return Err(Fallback::Race);
+        let (names, rows) = match (guard, row_writer.as_mut()) {
+            (Some(version), Some(writer)) => {
+                let mut sql: UpsertGroup = Default::default();
+                for (name, (key, values)) in names.into_iter().zip(rows) {
+                    let keys = [Bound { column: key_col, value: Some(key) }];
+                    let set: Vec<Bound> = columns
+                        .iter()
+                        .zip(&values)
+                        .map(|(&i, &value)| Bound { column: &table.columns[i], value })
+                        .collect();
+                    match writer.write_if_newer(&keys, &set, version) {
+                        direct::Update::Written => {}
+                        direct::Update::NotNewer(row_version) => unwritten.push((name, Some(row_version))),
+                        direct::Update::NeedsSql => {
+                            sql.0.push(name);
+                            sql.1.push((key, values));
+                        }
                     }
-                    unwritten.push(name);
                 }
+                sql
             }
+            _ => (names, rows),
+        };
+        if rows.is_empty() {
+            continue;
         }
+        if let Some(written) = upsert_many(client, stream, &columns, &rows, guard) {
+            unwritten.extend(names.into_iter().filter(|name| !written.contains(*name)).map(|name| (name, None)));
+        }
+    }
+    if let Some(writer) = row_writer {
+        writer.close();
+    }
+    if unwritten.iter().any(|(name, _)| !optimistic.contains(name)) {
+        // A concurrent session wrote a newer version since the row was read.
+        return Err(Fallback::Race);
     }
     // Optimistic entities whose row was not older: their single event is stale or a duplicate.
     if let (Some(version_column), false) = (stream.row_version, unwritten.is_empty()) {
-        let datums: Vec<Option<pg_sys::Datum>> = unwritten.iter().map(|k| Some(entities[*k][0].key)).collect();
-        let mut versions = row_versions(client, stream, version_column, &datums);
-        for key in unwritten {
+        let unread: Vec<Option<pg_sys::Datum>> =
+            unwritten.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| Some(entities[*k][0].key)).collect();
+        let mut versions =
+            if unread.is_empty() { HashMap::new() } else { row_versions(client, stream, version_column, &unread) };
+        for (key, seen) in unwritten {
             let it = &entities[key][0];
-            let Some(version) = versions.remove(key) else { return Err(Fallback::Race) };
+            let Some(version) = seen.or_else(|| versions.remove(key)) else { return Err(Fallback::Race) };
             let state = apply::state_from_text(Some(version), None, None);
             match decide(spec, Some(&state), it.ev, |_: &[Cell]| Vec::new()) {
                 Decision::Done { outcome, write: Write::Nothing, .. } => {

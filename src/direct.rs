@@ -1,22 +1,21 @@
-//! Replica rows found and updated through the executor's per-row API — the calls PostgreSQL's
+//! Replica rows found and written through the executor's per-row API — the calls PostgreSQL's
 //! logical replication apply worker makes (`RelationFindReplTupleByIndex`,
-//! `ExecSimpleRelationUpdate`) — instead of through a SQL statement: nothing to plan, start or
-//! shut down per event. Used for the hottest write there is, a guarded update of an entity whose
-//! version lives in its replica row (`apply::row_mode`), and for the question that precedes it,
-//! whether the entity has a version-state row at all.
+//! `ExecSimpleRelationUpdate`, `ExecSimpleRelationInsert`) — instead of through a SQL statement:
+//! nothing to plan, start or shut down per row. Used for the hottest write there is, the guarded
+//! write of an entity whose version lives in its replica row (`apply::row_mode`), per event and
+//! per batch, and for the question that precedes it per event: whether the entity has a
+//! version-state row at all.
 //!
 //! The API does what the statement would, except what it does not know about, so it is only used
 //! where none of that applies: a plain heap table (not partitioned, not a partition) keyed by its
 //! primary key, without triggers (statement triggers would not fire) or row-level security, that
-//! the current user may `SELECT` and `UPDATE`. Anything else goes through SQL as before. Stored
-//! generated columns, constraints, index maintenance and HOT are handled by the executor itself.
-//! Only built for PostgreSQL 14 and 15, whose executor API this was written and tested against;
-//! elsewhere every call answers "use SQL".
+//! the current user may `SELECT` and `UPDATE`; and it only inserts rows whose other columns have
+//! no default. Anything else goes through SQL as before. Stored generated columns, constraints,
+//! index maintenance and HOT updates are the executor's own. Only built for PostgreSQL 14 and 15,
+//! whose executor API this was written and tested against; elsewhere it always answers "use SQL".
 
 use crate::catalog::{Column, TableInfo};
 use crate::writer::Bound;
-#[cfg(any(feature = "pg14", feature = "pg15"))]
-use pgrx::pg_sys;
 
 /// What a guarded write did.
 pub enum Update {
@@ -25,23 +24,37 @@ pub enum Update {
     Written,
     /// The row's version was not older (its text): nothing was written.
     NotNewer(String),
-    /// The entity has no row, and inserting one needs SQL (a column has a default).
-    Missing,
-    /// This table needs SQL (see the module comment).
-    Unsupported,
+    /// The entity has no row, and inserting one needs SQL (another column has a default), or the
+    /// new version is NULL: nothing was written.
+    NeedsSql,
 }
 
-/// Writes the row with these `keys` and the values `set` as
-/// `INSERT … ON CONFLICT DO UPDATE … WHERE t.v IS NULL OR t.v < EXCLUDED.v` would: an existing row
-/// is locked (after waiting for a concurrent writer of it) and updated if its `version` column is
-/// NULL or older than the new version (the `set` value of that column); a missing row is
-/// inserted. An insert that loses a race to a concurrent insert of the same key fails with a
-/// unique violation (`insert_lost_race` tells).
-pub fn write_if_newer(table: &TableInfo, keys: &[Bound], set: &[Bound], version: &Column) -> Update {
-    let Some(new_version) = set.iter().find(|b| b.column.attnum == version.attnum).and_then(|b| b.value) else {
-        return Update::Unsupported;
-    };
-    imp::write_if_newer(table, keys, set, version, new_version)
+/// Writes rows of one replica table; `RowWriter::open` is `None` where SQL must do it.
+pub struct RowWriter(imp::Writer);
+
+impl RowWriter {
+    pub fn open(table: &TableInfo) -> Option<RowWriter> {
+        imp::Writer::open(table).map(RowWriter)
+    }
+
+    /// Writes the row with these `keys` and the values `set` as
+    /// `INSERT … ON CONFLICT DO UPDATE … WHERE t.v IS NULL OR t.v < EXCLUDED.v` would: an
+    /// existing row is locked (after waiting for a concurrent writer of it) and updated if its
+    /// `version` column is NULL or older than the new version (the `set` value of that column); a
+    /// missing row is inserted. An insert that loses a race to a concurrent insert of the same
+    /// key fails with a unique violation (`insert_lost_race` tells).
+    pub fn write_if_newer(&mut self, keys: &[Bound], set: &[Bound], version: &Column) -> Update {
+        match set.iter().find(|b| b.column.attnum == version.attnum).and_then(|b| b.value) {
+            Some(new_version) => self.0.write_if_newer(keys, set, version, new_version),
+            None => Update::NeedsSql,
+        }
+    }
+
+    /// Releases what `open` took (the table's lock stays to the end of the transaction). After
+    /// an error, the aborted (sub)transaction releases it instead.
+    pub fn close(self) {
+        self.0.close()
+    }
 }
 
 /// Whether the error being handled was raised while inserting a row (a unique violation there
@@ -61,8 +74,18 @@ pub fn state_row_exists(stream_id: i32, entity_key: &str) -> Option<bool> {
 mod imp {
     use super::*;
 
-    pub fn write_if_newer(_: &TableInfo, _: &[Bound], _: &[Bound], _: &Column, _: pgrx::pg_sys::Datum) -> Update {
-        Update::Unsupported
+    pub enum Writer {}
+
+    impl Writer {
+        pub fn open(_: &TableInfo) -> Option<Writer> {
+            None
+        }
+
+        pub fn write_if_newer(&mut self, _: &[Bound], _: &[Bound], _: &Column, _: pgrx::pg_sys::Datum) -> Update {
+            match *self {}
+        }
+
+        pub fn close(self) {}
     }
 
     pub fn state_row_exists(_: i32, _: &str) -> Option<bool> {
@@ -77,6 +100,7 @@ mod imp {
 #[cfg(any(feature = "pg14", feature = "pg15"))]
 mod imp {
     use super::*;
+    use pgrx::pg_sys;
     use pgrx::IntoDatum;
     use std::cell::Cell;
     use std::ptr::null_mut;
@@ -91,114 +115,131 @@ mod imp {
         INSERTING.with(|i| i.replace(false))
     }
 
-    pub fn write_if_newer(
-        table: &TableInfo,
-        keys: &[Bound],
-        set: &[Bound],
-        version: &Column,
-        new_version: pg_sys::Datum,
-    ) -> Update {
-        // SAFETY: the executor's per-row API used as logical replication's apply worker uses it
-        // (worker.c: create_edata_for_relation, apply_handle_update_internal, finish_edata). The
-        // relation stays locked (ROW EXCLUSIVE, as any writer's) to the end of the transaction; an
-        // error unwinds through the caller's subtransaction, which releases what was opened.
-        unsafe {
-            let rel = pg_sys::table_open(table.oid, pg_sys::RowExclusiveLock as i32);
-            let Some(pk) = usable_primary_key(rel, keys) else {
-                pg_sys::table_close(rel, pg_sys::NoLock as i32);
-                return Update::Unsupported;
-            };
-            let estate = pg_sys::CreateExecutorState();
-            let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast::<pg_sys::RangeTblEntry>();
-            (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
-            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
-            (*rte).relid = table.oid;
-            (*rte).relkind = (*(*rel).rd_rel).relkind;
-            (*rte).rellockmode = pg_sys::AccessShareLock as i32;
-            pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(null_mut(), rte.cast()));
-            let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
-            (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
-            pg_sys::InitResultRelInfo(rri, rel, 1, null_mut(), 0);
-            (*estate).es_opened_result_relations = pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
-            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-            if pg_sys::ActiveSnapshotSet() {
-                (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
-            }
-            pg_sys::ExecOpenIndices(rri, false);
+    /// An open replica table with the executor state to write it, as logical replication's apply
+    /// worker sets it up (worker.c: create_edata_for_relation, finish_edata).
+    pub struct Writer {
+        rel: pg_sys::Relation,
+        estate: *mut pg_sys::EState,
+        rri: *mut pg_sys::ResultRelInfo,
+        pk: pg_sys::Oid,
+        search: *mut pg_sys::TupleTableSlot,
+        found: *mut pg_sys::TupleTableSlot,
+        new: *mut pg_sys::TupleTableSlot,
+        natts: usize,
+    }
 
-            let search = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-            let found = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-            let natts = (*(*search).tts_tupleDescriptor).natts as usize;
-            pg_sys::ExecClearTuple(search);
-            let (values, nulls) = slot_arrays(search, natts);
-            nulls.fill(true);
-            for k in keys {
-                let i = k.column.attnum as usize - 1;
-                values[i] = k.value.expect("key values are never NULL");
-                nulls[i] = false;
-            }
-            pg_sys::ExecStoreVirtualTuple(search);
-
-            let outcome = if !pg_sys::RelationFindReplTupleByIndex(
-                rel,
-                pk,
-                pg_sys::LockTupleMode::LockTupleExclusive,
-                search,
-                found,
-            ) {
-                if !insertable(rel, keys, set) {
-                    Update::Missing
-                } else {
-                    let new = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-                    pg_sys::ExecClearTuple(new);
-                    let (values, nulls) = slot_arrays(new, natts);
-                    nulls.fill(true);
-                    for b in keys.iter().chain(set) {
-                        let i = b.column.attnum as usize - 1;
-                        values[i] = b.value.unwrap_or(pg_sys::Datum::from(0));
-                        nulls[i] = b.value.is_none();
-                    }
-                    pg_sys::ExecStoreVirtualTuple(new);
-                    // A concurrent insert of the same key makes this fail with a unique violation
-                    // (after waiting for it to commit); the caller then retries through SQL.
-                    INSERTING.with(|i| i.set(true));
-                    pg_sys::ExecSimpleRelationInsert(rri, estate, new);
-                    INSERTING.with(|i| i.set(false));
-                    pg_sys::CommandCounterIncrement();
-                    Update::Written
+    impl Writer {
+        pub fn open(table: &TableInfo) -> Option<Writer> {
+            // SAFETY: the relation stays locked (ROW EXCLUSIVE, as any writer's) to the end of the
+            // transaction; what is opened here is released by `close`, or by the abort of the
+            // (sub)transaction an error unwinds through.
+            unsafe {
+                let rel = pg_sys::table_open(table.oid, pg_sys::RowExclusiveLock as i32);
+                let Some(pk) = usable_primary_key(rel, &table.keys) else {
+                    pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                    return None;
+                };
+                let estate = pg_sys::CreateExecutorState();
+                let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast::<pg_sys::RangeTblEntry>();
+                (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+                (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+                (*rte).relid = table.oid;
+                (*rte).relkind = (*(*rel).rd_rel).relkind;
+                (*rte).rellockmode = pg_sys::AccessShareLock as i32;
+                pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(null_mut(), rte.cast()));
+                let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
+                (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+                pg_sys::InitResultRelInfo(rri, rel, 1, null_mut(), 0);
+                (*estate).es_opened_result_relations =
+                    pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
+                (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+                if pg_sys::ActiveSnapshotSet() {
+                    (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
                 }
-            } else {
-                pg_sys::slot_getsomeattrs_int(found, natts as i32);
-                let (old_values, old_nulls) = slot_arrays(found, natts);
-                let v = version.attnum as usize - 1;
-                if !old_nulls[v] && compare(version, old_values[v], new_version) >= 0 {
-                    Update::NotNewer(version.ty.output(old_values[v]))
-                } else {
-                    let new = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-                    pg_sys::ExecClearTuple(new);
-                    let (values, nulls) = slot_arrays(new, natts);
+                pg_sys::ExecOpenIndices(rri, false);
+                let search = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let found = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let new = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let natts = (*(*rel).rd_att).natts as usize;
+                Some(Writer { rel, estate, rri, pk, search, found, new, natts })
+            }
+        }
+
+        pub fn write_if_newer(
+            &mut self,
+            keys: &[Bound],
+            set: &[Bound],
+            version: &Column,
+            new_version: pg_sys::Datum,
+        ) -> Update {
+            INSERTING.with(|i| i.set(false));
+            // SAFETY: slots of this writer's relation; as apply_handle_update_internal does.
+            unsafe {
+                pg_sys::ExecClearTuple(self.search);
+                let (values, nulls) = slot_arrays(self.search, self.natts);
+                nulls.fill(true);
+                for k in keys {
+                    let i = k.column.attnum as usize - 1;
+                    values[i] = k.value.expect("key values are never NULL");
+                    nulls[i] = false;
+                }
+                pg_sys::ExecStoreVirtualTuple(self.search);
+                pg_sys::ExecClearTuple(self.found);
+                let exists = pg_sys::RelationFindReplTupleByIndex(
+                    self.rel,
+                    self.pk,
+                    pg_sys::LockTupleMode::LockTupleExclusive,
+                    self.search,
+                    self.found,
+                );
+                pg_sys::ExecClearTuple(self.new);
+                let (values, nulls) = slot_arrays(self.new, self.natts);
+                if exists {
+                    pg_sys::slot_getsomeattrs_int(self.found, self.natts as i32);
+                    let (old_values, old_nulls) = slot_arrays(self.found, self.natts);
+                    let v = version.attnum as usize - 1;
+                    if !old_nulls[v] && compare(version, old_values[v], new_version) >= 0 {
+                        return Update::NotNewer(version.ty.output(old_values[v]));
+                    }
                     values.copy_from_slice(old_values);
                     nulls.copy_from_slice(old_nulls);
-                    for b in set {
-                        let i = b.column.attnum as usize - 1;
-                        values[i] = b.value.unwrap_or(pg_sys::Datum::from(0));
-                        nulls[i] = b.value.is_none();
-                    }
-                    pg_sys::ExecStoreVirtualTuple(new);
-                    let mut epq: pg_sys::EPQState = std::mem::zeroed();
-                    pg_sys::EvalPlanQualInit(&mut epq, estate, null_mut(), null_mut(), -1);
-                    pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, found, new);
-                    pg_sys::EvalPlanQualEnd(&mut epq);
-                    // Later reads and row locks of this transaction see the new row version.
-                    pg_sys::CommandCounterIncrement();
-                    Update::Written
+                } else if insertable(self.rel, keys, set) {
+                    nulls.fill(true);
+                } else {
+                    return Update::NeedsSql;
                 }
-            };
-            pg_sys::ExecCloseIndices(rri);
-            pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
-            pg_sys::FreeExecutorState(estate);
-            pg_sys::table_close(rel, pg_sys::NoLock as i32);
-            outcome
+                for b in keys.iter().chain(set) {
+                    let i = b.column.attnum as usize - 1;
+                    values[i] = b.value.unwrap_or(pg_sys::Datum::from(0));
+                    nulls[i] = b.value.is_none();
+                }
+                pg_sys::ExecStoreVirtualTuple(self.new);
+                if exists {
+                    let mut epq: pg_sys::EPQState = std::mem::zeroed();
+                    pg_sys::EvalPlanQualInit(&mut epq, self.estate, null_mut(), null_mut(), -1);
+                    pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, &mut epq, self.found, self.new);
+                    pg_sys::EvalPlanQualEnd(&mut epq);
+                } else {
+                    // A concurrent insert of the same key makes this fail with a unique violation
+                    // (after waiting for it to commit).
+                    INSERTING.with(|i| i.set(true));
+                    pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.new);
+                    INSERTING.with(|i| i.set(false));
+                }
+                // Later reads and row locks of this transaction see the new row version.
+                pg_sys::CommandCounterIncrement();
+                Update::Written
+            }
+        }
+
+        pub fn close(self) {
+            // SAFETY: releases what `open` took, once.
+            unsafe {
+                pg_sys::ExecCloseIndices(self.rri);
+                pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
+                pg_sys::FreeExecutorState(self.estate);
+                pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
+            }
         }
     }
 
@@ -236,7 +277,7 @@ mod imp {
 
     /// The primary key of `rel` if the row API may write it for the current user, and that key is
     /// exactly the stream's key columns.
-    unsafe fn usable_primary_key(rel: pg_sys::Relation, keys: &[Bound]) -> Option<pg_sys::Oid> {
+    unsafe fn usable_primary_key(rel: pg_sys::Relation, keys: &[Column]) -> Option<pg_sys::Oid> {
         let form = &*(*rel).rd_rel;
         if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
             || form.relispartition
@@ -257,7 +298,7 @@ mod imp {
         let ix = &*(*index).rd_index;
         let nkeys = ix.indnkeyatts as usize;
         let attnums = ix.indkey.values.as_slice(nkeys);
-        let same = nkeys == keys.len() && keys.iter().all(|k| attnums.contains(&k.column.attnum));
+        let same = nkeys == keys.len() && keys.iter().all(|k| attnums.contains(&k.attnum));
         pg_sys::index_close(index, pg_sys::NoLock as i32);
         same.then_some(pk)
     }
