@@ -13,8 +13,10 @@ use crate::security;
 use crate::writer;
 use ecst_core::event::parse;
 use ecst_core::reject::{RejectCode, Rejection};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
@@ -112,29 +114,12 @@ fn rejected(rejection: Rejection) -> Applied {
 }
 
 /// Deletes and returns the oldest `limit` rows of `part`. Concurrent drainers of the same rows
-/// wait for each other; the second finds them gone. A worker of several looks at a window of the
-/// oldest rows (in `seq` order, through the index), keeps those whose entity it owns, and leaves
-/// the others to their workers.
+/// wait for each other; the second finds them gone. A worker of several claims the rows whose
+/// entity it owns (`owned_rows`) and leaves the others to their workers.
 fn claim(client: &mut SpiClient, limit: i64, part: Part) -> Vec<Row> {
     let claimed = match part {
         Some((index, of)) if of > 1 => {
-            let window = limit.saturating_mul(of as i64 * 2);
-            let mine: Vec<String> = security::internal(|| {
-                writer::run_once(
-                    client,
-                    "SELECT ctid::text, stream, payload FROM ecst.inbox ORDER BY seq LIMIT $1",
-                    &[window.into()],
-                )
-            })
-            .filter_map(|r| {
-                let owner = match (r.get::<String>(2).unwrap(), r.get::<String>(3).unwrap()) {
-                    (Some(s), Some(p)) => partition(&s, &p, of),
-                    _ => 0,
-                };
-                (owner == index).then(|| r.get::<String>(1).unwrap().unwrap())
-            })
-            .take(limit as usize)
-            .collect();
+            let mine = owned_rows(client, limit, index, of);
             if mine.is_empty() {
                 return Vec::new();
             }
@@ -163,6 +148,103 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part) -> Vec<Row> {
             received_at: r.get(4).unwrap().unwrap(),
         })
         .collect()
+}
+
+thread_local! {
+    /// The owners of the inbox rows this worker has looked at, by `seq`, for one inbox table and
+    /// worker count: a row stays in the window of the oldest rows until its owner claims it, and
+    /// is parsed here once rather than in every batch meanwhile.
+    static OWNERS: RefCell<Owners> = RefCell::new(Owners::default());
+}
+
+#[derive(Default)]
+struct Owners {
+    inbox: pg_sys::Oid,
+    of: i32,
+    by_seq: HashMap<i64, i32>,
+}
+
+/// Windows a worker looks through per batch for rows it owns (see `owned_rows`).
+const MAX_WINDOWS: usize = 8;
+
+/// The `ctid`s of up to `limit` of the oldest inbox rows that worker `index` of `of` owns. It
+/// looks at windows of the oldest rows (in `seq` order, through the index) and keeps its own,
+/// going on to the next window while it has fewer than `limit` and more rows follow: the oldest
+/// rows may all be another worker's (one that lags behind), and a worker that found too few would
+/// otherwise sleep. Rows newer than any seen before come with their payloads; rows seen before
+/// need none.
+fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<String> {
+    let window = limit.saturating_mul(of as i64 * 2);
+    // SAFETY: a syscache lookup of pg_ecst's inbox table.
+    let inbox = unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"ecst".as_ptr(), false);
+        pg_sys::get_relname_relid(c"inbox".as_ptr(), namespace)
+    };
+    OWNERS.with(|owners| {
+        let mut owners = owners.borrow_mut();
+        if owners.inbox != inbox || owners.of != of {
+            *owners = Owners { inbox, of, by_seq: HashMap::new() };
+        }
+        let seen_up_to = owners.by_seq.keys().copied().max().unwrap_or(i64::MIN);
+        let mut mine = Vec::new();
+        let mut after = i64::MIN;
+        for turn in 0..MAX_WINDOWS {
+            let rows: Vec<(String, i64, Option<String>, Option<String>)> = security::internal(|| {
+                writer::run_once(
+                    client,
+                    "SELECT ctid::text, seq, CASE WHEN seq > $2 THEN stream END, CASE WHEN seq > $2 THEN payload END
+                     FROM ecst.inbox WHERE seq > $3 ORDER BY seq LIMIT $1",
+                    &[window.into(), seen_up_to.into(), after.into()],
+                )
+            })
+            .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap(), r.get(4).unwrap()))
+            .collect();
+            if turn == 0 {
+                // Rows older than the oldest left are gone (claimed by their owners).
+                let oldest = rows.first().map_or(i64::MAX, |r| r.1);
+                owners.by_seq.retain(|seq, _| *seq >= oldest);
+            }
+            let mut late = Vec::new();
+            for (ctid, seq, stream, payload) in &rows {
+                if owners.by_seq.contains_key(seq) {
+                    continue;
+                }
+                if *seq > seen_up_to {
+                    owners.by_seq.insert(*seq, owner(stream.as_deref(), payload.as_deref(), of));
+                } else {
+                    // Committed after newer rows were seen (seq values are cached per session).
+                    late.push(ctid.clone());
+                }
+            }
+            if !late.is_empty() {
+                for r in security::internal(|| {
+                    writer::run_once(
+                        client,
+                        "SELECT seq, stream, payload FROM ecst.inbox WHERE ctid = ANY ($1::text[]::tid[])",
+                        &[late.into()],
+                    )
+                }) {
+                    let (stream, payload) = (r.get::<String>(2).unwrap(), r.get::<String>(3).unwrap());
+                    owners.by_seq.insert(r.get(1).unwrap().unwrap(), owner(stream.as_deref(), payload.as_deref(), of));
+                }
+            }
+            let full = rows.len() as i64 == window;
+            after = rows.last().map_or(after, |r| r.1);
+            let wanted = limit as usize - mine.len();
+            mine.extend(rows.into_iter().filter(|r| owners.by_seq.get(&r.1) == Some(&index)).map(|r| r.0).take(wanted));
+            if mine.len() >= limit as usize || !full {
+                break;
+            }
+        }
+        mine
+    })
+}
+
+fn owner(stream: Option<&str>, payload: Option<&str>, of: i32) -> i32 {
+    match (stream, payload) {
+        (Some(s), Some(p)) => partition(s, p, of),
+        _ => 0,
+    }
 }
 
 /// The worker (of `of`) that owns an inbox row: a hash of the stream and the entity's canonical
