@@ -1,10 +1,11 @@
-//! Replica rows found and written through the executor's per-row API — the calls PostgreSQL's
+//! Rows found and written through the executor's per-row API — the calls PostgreSQL's
 //! logical replication apply worker makes (`RelationFindReplTupleByIndex`,
 //! `ExecSimpleRelationUpdate`, `ExecSimpleRelationInsert`) — instead of through a SQL statement:
 //! nothing to plan, start or shut down per row. Used for the hottest write there is, the guarded
 //! write of an entity whose version lives in its replica row (`apply::row_mode`), per event and
 //! per batch, and for the question that precedes it per event: whether the entity has a
-//! version-state row at all.
+//! version-state row at all. The worker's claim of the oldest inbox rows is the same kind of
+//! work: an index scan in `seq` order deleting what it returns (`claim_inbox`).
 //!
 //! The API does what the statement would, except what it does not know about, so it is only used
 //! where none of that applies: a plain heap table (not partitioned, not a partition) keyed by its
@@ -63,6 +64,22 @@ pub fn insert_lost_race() -> bool {
     imp::insert_lost_race()
 }
 
+/// An inbox row taken by `claim_inbox`.
+pub struct InboxRow {
+    pub seq: i64,
+    pub stream: Option<String>,
+    pub payload: Option<String>,
+    pub received_at: pgrx::datum::TimestampWithTimeZone,
+}
+
+/// Deletes and returns up to `limit` of the oldest rows of `ecst.inbox` (in `seq` order, through
+/// its index), as `DELETE … RETURNING` would: a row another session is deleting is waited for and
+/// skipped once that commits. `None` where the executor API is not built, or the inbox has
+/// delete triggers (a user's): the caller then uses SQL.
+pub fn claim_inbox(limit: i64) -> Option<Vec<InboxRow>> {
+    imp::claim_inbox(limit)
+}
+
 /// Whether `ecst.entity_state` has a row for this entity, seen by a snapshot taken now (after
 /// the caller's stripe lock, which is what makes the answer last: see `apply::row_mode`).
 /// `None` where the executor API is not built (the caller then asks SQL).
@@ -94,6 +111,10 @@ mod imp {
 
     pub fn insert_lost_race() -> bool {
         false
+    }
+
+    pub fn claim_inbox(_: i64) -> Option<Vec<InboxRow>> {
+        None
     }
 }
 
@@ -303,15 +324,92 @@ mod imp {
         same.then_some(pk)
     }
 
+    /// The OID of one of pg_ecst's own relations (`INVALID` while the extension is not there).
+    unsafe fn own_relation(name: &std::ffi::CStr) -> pg_sys::Oid {
+        let namespace = pg_sys::get_namespace_oid(c"ecst".as_ptr(), true);
+        if namespace == pg_sys::Oid::INVALID {
+            return namespace;
+        }
+        pg_sys::get_relname_relid(name.as_ptr(), namespace)
+    }
+
+    pub fn claim_inbox(limit: i64) -> Option<Vec<InboxRow>> {
+        use pgrx::FromDatum;
+        // SAFETY: an index scan of pg_ecst's inbox under a registered snapshot, deleting the rows
+        // it returns with heap_delete (the inbox is a heap table pg_ecst created), closed before
+        // returning; an error unwinds through the caller's transaction.
+        unsafe {
+            let (inbox, index_oid) = (own_relation(c"inbox"), own_relation(c"inbox_seq_idx"));
+            if inbox == pg_sys::Oid::INVALID || index_oid == pg_sys::Oid::INVALID {
+                return None;
+            }
+            let rel = pg_sys::table_open(inbox, pg_sys::RowExclusiveLock as i32);
+            let triggers = (*rel).trigdesc;
+            if !triggers.is_null()
+                && ((*triggers).trig_delete_before_row
+                    || (*triggers).trig_delete_after_row
+                    || (*triggers).trig_delete_before_statement
+                    || (*triggers).trig_delete_after_statement)
+            {
+                pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                return None;
+            }
+            let attnum = |name: &std::ffi::CStr| pg_sys::get_attnum(inbox, name.as_ptr()) as usize;
+            let (seq_at, stream_at, payload_at, received_at) =
+                (attnum(c"seq"), attnum(c"stream"), attnum(c"payload"), attnum(c"received_at"));
+            let last = seq_at.max(stream_at).max(payload_at).max(received_at);
+            pg_sys::CommandCounterIncrement();
+            let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as i32);
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+            let scan = pg_sys::index_beginscan(rel, index, snapshot, 0, 0);
+            pg_sys::index_rescan(scan, null_mut(), 0, null_mut(), 0);
+            let slot = pg_sys::table_slot_create(rel, null_mut());
+            let cid = pg_sys::GetCurrentCommandId(true);
+            let mut rows = Vec::with_capacity(limit.clamp(0, 100_000) as usize);
+            while (rows.len() as i64) < limit
+                && pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot)
+            {
+                pg_sys::slot_getsomeattrs_int(slot, last as i32);
+                let (values, nulls) = slot_arrays(slot, last);
+                let text = |at: usize| String::from_datum(values[at - 1], nulls[at - 1]);
+                let row = InboxRow {
+                    seq: i64::from_datum(values[seq_at - 1], nulls[seq_at - 1]).expect("seq is NOT NULL"),
+                    stream: text(stream_at),
+                    payload: text(payload_at),
+                    received_at: pgrx::datum::TimestampWithTimeZone::from_datum(
+                        values[received_at - 1],
+                        nulls[received_at - 1],
+                    )
+                    .expect("received_at is NOT NULL"),
+                };
+                let mut tid = (*slot).tts_tid;
+                let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
+                match pg_sys::heap_delete(rel, &mut tid, cid, null_mut(), true, &mut failure, false) {
+                    pg_sys::TM_Result::TM_Ok => rows.push(row),
+                    // Claimed by a concurrent drainer (waited for, committed) or by this one.
+                    pg_sys::TM_Result::TM_Deleted
+                    | pg_sys::TM_Result::TM_Updated
+                    | pg_sys::TM_Result::TM_SelfModified => {}
+                    other => pgrx::error!("pg_ecst: unexpected result {other} deleting an inbox row"),
+                }
+            }
+            pg_sys::ExecDropSingleTupleTableSlot(slot);
+            pg_sys::index_endscan(scan);
+            pg_sys::UnregisterSnapshot(snapshot);
+            pg_sys::index_close(index, pg_sys::NoLock as i32);
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            pg_sys::CommandCounterIncrement();
+            Some(rows)
+        }
+    }
+
     pub fn state_row_exists(stream_id: i32, entity_key: &str) -> Option<bool> {
         // SAFETY: an index scan of pg_ecst's own table under a registered snapshot, closed before
         // returning; an error unwinds through the caller's subtransaction.
         unsafe {
             // What this transaction wrote before is seen too.
             pg_sys::CommandCounterIncrement();
-            let namespace = pg_sys::get_namespace_oid(c"ecst".as_ptr(), false);
-            let heap_oid = pg_sys::get_relname_relid(c"entity_state".as_ptr(), namespace);
-            let index_oid = pg_sys::get_relname_relid(c"entity_state_pkey".as_ptr(), namespace);
+            let (heap_oid, index_oid) = (own_relation(c"entity_state"), own_relation(c"entity_state_pkey"));
             if heap_oid == pg_sys::Oid::INVALID || index_oid == pg_sys::Oid::INVALID {
                 return None;
             }

@@ -8,6 +8,7 @@
 use crate::apply::{self, Applied, ErrorPolicy};
 use crate::bulk;
 use crate::catalog::{self, Stream};
+use crate::direct;
 use crate::retention;
 use crate::security;
 use crate::writer;
@@ -131,14 +132,22 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part) -> Vec<Row> {
             )
             })
         }
-        _ => security::internal(|| {
-            writer::run_once(
-                client,
-                "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
+        _ => {
+            if let Some(rows) = direct::claim_inbox(limit) {
+                return rows
+                    .into_iter()
+                    .map(|r| Row { seq: r.seq, stream: r.stream, payload: r.payload, received_at: r.received_at })
+                    .collect();
+            }
+            security::internal(|| {
+                writer::run_once(
+                    client,
+                    "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
              RETURNING seq, stream, payload, received_at",
-                &[limit.into()],
-            )
-        }),
+                    &[limit.into()],
+                )
+            })
+        }
     };
     claimed
         .map(|r| Row {
