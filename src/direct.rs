@@ -360,7 +360,8 @@ mod imp {
             let last = seq_at.max(stream_at).max(payload_at).max(received_at);
             pg_sys::CommandCounterIncrement();
             let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as i32);
-            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+            // What a statement would see: in READ COMMITTED a new snapshot, else the transaction's.
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
             let scan = pg_sys::index_beginscan(rel, index, snapshot, 0, 0);
             pg_sys::index_rescan(scan, null_mut(), 0, null_mut(), 0);
             let slot = pg_sys::table_slot_create(rel, null_mut());
@@ -415,7 +416,8 @@ mod imp {
             }
             let heap = pg_sys::table_open(heap_oid, pg_sys::AccessShareLock as i32);
             let index = pg_sys::index_open(index_oid, pg_sys::AccessShareLock as i32);
-            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+            // A new snapshot (row mode is READ COMMITTED only), as the SQL `SELECT` it replaces took.
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
             let mut keys: [pg_sys::ScanKeyData; 2] = std::mem::zeroed();
             pg_sys::ScanKeyInit(
                 &mut keys[0],
