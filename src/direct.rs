@@ -173,7 +173,6 @@ mod imp {
                 pg_sys::InitResultRelInfo(rri, rel, 1, null_mut(), 0);
                 (*estate).es_opened_result_relations =
                     pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
-                (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
                 if pg_sys::ActiveSnapshotSet() {
                     (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
                 }
@@ -196,6 +195,13 @@ mod imp {
             INSERTING.with(|i| i.set(false));
             // SAFETY: slots of this writer's relation; as apply_handle_update_internal does.
             unsafe {
+                // What the previous row left in per-row memory (index values, constraint checks),
+                // and the command that writes this row.
+                let per_row = (*self.estate).es_per_tuple_exprcontext;
+                if !per_row.is_null() {
+                    pg_sys::MemoryContextReset((*per_row).ecxt_per_tuple_memory);
+                }
+                (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
                 pg_sys::ExecClearTuple(self.search);
                 let (values, nulls) = slot_arrays(self.search, self.natts);
                 nulls.fill(true);
