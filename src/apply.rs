@@ -294,11 +294,11 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
             let set: Vec<Bound> = cells.iter().map(|c| new_cells[&c.column]).collect();
             // A guarded write goes through the executor's row API where it can (`direct`), else
             // through SQL.
-            let writer = guard.filter(|_| !sql_only).and_then(|_| direct::RowWriter::open(table));
-            let direct = match (guard, writer) {
-                (Some(version), Some(mut writer)) => {
-                    let update = writer.write_if_newer(&keys, &set, version);
-                    writer.close();
+            let row_writer = guard.filter(|_| !sql_only).and_then(|_| direct::RowWriter::open(table));
+            let direct = match (guard, row_writer) {
+                (Some(version), Some(mut row_writer)) => {
+                    let update = row_writer.write_if_newer(&keys, &set, version);
+                    row_writer.close();
                     update
                 }
                 _ => direct::Update::NeedsSql,

@@ -121,6 +121,19 @@ fn invalidate_everywhere() {
     STALE.with(|s| s.set(true));
 }
 
+/// One of pg_ecst's own relations in schema `ecst`, by name (syscache lookups), if it exists.
+pub fn own_relation(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
+    // SAFETY: catalog lookups through the syscache, inside a transaction.
+    let oid = unsafe {
+        let schema = pg_sys::get_namespace_oid(c"ecst".as_ptr(), true);
+        if schema == pg_sys::Oid::INVALID {
+            return None;
+        }
+        pg_sys::get_relname_relid(name.as_ptr(), schema)
+    };
+    (oid != pg_sys::Oid::INVALID).then_some(oid)
+}
+
 /// The OIDs of `ecst.streams` and `ecst.stream_children` (one query).
 fn catalog_oids() -> [pg_sys::Oid; 2] {
     let (streams, children) = Spi::get_two::<pg_sys::Oid, pg_sys::Oid>(

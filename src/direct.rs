@@ -16,6 +16,7 @@
 //! whose executor API this was written and tested against; elsewhere it always answers "use SQL".
 
 use crate::catalog::{Column, TableInfo};
+use crate::inbox::Row;
 use crate::writer::Bound;
 
 /// What a guarded write did.
@@ -64,19 +65,11 @@ pub fn insert_lost_race() -> bool {
     imp::insert_lost_race()
 }
 
-/// An inbox row taken by `claim_inbox`.
-pub struct InboxRow {
-    pub seq: i64,
-    pub stream: Option<String>,
-    pub payload: Option<String>,
-    pub received_at: pgrx::datum::TimestampWithTimeZone,
-}
-
 /// Deletes and returns up to `limit` of the oldest rows of `ecst.inbox` (in `seq` order, through
 /// its index), as `DELETE … RETURNING` would: a row another session is deleting is waited for and
 /// skipped once that commits. `None` where the executor API is not built, or the inbox has
 /// delete triggers (a user's): the caller then uses SQL.
-pub fn claim_inbox(limit: i64) -> Option<Vec<InboxRow>> {
+pub fn claim_inbox(limit: i64) -> Option<Vec<Row>> {
     imp::claim_inbox(limit)
 }
 
@@ -113,7 +106,7 @@ mod imp {
         false
     }
 
-    pub fn claim_inbox(_: i64) -> Option<Vec<InboxRow>> {
+    pub fn claim_inbox(_: i64) -> Option<Vec<Row>> {
         None
     }
 }
@@ -121,6 +114,7 @@ mod imp {
 #[cfg(any(feature = "pg14", feature = "pg15"))]
 mod imp {
     use super::*;
+    use crate::catalog::own_relation;
     use pgrx::pg_sys;
     use pgrx::IntoDatum;
     use std::cell::Cell;
@@ -330,25 +324,15 @@ mod imp {
         same.then_some(pk)
     }
 
-    /// The OID of one of pg_ecst's own relations (`INVALID` while the extension is not there).
-    unsafe fn own_relation(name: &std::ffi::CStr) -> pg_sys::Oid {
-        let namespace = pg_sys::get_namespace_oid(c"ecst".as_ptr(), true);
-        if namespace == pg_sys::Oid::INVALID {
-            return namespace;
-        }
-        pg_sys::get_relname_relid(name.as_ptr(), namespace)
-    }
-
-    pub fn claim_inbox(limit: i64) -> Option<Vec<InboxRow>> {
+    pub fn claim_inbox(limit: i64) -> Option<Vec<Row>> {
         use pgrx::FromDatum;
         // SAFETY: an index scan of pg_ecst's inbox under a registered snapshot, deleting the rows
         // it returns with heap_delete (the inbox is a heap table pg_ecst created), closed before
         // returning; an error unwinds through the caller's transaction.
         unsafe {
-            let (inbox, index_oid) = (own_relation(c"inbox"), own_relation(c"inbox_seq_idx"));
-            if inbox == pg_sys::Oid::INVALID || index_oid == pg_sys::Oid::INVALID {
+            let (Some(inbox), Some(index_oid)) = (own_relation(c"inbox"), own_relation(c"inbox_seq_idx")) else {
                 return None;
-            }
+            };
             let rel = pg_sys::table_open(inbox, pg_sys::RowExclusiveLock as i32);
             let triggers = (*rel).trigdesc;
             if !triggers.is_null()
@@ -379,7 +363,7 @@ mod imp {
                 pg_sys::slot_getsomeattrs_int(slot, last as i32);
                 let (values, nulls) = slot_arrays(slot, last);
                 let text = |at: usize| String::from_datum(values[at - 1], nulls[at - 1]);
-                let row = InboxRow {
+                let row = Row {
                     seq: i64::from_datum(values[seq_at - 1], nulls[seq_at - 1]).expect("seq is NOT NULL"),
                     stream: text(stream_at),
                     payload: text(payload_at),
@@ -416,10 +400,10 @@ mod imp {
         unsafe {
             // What this transaction wrote before is seen too.
             pg_sys::CommandCounterIncrement();
-            let (heap_oid, index_oid) = (own_relation(c"entity_state"), own_relation(c"entity_state_pkey"));
-            if heap_oid == pg_sys::Oid::INVALID || index_oid == pg_sys::Oid::INVALID {
+            let (Some(heap_oid), Some(index_oid)) = (own_relation(c"entity_state"), own_relation(c"entity_state_pkey"))
+            else {
                 return None;
-            }
+            };
             let heap = pg_sys::table_open(heap_oid, pg_sys::AccessShareLock as i32);
             let index = pg_sys::index_open(index_oid, pg_sys::AccessShareLock as i32);
             // A new snapshot (row mode is READ COMMITTED only), as the SQL `SELECT` it replaces took.

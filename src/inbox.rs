@@ -25,11 +25,12 @@ use std::rc::Rc;
 /// Which part of the inbox a drainer owns: `(index, of)`; `None` owns everything.
 pub type Part = Option<(i32, i32)>;
 
-struct Row {
-    seq: i64,
-    stream: Option<String>,
-    payload: Option<String>,
-    received_at: pgrx::datum::TimestampWithTimeZone,
+/// A claimed inbox row.
+pub struct Row {
+    pub seq: i64,
+    pub stream: Option<String>,
+    pub payload: Option<String>,
+    pub received_at: pgrx::datum::TimestampWithTimeZone,
 }
 
 /// Claims up to `limit` rows of `part` and applies them. Returns how many rows were processed.
@@ -134,10 +135,7 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part) -> Vec<Row> {
         }
         _ => {
             if let Some(rows) = direct::claim_inbox(limit) {
-                return rows
-                    .into_iter()
-                    .map(|r| Row { seq: r.seq, stream: r.stream, payload: r.payload, received_at: r.received_at })
-                    .collect();
+                return rows;
             }
             security::internal(|| {
                 writer::run_once(
@@ -168,7 +166,7 @@ thread_local! {
 
 #[derive(Default)]
 struct Owners {
-    inbox: pg_sys::Oid,
+    inbox: Option<pg_sys::Oid>,
     of: i32,
     by_seq: HashMap<i64, i32>,
 }
@@ -184,11 +182,7 @@ const MAX_WINDOWS: usize = 8;
 /// need none.
 fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<String> {
     let window = limit.saturating_mul(of as i64 * 2);
-    // SAFETY: a syscache lookup of pg_ecst's inbox table.
-    let inbox = unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"ecst".as_ptr(), false);
-        pg_sys::get_relname_relid(c"inbox".as_ptr(), namespace)
-    };
+    let inbox = catalog::own_relation(c"inbox");
     OWNERS.with(|owners| {
         let mut owners = owners.borrow_mut();
         if owners.inbox != inbox || owners.of != of {

@@ -20,15 +20,10 @@ use pgrx::PgSqlErrorCode as Code;
 
 /// The role that owns pg_ecst's tables (the role that ran `CREATE EXTENSION`).
 pub fn extension_owner() -> pg_sys::Oid {
-    // SAFETY: catalog lookups through the syscache, inside a transaction.
-    unsafe {
-        let schema = pg_sys::get_namespace_oid(c"ecst".as_ptr(), false);
-        let streams = pg_sys::get_relname_relid(c"streams".as_ptr(), schema);
-        if streams == pg_sys::Oid::INVALID {
-            raise(Code::ERRCODE_UNDEFINED_TABLE, "table ecst.streams does not exist", Some("Is pg_ecst installed?"));
-        }
-        relation_owner(streams).expect("ecst.streams exists")
-    }
+    let Some(streams) = catalog::own_relation(c"streams") else {
+        raise(Code::ERRCODE_UNDEFINED_TABLE, "table ecst.streams does not exist", Some("Is pg_ecst installed?"));
+    };
+    relation_owner(streams).expect("ecst.streams exists")
 }
 
 /// The owner of a relation, if it exists.
