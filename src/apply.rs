@@ -207,10 +207,11 @@ pub(crate) fn bind_keys<'a>(
 }
 
 /// One child row, converted.
-struct ChildRowBound<'a> {
-    keys: Vec<Bound<'a>>,
-    canonical: Vec<String>,
-    cells: Vec<Bound<'a>>,
+pub(crate) struct ChildRowBound<'a> {
+    pub(crate) keys: Vec<Bound<'a>>,
+    /// The key's canonical texts (what `writer::prune_children` compares).
+    pub(crate) canonical: Vec<String>,
+    pub(crate) cells: Vec<Bound<'a>>,
 }
 
 fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) -> Result<(Outcome, bool), Stop> {
@@ -351,7 +352,8 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
     Ok((outcome, conflict))
 }
 
-fn bind_children<'a>(stream: &'a Stream, set: &ChildSet) -> Result<Vec<ChildRowBound<'a>>, Stop> {
+/// Converts one child set's rows; keys that repeat once converted make the event invalid.
+pub(crate) fn bind_children<'a>(stream: &'a Stream, set: &ChildSet) -> Result<Vec<ChildRowBound<'a>>, Rejection> {
     let child = &stream.children[set.child];
     let spec = &stream.spec.children[set.child];
     let mut rows = Vec::with_capacity(set.rows.len());
@@ -367,7 +369,7 @@ fn bind_children<'a>(stream: &'a Stream, set: &ChildSet) -> Result<Vec<ChildRowB
         rows.push(ChildRowBound { keys, canonical, cells });
     }
     // Keys that differ as JSON may be equal as column values ("7" and 7 in a bigint column).
-    check_unique_child_keys(spec, &canonical_set).map_err(|r| Stop::Reject(r, false))?;
+    check_unique_child_keys(spec, &canonical_set)?;
     Ok(rows)
 }
 

@@ -2,15 +2,18 @@
 //! (the core's `decide` folded per entity, in order) and written with a handful of statements
 //! over typed arrays — one `SELECT ... FOR UPDATE` of the version states, one `DELETE`, one
 //! `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE` per written column set, one state
-//! upsert — instead of several statements and a subtransaction per event.
+//! upsert; for aggregates, per child table one `DELETE` of the children of deleted aggregates,
+//! one of the children missing from the final snapshots, and one upsert of the final children —
+//! instead of several statements and a subtransaction per event.
 //!
 //! The run is one subtransaction. If anything in it fails (a constraint, a trigger, a concurrent
-//! creator of the same entity), it is rolled back and the run is applied event by event instead,
-//! which isolates the bad event exactly as before. Aggregates and composite keys always take the
-//! per-event path.
+//! creator of the same entity, two aggregates of the run claiming the same child row), it is
+//! rolled back and the run is applied event by event instead, which isolates the bad event exactly
+//! as before. Composite entity keys always take the per-event path.
 
+use crate::apply::ChildRowBound;
 use crate::apply::{self, Applied, ErrorPolicy};
-use crate::catalog::{Column, Stream};
+use crate::catalog::{ChildInfo, Column, Stream, TableInfo};
 use crate::direct;
 use crate::errors::{self, raise};
 use crate::locks;
@@ -20,7 +23,6 @@ use crate::writer::{self, Bound};
 use ecst_core::event::{Cell, Event, Op};
 use ecst_core::merge::{decide, Decision, EntityState, Outcome, Write};
 use ecst_core::reject::Rejection;
-use ecst_core::spec::Shape;
 use ecst_core::version::Version;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
@@ -28,12 +30,14 @@ use pgrx::spi::SpiClient;
 use pgrx::PgSqlErrorCode as Code;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// Whether a stream can be applied set-based.
+/// Whether a stream can be applied set-based: a single-column key, and array types for every
+/// column written (child tables' too).
 pub fn eligible(stream: &Stream) -> bool {
-    stream.spec.shape != Shape::AggregateSnapshot
-        && stream.table.keys.len() == 1
-        && stream.table.keys[0].ty.array_oid().is_some()
-        && stream.table.columns.iter().all(|c| c.ty.array_oid().is_some())
+    let arrays = |columns: &[Column]| columns.iter().all(|c| c.ty.array_oid().is_some());
+    let table = |t: &TableInfo| arrays(&t.keys) && arrays(&t.columns);
+    stream.table.keys.len() == 1
+        && table(&stream.table)
+        && stream.children.iter().all(|c| c.parent.len() == 1 && table(&c.table) && arrays(&c.parent))
 }
 
 /// Applies `events` (in order) and returns one result per event.
@@ -117,6 +121,9 @@ type RowValues = (pg_sys::Datum, Vec<Option<pg_sys::Datum>>);
 /// The rows of one upsert statement: the entities' canonical keys and, aligned, their values.
 type UpsertGroup<'a> = (Vec<&'a String>, Vec<RowValues>);
 
+/// Rows in column form: the values of each column, one row per position.
+type Columns = Vec<Vec<Option<pg_sys::Datum>>>;
+
 /// Set-based retries of a run that lost a race to create an entity.
 const RACE_RETRIES: usize = 20;
 
@@ -137,11 +144,13 @@ struct Item<'e> {
     cells: Vec<Option<pg_sys::Datum>>,
     /// `oldState` cells, converted and printed back (canonical text) for the conflict check.
     old: Vec<(usize, Option<String>)>,
+    /// An aggregate's child sets, converted: (child index, rows).
+    children: Vec<(usize, Vec<ChildRowBound<'e>>)>,
 }
 
 /// The replica row of one entity after the run, as set-based writes.
 #[derive(Default)]
-struct Final {
+struct Final<'a> {
     /// Delete the existing row first (a delete, possibly followed by a re-create).
     delete: bool,
     /// Then upsert these cells (`None`: no upsert).
@@ -149,6 +158,9 @@ struct Final {
     /// The entity has no state row and keeps none (row mode): the upsert must not lower the
     /// row's version.
     guarded: bool,
+    /// An aggregate's child sets after the run (those of its last snapshot written): each child
+    /// table's rows of this aggregate become exactly these.
+    children: Option<&'a [(usize, Vec<ChildRowBound<'a>>)]>,
 }
 
 fn run_set_based(
@@ -313,7 +325,11 @@ fn run_set_based(
                     decided.push((it.index, Applied::Done { outcome, conflict }));
                     match write {
                         Write::Nothing => {}
-                        Write::Upsert { cells, .. } => {
+                        Write::Upsert { cells, children } => {
+                            if !children.is_empty() {
+                                // The write's child sets are the event's own.
+                                fin.children = Some(&it.children);
+                            }
                             let upsert = fin.upsert.get_or_insert_with(BTreeMap::new);
                             if spec.shape.is_snapshot() {
                                 upsert.clear();
@@ -376,6 +392,12 @@ fn run_set_based(
     let deletes: Vec<Option<pg_sys::Datum>> =
         finals.iter().filter(|(_, _, f)| f.delete).map(|(_, k, _)| Some(*k)).collect();
     if !deletes.is_empty() {
+        // An aggregate's children go first, as on the per-event path.
+        for child in &stream.children {
+            let parent = &child.parent[0];
+            let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", child.table.qualified, parent.quoted);
+            writer::run_once(client, &sql, &[parent.ty.array(&deletes)]);
+        }
         let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", table.qualified, key_col.quoted);
         writer::run_once(client, &sql, &[key_col.ty.array(&deletes)]);
     }
@@ -428,6 +450,9 @@ fn run_set_based(
     }
     if let Some(writer) = row_writer {
         writer.close();
+    }
+    for (index, child) in stream.children.iter().enumerate() {
+        write_children(client, index, child, &finals);
     }
     if unwritten.iter().any(|(name, _)| !optimistic.contains(name)) {
         // A concurrent session wrote a newer version since the row was read.
@@ -491,7 +516,7 @@ fn row_versions(
 }
 
 /// Converts one event's key and values. Returns its canonical entity key.
-fn convert<'e>(stream: &Stream, index: usize, ev: &'e Event) -> Result<(String, Item<'e>), Rejection> {
+fn convert<'e>(stream: &'e Stream, index: usize, ev: &'e Event) -> Result<(String, Item<'e>), Rejection> {
     let table = &stream.table;
     let (keys, mut canonical) = apply::bind_keys(&table.keys, &stream.spec.key_fields, &ev.key)?;
     let key = keys[0].value.expect("keys are not null");
@@ -501,13 +526,104 @@ fn convert<'e>(stream: &Stream, index: usize, ev: &'e Event) -> Result<(String, 
             cells[c.column] = apply::bind(&table.columns[c.column], &c.field, &c.value)?.value;
         }
     }
+    let mut children = Vec::new();
+    if let Op::Upsert { children: sets, .. } = &ev.op {
+        for set in sets {
+            children.push((set.child, apply::bind_children(stream, set)?));
+        }
+    }
     let mut old = Vec::with_capacity(ev.old.len());
     for c in &ev.old {
         let column: &Column = &table.columns[c.column];
         let bound = apply::bind(column, &c.field, &c.value)?;
         old.push((c.column, bound.value.map(|d| column.ty.output(d))));
     }
-    Ok((canonical.pop().expect("one key"), Item { index, ev, key, cells, old }))
+    Ok((canonical.pop().expect("one key"), Item { index, ev, key, cells, old, children }))
+}
+
+/// Makes the rows of child table `index` of every aggregate written in the run exactly its final
+/// set: deletes the rows missing from the set (compared by canonical key text, as
+/// `writer::prune_children`), then upserts the set's rows — one statement each for the whole run.
+/// The children of aggregates deleted in the run are gone already.
+fn write_children(client: &mut SpiClient, index: usize, child: &ChildInfo, finals: &[(&String, pg_sys::Datum, Final)]) {
+    let parent_col = &child.parent[0];
+    let key_cols = &child.table.keys;
+    // Aggregates whose existing children are pruned, and the (parent, key) pairs to keep.
+    let mut pruned: Vec<Option<pg_sys::Datum>> = Vec::new();
+    let mut keep_parents: Vec<Option<pg_sys::Datum>> = Vec::new();
+    let mut keep_keys: Vec<Vec<String>> = vec![Vec::new(); key_cols.len()];
+    // Rows to upsert by written column set: the columns, and each column's values.
+    let mut groups: BTreeMap<Vec<&str>, (Vec<&Column>, Columns)> = BTreeMap::new();
+    for (_, parent, fin) in finals {
+        let Some(sets) = fin.children else { continue };
+        if !fin.delete {
+            pruned.push(Some(*parent));
+        }
+        for (_, rows) in sets.iter().filter(|(c, _)| *c == index) {
+            for r in rows {
+                keep_parents.push(Some(*parent));
+                for (keys, text) in keep_keys.iter_mut().zip(&r.canonical) {
+                    keys.push(text.clone());
+                }
+                let bound = r.keys.iter().chain(&r.cells);
+                let columns: Vec<&Column> =
+                    std::iter::once(parent_col).chain(bound.clone().map(|b| b.column)).collect();
+                let names: Vec<&str> = columns.iter().map(|c| c.quoted.as_str()).collect();
+                let n = columns.len();
+                let (_, values) = groups.entry(names).or_insert_with(|| (columns, vec![Vec::new(); n]));
+                for (column, value) in
+                    values.iter_mut().zip(std::iter::once(Some(*parent)).chain(bound.map(|b| b.value)))
+                {
+                    column.push(value);
+                }
+            }
+        }
+    }
+    if !pruned.is_empty() {
+        let aliases: Vec<String> = (0..key_cols.len()).map(|i| format!("k{i}")).collect();
+        let arrays: Vec<String> = (0..key_cols.len()).map(|i| format!("${}::text[]", i + 3)).collect();
+        let matches: Vec<String> =
+            key_cols.iter().zip(&aliases).map(|(c, k)| format!(" AND c.{}::text = k.{k}", c.quoted)).collect();
+        let sql = format!(
+            "DELETE FROM {} AS c WHERE c.{p} = ANY ($1) AND NOT EXISTS
+             (SELECT 1 FROM unnest($2, {}) AS k (p, {}) WHERE k.p = c.{p}{})",
+            child.table.qualified,
+            arrays.join(", "),
+            aliases.join(", "),
+            matches.concat(),
+            p = parent_col.quoted,
+        );
+        let mut args = vec![parent_col.ty.array(&pruned), parent_col.ty.array(&keep_parents)];
+        args.extend(keep_keys.into_iter().map(Into::into));
+        writer::run_once(client, &sql, &args);
+    }
+    for (columns, values) in groups.into_values() {
+        let update: Vec<&str> =
+            columns.iter().map(|c| c.quoted.as_str()).filter(|c| !child.conflict.iter().any(|k| k == c)).collect();
+        let action = writer::conflict_action(&update, None, "1");
+        insert_arrays(client, &child.table.qualified, &columns, &values, &child.conflict.join(", "), &action);
+    }
+}
+
+/// `INSERT INTO table AS t (columns) SELECT * FROM unnest($1, ...) ON CONFLICT (conflict) DO
+/// action`, with `values[i]` the values of `columns[i]`, one row per position.
+fn insert_arrays<'c>(
+    client: &mut SpiClient<'c>,
+    table: &str,
+    columns: &[&Column],
+    values: &Columns,
+    conflict: &str,
+    action: &str,
+) -> pgrx::spi::SpiTupleTable<'c> {
+    let names: Vec<&str> = columns.iter().map(|c| c.quoted.as_str()).collect();
+    let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "INSERT INTO {table} AS t ({}) SELECT * FROM unnest({}) ON CONFLICT ({conflict}) DO {action}",
+        names.join(", "),
+        params.join(", "),
+    );
+    let args: Vec<_> = columns.iter().zip(values).map(|(c, v)| c.ty.array(v)).collect();
+    writer::run(client, &sql, &args)
 }
 
 /// Which `oldState` fields of `it` differ from the entity's current row (none without a row).
@@ -533,27 +649,12 @@ fn upsert_many(
 ) -> Option<HashSet<String>> {
     let table = &stream.table;
     let key_col = &table.keys[0];
-    let cols: Vec<&Column> = columns.iter().map(|&i| &table.columns[i]).collect();
-    let names: Vec<&str> =
-        std::iter::once(key_col.quoted.as_str()).chain(cols.iter().map(|c| c.quoted.as_str())).collect();
-    let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
-    let update: Vec<&str> = cols.iter().map(|c| c.quoted.as_str()).collect();
-    let sql = format!(
-        "INSERT INTO {} AS t ({}) SELECT * FROM unnest({}) ON CONFLICT ({}) DO {}",
-        table.qualified,
-        names.join(", "),
-        params.join(", "),
-        key_col.quoted,
-        writer::conflict_action(&update, guard, &format!("t.{}::text", key_col.quoted))
-    );
-    let mut args = Vec::with_capacity(names.len());
-    let keys: Vec<Option<pg_sys::Datum>> = rows.iter().map(|(k, _)| Some(*k)).collect();
-    args.push(key_col.ty.array(&keys));
-    for (i, c) in cols.iter().enumerate() {
-        let values: Vec<Option<pg_sys::Datum>> = rows.iter().map(|(_, v)| v[i]).collect();
-        args.push(c.ty.array(&values));
-    }
-    let written = writer::run(client, &sql, &args);
+    let cols: Vec<&Column> = std::iter::once(key_col).chain(columns.iter().map(|&i| &table.columns[i])).collect();
+    let update: Vec<&str> = cols[1..].iter().map(|c| c.quoted.as_str()).collect();
+    let action = writer::conflict_action(&update, guard, &format!("t.{}::text", key_col.quoted));
+    let mut values: Columns = vec![rows.iter().map(|(k, _)| Some(*k)).collect()];
+    values.extend((0..columns.len()).map(|i| rows.iter().map(|(_, v)| v[i]).collect()));
+    let written = insert_arrays(client, &table.qualified, &cols, &values, &key_col.quoted, &action);
     guard.map(|_| written.map(|r| r.get::<String>(1).unwrap().unwrap()).collect())
 }
 

@@ -223,9 +223,9 @@ fn map_fields(table: &Table, obj: &Map<String, Json>, full: bool, what: &str) ->
 }
 
 fn child_set(index: usize, child: &ChildSpec, entity: &Map<String, Json>) -> Result<ChildSet, Rejection> {
-    let elements = match child.path.lookup(&Json::Object(entity.clone())) {
+    let elements = match child.path.lookup_in(entity) {
         None | Some(Json::Null) => return Ok(ChildSet { child: index, rows: Vec::new() }),
-        Some(Json::Array(a)) => a.clone(),
+        Some(Json::Array(a)) => a,
         Some(other) => {
             return Err(Rejection::new(
                 RejectCode::InvalidChildren,

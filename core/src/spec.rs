@@ -104,6 +104,12 @@ impl Path {
         self.0.iter().try_fold(root, |v, seg| v.as_object()?.get(seg))
     }
 
+    /// The value at this path inside the object `root` (paths are never empty).
+    pub fn lookup_in<'v>(&self, root: &'v serde_json::Map<String, Value>) -> Option<&'v Value> {
+        let (first, rest) = self.0.split_first()?;
+        rest.iter().try_fold(root.get(first)?, |v, seg| v.as_object()?.get(seg))
+    }
+
     /// The object at this path inside `root`, created (as empty objects) where missing.
     /// `None` if something on the way is not an object.
     pub fn object_mut<'v>(&self, root: &'v mut Value) -> Option<&'v mut serde_json::Map<String, Value>> {
