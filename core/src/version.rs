@@ -5,8 +5,9 @@
 //! switches from epoch-second numbers to timestamps still orders correctly.
 
 use bigdecimal::num_bigint::BigInt;
-use bigdecimal::BigDecimal;
+use bigdecimal::{BigDecimal, ToPrimitive};
 use serde_json::Value;
+use std::cmp::Ordering;
 use std::fmt;
 use std::str::FromStr;
 
@@ -15,15 +16,46 @@ use std::str::FromStr;
 const MAX_DIGITS: u64 = 200;
 const MAX_SCALE: i64 = 200;
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Version(BigDecimal);
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Version(Repr);
+
+/// Most versions are integers (sequence numbers, epoch seconds or milliseconds): those that fit an
+/// `i64` are kept as one, and compare, parse and print without arbitrary-precision arithmetic.
+/// The representation is canonical (a value that fits `Int` is never `Decimal`), so the derived
+/// equality and hash are those of the numbers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Repr {
+    Int(i64),
+    /// Any other number, normalized.
+    Decimal(BigDecimal),
+}
+
+impl Ord for Version {
+    fn cmp(&self, other: &Version) -> Ordering {
+        match (&self.0, &other.0) {
+            (Repr::Int(a), Repr::Int(b)) => a.cmp(b),
+            (Repr::Decimal(a), Repr::Decimal(b)) => a.cmp(b),
+            (Repr::Int(a), Repr::Decimal(b)) => BigDecimal::from(*a).cmp(b),
+            (Repr::Decimal(a), Repr::Int(b)) => a.cmp(&BigDecimal::from(*b)),
+        }
+    }
+}
+
+impl PartialOrd for Version {
+    fn partial_cmp(&self, other: &Version) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Version {
     /// Reads a version from a JSON value. `Ok(None)` when absent (null).
     pub fn from_json(value: &Value) -> Result<Option<Version>, String> {
         match value {
             Value::Null => Ok(None),
-            Value::Number(n) => Version::parse_decimal(&n.to_string()).map(Some),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Ok(Some(Version::from_i64(i))),
+                None => Version::parse_decimal(&n.to_string()).map(Some),
+            },
             Value::String(s) => Version::parse_timestamp(s).map(Some),
             other => Err(format!(
                 "a version must be a JSON number or an RFC 3339 timestamp string, not {}",
@@ -34,6 +66,11 @@ impl Version {
 
     /// Parses a decimal number (as JSON or PostgreSQL `numeric` text).
     pub fn parse_decimal(text: &str) -> Result<Version, String> {
+        // Up to 18 digits always fit an i64.
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        if !digits.is_empty() && digits.len() <= 18 && digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(Version::from_i64(text.parse().expect("18 digits fit an i64")));
+        }
         let d = BigDecimal::from_str(text).map_err(|e| format!("version {text:?} is not a number: {e}"))?;
         let (_, scale) = d.as_bigint_and_exponent();
         if scale.abs() > MAX_SCALE || d.digits() > MAX_DIGITS {
@@ -42,7 +79,7 @@ impl Version {
                 truncate(text, 40)
             ));
         }
-        Ok(Version(d.normalized()))
+        Ok(Version::from_decimal(d))
     }
 
     /// Parses an RFC 3339 timestamp into epoch seconds with nanosecond precision.
@@ -51,17 +88,29 @@ impl Version {
             .map_err(|e| format!("version {:?} is not an RFC 3339 timestamp: {e}", truncate(text, 60)))?;
         let nanos =
             BigInt::from(ts.timestamp()) * BigInt::from(1_000_000_000i64) + BigInt::from(ts.timestamp_subsec_nanos());
-        Ok(Version(BigDecimal::new(nanos, 9).normalized()))
+        Ok(Version::from_decimal(BigDecimal::new(nanos, 9)))
     }
 
     /// The version as text that PostgreSQL's `numeric` input accepts (plain notation).
     pub fn to_numeric_string(&self) -> String {
-        self.0.to_plain_string()
+        match &self.0 {
+            Repr::Int(i) => i.to_string(),
+            Repr::Decimal(d) => d.to_plain_string(),
+        }
     }
 
-    /// A small integer version, for tests and generators.
+    /// An integer version.
     pub fn from_i64(v: i64) -> Version {
-        Version(BigDecimal::from(v))
+        Version(Repr::Int(v))
+    }
+
+    /// The canonical version of a number: an integer that fits an i64 as one.
+    fn from_decimal(d: BigDecimal) -> Version {
+        let d = d.normalized();
+        match d.is_integer().then(|| d.to_i64()).flatten() {
+            Some(i) => Version(Repr::Int(i)),
+            None => Version(Repr::Decimal(d)),
+        }
     }
 }
 
@@ -95,6 +144,7 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn v(j: Value) -> Version {
@@ -134,6 +184,52 @@ mod tests {
         let huge: Value = serde_json::from_str("1e999999999").unwrap();
         assert!(Version::from_json(&huge).unwrap_err().contains("out of range"));
         assert_eq!(Version::from_json(&Value::Null).unwrap(), None);
+    }
+
+    /// Decimal texts: any i64, the i64 limits and just past them, decimals with trailing zeros,
+    /// exponents and numbers beyond an i64.
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|i| i.to_string()),
+            (any::<i32>(), 0..4usize, 0..3usize).prop_map(|(i, frac, zeros)| {
+                let frac: String = (0..frac).map(|d| char::from(b'1' + d as u8)).collect();
+                format!("{i}.{frac}{}", "0".repeat(zeros))
+            }),
+            (-3i64..3, 0..2u8).prop_map(|(d, sign)| {
+                let edge =
+                    if sign == 0 { i128::from(i64::MAX) + i128::from(d) } else { i128::from(i64::MIN) + i128::from(d) };
+                edge.to_string()
+            }),
+            (any::<i16>(), -4i32..20).prop_map(|(m, e)| format!("{m}e{e}")),
+            "[1-9][0-9]{18,30}(\\.[0-9]{1,5})?",
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn integers_kept_as_i64_compare_as_exact_decimals(a in number(), b in number()) {
+            let (va, vb) = (Version::parse_decimal(&a).unwrap(), Version::parse_decimal(&b).unwrap());
+            let (da, db) = (BigDecimal::from_str(&a).unwrap(), BigDecimal::from_str(&b).unwrap());
+            proptest::prop_assert_eq!(va.cmp(&vb), da.cmp(&db), "{} vs {}", a, b);
+            proptest::prop_assert_eq!(va == vb, da == db);
+            proptest::prop_assert_eq!(Version::parse_decimal(&va.to_numeric_string()).unwrap(), va.clone());
+            // The same number through the other representation is equal, with the same hash.
+            let other = Version::parse_decimal(&format!("{}.000", va.to_numeric_string().trim_end_matches('.')));
+            if !va.to_numeric_string().contains('.') {
+                let other = other.unwrap();
+                let hash = |v: &Version| {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    v.hash(&mut h);
+                    h.finish()
+                };
+                proptest::prop_assert_eq!(&other, &va);
+                proptest::prop_assert_eq!(hash(&other), hash(&va));
+            }
+            if let Ok(i) = a.parse::<i64>() {
+                proptest::prop_assert_eq!(Version::from_json(&json!(i)).unwrap().unwrap(), va);
+            }
+        }
     }
 
     #[test]
