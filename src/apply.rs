@@ -305,7 +305,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
                 _ => direct::Update::NeedsSql,
             };
             let not_newer = match direct {
-                direct::Update::Written => None,
+                direct::Update::Written { .. } => None,
                 direct::Update::NotNewer(version) => Some(Some(state_from_text(Some(version), None, None))),
                 direct::Update::NeedsSql => {
                     let mut row = keys.clone();

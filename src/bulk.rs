@@ -243,23 +243,30 @@ fn run_set_based(
     }
     // Entities with a stored state row (updated in place); the others get one inserted.
     let stored: HashSet<String> = states.keys().cloned().collect();
-    // Row mode, optimistically: an entity without a state row with a single event (no oldState,
-    // no event id) is written as if its row were older, by the guarded upsert; only if that
-    // writes nothing is its row read, to tell stale from duplicate. That spares reading the rows
-    // of most entities first.
+    // Row mode, optimistically: an entity without a state row whose events are all upserts
+    // without oldState or event id is written as if its row were older than its newest event, by
+    // the guarded write, and its events' outcomes are decided afterwards from the version that
+    // write replaced (the row API returns it) or, if the row was not older, from the row's
+    // version. That spares reading the rows of most entities first. Through SQL, which does not
+    // return the version it replaced, only entities with a single event are written this way.
+    let direct_rows = row_mode && direct::RowWriter::available(table);
     let optimistic: HashSet<&String> = if row_mode {
         entities
             .iter()
             .filter(|(k, items)| {
                 !stored.contains(*k)
-                    && matches!(&items[..], [it] if it.old.is_empty() && it.ev.event_id.is_none()
-                        && matches!(it.ev.op, Op::Upsert { .. }))
+                    && (direct_rows || items.len() == 1)
+                    && items.iter().all(|it| {
+                        it.old.is_empty() && it.ev.event_id.is_none() && matches!(it.ev.op, Op::Upsert { .. })
+                    })
             })
             .map(|(k, _)| k)
             .collect()
     } else {
         HashSet::new()
     };
+    // Optimistic entities with several events: their outcomes depend on the version replaced.
+    let refolded = |name: &String| optimistic.contains(name) && entities[name].len() > 1;
     if let Some(version_column) = stream.row_version {
         // Entities without a state row may have been bulk-loaded: their version is in the row.
         let missing: Vec<Option<pg_sys::Datum>> = entities
@@ -416,6 +423,8 @@ fn run_set_based(
     };
     // Guarded rows not written, with their row's version where the row API saw it.
     let mut unwritten: Vec<(&String, Option<String>)> = Vec::new();
+    // Refolded entities written over an older version (that version).
+    let mut replaced: Vec<(&String, String)> = Vec::new();
     for ((columns, guarded), (names, rows)) in groups {
         let guard = stream.row_version.filter(|_| guarded).map(|i| &table.columns[i]);
         let (names, rows) = match (guard, row_writer.as_mut()) {
@@ -429,7 +438,10 @@ fn run_set_based(
                         .map(|(&i, &value)| Bound { column: &table.columns[i], value })
                         .collect();
                     match writer.write_if_newer(&keys, &set, version) {
-                        direct::Update::Written => {}
+                        direct::Update::Written { previous: Some(previous) } if refolded(name) => {
+                            replaced.push((name, previous))
+                        }
+                        direct::Update::Written { .. } => {}
                         direct::Update::NotNewer(row_version) => unwritten.push((name, Some(row_version))),
                         direct::Update::NeedsSql => {
                             sql.0.push(name);
@@ -441,11 +453,21 @@ fn run_set_based(
             }
             _ => (names, rows),
         };
-        if rows.is_empty() {
-            continue;
-        }
-        if let Some(written) = upsert_many(client, stream, &columns, &rows, guard) {
-            unwritten.extend(names.into_iter().filter(|name| !written.contains(*name)).map(|name| (name, None)));
+        // Refolded entities whose row the row API could not insert: SQL inserts them if still
+        // absent (their events were decided as the entity's first); if a concurrent session
+        // created the row meanwhile, the run starts over.
+        let (inserts, upserts): (Vec<_>, Vec<_>) = names.into_iter().zip(rows).partition(|(name, _)| refolded(name));
+        for (rows, insert_only) in [(upserts, false), (inserts, true)] {
+            if rows.is_empty() {
+                continue;
+            }
+            let (names, rows): UpsertGroup = rows.into_iter().unzip();
+            if let Some(written) = upsert_many(client, stream, &columns, &rows, guard, insert_only) {
+                if insert_only && written.len() < names.len() {
+                    return Err(Fallback::Race);
+                }
+                unwritten.extend(names.into_iter().filter(|name| !written.contains(*name)).map(|name| (name, None)));
+            }
         }
     }
     if let Some(writer) = row_writer {
@@ -458,23 +480,20 @@ fn run_set_based(
         // A concurrent session wrote a newer version since the row was read.
         return Err(Fallback::Race);
     }
-    // Optimistic entities whose row was not older: their single event is stale or a duplicate.
+    // Refolded entities written over an older version: their events' outcomes from that version
+    // (the newest event, written, applies; older ones may be stale or duplicates).
+    for (key, previous) in replaced {
+        refold(spec, &entities[key], previous, true, &mut results)?;
+    }
+    // Optimistic entities whose row was not older: their events are stale or duplicates.
     if let (Some(version_column), false) = (stream.row_version, unwritten.is_empty()) {
         let unread: Vec<Option<pg_sys::Datum>> =
             unwritten.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| Some(entities[*k][0].key)).collect();
         let mut versions =
             if unread.is_empty() { HashMap::new() } else { row_versions(client, stream, version_column, &unread) };
         for (key, seen) in unwritten {
-            let it = &entities[key][0];
             let Some(version) = seen.or_else(|| versions.remove(key)) else { return Err(Fallback::Race) };
-            let state = apply::state_from_text(Some(version), None, None);
-            match decide(spec, Some(&state), it.ev, |_: &[Cell]| Vec::new()) {
-                Decision::Done { outcome, write: Write::Nothing, .. } => {
-                    results[it.index] = Some(Applied::Done { outcome, conflict: false });
-                }
-                // The row changed again meanwhile (or was deleted by hand): start over.
-                _ => return Err(Fallback::Race),
-            }
+            refold(spec, &entities[key], version, false, &mut results)?;
         }
     }
     if !unapplied_ids.is_empty() {
@@ -494,6 +513,37 @@ fn run_set_based(
         }
     }
     Ok(results.into_iter().map(|r| r.expect("every event decided")).collect())
+}
+
+/// Decides an optimistic entity's events again, in order, from the version its row had (`version`,
+/// as text): `wrote` tells whether the guarded write found that row older than the newest event.
+/// Sets their results. If the decisions do not agree with the write (the row changed again
+/// meanwhile, or was deleted by hand), the run starts over.
+fn refold(
+    spec: &ecst_core::spec::StreamSpec,
+    items: &[Item],
+    version: String,
+    wrote: bool,
+    results: &mut [Option<Applied>],
+) -> Result<(), Fallback> {
+    let mut state = apply::state_from_text(Some(version), None, None);
+    let mut writes = false;
+    for it in items {
+        match decide(spec, Some(&state), it.ev, |_: &[Cell]| Vec::new()) {
+            Decision::Done { outcome, conflict: false, write, state: next } => {
+                writes |= write != Write::Nothing;
+                results[it.index] = Some(Applied::Done { outcome, conflict: false });
+                if let Some(next) = next {
+                    state = next;
+                }
+            }
+            _ => return Err(Fallback::Race),
+        }
+    }
+    match writes == wrote {
+        true => Ok(()),
+        false => Err(Fallback::Race),
+    }
 }
 
 /// The versions in the replica rows of these keys, by canonical key text (rows whose version
@@ -639,18 +689,21 @@ fn mismatches(it: &Item, row: Option<&Vec<Option<String>>>) -> Vec<String> {
 }
 
 /// `INSERT ... SELECT * FROM unnest(keys, col1, ...) ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col`,
-/// guarded like `writer::upsert`. With a guard, returns the keys (as text) of the rows written.
+/// guarded like `writer::upsert` (`insert_only`: `DO NOTHING`, only absent rows are written). With
+/// a guard, returns the keys (as text) of the rows written.
 fn upsert_many(
     client: &mut SpiClient,
     stream: &Stream,
     columns: &[usize],
     rows: &[RowValues],
     guard: Option<&Column>,
+    insert_only: bool,
 ) -> Option<HashSet<String>> {
     let table = &stream.table;
     let key_col = &table.keys[0];
     let cols: Vec<&Column> = std::iter::once(key_col).chain(columns.iter().map(|&i| &table.columns[i])).collect();
-    let update: Vec<&str> = cols[1..].iter().map(|c| c.quoted.as_str()).collect();
+    let update: Vec<&str> =
+        if insert_only { Vec::new() } else { cols[1..].iter().map(|c| c.quoted.as_str()).collect() };
     let action = writer::conflict_action(&update, guard, &format!("t.{}::text", key_col.quoted));
     let mut values: Columns = vec![rows.iter().map(|(k, _)| Some(*k)).collect()];
     values.extend((0..columns.len()).map(|i| rows.iter().map(|(_, v)| v[i]).collect()));

@@ -22,8 +22,8 @@ use crate::writer::Bound;
 /// What a guarded write did.
 pub enum Update {
     /// The row's version was older (or NULL), or there was no row: the row now holds the new
-    /// values.
-    Written,
+    /// values. `previous` is the version it replaced (its text; `None` when NULL or inserted).
+    Written { previous: Option<String> },
     /// The row's version was not older (its text): nothing was written.
     NotNewer(String),
     /// The entity has no row, and inserting one needs SQL (another column has a default), or the
@@ -37,6 +37,11 @@ pub struct RowWriter(imp::Writer);
 impl RowWriter {
     pub fn open(table: &TableInfo) -> Option<RowWriter> {
         imp::Writer::open(table).map(RowWriter)
+    }
+
+    /// Whether `open` would open a writer for this table (in this transaction).
+    pub fn available(table: &TableInfo) -> bool {
+        imp::Writer::available(table)
     }
 
     /// Writes the row with these `keys` and the values `set` as
@@ -89,6 +94,10 @@ mod imp {
     impl Writer {
         pub fn open(_: &TableInfo) -> Option<Writer> {
             None
+        }
+
+        pub fn available(_: &TableInfo) -> bool {
+            false
         }
 
         pub fn write_if_newer(&mut self, _: &[Bound], _: &[Bound], _: &Column, _: pgrx::pg_sys::Datum) -> Update {
@@ -179,6 +188,17 @@ mod imp {
             }
         }
 
+        pub fn available(table: &TableInfo) -> bool {
+            // SAFETY: opened and closed here; the lock (ROW EXCLUSIVE, as `open` takes) stays to
+            // the end of the transaction.
+            unsafe {
+                let rel = pg_sys::table_open(table.oid, pg_sys::RowExclusiveLock as i32);
+                let usable = usable_primary_key(rel, &table.keys).is_some();
+                pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                usable
+            }
+        }
+
         pub fn write_if_newer(
             &mut self,
             keys: &[Bound],
@@ -215,12 +235,17 @@ mod imp {
                 );
                 pg_sys::ExecClearTuple(self.new);
                 let (values, nulls) = slot_arrays(self.new, self.natts);
+                let mut previous = None;
                 if exists {
                     pg_sys::slot_getsomeattrs_int(self.found, self.natts as i32);
                     let (old_values, old_nulls) = slot_arrays(self.found, self.natts);
                     let v = version.attnum as usize - 1;
-                    if !old_nulls[v] && compare(version, old_values[v], new_version) >= 0 {
-                        return Update::NotNewer(version.ty.output(old_values[v]));
+                    if !old_nulls[v] {
+                        let old = version.ty.output(old_values[v]);
+                        if compare(version, old_values[v], new_version) >= 0 {
+                            return Update::NotNewer(old);
+                        }
+                        previous = Some(old);
                     }
                     values.copy_from_slice(old_values);
                     nulls.copy_from_slice(old_nulls);
@@ -249,7 +274,7 @@ mod imp {
                 }
                 // Later reads and row locks of this transaction see the new row version.
                 pg_sys::CommandCounterIncrement();
-                Update::Written
+                Update::Written { previous }
             }
         }
 
