@@ -332,7 +332,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
                     _ => Err(Stop::Retry),
                 };
             }
-            for set in &sets {
+            for set in sets {
                 write_children(client, stream, set.child, &keys, &children[set.child]);
             }
         }

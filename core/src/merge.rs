@@ -68,15 +68,15 @@ impl Outcome {
     }
 }
 
-/// The change to make to the replica.
+/// The change to make to the replica, referring to the event's own cells.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
+pub enum Write<'e> {
     Nothing,
     /// Insert the row if absent (untouched columns take their DEFAULT), then set these cells.
     /// For aggregates, also make each child table's rows exactly `children`.
     Upsert {
-        cells: Vec<Cell>,
-        children: Vec<ChildSet>,
+        cells: Vec<&'e Cell>,
+        children: &'e [ChildSet],
     },
     /// Reset these columns (indexes into the table's writable columns) to their DEFAULT.
     Clear {
@@ -87,12 +87,12 @@ pub enum Write {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub enum Decision<'e> {
     Done {
         outcome: Outcome,
         /// `oldState` disagreed with the replica (counted whatever the policy).
         conflict: bool,
-        write: Write,
+        write: Write<'e>,
         /// The entity's new state to remember; `None` when it is unchanged.
         state: Option<EntityState>,
     },
@@ -102,8 +102,8 @@ pub enum Decision {
     Raise(String),
 }
 
-impl Decision {
-    fn unchanged(outcome: Outcome) -> Decision {
+impl Decision<'_> {
+    fn unchanged<'e>(outcome: Outcome) -> Decision<'e> {
         Decision::Done { outcome, conflict: false, write: Write::Nothing, state: None }
     }
 }
@@ -113,12 +113,12 @@ impl Decision {
 /// `mismatches` is asked, only for an event newer than everything applied that carries
 /// `oldState`, which of those cells differ from the replica's current values; it returns the
 /// JSON field names that differ (empty: no conflict).
-pub fn decide(
+pub fn decide<'e>(
     spec: &StreamSpec,
     state: Option<&EntityState>,
-    ev: &Event,
+    ev: &'e Event,
     mismatches: impl FnOnce(&[Cell]) -> Vec<String>,
-) -> Decision {
+) -> Decision<'e> {
     let Some(v) = &ev.version else {
         // Unversioned stream: arrival order decides, every event is the newest.
         let conflict = match check_conflict(spec, ev, true, mismatches) {
@@ -150,14 +150,14 @@ pub fn decide(
     Decision::Done { outcome: Outcome::Applied, conflict, write: full_write(ev), state: Some(next) }
 }
 
-fn decide_delta(
+fn decide_delta<'e>(
     spec: &StreamSpec,
     cur: EntityState,
     v: &Version,
-    ev: &Event,
+    ev: &'e Event,
     newest: bool,
     mismatches: impl FnOnce(&[Cell]) -> Vec<String>,
-) -> Decision {
+) -> Decision<'e> {
     if cur.tomb.as_ref().is_some_and(|t| t > v) {
         // A later delete already erased whatever this event would write.
         return Decision::unchanged(Outcome::Stale);
@@ -192,8 +192,8 @@ fn decide_delta(
             Decision::Done { outcome: Outcome::Applied, conflict, write, state: Some(next) }
         }
         Op::Upsert { cells, .. } => {
-            let writable: Vec<Cell> =
-                cells.iter().filter(|c| cur.fields.get(&columns[c.column]).is_none_or(|fv| fv < v)).cloned().collect();
+            let writable: Vec<&Cell> =
+                cells.iter().filter(|c| cur.fields.get(&columns[c.column]).is_none_or(|fv| fv < v)).collect();
             let raises_live = cur.live.as_ref().is_none_or(|l| l < v);
             if writable.is_empty() && !raises_live {
                 return Decision::unchanged(Outcome::Stale);
@@ -213,27 +213,27 @@ fn decide_delta(
             let write = if writable.is_empty() && !needs_row {
                 Write::Nothing
             } else {
-                Write::Upsert { cells: writable, children: Vec::new() }
+                Write::Upsert { cells: writable, children: &[] }
             };
             Decision::Done { outcome: Outcome::Applied, conflict, write, state: Some(next) }
         }
     }
 }
 
-fn full_write(ev: &Event) -> Write {
+fn full_write(ev: &Event) -> Write<'_> {
     match &ev.op {
-        Op::Upsert { cells, children } => Write::Upsert { cells: cells.clone(), children: children.clone() },
+        Op::Upsert { cells, children } => Write::Upsert { cells: cells.iter().collect(), children },
         Op::Delete => Write::Delete,
     }
 }
 
 /// `Ok(conflict)` to go on, or the decision the stream's `on_conflict` policy makes.
-fn check_conflict(
+fn check_conflict<'e>(
     spec: &StreamSpec,
     ev: &Event,
     newest: bool,
     mismatches: impl FnOnce(&[Cell]) -> Vec<String>,
-) -> Result<bool, Box<Decision>> {
+) -> Result<bool, Box<Decision<'e>>> {
     if !newest || ev.old.is_empty() {
         return Ok(false);
     }

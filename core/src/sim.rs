@@ -40,14 +40,14 @@ impl Replica {
             Write::Upsert { cells, children } => {
                 let row = self.rows.entry(key.to_vec()).or_default();
                 for c in cells {
-                    set(row, c.column, c.value);
+                    set(row, c.column, c.value.clone());
                 }
                 for set_ in children {
                     self.children.retain(|(ci, pk, _), _| !(*ci == set_.child && pk == key));
-                    for r in set_.rows {
-                        let row = self.children.entry((set_.child, key.to_vec(), r.key)).or_default();
-                        for c in r.cells {
-                            set(row, c.column, c.value);
+                    for r in &set_.rows {
+                        let row = self.children.entry((set_.child, key.to_vec(), r.key.clone())).or_default();
+                        for c in &r.cells {
+                            set(row, c.column, c.value.clone());
                         }
                     }
                 }
@@ -95,11 +95,11 @@ pub fn reference(spec: &StreamSpec, events: &[Event]) -> (Rows, ChildRows) {
             Op::Delete => Write::Delete,
             Op::Upsert { cells, children } => {
                 if spec.shape == Shape::Delta {
-                    Write::Upsert { cells: cells.clone(), children: Vec::new() }
+                    Write::Upsert { cells: cells.iter().collect(), children: &[] }
                 } else {
                     // A snapshot replaces the whole row.
                     r.rows.remove(&ev.key);
-                    Write::Upsert { cells: cells.clone(), children: children.clone() }
+                    Write::Upsert { cells: cells.iter().collect(), children }
                 }
             }
         };
