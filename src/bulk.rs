@@ -122,7 +122,7 @@ type RowValues = (pg_sys::Datum, Vec<Option<pg_sys::Datum>>);
 type UpsertGroup<'a> = (Vec<&'a String>, Vec<RowValues>);
 
 /// Rows in column form: the values of each column, one row per position.
-type Columns = Vec<Vec<Option<pg_sys::Datum>>>;
+type ColumnValues = Vec<Vec<Option<pg_sys::Datum>>>;
 
 /// Set-based retries of a run that lost a race to create an entity.
 const RACE_RETRIES: usize = 20;
@@ -603,7 +603,7 @@ fn write_children(client: &mut SpiClient, index: usize, child: &ChildInfo, final
     let mut keep_parents: Vec<Option<pg_sys::Datum>> = Vec::new();
     let mut keep_keys: Vec<Vec<String>> = vec![Vec::new(); key_cols.len()];
     // Rows to upsert by written column set: the columns, and each column's values.
-    let mut groups: BTreeMap<Vec<&str>, (Vec<&Column>, Columns)> = BTreeMap::new();
+    let mut groups: BTreeMap<Vec<&str>, (Vec<&Column>, ColumnValues)> = BTreeMap::new();
     for (_, parent, fin) in finals {
         let Some(sets) = fin.children else { continue };
         if !fin.delete {
@@ -661,7 +661,7 @@ fn insert_arrays<'c>(
     client: &mut SpiClient<'c>,
     table: &str,
     columns: &[&Column],
-    values: &Columns,
+    values: &ColumnValues,
     conflict: &str,
     action: &str,
 ) -> pgrx::spi::SpiTupleTable<'c> {
@@ -705,7 +705,7 @@ fn upsert_many(
     let update: Vec<&str> =
         if insert_only { Vec::new() } else { cols[1..].iter().map(|c| c.quoted.as_str()).collect() };
     let action = writer::conflict_action(&update, guard, &format!("t.{}::text", key_col.quoted));
-    let mut values: Columns = vec![rows.iter().map(|(k, _)| Some(*k)).collect()];
+    let mut values: ColumnValues = vec![rows.iter().map(|(k, _)| Some(*k)).collect()];
     values.extend((0..columns.len()).map(|i| rows.iter().map(|(_, v)| v[i]).collect()));
     let written = insert_arrays(client, &table.qualified, &cols, &values, &key_col.quoted, &action);
     guard.map(|_| written.map(|r| r.get::<String>(1).unwrap().unwrap()).collect())
