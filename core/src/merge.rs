@@ -102,8 +102,8 @@ pub enum Decision<'e> {
     Raise(String),
 }
 
-impl Decision<'_> {
-    fn unchanged<'e>(outcome: Outcome) -> Decision<'e> {
+impl<'e> Decision<'e> {
+    fn unchanged(outcome: Outcome) -> Decision<'e> {
         Decision::Done { outcome, conflict: false, write: Write::Nothing, state: None }
     }
 }
