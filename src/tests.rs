@@ -808,37 +808,8 @@ mod tests {
                         columns => '{{"addressLine1": "line1"}}', version => 'ts')"#
                 ));
             }
-            let mut events = random_events(&mut rng, shape);
-            let mut ordered = events.clone();
-            ordered.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-            for (_, _, p) in &ordered {
-                apply(&in_order, p);
-            }
-            // Shuffle (Fisher–Yates) and add duplicates.
-            for i in (1..events.len()).rev() {
-                events.swap(i, rng.next(i as u64 + 1) as usize);
-            }
-            let extra: Vec<_> =
-                (0..events.len() / 2).map(|_| events[rng.next(events.len() as u64) as usize].clone()).collect();
-            events.extend(extra);
-            for i in (1..events.len()).rev() {
-                events.swap(i, rng.next(i as u64 + 1) as usize);
-            }
-            for (_, _, p) in &events {
-                apply(&shuffled, p);
-            }
-            // The same delivery through apply_batch (set-based), in chunks of random size.
-            let mut rest: &[(String, i64, String)] = &events;
-            while !rest.is_empty() {
-                let n = (1 + rng.next(12) as usize).min(rest.len());
-                let chunk: Vec<Option<String>> = rest[..n].iter().map(|(_, _, p)| Some(p.clone())).collect();
-                Spi::run_with_args(
-                    &format!("SELECT * FROM ecst.apply_batch('{batched}', $1::text[])"),
-                    &[chunk.into()],
-                )
-                .unwrap();
-                rest = &rest[n..];
-            }
+            let events = random_events(&mut rng, shape);
+            deliver_three_ways(&mut rng, events, [&in_order, &shuffled, &batched], 2, 12);
             let diff = count(&format!(
                 "(SELECT * FROM {in_order} EXCEPT SELECT * FROM {shuffled}) UNION ALL (SELECT * FROM {shuffled} EXCEPT SELECT * FROM {in_order})"
             ));
@@ -848,6 +819,45 @@ mod tests {
             ));
             assert_eq!(diff, 0, "{shape} seed {seed}: batched delivery differs from in-order");
             assert_eq!(count(&format!("SELECT * FROM {in_order}")), count(&format!("SELECT * FROM {shuffled}")));
+        }
+    }
+
+    /// Applies `events` (entity key, version, payload) three ways: to stream `in_order` one by one
+    /// in (key, version) order; to `shuffled` one by one, shuffled (Fisher–Yates) with
+    /// `1/duplicate_share` of them repeated; and the same shuffled delivery to `batched` through
+    /// `ecst.apply_batch` (set-based) in chunks of 1 to `max_chunk` events.
+    fn deliver_three_ways(
+        rng: &mut Lcg,
+        mut events: Vec<(String, i64, String)>,
+        [in_order, shuffled, batched]: [&str; 3],
+        duplicate_share: usize,
+        max_chunk: u64,
+    ) {
+        let mut ordered = events.clone();
+        ordered.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        for (_, _, p) in &ordered {
+            apply(in_order, p);
+        }
+        for i in (1..events.len()).rev() {
+            events.swap(i, rng.next(i as u64 + 1) as usize);
+        }
+        let extra: Vec<_> = (0..events.len() / duplicate_share)
+            .map(|_| events[rng.next(events.len() as u64) as usize].clone())
+            .collect();
+        events.extend(extra);
+        for i in (1..events.len()).rev() {
+            events.swap(i, rng.next(i as u64 + 1) as usize);
+        }
+        for (_, _, p) in &events {
+            apply(shuffled, p);
+        }
+        let mut rest: &[(String, i64, String)] = &events;
+        while !rest.is_empty() {
+            let n = (1 + rng.next(max_chunk) as usize).min(rest.len());
+            let chunk: Vec<Option<String>> = rest[..n].iter().map(|(_, _, p)| Some(p.clone())).collect();
+            Spi::run_with_args(&format!("SELECT * FROM ecst.apply_batch('{batched}', $1::text[])"), &[chunk.into()])
+                .unwrap();
+            rest = &rest[n..];
         }
     }
 
@@ -909,35 +919,8 @@ mod tests {
                 ));
             }
             let [in_order, shuffled, batched] = &names;
-            let mut events = random_aggregates(&mut rng);
-            let mut ordered = events.clone();
-            ordered.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-            for (_, _, p) in &ordered {
-                apply(in_order, p);
-            }
-            for i in (1..events.len()).rev() {
-                events.swap(i, rng.next(i as u64 + 1) as usize);
-            }
-            let extra: Vec<_> =
-                (0..events.len() / 3).map(|_| events[rng.next(events.len() as u64) as usize].clone()).collect();
-            events.extend(extra);
-            for i in (1..events.len()).rev() {
-                events.swap(i, rng.next(i as u64 + 1) as usize);
-            }
-            for (_, _, p) in &events {
-                apply(shuffled, p);
-            }
-            let mut rest: &[(String, i64, String)] = &events;
-            while !rest.is_empty() {
-                let n = (1 + rng.next(16) as usize).min(rest.len());
-                let chunk: Vec<Option<String>> = rest[..n].iter().map(|(_, _, p)| Some(p.clone())).collect();
-                Spi::run_with_args(
-                    &format!("SELECT * FROM ecst.apply_batch('{batched}', $1::text[])"),
-                    &[chunk.into()],
-                )
-                .unwrap();
-                rest = &rest[n..];
-            }
+            let events = random_aggregates(&mut rng);
+            deliver_three_ways(&mut rng, events, [in_order, shuffled, batched], 3, 16);
             for suffix in ["", "_a"] {
                 for other in [shuffled, batched] {
                     let diff = count(&format!(
