@@ -225,7 +225,21 @@ fn run_set_based(
     if !spec.is_versioned() && !keys.is_empty() {
         locks::lock_entities(client, stream.id, keys.clone());
     }
-    if spec.is_versioned() && !keys.is_empty() {
+    // Where the row API reads and writes the state rows, each locked row's place, for its update.
+    let mut state_rows = match spec.is_versioned() && !keys.is_empty() {
+        true => direct::StateRows::open(),
+        false => None,
+    };
+    let mut state_ids: HashMap<&String, direct::StateRowId> = HashMap::new();
+    if let Some(rows) = state_rows.as_mut() {
+        // In key order, as the SQL below locks them.
+        for key in entities.keys() {
+            if let Some((id, (live, tomb, fields))) = rows.lock(stream.id, key) {
+                state_ids.insert(key, id);
+                states.insert(key.clone(), apply::state_from_text(live, tomb, fields));
+            }
+        }
+    } else if spec.is_versioned() && !keys.is_empty() {
         let rows = security::internal(|| {
             writer::run_once(
                 client,
@@ -395,7 +409,7 @@ fn run_set_based(
 
     // 6. Write, in the lock order every path follows: version states first (existing ones are
     //    locked already; new ones are inserted in key order), then replica rows in key order.
-    save_states(client, stream.id, &new_states)?;
+    save_states(client, stream.id, &new_states, state_rows.take().map(|rows| (rows, &state_ids)))?;
     let deletes: Vec<Option<pg_sys::Datum>> =
         finals.iter().filter(|(_, _, f)| f.delete).map(|(_, k, _)| Some(*k)).collect();
     if !deletes.is_empty() {
@@ -713,14 +727,30 @@ fn upsert_many(
 
 /// Writes the new version states: updates for entities that had one, inserts for new ones. A new
 /// entity that a concurrent session created meanwhile sends the run down the per-event path.
-fn save_states(client: &mut SpiClient, stream_id: i32, states: &[(String, EntityState, bool)]) -> Result<(), Fallback> {
+/// Existing rows go through the row API where it read them (`direct`: the rows it locked, by key).
+fn save_states(
+    client: &mut SpiClient,
+    stream_id: i32,
+    states: &[(String, EntityState, bool)],
+    direct_rows: Option<(direct::StateRows, &HashMap<&String, direct::StateRowId>)>,
+) -> Result<(), Fallback> {
+    let text = |v: &Option<Version>| v.as_ref().map(Version::to_numeric_string);
+    let sql_updates = direct_rows.is_none();
+    if let Some((mut rows, ids)) = direct_rows {
+        for (key, state, _) in states.iter().filter(|s| s.2) {
+            let fields = apply::fields_to_text(state);
+            let (live, tomb) = (text(&state.live), text(&state.tomb));
+            rows.update(ids[key], stream_id, key, live.as_deref(), tomb.as_deref(), fields.as_deref());
+        }
+        rows.close();
+    }
     for existed in [true, false] {
-        let chosen: Vec<&(String, EntityState, bool)> = states.iter().filter(|s| s.2 == existed).collect();
+        let chosen: Vec<&(String, EntityState, bool)> =
+            states.iter().filter(|s| s.2 == existed && (sql_updates || !existed)).collect();
         if chosen.is_empty() {
             continue;
         }
         let keys: Vec<String> = chosen.iter().map(|s| s.0.clone()).collect();
-        let text = |v: &Option<Version>| v.as_ref().map(Version::to_numeric_string);
         let live: Vec<Option<String>> = chosen.iter().map(|s| text(&s.1.live)).collect();
         let tomb: Vec<Option<String>> = chosen.iter().map(|s| text(&s.1.tomb)).collect();
         let fields: Vec<Option<String>> = chosen.iter().map(|s| apply::fields_to_text(&s.1)).collect();

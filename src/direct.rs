@@ -64,6 +64,51 @@ impl RowWriter {
     }
 }
 
+/// Where a locked version-state row is, for the update that follows its read.
+#[derive(Clone, Copy)]
+pub struct StateRowId(imp::Tid);
+
+/// A version-state row's stored values as text: `live_version`, `tomb_version`, `field_versions`.
+pub type StoredState = (Option<String>, Option<String>, Option<String>);
+
+/// The `ecst.entity_state` rows of a run, locked, read and updated through the row API instead of
+/// a `SELECT … FOR UPDATE` and an `UPDATE` over arrays of keys: one index lookup per entity
+/// instead of two, and no statement to plan. Only in READ COMMITTED, where locking the newest
+/// committed version of a row is what `SELECT … FOR UPDATE` does; `open` is `None` otherwise, and
+/// where a trigger of a user's is on the table (SQL then does it).
+pub struct StateRows(imp::States);
+
+impl StateRows {
+    pub fn open() -> Option<StateRows> {
+        imp::States::open().map(StateRows)
+    }
+
+    /// The entity's state row, locked as `SELECT … FOR UPDATE` locks it (waiting for a concurrent
+    /// writer of it, then taking its newest version), or `None` if it has none. Entities must be
+    /// locked in the order every path takes (key order, `COLLATE "C"`).
+    pub fn lock(&mut self, stream_id: i32, entity_key: &str) -> Option<(StateRowId, StoredState)> {
+        self.0.lock(stream_id, entity_key).map(|(tid, state)| (StateRowId(tid), state))
+    }
+
+    /// Replaces a locked row's state (versions as numeric text, field versions as JSON text).
+    pub fn update(
+        &mut self,
+        row: StateRowId,
+        stream_id: i32,
+        entity_key: &str,
+        live: Option<&str>,
+        tomb: Option<&str>,
+        fields: Option<&str>,
+    ) {
+        self.0.update(row.0, stream_id, entity_key, [live, tomb, fields])
+    }
+
+    /// Releases what `open` took. After an error, the aborted (sub)transaction releases it instead.
+    pub fn close(self) {
+        self.0.close()
+    }
+}
+
 /// Whether the error being handled was raised while inserting a row (a unique violation there
 /// means a concurrent session inserted the same key first). Clears the flag.
 pub fn insert_lost_race() -> bool {
@@ -101,6 +146,27 @@ mod imp {
         }
 
         pub fn write_if_newer(&mut self, _: &[Bound], _: &[Bound], _: &Column, _: pgrx::pg_sys::Datum) -> Update {
+            match *self {}
+        }
+
+        pub fn close(self) {}
+    }
+
+    pub enum States {}
+
+    #[derive(Clone, Copy)]
+    pub struct Tid;
+
+    impl States {
+        pub fn open() -> Option<States> {
+            None
+        }
+
+        pub fn lock(&mut self, _: i32, _: &str) -> Option<(Tid, StoredState)> {
+            match *self {}
+        }
+
+        pub fn update(&mut self, _: Tid, _: i32, _: &str, _: [Option<&str>; 3]) {
             match *self {}
         }
 
@@ -163,23 +229,7 @@ mod imp {
                     pg_sys::table_close(rel, pg_sys::NoLock as i32);
                     return None;
                 };
-                let estate = pg_sys::CreateExecutorState();
-                let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast::<pg_sys::RangeTblEntry>();
-                (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
-                (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
-                (*rte).relid = table.oid;
-                (*rte).relkind = (*(*rel).rd_rel).relkind;
-                (*rte).rellockmode = pg_sys::AccessShareLock as i32;
-                pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(null_mut(), rte.cast()));
-                let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
-                (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
-                pg_sys::InitResultRelInfo(rri, rel, 1, null_mut(), 0);
-                (*estate).es_opened_result_relations =
-                    pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
-                if pg_sys::ActiveSnapshotSet() {
-                    (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
-                }
-                pg_sys::ExecOpenIndices(rri, false);
+                let (estate, rri) = executor(rel);
                 let search = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
                 let found = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
                 let new = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
@@ -280,13 +330,206 @@ mod imp {
 
         pub fn close(self) {
             // SAFETY: releases what `open` took, once.
+            unsafe { release(self.rel, self.estate, self.rri) }
+        }
+    }
+
+    /// Executor state to write `rel` through the row API, as logical replication's apply worker
+    /// sets it up (worker.c: create_edata_for_relation): one result relation, its indexes open.
+    /// Released by `release`.
+    unsafe fn executor(rel: pg_sys::Relation) -> (*mut pg_sys::EState, *mut pg_sys::ResultRelInfo) {
+        let estate = pg_sys::CreateExecutorState();
+        let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast::<pg_sys::RangeTblEntry>();
+        (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+        (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+        (*rte).relid = (*rel).rd_id;
+        (*rte).relkind = (*(*rel).rd_rel).relkind;
+        (*rte).rellockmode = pg_sys::AccessShareLock as i32;
+        pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(null_mut(), rte.cast()));
+        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
+        (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+        pg_sys::InitResultRelInfo(rri, rel, 1, null_mut(), 0);
+        (*estate).es_opened_result_relations = pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
+        if pg_sys::ActiveSnapshotSet() {
+            (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
+        }
+        pg_sys::ExecOpenIndices(rri, false);
+        (estate, rri)
+    }
+
+    /// Releases what `executor` took and closes `rel` (its lock stays to the end of the transaction).
+    unsafe fn release(rel: pg_sys::Relation, estate: *mut pg_sys::EState, rri: *mut pg_sys::ResultRelInfo) {
+        pg_sys::ExecCloseIndices(rri);
+        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+        pg_sys::FreeExecutorState(estate);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+    }
+
+    pub type Tid = pg_sys::ItemPointerData;
+
+    /// `ecst.entity_state` open for the row API, with its primary key (stream_id, entity_key).
+    pub struct States {
+        rel: pg_sys::Relation,
+        estate: *mut pg_sys::EState,
+        rri: *mut pg_sys::ResultRelInfo,
+        pk: pg_sys::Oid,
+        search: *mut pg_sys::TupleTableSlot,
+        found: *mut pg_sys::TupleTableSlot,
+        new: *mut pg_sys::TupleTableSlot,
+        natts: usize,
+        /// Zero-based attribute numbers of stream_id, entity_key, live_version, tomb_version,
+        /// field_versions.
+        at: [usize; 5],
+    }
+
+    /// The stored types of live_version, tomb_version and field_versions, with their input and
+    /// output functions.
+    const STATE_TYPES: [(pg_sys::Oid, u32, u32); 3] = [
+        (pg_sys::NUMERICOID, pg_sys::F_NUMERIC_IN, pg_sys::F_NUMERIC_OUT),
+        (pg_sys::NUMERICOID, pg_sys::F_NUMERIC_IN, pg_sys::F_NUMERIC_OUT),
+        (pg_sys::JSONBOID, pg_sys::F_JSONB_IN, pg_sys::F_JSONB_OUT),
+    ];
+
+    impl States {
+        pub fn open() -> Option<States> {
+            // SAFETY: pg_ecst's own table, opened ROW EXCLUSIVE (as any writer's lock, kept to the
+            // end of the transaction); what is opened here is released by `close`, or by the abort
+            // of the (sub)transaction an error unwinds through.
             unsafe {
-                pg_sys::ExecCloseIndices(self.rri);
-                pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
-                pg_sys::FreeExecutorState(self.estate);
-                pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
+                if pg_sys::XactIsoLevel != pg_sys::XACT_READ_COMMITTED as i32 {
+                    return None;
+                }
+                let oid = own_relation(c"entity_state")?;
+                let rel = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as i32);
+                let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+                let names = [c"stream_id", c"entity_key", c"live_version", c"tomb_version", c"field_versions"];
+                let at = names.map(|n| pg_sys::get_attnum(oid, n.as_ptr()) as i32 - 1);
+                // Its foreign key's triggers are the only ones it should have (an update that keeps
+                // the key queues none of them).
+                if pk == pg_sys::Oid::INVALID || at.iter().any(|&a| a < 0) || !only_internal_triggers(rel) {
+                    pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                    return None;
+                }
+                let (estate, rri) = executor(rel);
+                let search = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let found = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let new = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let natts = (*(*rel).rd_att).natts as usize;
+                Some(States { rel, estate, rri, pk, search, found, new, natts, at: at.map(|a| a as usize) })
             }
         }
+
+        /// Resets per-row memory and makes it current; returns the context to switch back to.
+        unsafe fn per_row(&mut self) -> pg_sys::MemoryContext {
+            if (*self.estate).es_per_tuple_exprcontext.is_null() {
+                (*self.estate).es_per_tuple_exprcontext = pg_sys::CreateExprContext(self.estate);
+            }
+            let econtext = (*self.estate).es_per_tuple_exprcontext;
+            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
+            pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory)
+        }
+
+        pub fn lock(&mut self, stream_id: i32, entity_key: &str) -> Option<(Tid, StoredState)> {
+            // SAFETY: slots of this relation; as apply_handle_update_internal finds its row.
+            unsafe {
+                let back = self.per_row();
+                pg_sys::ExecClearTuple(self.search);
+                let (values, nulls) = slot_arrays(self.search, self.natts);
+                nulls.fill(true);
+                let [stream_at, key_at, ..] = self.at;
+                values[stream_at] = pg_sys::Datum::from(stream_id);
+                nulls[stream_at] = false;
+                values[key_at] = text_datum(entity_key);
+                nulls[key_at] = false;
+                pg_sys::ExecStoreVirtualTuple(self.search);
+                pg_sys::ExecClearTuple(self.found);
+                let exists = pg_sys::RelationFindReplTupleByIndex(
+                    self.rel,
+                    self.pk,
+                    pg_sys::LockTupleMode::LockTupleExclusive,
+                    self.search,
+                    self.found,
+                );
+                let result = exists.then(|| {
+                    pg_sys::slot_getsomeattrs_int(self.found, self.natts as i32);
+                    let (values, nulls) = slot_arrays(self.found, self.natts);
+                    let text = |i: usize| {
+                        let at = self.at[2 + i];
+                        (!nulls[at]).then(|| {
+                            let out = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(STATE_TYPES[i].2), values[at]);
+                            std::ffi::CStr::from_ptr(out).to_str().expect("stored states are UTF-8").to_owned()
+                        })
+                    };
+                    ((*self.found).tts_tid, (text(0), text(1), text(2)))
+                });
+                // Unpins the row's buffer.
+                pg_sys::ExecClearTuple(self.found);
+                pg_sys::MemoryContextSwitchTo(back);
+                result
+            }
+        }
+
+        pub fn update(&mut self, tid: Tid, stream_id: i32, entity_key: &str, state: [Option<&str>; 3]) {
+            // SAFETY: a row this transaction has locked (`lock`), so it is still the newest version
+            // of the entity's state; as apply_handle_update_internal updates it.
+            unsafe {
+                let back = self.per_row();
+                (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+                pg_sys::ExecClearTuple(self.new);
+                let (values, nulls) = slot_arrays(self.new, self.natts);
+                nulls.fill(true);
+                let [stream_at, key_at, ..] = self.at;
+                values[stream_at] = pg_sys::Datum::from(stream_id);
+                nulls[stream_at] = false;
+                values[key_at] = text_datum(entity_key);
+                nulls[key_at] = false;
+                for (i, text) in state.iter().enumerate() {
+                    let at = self.at[2 + i];
+                    let (ty, input, _) = STATE_TYPES[i];
+                    nulls[at] = text.is_none();
+                    values[at] = match text {
+                        Some(t) => {
+                            let c = std::ffi::CString::new(*t).expect("no NUL in a version");
+                            pg_sys::OidInputFunctionCall(pg_sys::Oid::from(input), c.as_ptr().cast_mut(), ty, -1)
+                        }
+                        None => pg_sys::Datum::from(0),
+                    };
+                }
+                pg_sys::ExecStoreVirtualTuple(self.new);
+                let mut epq: pg_sys::EPQState = std::mem::zeroed();
+                pg_sys::EvalPlanQualInit(&mut epq, self.estate, null_mut(), null_mut(), -1);
+                pg_sys::AfterTriggerBeginQuery();
+                // The row API takes the old row's place from the search slot.
+                pg_sys::ExecClearTuple(self.search);
+                (*self.search).tts_tid = tid;
+                pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, &mut epq, self.search, self.new);
+                pg_sys::AfterTriggerEndQuery(self.estate);
+                pg_sys::EvalPlanQualEnd(&mut epq);
+                pg_sys::MemoryContextSwitchTo(back);
+            }
+        }
+
+        pub fn close(self) {
+            // SAFETY: releases what `open` took, once; later statements see the updates.
+            unsafe {
+                pg_sys::CommandCounterIncrement();
+                release(self.rel, self.estate, self.rri)
+            }
+        }
+    }
+
+    /// Whether every trigger on `rel` is one PostgreSQL made for a constraint (no user's trigger).
+    unsafe fn only_internal_triggers(rel: pg_sys::Relation) -> bool {
+        let desc = (*rel).trigdesc;
+        desc.is_null() || {
+            let n = (*desc).numtriggers as usize;
+            std::slice::from_raw_parts((*desc).triggers, n).iter().all(|t| t.tgisinternal)
+        }
+    }
+
+    /// A `text` datum of `s` in the current memory context.
+    unsafe fn text_datum(s: &str) -> pg_sys::Datum {
+        pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32))
     }
 
     /// Whether a row holding only `keys` and `set` can be inserted without SQL: every other

@@ -441,6 +441,48 @@ mod tests {
     }
 
     #[pg_test]
+    fn state_rows_read_locked_and_updated_through_the_row_api() {
+        delta_stream("d", Some("ts"), "apply");
+        let ev = |id: &str, ts: i64, fields: &str| {
+            format!(r#"{{"addressId": "{id}", "ts": {ts}, "newState": {{{fields}}}}}"#)
+        };
+        assert_eq!(apply("d", &ev("a", 5, r#""addressPurpose": "home""#)), "applied");
+        assert_eq!(apply("d", &ev("a", 7, r#""addressLine1": "x""#)), "applied");
+        let id: i32 = one("SELECT id FROM ecst.streams WHERE name = 'd'").unwrap();
+        let stored = || {
+            text(&format!(
+                "SELECT concat_ws('|', live_version, coalesce(tomb_version::text, '-'), field_versions)
+                 FROM ecst.entity_state WHERE stream_id = {id} AND entity_key = 'a'"
+            ))
+        };
+        assert_eq!(stored(), r#"7|-|{"line1": "7", "address_purpose": "5"}"#);
+
+        let mut rows = crate::direct::StateRows::open().expect("the row API is built for pg14 and pg15");
+        assert!(rows.lock(id, "nobody").is_none(), "an entity without a state row");
+        assert!(rows.lock(id + 1, "a").is_none(), "another stream's entity");
+        let (locked, (live, tomb, fields)) = rows.lock(id, "a").expect("the state row");
+        assert_eq!((live.as_deref(), tomb.as_deref()), (Some("7"), None));
+        assert_eq!(fields.as_deref(), Some(r#"{"line1": "7", "address_purpose": "5"}"#));
+        rows.update(locked, id, "a", Some("9"), Some("8"), Some(r#"{"line1": "9"}"#));
+        rows.close();
+        assert_eq!(stored(), r#"9|8|{"line1": "9"}"#);
+        assert_eq!(count(&format!("SELECT * FROM ecst.entity_state WHERE stream_id = {id}")), 1);
+
+        // A batch over existing state rows (the set-based path reads and writes them this way)
+        // decides from them: field by field, older events are stale.
+        let batch = format!(
+            "SELECT ecst.apply_batch('d', ARRAY['{}', '{}', '{}']::text[])::text",
+            ev("a", 8, r#""addressLine1": "old""#),
+            ev("a", 10, r#""addressLine2": "new""#),
+            ev("b", 1, r#""addressLine1": "b1""#)
+        );
+        run(&batch);
+        assert_eq!(row("d", "a"), "a|home|x|new|-");
+        assert_eq!(row("d", "b"), "b|-|b1|-|-");
+        assert_eq!(stored(), r#"10|8|{"line1": "9", "address_line2": "10"}"#);
+    }
+
+    #[pg_test]
     fn tombstones_block_older_creates() {
         run("CREATE TABLE t (id text PRIMARY KEY, v text)");
         run(r#"SELECT ecst.create_stream('t', 't', 'entity_snapshot', '{"id": "id"}', version => 'at')"#);
