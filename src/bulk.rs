@@ -430,10 +430,11 @@ fn run_set_based(
             rows.push((*key, cells.values().copied().collect()));
         }
     }
-    // Guarded rows go through the executor's row API where it can write the table (`direct`).
-    let mut row_writer = match groups.keys().any(|(_, guarded)| *guarded) {
-        true => direct::RowWriter::open(table),
-        false => None,
+    // Rows go through the executor's row API where it can write the table (`direct`), guarded by
+    // the row's version where the entity keeps it there; SQL writes the rest.
+    let mut row_writer = match groups.is_empty() {
+        false => direct::RowWriter::open(table),
+        true => None,
     };
     // Guarded rows not written, with their row's version where the row API saw it.
     let mut unwritten: Vec<(&String, Option<String>)> = Vec::new();
@@ -441,8 +442,8 @@ fn run_set_based(
     let mut replaced: Vec<(&String, String)> = Vec::new();
     for ((columns, guarded), (names, rows)) in groups {
         let guard = stream.row_version.filter(|_| guarded).map(|i| &table.columns[i]);
-        let (names, rows) = match (guard, row_writer.as_mut()) {
-            (Some(version), Some(writer)) => {
+        let (names, rows) = match row_writer.as_mut() {
+            Some(writer) => {
                 let mut sql: UpsertGroup = Default::default();
                 for (name, (key, values)) in names.into_iter().zip(rows) {
                     let keys = [Bound { column: key_col, value: Some(key) }];
@@ -451,7 +452,11 @@ fn run_set_based(
                         .zip(&values)
                         .map(|(&i, &value)| Bound { column: &table.columns[i], value })
                         .collect();
-                    match writer.write_if_newer(&keys, &set, version) {
+                    let update = match guard {
+                        Some(version) => writer.write_if_newer(&keys, &set, version),
+                        None => writer.upsert(&keys, &set),
+                    };
+                    match update {
                         direct::Update::Written { previous: Some(previous) } if refolded(name) => {
                             replaced.push((name, previous))
                         }
@@ -465,7 +470,7 @@ fn run_set_based(
                 }
                 sql
             }
-            _ => (names, rows),
+            None => (names, rows),
         };
         // Refolded entities whose row the row API could not insert: SQL inserts them if still
         // absent (their events were decided as the entity's first); if a concurrent session

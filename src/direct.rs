@@ -52,9 +52,17 @@ impl RowWriter {
     /// key fails with a unique violation (`insert_lost_race` tells).
     pub fn write_if_newer(&mut self, keys: &[Bound], set: &[Bound], version: &Column) -> Update {
         match set.iter().find(|b| b.column.attnum == version.attnum).and_then(|b| b.value) {
-            Some(new_version) => self.0.write_if_newer(keys, set, version, new_version),
+            Some(new_version) => self.0.write(keys, set, Some((version, new_version))),
             None => Update::NeedsSql,
         }
+    }
+
+    /// Writes the row with these `keys` and the values `set` as
+    /// `INSERT … ON CONFLICT DO UPDATE SET …` would, without a version guard: an existing row is
+    /// locked (after waiting for a concurrent writer of it) and updated; a missing row is inserted
+    /// (a lost race fails as in `write_if_newer`). `NotNewer` is never the answer.
+    pub fn upsert(&mut self, keys: &[Bound], set: &[Bound]) -> Update {
+        self.0.write(keys, set, None)
     }
 
     /// Releases what `open` took (the table's lock stays to the end of the transaction). After
@@ -145,7 +153,7 @@ mod imp {
             false
         }
 
-        pub fn write_if_newer(&mut self, _: &[Bound], _: &[Bound], _: &Column, _: pgrx::pg_sys::Datum) -> Update {
+        pub fn write(&mut self, _: &[Bound], _: &[Bound], _: Option<(&Column, pgrx::pg_sys::Datum)>) -> Update {
             match *self {}
         }
 
@@ -249,13 +257,7 @@ mod imp {
             }
         }
 
-        pub fn write_if_newer(
-            &mut self,
-            keys: &[Bound],
-            set: &[Bound],
-            version: &Column,
-            new_version: pg_sys::Datum,
-        ) -> Update {
+        pub fn write(&mut self, keys: &[Bound], set: &[Bound], guard: Option<(&Column, pg_sys::Datum)>) -> Update {
             INSERTING.with(|i| i.set(false));
             // SAFETY: slots of this writer's relation; as apply_handle_update_internal does.
             unsafe {
@@ -289,13 +291,15 @@ mod imp {
                 if exists {
                     pg_sys::slot_getsomeattrs_int(self.found, self.natts as i32);
                     let (old_values, old_nulls) = slot_arrays(self.found, self.natts);
-                    let v = version.attnum as usize - 1;
-                    if !old_nulls[v] {
-                        let old = version.ty.output(old_values[v]);
-                        if compare(version, old_values[v], new_version) >= 0 {
-                            return Update::NotNewer(old);
+                    if let Some((version, new_version)) = guard {
+                        let v = version.attnum as usize - 1;
+                        if !old_nulls[v] {
+                            let old = version.ty.output(old_values[v]);
+                            if compare(version, old_values[v], new_version) >= 0 {
+                                return Update::NotNewer(old);
+                            }
+                            previous = Some(old);
                         }
-                        previous = Some(old);
                     }
                     values.copy_from_slice(old_values);
                     nulls.copy_from_slice(old_nulls);
