@@ -3,9 +3,11 @@
 //! `ExecSimpleRelationUpdate`, `ExecSimpleRelationInsert`) — instead of through a SQL statement:
 //! nothing to plan, start or shut down per row. Used for the hottest write there is, the guarded
 //! write of an entity whose version lives in its replica row (`apply::row_mode`), per event and
-//! per batch, and for the question that precedes it per event: whether the entity has a
-//! version-state row at all. The worker's claim of the oldest inbox rows is the same kind of
-//! work: an index scan in `seq` order deleting what it returns (`claim_inbox`).
+//! per batch; for a batch's other upserts of such tables; for the question that precedes a
+//! guarded write per event: whether the entity has a version-state row at all; and for a batch's
+//! version-state rows, locked, read and updated (`StateRows`). The worker's claim of the oldest
+//! inbox rows is the same kind of work: an index scan in `seq` order deleting what it returns
+//! (`claim_inbox`).
 //!
 //! The API does what the statement would, except what it does not know about, so it is only used
 //! where none of that applies: a plain heap table (not partitioned, not a partition) keyed by its
