@@ -215,18 +215,8 @@ mod imp {
         INSERTING.with(|i| i.replace(false))
     }
 
-    /// An open replica table with the executor state to write it, as logical replication's apply
-    /// worker sets it up (worker.c: create_edata_for_relation, finish_edata).
-    pub struct Writer {
-        rel: pg_sys::Relation,
-        estate: *mut pg_sys::EState,
-        rri: *mut pg_sys::ResultRelInfo,
-        pk: pg_sys::Oid,
-        search: *mut pg_sys::TupleTableSlot,
-        found: *mut pg_sys::TupleTableSlot,
-        new: *mut pg_sys::TupleTableSlot,
-        natts: usize,
-    }
+    /// An open replica table with the executor state to write it.
+    pub struct Writer(Edata);
 
     impl Writer {
         pub fn open(table: &TableInfo) -> Option<Writer> {
@@ -239,12 +229,7 @@ mod imp {
                     pg_sys::table_close(rel, pg_sys::NoLock as i32);
                     return None;
                 };
-                let (estate, rri) = executor(rel);
-                let search = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-                let found = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-                let new = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-                let natts = (*(*rel).rd_att).natts as usize;
-                Some(Writer { rel, estate, rri, pk, search, found, new, natts })
+                Some(Writer(Edata::open(rel, pk)))
             }
         }
 
@@ -265,34 +250,24 @@ mod imp {
             unsafe {
                 // What the previous row left in per-row memory (index values, constraint checks),
                 // and the command that writes this row.
-                let per_row = (*self.estate).es_per_tuple_exprcontext;
+                let per_row = (*self.0.estate).es_per_tuple_exprcontext;
                 if !per_row.is_null() {
                     pg_sys::MemoryContextReset((*per_row).ecxt_per_tuple_memory);
                 }
-                (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-                pg_sys::ExecClearTuple(self.search);
-                let (values, nulls) = slot_arrays(self.search, self.natts);
-                nulls.fill(true);
+                (*self.0.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+                let (values, nulls) = self.0.blank(self.0.search);
                 for k in keys {
                     let i = k.column.attnum as usize - 1;
                     values[i] = k.value.expect("key values are never NULL");
                     nulls[i] = false;
                 }
-                pg_sys::ExecStoreVirtualTuple(self.search);
-                pg_sys::ExecClearTuple(self.found);
-                let exists = pg_sys::RelationFindReplTupleByIndex(
-                    self.rel,
-                    self.pk,
-                    pg_sys::LockTupleMode::LockTupleExclusive,
-                    self.search,
-                    self.found,
-                );
-                pg_sys::ExecClearTuple(self.new);
-                let (values, nulls) = slot_arrays(self.new, self.natts);
+                let exists = self.0.find();
+                pg_sys::ExecClearTuple(self.0.new);
+                let (values, nulls) = slot_arrays(self.0.new, self.0.natts);
                 let mut previous = None;
                 if exists {
-                    pg_sys::slot_getsomeattrs_int(self.found, self.natts as i32);
-                    let (old_values, old_nulls) = slot_arrays(self.found, self.natts);
+                    pg_sys::slot_getsomeattrs_int(self.0.found, self.0.natts as i32);
+                    let (old_values, old_nulls) = slot_arrays(self.0.found, self.0.natts);
                     if let Some((version, new_version)) = guard {
                         let v = version.attnum as usize - 1;
                         if !old_nulls[v] {
@@ -305,7 +280,7 @@ mod imp {
                     }
                     values.copy_from_slice(old_values);
                     nulls.copy_from_slice(old_nulls);
-                } else if insertable(self.rel, keys, set) {
+                } else if insertable(self.0.rel, keys, set) {
                     nulls.fill(true);
                 } else {
                     return Update::NeedsSql;
@@ -315,17 +290,17 @@ mod imp {
                     values[i] = b.value.unwrap_or(pg_sys::Datum::from(0));
                     nulls[i] = b.value.is_none();
                 }
-                pg_sys::ExecStoreVirtualTuple(self.new);
+                pg_sys::ExecStoreVirtualTuple(self.0.new);
                 if exists {
                     let mut epq: pg_sys::EPQState = std::mem::zeroed();
-                    pg_sys::EvalPlanQualInit(&mut epq, self.estate, null_mut(), null_mut(), -1);
-                    pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, &mut epq, self.found, self.new);
+                    pg_sys::EvalPlanQualInit(&mut epq, self.0.estate, null_mut(), null_mut(), -1);
+                    pg_sys::ExecSimpleRelationUpdate(self.0.rri, self.0.estate, &mut epq, self.0.found, self.0.new);
                     pg_sys::EvalPlanQualEnd(&mut epq);
                 } else {
                     // A concurrent insert of the same key makes this fail with a unique violation
                     // (after waiting for it to commit).
                     INSERTING.with(|i| i.set(true));
-                    pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.new);
+                    pg_sys::ExecSimpleRelationInsert(self.0.rri, self.0.estate, self.0.new);
                     INSERTING.with(|i| i.set(false));
                 }
                 // Later reads and row locks of this transaction see the new row version.
@@ -336,53 +311,98 @@ mod imp {
 
         pub fn close(self) {
             // SAFETY: releases what `open` took, once.
-            unsafe { release(self.rel, self.estate, self.rri) }
+            unsafe { self.0.release() }
         }
     }
 
-    /// Executor state to write `rel` through the row API, as logical replication's apply worker
-    /// sets it up (worker.c: create_edata_for_relation): one result relation, its indexes open.
-    /// Released by `release`.
-    unsafe fn executor(rel: pg_sys::Relation) -> (*mut pg_sys::EState, *mut pg_sys::ResultRelInfo) {
-        let estate = pg_sys::CreateExecutorState();
-        let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast::<pg_sys::RangeTblEntry>();
-        (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
-        (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
-        (*rte).relid = (*rel).rd_id;
-        (*rte).relkind = (*(*rel).rd_rel).relkind;
-        (*rte).rellockmode = pg_sys::AccessShareLock as i32;
-        pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(null_mut(), rte.cast()));
-        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
-        (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
-        pg_sys::InitResultRelInfo(rri, rel, 1, null_mut(), 0);
-        (*estate).es_opened_result_relations = pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
-        if pg_sys::ActiveSnapshotSet() {
-            (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
-        }
-        pg_sys::ExecOpenIndices(rri, false);
-        (estate, rri)
+    /// A relation open for the row API: the executor state to write it, as logical replication's
+    /// apply worker sets it up (worker.c: create_edata_for_relation, finish_edata) — one result
+    /// relation, its indexes open — and the slots of a lookup and a write.
+    struct Edata {
+        rel: pg_sys::Relation,
+        estate: *mut pg_sys::EState,
+        rri: *mut pg_sys::ResultRelInfo,
+        /// The index rows are looked up by.
+        pk: pg_sys::Oid,
+        search: *mut pg_sys::TupleTableSlot,
+        found: *mut pg_sys::TupleTableSlot,
+        new: *mut pg_sys::TupleTableSlot,
+        natts: usize,
     }
 
-    /// Releases what `executor` took and closes `rel` (its lock stays to the end of the transaction).
-    unsafe fn release(rel: pg_sys::Relation, estate: *mut pg_sys::EState, rri: *mut pg_sys::ResultRelInfo) {
-        pg_sys::ExecCloseIndices(rri);
-        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
-        pg_sys::FreeExecutorState(estate);
-        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+    impl Edata {
+        /// `rel` is open (and locked) already; `release` closes it.
+        unsafe fn open(rel: pg_sys::Relation, pk: pg_sys::Oid) -> Edata {
+            let estate = pg_sys::CreateExecutorState();
+            let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast::<pg_sys::RangeTblEntry>();
+            (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+            (*rte).relid = (*rel).rd_id;
+            (*rte).relkind = (*(*rel).rd_rel).relkind;
+            (*rte).rellockmode = pg_sys::AccessShareLock as i32;
+            pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(null_mut(), rte.cast()));
+            let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
+            (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+            pg_sys::InitResultRelInfo(rri, rel, 1, null_mut(), 0);
+            (*estate).es_opened_result_relations = pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
+            if pg_sys::ActiveSnapshotSet() {
+                (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
+            }
+            pg_sys::ExecOpenIndices(rri, false);
+            let slot = || pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+            let (search, found, new) = (slot(), slot(), slot());
+            let natts = (*(*rel).rd_att).natts as usize;
+            Edata { rel, estate, rri, pk, search, found, new, natts }
+        }
+
+        /// Resets per-row memory and makes it current; returns the context to switch back to.
+        unsafe fn per_row(&mut self) -> pg_sys::MemoryContext {
+            if (*self.estate).es_per_tuple_exprcontext.is_null() {
+                (*self.estate).es_per_tuple_exprcontext = pg_sys::CreateExprContext(self.estate);
+            }
+            let econtext = (*self.estate).es_per_tuple_exprcontext;
+            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
+            pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory)
+        }
+
+        /// Clears `slot` to all NULLs and returns its values and null flags, to be filled.
+        unsafe fn blank<'s>(&self, slot: *mut pg_sys::TupleTableSlot) -> (&'s mut [pg_sys::Datum], &'s mut [bool]) {
+            pg_sys::ExecClearTuple(slot);
+            let (values, nulls) = slot_arrays(slot, self.natts);
+            nulls.fill(true);
+            (values, nulls)
+        }
+
+        /// Looks up the row with the key values filled into `search` (after `blank`), locking it
+        /// as `SELECT … FOR UPDATE` does (waiting for a concurrent writer of it, then taking its
+        /// newest version); whether there is one, in `found`.
+        unsafe fn find(&mut self) -> bool {
+            pg_sys::ExecStoreVirtualTuple(self.search);
+            pg_sys::ExecClearTuple(self.found);
+            pg_sys::RelationFindReplTupleByIndex(
+                self.rel,
+                self.pk,
+                pg_sys::LockTupleMode::LockTupleExclusive,
+                self.search,
+                self.found,
+            )
+        }
+
+        /// Releases what `open` took and closes the relation (its lock stays to the end of the
+        /// transaction).
+        unsafe fn release(self) {
+            pg_sys::ExecCloseIndices(self.rri);
+            pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
+            pg_sys::FreeExecutorState(self.estate);
+            pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
+        }
     }
 
     pub type Tid = pg_sys::ItemPointerData;
 
     /// `ecst.entity_state` open for the row API, with its primary key (stream_id, entity_key).
     pub struct States {
-        rel: pg_sys::Relation,
-        estate: *mut pg_sys::EState,
-        rri: *mut pg_sys::ResultRelInfo,
-        pk: pg_sys::Oid,
-        search: *mut pg_sys::TupleTableSlot,
-        found: *mut pg_sys::TupleTableSlot,
-        new: *mut pg_sys::TupleTableSlot,
-        natts: usize,
+        e: Edata,
         /// Zero-based attribute numbers of stream_id, entity_key, live_version, tomb_version,
         /// field_versions.
         at: [usize; 5],
@@ -416,49 +436,36 @@ mod imp {
                     pg_sys::table_close(rel, pg_sys::NoLock as i32);
                     return None;
                 }
-                let (estate, rri) = executor(rel);
-                let search = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-                let found = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-                let new = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-                let natts = (*(*rel).rd_att).natts as usize;
-                Some(States { rel, estate, rri, pk, search, found, new, natts, at: at.map(|a| a as usize) })
+                Some(States { e: Edata::open(rel, pk), at: at.map(|a| a as usize) })
             }
         }
 
-        /// Resets per-row memory and makes it current; returns the context to switch back to.
-        unsafe fn per_row(&mut self) -> pg_sys::MemoryContext {
-            if (*self.estate).es_per_tuple_exprcontext.is_null() {
-                (*self.estate).es_per_tuple_exprcontext = pg_sys::CreateExprContext(self.estate);
-            }
-            let econtext = (*self.estate).es_per_tuple_exprcontext;
-            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
-            pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory)
+        /// Clears `slot` to a row holding only this key (in per-row memory); returns its values and
+        /// null flags.
+        unsafe fn keyed<'s>(
+            &self,
+            slot: *mut pg_sys::TupleTableSlot,
+            stream_id: i32,
+            entity_key: &str,
+        ) -> (&'s mut [pg_sys::Datum], &'s mut [bool]) {
+            let (values, nulls) = self.e.blank(slot);
+            let [stream_at, key_at, ..] = self.at;
+            values[stream_at] = pg_sys::Datum::from(stream_id);
+            nulls[stream_at] = false;
+            values[key_at] = text_datum(entity_key);
+            nulls[key_at] = false;
+            (values, nulls)
         }
 
         pub fn lock(&mut self, stream_id: i32, entity_key: &str) -> Option<(Tid, StoredState)> {
             // SAFETY: slots of this relation; as apply_handle_update_internal finds its row.
             unsafe {
-                let back = self.per_row();
-                pg_sys::ExecClearTuple(self.search);
-                let (values, nulls) = slot_arrays(self.search, self.natts);
-                nulls.fill(true);
-                let [stream_at, key_at, ..] = self.at;
-                values[stream_at] = pg_sys::Datum::from(stream_id);
-                nulls[stream_at] = false;
-                values[key_at] = text_datum(entity_key);
-                nulls[key_at] = false;
-                pg_sys::ExecStoreVirtualTuple(self.search);
-                pg_sys::ExecClearTuple(self.found);
-                let exists = pg_sys::RelationFindReplTupleByIndex(
-                    self.rel,
-                    self.pk,
-                    pg_sys::LockTupleMode::LockTupleExclusive,
-                    self.search,
-                    self.found,
-                );
+                let back = self.e.per_row();
+                self.keyed(self.e.search, stream_id, entity_key);
+                let exists = self.e.find();
                 let result = exists.then(|| {
-                    pg_sys::slot_getsomeattrs_int(self.found, self.natts as i32);
-                    let (values, nulls) = slot_arrays(self.found, self.natts);
+                    pg_sys::slot_getsomeattrs_int(self.e.found, self.e.natts as i32);
+                    let (values, nulls) = slot_arrays(self.e.found, self.e.natts);
                     let text = |i: usize| {
                         let at = self.at[2 + i];
                         (!nulls[at]).then(|| {
@@ -466,10 +473,10 @@ mod imp {
                             std::ffi::CStr::from_ptr(out).to_str().expect("stored states are UTF-8").to_owned()
                         })
                     };
-                    ((*self.found).tts_tid, (text(0), text(1), text(2)))
+                    ((*self.e.found).tts_tid, (text(0), text(1), text(2)))
                 });
                 // Unpins the row's buffer.
-                pg_sys::ExecClearTuple(self.found);
+                pg_sys::ExecClearTuple(self.e.found);
                 pg_sys::MemoryContextSwitchTo(back);
                 result
             }
@@ -479,16 +486,9 @@ mod imp {
             // SAFETY: a row this transaction has locked (`lock`), so it is still the newest version
             // of the entity's state; as apply_handle_update_internal updates it.
             unsafe {
-                let back = self.per_row();
-                (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-                pg_sys::ExecClearTuple(self.new);
-                let (values, nulls) = slot_arrays(self.new, self.natts);
-                nulls.fill(true);
-                let [stream_at, key_at, ..] = self.at;
-                values[stream_at] = pg_sys::Datum::from(stream_id);
-                nulls[stream_at] = false;
-                values[key_at] = text_datum(entity_key);
-                nulls[key_at] = false;
+                let back = self.e.per_row();
+                (*self.e.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+                let (values, nulls) = self.keyed(self.e.new, stream_id, entity_key);
                 for (i, text) in state.iter().enumerate() {
                     let at = self.at[2 + i];
                     let (ty, input, _) = STATE_TYPES[i];
@@ -501,15 +501,15 @@ mod imp {
                         None => pg_sys::Datum::from(0),
                     };
                 }
-                pg_sys::ExecStoreVirtualTuple(self.new);
+                pg_sys::ExecStoreVirtualTuple(self.e.new);
                 let mut epq: pg_sys::EPQState = std::mem::zeroed();
-                pg_sys::EvalPlanQualInit(&mut epq, self.estate, null_mut(), null_mut(), -1);
+                pg_sys::EvalPlanQualInit(&mut epq, self.e.estate, null_mut(), null_mut(), -1);
                 pg_sys::AfterTriggerBeginQuery();
                 // The row API takes the old row's place from the search slot.
-                pg_sys::ExecClearTuple(self.search);
-                (*self.search).tts_tid = tid;
-                pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, &mut epq, self.search, self.new);
-                pg_sys::AfterTriggerEndQuery(self.estate);
+                pg_sys::ExecClearTuple(self.e.search);
+                (*self.e.search).tts_tid = tid;
+                pg_sys::ExecSimpleRelationUpdate(self.e.rri, self.e.estate, &mut epq, self.e.search, self.e.new);
+                pg_sys::AfterTriggerEndQuery(self.e.estate);
                 pg_sys::EvalPlanQualEnd(&mut epq);
                 pg_sys::MemoryContextSwitchTo(back);
             }
@@ -519,7 +519,7 @@ mod imp {
             // SAFETY: releases what `open` took, once; later statements see the updates.
             unsafe {
                 pg_sys::CommandCounterIncrement();
-                release(self.rel, self.estate, self.rri)
+                self.e.release()
             }
         }
     }
