@@ -558,9 +558,10 @@ pub fn dead_letter(
     });
 }
 
-/// The canonical entity key of an event (what version state is kept under), if its key fits.
-pub fn entity_key(stream: &Stream, ev: &Event) -> Option<String> {
-    let (_, canonical) = bind_keys(&stream.table.keys, &stream.spec.key_fields, &ev.key).ok()?;
+/// The canonical entity key of an event with this key (`Event::key`: what version state is kept
+/// under), if the key fits the key columns' types.
+pub fn entity_key(stream: &Stream, key: &[String]) -> Option<String> {
+    let (_, canonical) = bind_keys(&stream.table.keys, &stream.spec.key_fields, key).ok()?;
     Some(join_key(canonical))
 }
 

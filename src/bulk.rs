@@ -99,7 +99,7 @@ fn one_by_one(
     // order, which could deadlock with another session doing the same).
     apply::lock_row_stripes(
         stream,
-        events.iter().flatten().filter_map(|ev| Some((apply::entity_key(stream, ev)?, ev))),
+        events.iter().flatten().filter_map(|ev| Some((apply::entity_key(stream, &ev.key)?, ev))),
     );
     let mut results: Vec<Option<Applied>> = vec![None; events.len()];
     for i in order {

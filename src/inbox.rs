@@ -12,7 +12,7 @@ use crate::direct;
 use crate::retention;
 use crate::security;
 use crate::writer;
-use ecst_core::event::parse;
+use ecst_core::event::parse_key;
 use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -257,8 +257,9 @@ pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
         return 0;
     }
     let Some(s) = catalog::try_stream(stream) else { return 0 };
-    let Ok(ev) = parse(&s.spec, payload) else { return 0 };
-    let Some(key) = apply::entity_key(&s, &ev) else { return 0 };
+    // Only the key: every worker looks at every row, and parses in full only its own.
+    let Ok(key) = parse_key(&s.spec, payload) else { return 0 };
+    let Some(key) = apply::entity_key(&s, &key) else { return 0 };
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (stream, key).hash(&mut h);
     (h.finish() % of as u64) as i32

@@ -137,7 +137,7 @@ pub fn compact(name: &str) -> (i64, i64) {
         let mut entities: BTreeMap<String, Entity> = BTreeMap::new();
         for (seq, payload) in &rows {
             let Ok(ev) = parse(spec, payload) else { continue };
-            let Some(key) = apply::entity_key(&stream, &ev) else { continue };
+            let Some(key) = apply::entity_key(&stream, &ev.key) else { continue };
             let raw: Value = serde_json::from_str(payload).expect("parsed once already");
             let order: Order = (ev.version.clone(), *seq);
             let e = entities.entry(key).or_default();

@@ -96,7 +96,7 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
             let events: Vec<Result<_, Rejection>> =
                 payloads.iter().map(|p| apply::parse_payload(&stream.spec, p.as_deref())).collect();
             if replace {
-                seen.extend(events.iter().flatten().filter_map(|ev| apply::entity_key(&stream, ev)));
+                seen.extend(events.iter().flatten().filter_map(|ev| apply::entity_key(&stream, &ev.key)));
             }
             let results = bulk::apply_run(client, &stream, &events, ErrorPolicy::Caller);
             let mut retained = Vec::new();

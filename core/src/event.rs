@@ -5,8 +5,10 @@
 use crate::reject::{RejectCode, Rejection};
 use crate::spec::{ChildSpec, Shape, StreamSpec, Table, Target};
 use crate::version::{json_type, Version};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value as Json};
 use std::collections::HashMap;
+use std::fmt;
 
 /// A column value as text for the column type's input function, or NULL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +69,82 @@ pub fn parse(spec: &StreamSpec, text: &str) -> Result<Event, Rejection> {
     let root: Json = serde_json::from_str(text)
         .map_err(|e| Rejection::new(RejectCode::InvalidJson, format!("payload is not valid JSON: {e}")))?;
     parse_value(spec, &root)
+}
+
+/// The entity key of an event for `spec`, as [`parse`] would give it — for every event `parse`
+/// accepts, the same key — without building the rest of the event: only the key fields are
+/// decoded, everything else is checked for JSON syntax (not for `parse`'s nesting limit) and
+/// skipped. An event that is invalid elsewhere (a bad version, say) still has its key here. Errors
+/// of the key or of the JSON syntax are `parse`'s own. For routing an event to the worker that
+/// owns its entity: every worker looks at every inbox row.
+pub fn parse_key(spec: &StreamSpec, text: &str) -> Result<Vec<String>, Rejection> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let found = match KeyFields(&spec.key_fields).deserialize(&mut de).and_then(|found| de.end().map(|_| found)) {
+        Ok(found) => found,
+        // Not JSON, or not an object: `parse` says which, in its own words.
+        Err(_) => return parse(spec, text).map(|ev| ev.key),
+    };
+    spec.key_fields
+        .iter()
+        .zip(&found)
+        .map(|(field, value)| key_text(value.as_ref(), || format!("key field {field:?}")))
+        .collect()
+}
+
+/// Decodes the values of these root fields of an event object (the last of repeated ones, as
+/// `serde_json::Map` keeps it), skipping every other field.
+struct KeyFields<'s>(&'s [String]);
+
+impl<'de> DeserializeSeed<'de> for KeyFields<'_> {
+    type Value = Vec<Option<Json>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyFields<'_> {
+    type Value = Vec<Option<Json>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = vec![None; self.0.len()];
+        while let Some(field) = map.next_key_seed(FieldIndex(self.0))? {
+            match field {
+                Some(i) => found[i] = Some(map.next_value::<Json>()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Which of these field names a key is (borrowed from the text where it can be: no allocation).
+struct FieldIndex<'s>(&'s [String]);
+
+impl<'de> DeserializeSeed<'de> for FieldIndex<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldIndex<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|f| f == name))
+    }
 }
 
 /// Parses an already-decoded event for `spec`.

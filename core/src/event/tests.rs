@@ -160,3 +160,64 @@ fn event_ids_and_rfc3339_versions() {
     assert_eq!(ev.version, Some(Version::parse_timestamp("2024-05-01T14:00:00+02:00").unwrap()));
     assert_eq!(code(&spec, r#"{"addressId":"1","ts":1,"meta":{"id":[1]},"newState":{}}"#), RejectCode::InvalidEventId);
 }
+
+#[test]
+fn parse_key_gives_the_key_parse_gives() {
+    let mut unversioned_delta = address_delta();
+    unversioned_delta.version = None;
+    for (spec, fixture) in [(address_snapshot(), SNAPSHOT), (unversioned_delta, DELTA)] {
+        assert_eq!(parse_key(&spec, fixture).unwrap(), parse(&spec, fixture).unwrap().key);
+    }
+    // The aggregate fixture repeats a child key (rejected where it is applied), under its key.
+    assert_eq!(parse(&customer_aggregate(), AGGREGATE).unwrap_err().code, RejectCode::DuplicateChildKey);
+    assert_eq!(parse_key(&customer_aggregate(), AGGREGATE).unwrap(), vec!["911000100".to_string()]);
+    let spec = address_delta();
+    for (payload, key) in [
+        // A repeated field: the last one counts, as in parse.
+        (r#"{"addressId":"a","ts":1,"addressId":"b","newState":{}}"#, "b"),
+        // An escaped field name is the same name.
+        (r#"{"addr\u0065ssId":"c","ts":1,"newState":{}}"#, "c"),
+        (r#"{"addressId":12345678901234567890123,"ts":1,"newState":{}}"#, "12345678901234567890123"),
+        (r#"{"addressId":1.50,"ts":1,"newState":{}}"#, "1.50"),
+        (r#"{"addressId":true,"ts":1,"newState":{}}"#, "true"),
+        (r#"{"x":{"addressId":"no"},"addressId":"d\"e","ts":1,"newState":{"addressId":"no"}}"#, "d\"e"),
+    ] {
+        assert_eq!(parse(&spec, payload).unwrap().key, vec![key.to_string()], "{payload}");
+        assert_eq!(parse_key(&spec, payload).unwrap(), vec![key.to_string()], "{payload}");
+    }
+}
+
+#[test]
+fn parse_key_rejects_what_parse_rejects_about_the_key_or_the_json() {
+    let spec = address_delta();
+    for payload in [
+        "not json",
+        "[1,2]",
+        "7",
+        r#"{"addressId":"1","ts":1,"newState":{}} trailing"#,
+        r#"{"addressId":"1","ts":1,"newState":{"x":[1,}}"#,
+        r#"{"ts":1,"newState":{}}"#,
+        r#"{"addressId":null,"ts":1,"newState":{}}"#,
+        r#"{"addressId":["a"],"ts":1,"newState":{}}"#,
+        r#"{"addressId":"a\u0000","ts":1,"newState":{}}"#,
+    ] {
+        let expected = parse(&spec, payload).unwrap_err();
+        let got = parse_key(&spec, payload).unwrap_err();
+        assert_eq!((got.code, got.message), (expected.code, expected.message), "{payload}");
+    }
+    // Invalid elsewhere: the key is still known (the event is dead-lettered where it is applied).
+    let bad_state = r#"{"addressId":"1","ts":1,"newState":"x"}"#;
+    assert_eq!(parse(&spec, bad_state).unwrap_err().code, RejectCode::InvalidState);
+    assert_eq!(parse_key(&spec, bad_state).unwrap(), vec!["1".to_string()]);
+}
+
+#[test]
+fn parse_key_of_json_nested_deeper_than_parse_takes() {
+    let spec = address_delta();
+    let deep =
+        format!(r#"{{"addressId":"1","ts":1,"newState":{{"x":{}1{}}}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+    assert_eq!(code(&spec, &deep), RejectCode::InvalidJson);
+    // Only the key is decoded: what is skipped is checked for syntax, not for depth. The event is
+    // dead-lettered by the worker that owns entity "1".
+    assert_eq!(parse_key(&spec, &deep).unwrap(), vec!["1".to_string()]);
+}
