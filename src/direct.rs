@@ -7,7 +7,7 @@
 //! guarded write per event: whether the entity has a version-state row at all; and for a batch's
 //! version-state rows, locked, read and updated (`StateRows`). The worker's claim of the oldest
 //! inbox rows is the same kind of work: an index scan in `seq` order deleting what it returns
-//! (`claim_inbox`).
+//! (`claim_inbox`), or, with several workers, what the worker owns (`InboxRows`).
 //!
 //! The API does what the statement would, except what it does not know about, so it is only used
 //! where none of that applies: a plain heap table (not partitioned, not a partition) keyed by its
@@ -127,10 +127,51 @@ pub fn insert_lost_race() -> bool {
 
 /// Deletes and returns up to `limit` of the oldest rows of `ecst.inbox` (in `seq` order, through
 /// its index), as `DELETE … RETURNING` would: a row another session is deleting is waited for and
-/// skipped once that commits. `None` where the executor API is not built, or the inbox has
-/// delete triggers (a user's): the caller then uses SQL.
+/// skipped once that commits. `None` where `InboxRows::open` is.
 pub fn claim_inbox(limit: i64) -> Option<Vec<Row>> {
-    imp::claim_inbox(limit)
+    let mut inbox = InboxRows::open()?;
+    let rows = inbox.look(i64::MIN, limit, |_| true).into_iter().filter_map(|seen| inbox.take(seen)).collect();
+    inbox.close();
+    Some(rows)
+}
+
+/// The oldest rows of `ecst.inbox`, looked at in `seq` order through its index under one snapshot
+/// (`look`), then deleted one by one as the caller decides (`take`), as a `SELECT` and a
+/// `DELETE … RETURNING` by `ctid` would, without planning either or converting a `ctid` to text
+/// and back. The snapshot stays registered until `close`, so a row looked at cannot be vacuumed
+/// away (and its place reused) before it is taken. `None` where the executor API is not built or
+/// the inbox has delete triggers (a user's): the caller then uses SQL.
+pub struct InboxRows(imp::Inbox);
+
+/// An inbox row `InboxRows::look` saw: its `seq`, and the whole row where it was asked for.
+pub struct Seen {
+    pub seq: i64,
+    pub row: Option<Row>,
+    at: imp::Tid,
+}
+
+impl InboxRows {
+    pub fn open() -> Option<InboxRows> {
+        imp::Inbox::open().map(InboxRows)
+    }
+
+    /// Up to `limit` rows with a `seq` above `after`, oldest first, without locking them; the
+    /// stream, payload and arrival time of those for which `read(seq)` is true.
+    pub fn look(&mut self, after: i64, limit: i64, read: impl FnMut(i64) -> bool) -> Vec<Seen> {
+        self.0.look(after, limit, read)
+    }
+
+    /// Deletes a row `look` saw, read in full, and returns it; `None` if another session deleted
+    /// it first (waited for if it is still deleting it).
+    pub fn take(&mut self, seen: Seen) -> Option<Row> {
+        let row = seen.row.expect("only rows read in full are taken");
+        self.0.delete(seen.at).then_some(row)
+    }
+
+    /// Releases what `open` took; later statements see the deletions.
+    pub fn close(self) {
+        self.0.close()
+    }
 }
 
 /// Whether `ecst.entity_state` has a row for this entity, seen by a snapshot taken now (after
@@ -191,8 +232,22 @@ mod imp {
         false
     }
 
-    pub fn claim_inbox(_: i64) -> Option<Vec<Row>> {
-        None
+    pub enum Inbox {}
+
+    impl Inbox {
+        pub fn open() -> Option<Inbox> {
+            None
+        }
+
+        pub fn look(&mut self, _: i64, _: i64, _: impl FnMut(i64) -> bool) -> Vec<Seen> {
+            match *self {}
+        }
+
+        pub fn delete(&mut self, _: Tid) -> bool {
+            match *self {}
+        }
+
+        pub fn close(self) {}
     }
 }
 
@@ -598,73 +653,117 @@ mod imp {
         same.then_some(pk)
     }
 
-    pub fn claim_inbox(limit: i64) -> Option<Vec<Row>> {
-        use pgrx::FromDatum;
-        // SAFETY: an index scan of pg_ecst's inbox under a registered snapshot, deleting the rows
-        // it returns with heap_delete (the inbox is a heap table pg_ecst created), closed before
-        // returning; an error unwinds through the caller's transaction.
-        unsafe {
-            let (Some(inbox), Some(index_oid)) = (own_relation(c"inbox"), own_relation(c"inbox_seq_idx")) else {
-                return None;
-            };
-            let rel = pg_sys::table_open(inbox, pg_sys::RowExclusiveLock as i32);
-            let triggers = (*rel).trigdesc;
-            if !triggers.is_null()
-                && ((*triggers).trig_delete_before_row
-                    || (*triggers).trig_delete_after_row
-                    || (*triggers).trig_delete_before_statement
-                    || (*triggers).trig_delete_after_statement)
-            {
-                pg_sys::table_close(rel, pg_sys::NoLock as i32);
-                return None;
-            }
-            let attnum = |name: &std::ffi::CStr| pg_sys::get_attnum(inbox, name.as_ptr()) as usize;
-            let (seq_at, stream_at, payload_at, received_at) =
-                (attnum(c"seq"), attnum(c"stream"), attnum(c"payload"), attnum(c"received_at"));
-            let last = seq_at.max(stream_at).max(payload_at).max(received_at);
-            pg_sys::CommandCounterIncrement();
-            let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as i32);
-            // What a statement would see: in READ COMMITTED a new snapshot, else the transaction's.
-            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
-            let scan = pg_sys::index_beginscan(rel, index, snapshot, 0, 0);
-            pg_sys::index_rescan(scan, null_mut(), 0, null_mut(), 0);
-            let slot = pg_sys::table_slot_create(rel, null_mut());
-            let cid = pg_sys::GetCurrentCommandId(true);
-            let mut rows = Vec::with_capacity(limit.clamp(0, 100_000) as usize);
-            while (rows.len() as i64) < limit
-                && pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot)
-            {
-                pg_sys::slot_getsomeattrs_int(slot, last as i32);
-                let (values, nulls) = slot_arrays(slot, last);
-                let text = |at: usize| String::from_datum(values[at - 1], nulls[at - 1]);
-                let row = Row {
-                    seq: i64::from_datum(values[seq_at - 1], nulls[seq_at - 1]).expect("seq is NOT NULL"),
-                    stream: text(stream_at),
-                    payload: text(payload_at),
-                    received_at: pgrx::datum::TimestampWithTimeZone::from_datum(
-                        values[received_at - 1],
-                        nulls[received_at - 1],
-                    )
-                    .expect("received_at is NOT NULL"),
+    /// `ecst.inbox` and its `seq` index, open under a registered snapshot.
+    pub struct Inbox {
+        rel: pg_sys::Relation,
+        index: pg_sys::Relation,
+        snapshot: pg_sys::Snapshot,
+        slot: *mut pg_sys::TupleTableSlot,
+        /// One-based attribute numbers of seq, stream, payload, received_at.
+        at: [usize; 4],
+    }
+
+    impl Inbox {
+        pub fn open() -> Option<Inbox> {
+            // SAFETY: pg_ecst's own heap table and index, opened ROW EXCLUSIVE (as a DELETE's lock,
+            // kept to the end of the transaction), under a registered snapshot; released by `close`,
+            // or by the abort of the (sub)transaction an error unwinds through.
+            unsafe {
+                let (Some(inbox), Some(index_oid)) = (own_relation(c"inbox"), own_relation(c"inbox_seq_idx")) else {
+                    return None;
                 };
-                let mut tid = (*slot).tts_tid;
+                let rel = pg_sys::table_open(inbox, pg_sys::RowExclusiveLock as i32);
+                let triggers = (*rel).trigdesc;
+                if !triggers.is_null()
+                    && ((*triggers).trig_delete_before_row
+                        || (*triggers).trig_delete_after_row
+                        || (*triggers).trig_delete_before_statement
+                        || (*triggers).trig_delete_after_statement)
+                {
+                    pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                    return None;
+                }
+                let at = [c"seq", c"stream", c"payload", c"received_at"]
+                    .map(|name| pg_sys::get_attnum(inbox, name.as_ptr()) as usize);
+                pg_sys::CommandCounterIncrement();
+                let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as i32);
+                // What a statement would see: in READ COMMITTED a new snapshot, else the transaction's.
+                let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
+                let slot = pg_sys::table_slot_create(rel, null_mut());
+                Some(Inbox { rel, index, snapshot, slot, at })
+            }
+        }
+
+        pub fn look(&mut self, after: i64, limit: i64, mut read: impl FnMut(i64) -> bool) -> Vec<Seen> {
+            use pgrx::FromDatum;
+            // SAFETY: an index scan of the open inbox under the registered snapshot, ended here.
+            unsafe {
+                let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+                pg_sys::ScanKeyInit(
+                    &mut key,
+                    1,
+                    pg_sys::BTGreaterStrategyNumber as u16,
+                    pg_sys::Oid::from(pg_sys::F_INT8GT),
+                    pg_sys::Datum::from(after),
+                );
+                let scan = pg_sys::index_beginscan(self.rel, self.index, self.snapshot, 1, 0);
+                pg_sys::index_rescan(scan, &mut key, 1, null_mut(), 0);
+                let [seq_at, stream_at, payload_at, received_at] = self.at;
+                let last = *self.at.iter().max().expect("four columns");
+                let mut seen = Vec::with_capacity(limit.clamp(0, 100_000) as usize);
+                while (seen.len() as i64) < limit
+                    && pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, self.slot)
+                {
+                    pg_sys::slot_getsomeattrs_int(self.slot, last as i32);
+                    let (values, nulls) = slot_arrays(self.slot, last);
+                    let seq = i64::from_datum(values[seq_at - 1], nulls[seq_at - 1]).expect("seq is NOT NULL");
+                    let row = read(seq).then(|| {
+                        let text = |at: usize| String::from_datum(values[at - 1], nulls[at - 1]);
+                        Row {
+                            seq,
+                            stream: text(stream_at),
+                            payload: text(payload_at),
+                            received_at: pgrx::datum::TimestampWithTimeZone::from_datum(
+                                values[received_at - 1],
+                                nulls[received_at - 1],
+                            )
+                            .expect("received_at is NOT NULL"),
+                        }
+                    });
+                    seen.push(Seen { seq, row, at: (*self.slot).tts_tid });
+                }
+                pg_sys::ExecClearTuple(self.slot);
+                pg_sys::index_endscan(scan);
+                seen
+            }
+        }
+
+        pub fn delete(&mut self, mut tid: Tid) -> bool {
+            // SAFETY: a row of the open inbox that `look` saw under the snapshot still registered, so
+            // `tid` still holds it (or a version another session deleted); as a DELETE deletes it.
+            unsafe {
+                let cid = pg_sys::GetCurrentCommandId(true);
                 let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
-                match pg_sys::heap_delete(rel, &mut tid, cid, null_mut(), true, &mut failure, false) {
-                    pg_sys::TM_Result::TM_Ok => rows.push(row),
+                match pg_sys::heap_delete(self.rel, &mut tid, cid, null_mut(), true, &mut failure, false) {
+                    pg_sys::TM_Result::TM_Ok => true,
                     // Claimed by a concurrent drainer (waited for, committed) or by this one.
                     pg_sys::TM_Result::TM_Deleted
                     | pg_sys::TM_Result::TM_Updated
-                    | pg_sys::TM_Result::TM_SelfModified => {}
+                    | pg_sys::TM_Result::TM_SelfModified => false,
                     other => pgrx::error!("pg_ecst: unexpected result {other} deleting an inbox row"),
                 }
             }
-            pg_sys::ExecDropSingleTupleTableSlot(slot);
-            pg_sys::index_endscan(scan);
-            pg_sys::UnregisterSnapshot(snapshot);
-            pg_sys::index_close(index, pg_sys::NoLock as i32);
-            pg_sys::table_close(rel, pg_sys::NoLock as i32);
-            pg_sys::CommandCounterIncrement();
-            Some(rows)
+        }
+
+        pub fn close(self) {
+            // SAFETY: releases what `open` took, once.
+            unsafe {
+                pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+                pg_sys::UnregisterSnapshot(self.snapshot);
+                pg_sys::index_close(self.index, pg_sys::NoLock as i32);
+                pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
+                pg_sys::CommandCounterIncrement();
+            }
         }
     }
 
