@@ -225,11 +225,9 @@ fn run_set_based(
     if !spec.is_versioned() && !keys.is_empty() {
         locks::lock_entities(client, stream.id, keys.clone());
     }
+    let versioned_run = spec.is_versioned() && !keys.is_empty();
     // Where the row API reads and writes the state rows, each locked row's place, for its update.
-    let mut state_rows = match spec.is_versioned() && !keys.is_empty() {
-        true => direct::StateRows::open(),
-        false => None,
-    };
+    let mut state_rows = versioned_run.then(direct::StateRows::open).flatten();
     let mut state_ids: HashMap<&String, direct::StateRowId> = HashMap::new();
     if let Some(rows) = state_rows.as_mut() {
         // In key order, as the SQL below locks them.
@@ -239,7 +237,7 @@ fn run_set_based(
                 states.insert(key.clone(), apply::state_from_text(live, tomb, fields));
             }
         }
-    } else if spec.is_versioned() && !keys.is_empty() {
+    } else if versioned_run {
         let rows = security::internal(|| {
             writer::run_once(
                 client,
@@ -432,10 +430,7 @@ fn run_set_based(
     }
     // Rows go through the executor's row API where it can write the table (`direct`), guarded by
     // the row's version where the entity keeps it there; SQL writes the rest.
-    let mut row_writer = match groups.is_empty() {
-        false => direct::RowWriter::open(table),
-        true => None,
-    };
+    let mut row_writer = (!groups.is_empty()).then(|| direct::RowWriter::open(table)).flatten();
     // Guarded rows not written, with their row's version where the row API saw it.
     let mut unwritten: Vec<(&String, Option<String>)> = Vec::new();
     // Refolded entities written over an older version (that version).
@@ -750,8 +745,10 @@ fn save_states(
         rows.close();
     }
     for existed in [true, false] {
-        let chosen: Vec<&(String, EntityState, bool)> =
-            states.iter().filter(|s| s.2 == existed && (sql_updates || !existed)).collect();
+        if existed && !sql_updates {
+            continue; // updated through the row API above
+        }
+        let chosen: Vec<&(String, EntityState, bool)> = states.iter().filter(|s| s.2 == existed).collect();
         if chosen.is_empty() {
             continue;
         }

@@ -305,10 +305,7 @@ mod imp {
             unsafe {
                 // What the previous row left in per-row memory (index values, constraint checks),
                 // and the command that writes this row.
-                let per_row = (*self.0.estate).es_per_tuple_exprcontext;
-                if !per_row.is_null() {
-                    pg_sys::MemoryContextReset((*per_row).ecxt_per_tuple_memory);
-                }
+                self.0.reset_per_row();
                 (*self.0.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
                 let (values, nulls) = self.0.blank(self.0.search);
                 for k in keys {
@@ -410,14 +407,20 @@ mod imp {
             Edata { rel, estate, rri, pk, search, found, new, natts }
         }
 
-        /// Resets per-row memory and makes it current; returns the context to switch back to.
-        unsafe fn per_row(&mut self) -> pg_sys::MemoryContext {
+        /// Resets per-row memory (what the executor keeps there for the previous row: index
+        /// values, constraint checks) and returns it.
+        unsafe fn reset_per_row(&mut self) -> pg_sys::MemoryContext {
             if (*self.estate).es_per_tuple_exprcontext.is_null() {
                 (*self.estate).es_per_tuple_exprcontext = pg_sys::CreateExprContext(self.estate);
             }
-            let econtext = (*self.estate).es_per_tuple_exprcontext;
-            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
-            pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory)
+            let memory = (*(*self.estate).es_per_tuple_exprcontext).ecxt_per_tuple_memory;
+            pg_sys::MemoryContextReset(memory);
+            memory
+        }
+
+        /// Resets per-row memory and makes it current; returns the context to switch back to.
+        unsafe fn per_row(&mut self) -> pg_sys::MemoryContext {
+            pg_sys::MemoryContextSwitchTo(self.reset_per_row())
         }
 
         /// Clears `slot` to all NULLs and returns its values and null flags, to be filled.

@@ -174,6 +174,28 @@ struct Owners {
     by_seq: HashMap<i64, i32>,
 }
 
+impl Owners {
+    /// Forgets the rows older than `oldest`, the oldest row left (`None`: none is left): they are
+    /// gone, claimed by their owners.
+    fn forget_older_than(&mut self, oldest: Option<i64>) {
+        let oldest = oldest.unwrap_or(i64::MAX);
+        self.by_seq.retain(|seq, _| *seq >= oldest);
+    }
+}
+
+/// Runs `f` with this worker's owner cache, emptied first if it was kept for another inbox table
+/// or worker count.
+fn with_owners<R>(of: i32, f: impl FnOnce(&mut Owners) -> R) -> R {
+    let inbox = catalog::own_relation(c"inbox");
+    OWNERS.with(|owners| {
+        let mut owners = owners.borrow_mut();
+        if owners.inbox != inbox || owners.of != of {
+            *owners = Owners { inbox, of, by_seq: HashMap::new() };
+        }
+        f(&mut owners)
+    })
+}
+
 /// Windows a worker looks through per batch for rows it owns (see `owned_rows`).
 const MAX_WINDOWS: usize = 8;
 
@@ -183,20 +205,13 @@ const MAX_WINDOWS: usize = 8;
 fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
     let mut inbox_rows = direct::InboxRows::open()?;
     let window = limit.saturating_mul(of as i64 * 2);
-    let inbox = catalog::own_relation(c"inbox");
-    let mine = OWNERS.with(|owners| {
-        let mut owners = owners.borrow_mut();
-        if owners.inbox != inbox || owners.of != of {
-            *owners = Owners { inbox, of, by_seq: HashMap::new() };
-        }
+    let mine = with_owners(of, |owners| {
         let mut mine = Vec::new();
         let mut after = i64::MIN;
         for turn in 0..MAX_WINDOWS {
             let seen = inbox_rows.look(after, window, |seq| owners.by_seq.get(&seq).is_none_or(|&o| o == index));
             if turn == 0 {
-                // Rows older than the oldest left are gone (claimed by their owners).
-                let oldest = seen.first().map_or(i64::MAX, |s| s.seq);
-                owners.by_seq.retain(|seq, _| *seq >= oldest);
+                owners.forget_older_than(seen.first().map(|s| s.seq));
             }
             let full = seen.len() as i64 == window;
             after = seen.last().map_or(after, |s| s.seq);
@@ -232,12 +247,7 @@ fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
 /// need none.
 fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<String> {
     let window = limit.saturating_mul(of as i64 * 2);
-    let inbox = catalog::own_relation(c"inbox");
-    OWNERS.with(|owners| {
-        let mut owners = owners.borrow_mut();
-        if owners.inbox != inbox || owners.of != of {
-            *owners = Owners { inbox, of, by_seq: HashMap::new() };
-        }
+    with_owners(of, |owners| {
         let seen_up_to = owners.by_seq.keys().copied().max().unwrap_or(i64::MIN);
         let mut mine = Vec::new();
         let mut after = i64::MIN;
@@ -253,9 +263,7 @@ fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<St
             .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap(), r.get(4).unwrap()))
             .collect();
             if turn == 0 {
-                // Rows older than the oldest left are gone (claimed by their owners).
-                let oldest = rows.first().map_or(i64::MAX, |r| r.1);
-                owners.by_seq.retain(|seq, _| *seq >= oldest);
+                owners.forget_older_than(rows.first().map(|r| r.1));
             }
             let mut late = Vec::new();
             for (ctid, seq, stream, payload) in &rows {
