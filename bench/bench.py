@@ -14,6 +14,8 @@ import json
 import os
 import random
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +51,10 @@ PSQL = [f"{PG_BIN}/psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
 
 class BenchError(Exception):
     pass
+
+
+# --perf: directory where each pg_ecst run's worker profile goes (None: no profiling).
+PERF_DIR = None
 
 
 def log(msg):
@@ -206,6 +212,35 @@ def wait_drained(t_start, n, sample_memory=False, interval=None):
             time.sleep(interval or min(0.25, max(0.01, 0.005 * elapsed)))
     finally:
         s.close()
+
+
+def perf_start(label):
+    """With --perf, samples the workers' stacks (perf record) until perf_stop."""
+    if not PERF_DIR:
+        return None
+    data = f"{PERF_DIR}/{label}.data"
+    pids = ",".join(str(p) for p in worker_pids())
+    proc = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-g", "-o", data, "-p", pids],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, data, label
+
+
+def perf_stop(handle):
+    """Stops perf record and writes two reports next to its data: flat (self time per function)
+    and inclusive (time under each function, callees included)."""
+    if handle is None:
+        return
+    proc, data, label = handle
+    proc.send_signal(signal.SIGINT)
+    proc.wait()
+    base = ["perf", "report", "-i", data, "--stdio", "--sort", "symbol", "-g", "none"]
+    for kind, extra in (("self", ["--no-children", "--percent-limit", "0.5"]),
+                        ("inclusive", ["--children", "--percent-limit", "2"])):
+        out = subprocess.run(base + extra, capture_output=True, text=True).stdout
+        lines = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("#")]
+        with open(f"{PERF_DIR}/{label}.{kind}.txt", "w") as f:
+            f.write("\n".join(lines) + "\n")
+    info(f"  perf profile of the worker(s): {PERF_DIR}/{label}.{{self,inclusive}}.txt")
 
 
 def stats(stream):
@@ -647,10 +682,12 @@ def run_set_workload(name, meta):
         set_workers(workers)
         psql(f"CREATE SCHEMA {sch};" + spec["ddl"].format(s=sch) + spec["create"].format(s=sch))
         settle()
+        prof = perf_start(f"{name}-{sch}")
         t0 = time.perf_counter()
         psql(f"\\copy ecst.inbox (stream, payload) FROM '{meta['tsv']}'\n")
         t_copy = time.perf_counter()
         t_end, _ = wait_drained(t0, n)
+        perf_stop(prof)
         total = t_end - t0
         st = stats(spec["stream"])
         dead = int(q1(f"SELECT count(*) FROM ecst.dead_letters WHERE stream = '{spec['stream']}'"))
@@ -906,6 +943,8 @@ def main():
     ap.add_argument("--only", default=",".join(WORKLOADS),
                     help="comma-separated subset of: " + ",".join(WORKLOADS))
     ap.add_argument("--keep", action="store_true", help="leave the scratch server running")
+    ap.add_argument("--perf", action="store_true",
+                    help="profile the workers of every pg_ecst run with perf (reports in bench/out/perf)")
     ap.add_argument("--build", default="", help="(set by bench/run) how the extension was built")
     args = ap.parse_args()
     only = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -914,6 +953,12 @@ def main():
         ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     if args.scale <= 0:
         ap.error("--scale must be positive")
+    if args.perf:
+        if not shutil.which("perf"):
+            ap.error("--perf needs perf (Debian: apt-get install linux-perf)")
+        global PERF_DIR
+        PERF_DIR = f"{OUT}/perf"
+        os.makedirs(PERF_DIR, exist_ok=True)
 
     so = "/usr/lib/postgresql/15/lib/pg_ecst.so"
     so_mtime = os.path.getmtime(so) if os.path.exists(so) else None
