@@ -119,6 +119,28 @@ psql_it -d $DB -c "\\copy ecst.inbox (stream, payload) FROM '$work/delt.tsv'" >/
 wait_for $DB "the workers drain the inbox" "SELECT count(*) FROM ecst.inbox" 0 180
 check "final state = in-order application" 0 "$(compare delt "$work/delt.csv" "id, coalesce(a, ''), coalesce(b, '')" | tail -1)"
 
+echo "-- an inbox with a delete trigger is claimed through SQL, by two workers and by one"
+# A user's audit trigger on the inbox: the workers must then claim with DELETE statements (so that
+# it fires) instead of the executor's row API, and still keep per-entity order.
+q "CREATE TABLE inbox_audit (seq bigint PRIMARY KEY, stream text)" >/dev/null
+q "CREATE FUNCTION audit_inbox() RETURNS trigger LANGUAGE plpgsql AS \$\$
+   BEGIN INSERT INTO public.inbox_audit VALUES (OLD.seq, OLD.stream); RETURN OLD; END \$\$" >/dev/null
+q "CREATE TRIGGER audit AFTER DELETE ON ecst.inbox FOR EACH ROW EXECUTE FUNCTION audit_inbox()" >/dev/null
+for n in 2 1; do
+    q "DELETE FROM delt" >/dev/null
+    q "TRUNCATE inbox_audit" >/dev/null
+    q "ALTER SYSTEM SET ecst.workers = $n" >/dev/null
+    q "SELECT pg_reload_conf()" >/dev/null
+    wait_for $DB "$n worker(s) run" "SELECT count(*) FROM ecst.workers WHERE backend_type = 'pg_ecst worker'" $n
+    gen --shape delta --stream delt --entities 300 --events 20000 --seed $((20 + n)) --out "$work/delt$n.tsv" --expected "$work/delt$n.csv"
+    psql_it -d $DB -c "\\copy ecst.inbox (stream, payload) FROM '$work/delt$n.tsv'" >/dev/null
+    wait_for $DB "$n worker(s) drain the inbox" "SELECT count(*) FROM ecst.inbox" 0 180
+    check "$n worker(s): final state = in-order application" 0 "$(compare delt "$work/delt$n.csv" "id, coalesce(a, ''), coalesce(b, '')" | tail -1)"
+    check "$n worker(s): the trigger saw every event claimed, once" "20000|20000" \
+        "$(q "SELECT count(*) || '|' || count(DISTINCT seq) FROM inbox_audit WHERE stream = 'delt'")"
+done
+q "DROP TRIGGER audit ON ecst.inbox" >/dev/null
+
 echo "-- process_inbox without workers"
 q "ALTER SYSTEM SET ecst.workers = 0" >/dev/null
 q "SELECT pg_reload_conf()" >/dev/null
