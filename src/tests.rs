@@ -35,7 +35,7 @@ mod tests {
     fn sqlstate(sql: &str) -> Option<String> {
         if one::<bool>("SELECT to_regprocedure('pg_temp.sqlstate_of(text)') IS NULL") == Some(true) {
             run("CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS
-                 $f$ BEGIN EXECUTE q; RETURN NULL; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$");
+                 $f$ BEGIN EXECUTE q; RETURN NULL; EXCEPTION WHEN OTHERS THEN RAISE WARNING 'sqlstate_of: % %', SQLSTATE, SQLERRM; RETURN SQLSTATE; END $f$");
         }
         Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap()
     }
