@@ -332,6 +332,8 @@ mod imp {
                                 // Not written, and needs no lock: a guarded write never lowers a
                                 // row's version, so it stays at least this high.
                                 if compare(version, old_values[v], new_version) >= 0 {
+                                    // Unpins the row's page (the writer stays open between rows).
+                                    pg_sys::ExecClearTuple(self.0.found);
                                     return Update::NotNewer(old);
                                 }
                                 previous = Some(old);
@@ -368,6 +370,7 @@ mod imp {
                     }
                     // Later reads and row locks of this transaction see the new row version.
                     pg_sys::CommandCounterIncrement();
+                    pg_sys::ExecClearTuple(self.0.found);
                     return Update::Written { previous };
                 }
             }
@@ -757,6 +760,8 @@ mod imp {
         if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
             || form.relispartition
             || form.relrowsecurity
+            // `Edata::newest` relies on heap visibility (a dirty snapshot naming the writers).
+            || form.relam != pg_sys::HEAP_TABLE_AM_OID
             || !(*rel).trigdesc.is_null()
         {
             return None;
