@@ -51,8 +51,8 @@ impl RowWriter {
     /// existing row (its newest version, after waiting for a concurrent writer of it) is updated
     /// if its `version` column is NULL or older than the new version (the `set` value of that
     /// column) — read again if a concurrent session changes it before the update — and left
-    /// unlocked if not; a missing row is inserted. An insert that loses a race to a concurrent insert of the same
-    /// key fails with a unique violation (`insert_lost_race` tells).
+    /// unlocked if not; a missing row is inserted. An insert that loses a race to a concurrent
+    /// insert of the same key fails with a unique violation (`insert_lost_race` tells).
     pub fn write_if_newer(&mut self, keys: &[Bound], set: &[Bound], version: &Column) -> Update {
         match set.iter().find(|b| b.column.attnum == version.attnum).and_then(|b| b.value) {
             Some(new_version) => self.0.write(keys, set, Some((version, new_version))),
@@ -395,6 +395,16 @@ mod imp {
         found: *mut pg_sys::TupleTableSlot,
         new: *mut pg_sys::TupleTableSlot,
         natts: usize,
+        /// `newest`'s primary-key search, set up at its first use.
+        pk_search: Option<PkSearch>,
+    }
+
+    /// The primary key's index (one of those `ExecOpenIndices` opened) and, per key column, its
+    /// zero-based heap attribute number and a scan key whose argument each lookup fills in.
+    struct PkSearch {
+        index: pg_sys::Relation,
+        attributes: Vec<usize>,
+        keys: Vec<pg_sys::ScanKeyData>,
     }
 
     impl Edata {
@@ -419,7 +429,7 @@ mod imp {
             let slot = || pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
             let (search, found, new) = (slot(), slot(), slot());
             let natts = (*(*rel).rd_att).natts as usize;
-            Edata { rel, estate, rri, pk, search, found, new, natts }
+            Edata { rel, estate, rri, pk, search, found, new, natts, pk_search: None }
         }
 
         /// Resets per-row memory (what the executor keeps there for the previous row: index
@@ -469,6 +479,43 @@ mod imp {
             constr.is_null() || !(*constr).has_generated_stored
         }
 
+        /// `pk_search`: the primary key's index among the result relation's open indexes, and the
+        /// equality operator and collation of each of its key columns (in executor memory, which
+        /// lives as long as this).
+        unsafe fn pk_search_setup(&self) -> PkSearch {
+            let open =
+                std::slice::from_raw_parts((*self.rri).ri_IndexRelationDescs, (*self.rri).ri_NumIndices as usize);
+            let index =
+                *open.iter().find(|&&i| (*i).rd_id == self.pk).expect("the primary key is among the open indexes");
+            let back = pg_sys::MemoryContextSwitchTo((*self.estate).es_query_cxt);
+            let form = &*(*index).rd_index;
+            let n = form.indnkeyatts as usize;
+            let attributes = form.indkey.values.as_slice(n).iter().map(|&a| a as usize - 1).collect();
+            let keys = (0..n)
+                .map(|i| {
+                    let family = *(*index).rd_opfamily.add(i);
+                    let input = *(*index).rd_opcintype.add(i);
+                    let op = pg_sys::get_opfamily_member(family, input, input, pg_sys::BTEqualStrategyNumber as i16);
+                    if op == pg_sys::Oid::INVALID {
+                        pgrx::error!("pg_ecst: no equality operator in the operator family of a primary key column");
+                    }
+                    let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+                    let equal = pg_sys::get_opcode(op);
+                    pg_sys::ScanKeyInit(
+                        &mut key,
+                        (i + 1) as i16,
+                        pg_sys::BTEqualStrategyNumber as u16,
+                        equal,
+                        pg_sys::Datum::from(0),
+                    );
+                    key.sk_collation = *(*index).rd_indcollation.add(i);
+                    key
+                })
+                .collect();
+            pg_sys::MemoryContextSwitchTo(back);
+            PkSearch { index, attributes, keys }
+        }
+
         /// Looks up the row with the key values filled into `search` (after `blank`) as
         /// `RelationFindReplTupleByIndex` does — its newest version, after waiting for a
         /// concurrent writer of it — but without locking it; whether there is one, in `found`.
@@ -483,33 +530,22 @@ mod imp {
         /// anti-wraparound vacuums of the replica (100,000 calls over 20,000 entities, committed
         /// every 1,000, made 25,000 of them).
         unsafe fn newest(&mut self) -> bool {
-            pg_sys::ExecStoreVirtualTuple(self.search);
-            let index = pg_sys::index_open(self.pk, pg_sys::RowExclusiveLock as i32);
-            let form = &*(*index).rd_index;
-            let n = form.indnkeyatts as usize;
-            let attnums = form.indkey.values.as_slice(n);
-            let mut keys: Vec<pg_sys::ScanKeyData> = (0..n).map(|_| std::mem::zeroed()).collect();
-            for (i, key) in keys.iter_mut().enumerate() {
-                // The equality operator of the index column's operator class, and its collation.
-                let family = *(*index).rd_opfamily.add(i);
-                let input = *(*index).rd_opcintype.add(i);
-                let op = pg_sys::get_opfamily_member(family, input, input, pg_sys::BTEqualStrategyNumber as i16);
-                if op == pg_sys::Oid::INVALID {
-                    pgrx::error!("pg_ecst: no equality operator in the operator family of a primary key column");
-                }
-                let value = *(*self.search).tts_values.add(attnums[i] as usize - 1);
-                let procedure = pg_sys::get_opcode(op);
-                pg_sys::ScanKeyInit(key, (i + 1) as i16, pg_sys::BTEqualStrategyNumber as u16, procedure, value);
-                key.sk_collation = *(*index).rd_indcollation.add(i);
+            if self.pk_search.is_none() {
+                self.pk_search = Some(self.pk_search_setup());
             }
+            let PkSearch { index, attributes, keys } = self.pk_search.as_mut().expect("set up above");
+            for (key, &at) in keys.iter_mut().zip(attributes.iter()) {
+                key.sk_argument = *(*self.search).tts_values.add(at);
+            }
+            let (index, n) = (*index, keys.len() as i32);
             // A dirty snapshot: committed rows, and those of transactions still in progress, which
             // it names so that they can be waited for.
             let mut dirty: pg_sys::SnapshotData = std::mem::zeroed();
             dirty.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
-            let scan = pg_sys::index_beginscan(self.rel, index, &mut dirty, n as i32, 0);
+            let scan = pg_sys::index_beginscan(self.rel, index, &mut dirty, n, 0);
             let found = loop {
                 pg_sys::ExecClearTuple(self.found);
-                pg_sys::index_rescan(scan, keys.as_mut_ptr(), n as i32, null_mut(), 0);
+                pg_sys::index_rescan(scan, keys.as_mut_ptr(), n, null_mut(), 0);
                 let found = pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, self.found);
                 let writer = if dirty.xmin != pg_sys::InvalidTransactionId { dirty.xmin } else { dirty.xmax };
                 if !found || writer == pg_sys::InvalidTransactionId {
@@ -519,7 +555,6 @@ mod imp {
                 pg_sys::XactLockTableWait(writer, null_mut(), null_mut(), pg_sys::XLTW_Oper::XLTW_None);
             };
             pg_sys::index_endscan(scan);
-            pg_sys::index_close(index, pg_sys::NoLock as i32);
             found
         }
 
