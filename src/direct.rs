@@ -12,8 +12,9 @@
 //! The API does what the statement would, except what it does not know about, so it is only used
 //! where none of that applies: a plain heap table (not partitioned, not a partition) keyed by its
 //! primary key, without triggers (statement triggers would not fire) or row-level security, that
-//! the current user may `SELECT` and `UPDATE`; and it only inserts rows whose other columns have
-//! no default. Anything else goes through SQL as before. Stored generated columns, constraints,
+//! the current user may `SELECT` and `UPDATE`, in a READ COMMITTED transaction (it acts on a row's
+//! newest committed version, where REPEATABLE READ must raise a serialization failure); and it
+//! only inserts rows whose other columns have no default. Anything else goes through SQL as before. Stored generated columns, constraints,
 //! index maintenance and HOT updates are the executor's own. Only built for PostgreSQL 14 and 15,
 //! whose executor API this was written and tested against; elsewhere it always answers "use SQL".
 
@@ -271,11 +272,25 @@ mod imp {
         INSERTING.with(|i| i.replace(false))
     }
 
+    /// Whether the transaction is READ COMMITTED. The row API finds rows as logical replication's
+    /// apply worker does, by their newest committed version (a dirty snapshot), which is what a
+    /// READ COMMITTED statement's update or row lock ends up acting on too. Under REPEATABLE READ
+    /// or SERIALIZABLE a statement raises a serialization failure (40001) where a row it would
+    /// write was changed after the transaction's snapshot; the row API would silently write over
+    /// it, so there SQL does the writing.
+    fn read_committed() -> bool {
+        // SAFETY: a plain read of the transaction's isolation level.
+        unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 }
+    }
+
     /// An open replica table with the executor state to write it.
     pub struct Writer(Edata);
 
     impl Writer {
         pub fn open(table: &TableInfo) -> Option<Writer> {
+            if !read_committed() {
+                return None;
+            }
             // SAFETY: the relation stays locked (ROW EXCLUSIVE, as any writer's) to the end of the
             // transaction; what is opened here is released by `close`, or by the abort of the
             // (sub)transaction an error unwinds through.
@@ -290,6 +305,9 @@ mod imp {
         }
 
         pub fn available(table: &TableInfo) -> bool {
+            if !read_committed() {
+                return false;
+            }
             // SAFETY: opened and closed here; the lock (ROW EXCLUSIVE, as `open` takes) stays to
             // the end of the transaction.
             unsafe {
@@ -640,7 +658,7 @@ mod imp {
             // end of the transaction); what is opened here is released by `close`, or by the abort
             // of the (sub)transaction an error unwinds through.
             unsafe {
-                if pg_sys::XactIsoLevel != pg_sys::XACT_READ_COMMITTED as i32 {
+                if !read_committed() {
                     return None;
                 }
                 let oid = own_relation(c"entity_state")?;
