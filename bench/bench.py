@@ -220,7 +220,11 @@ def perf_start(label):
         return None
     data = f"{PERF_DIR}/{label}.data"
     pids = ",".join(str(p) for p in worker_pids())
-    proc = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-g", "-o", data, "-p", pids],
+    # Frame-pointer call graphs stop at the first Rust frame (pg_ecst is built without frame
+    # pointers); PERF_CALLGRAPH=dwarf unwinds through them, at a lower rate and larger data files.
+    graph = ["-F", "199", "--call-graph", "dwarf,32768"] if os.environ.get("PERF_CALLGRAPH") == "dwarf" \
+        else ["-F", "999", "-g"]
+    proc = subprocess.Popen(["perf", "record", "-q", *graph, "-o", data, "-p", pids],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, data, label
 
