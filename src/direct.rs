@@ -127,12 +127,12 @@ pub fn insert_lost_race() -> bool {
     imp::insert_lost_race()
 }
 
-/// Deletes and returns up to `limit` of the oldest rows of `ecst.inbox` (in `seq` order, through
-/// its index), as `DELETE … RETURNING` would: a row another session is deleting is waited for and
-/// skipped once that commits. `None` where `InboxRows::open` is.
-pub fn claim_inbox(limit: i64) -> Option<Vec<Row>> {
+/// Deletes and returns up to `limit` of the oldest rows of `ecst.inbox` with a `seq` above `after`
+/// (in `seq` order, through its index), as `DELETE … RETURNING` would: a row another session is
+/// deleting is waited for and skipped once that commits. `None` where `InboxRows::open` is.
+pub fn claim_inbox(after: i64, limit: i64) -> Option<Vec<Row>> {
     let mut inbox = InboxRows::open()?;
-    let rows = inbox.look(i64::MIN, limit, |_| true).into_iter().filter_map(|seen| inbox.take(seen)).collect();
+    let rows = inbox.look(after, limit, |_| true).into_iter().filter_map(|seen| inbox.take(seen)).collect();
     inbox.close();
     Some(rows)
 }

@@ -259,6 +259,9 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
         pg_sys::pgstat_report_appname(std::ffi::CString::new(format!("pg_ecst worker {index}")).unwrap().as_ptr());
     }
     let mut reported_missing = false;
+    // Claims start after the newest row this worker claimed, and from the oldest one now and then
+    // (`inbox::Cursor`). A transaction that fails ends the worker, and with it the cursor.
+    let mut cursor = inbox::Cursor::new();
     loop {
         if BackgroundWorker::sighup_received() {
             reload_config();
@@ -271,12 +274,13 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
         }
         let of = gucs::WORKERS.get().max(1);
         let batch = gucs::BATCH_SIZE.get().max(1) as i64;
+        let start = cursor.start();
         let processed = BackgroundWorker::transaction(|| {
             report_activity(c"draining the inbox");
             if !extension_installed() {
                 return None;
             }
-            Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker))
+            Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker, start))
         });
         // Report table statistics, or autovacuum never sees the inbox deletes and state updates.
         unsafe { pg_sys::pgstat_report_stat(false) };
@@ -285,10 +289,10 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
                 log!("pg_ecst worker {index}: extension pg_ecst is not installed in database \"{database}\"; waiting");
                 reported_missing = true;
             }
-            Some(n) => {
+            Some(drained) => {
                 reported_missing = false;
-                if n >= batch {
-                    continue; // more is waiting: no sleep
+                if !cursor.claimed(start, batch, &drained) {
+                    continue; // more is waiting, or older rows may be: no sleep
                 }
             }
             None => {}

@@ -52,6 +52,31 @@ check "bad lines kept verbatim" 0 "$(psql_it -d $DB -c "CREATE TEMP TABLE bad (p
 check "stats: every event accounted once" "20000|0|25|0" \
     "$(q "SELECT (applied + stale) || '|' || duplicate || '|' || dead_lettered || '|' || pending FROM ecst.stats WHERE stream = 'snap'")"
 
+echo "-- a long transaction elsewhere, and a row that commits late with an older seq"
+# While a REPEATABLE READ transaction is open, the inbox rows the worker deletes stay in the
+# index: claims that all started from the oldest row walked past every one of them again. The
+# worker's claims start after the newest row it claimed (and from the oldest now and then, at
+# most every other claim), and still take a row that appears later with an older seq.
+q "CREATE TABLE held (id text PRIMARY KEY, line1 text); SELECT ecst.create_stream('held', 'held', 'entity_snapshot', '{\"id\": \"id\"}', version => 'ts')" >/dev/null
+psql_it -d $DB -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "SELECT count(*) FROM ecst.streams" -c "SELECT pg_sleep(300)" >/dev/null 2>&1 &
+holder=$!
+sleep 1
+walked() { q "SELECT idx_tup_read FROM pg_stat_all_indexes WHERE indexrelid = 'ecst.inbox_seq_idx'::regclass"; }
+before=$(walked)
+gen --shape snapshot --stream held --entities 2000 --events 20000 --seed 9 --out "$work/held.tsv" --expected "$work/held.csv"
+psql_it -d $DB -c "\\copy ecst.inbox (stream, payload) FROM '$work/held.tsv'" >/dev/null
+wait_for $DB "the worker drains 20,000 events while a transaction holds back cleanup" "SELECT count(*) FROM ecst.inbox" 0 120
+check "replica = highest version per entity" 0 "$(compare held "$work/held.csv" "id, line1, ''")"
+q "INSERT INTO ecst.inbox (stream, payload, seq) VALUES ('held', '{\"id\": \"old-seq\", \"ts\": 1, \"newState\": {\"line1\": \"late\"}}', 1)" >/dev/null
+wait_for $DB "a row with an older seq than any claimed is taken too" "SELECT line1 FROM held WHERE id = 'old-seq'" late
+sleep 3 # the worker reports its statistics at most once a second
+# 40 claims of 500: from the oldest row each time, 500 + 1,000 + ... + 20,000 = 410,000 index
+# entries (and 20,000 for the last); with at most every other claim from the oldest row, 230,000.
+n=$(( $(walked) - before ))
+check "the claims walked fewer than 250,000 index entries ($n)" t "$([ "$n" -lt 250000 ] && echo t || echo f)"
+q "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(300)') t" >/dev/null
+wait $holder 2>/dev/null || true
+
 echo "-- COPY (CSV format)"
 printf '%s\n' 'delt,"{""id"": ""csv1"", ""newState"": {""a"": ""x, \""quoted\"" y""}}"' \
               'delt,not json either' > "$work/events.csv"
