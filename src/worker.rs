@@ -260,8 +260,9 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     }
     let mut reported_missing = false;
     // Claims start after the newest row this worker claimed, and from the oldest one now and then
-    // (`inbox::Cursor`). A transaction that fails ends the worker, and with it the cursor.
-    let mut cursor = inbox::Cursor::new();
+    // (`inbox::Cursor`); from the oldest again when the number of workers changes, which changes
+    // the entities this one owns. A transaction that fails ends the worker, and with it the cursor.
+    let (mut cursor, mut cursor_of) = (inbox::Cursor::new(), 0);
     loop {
         if BackgroundWorker::sighup_received() {
             reload_config();
@@ -274,6 +275,9 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
         }
         let of = gucs::WORKERS.get().max(1);
         let batch = gucs::BATCH_SIZE.get().max(1) as i64;
+        if of != cursor_of {
+            (cursor, cursor_of) = (inbox::Cursor::new(), of);
+        }
         let start = cursor.start();
         let processed = BackgroundWorker::transaction(|| {
             report_activity(c"draining the inbox");
