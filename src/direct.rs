@@ -127,11 +127,14 @@ pub fn insert_lost_race() -> bool {
     imp::insert_lost_race()
 }
 
-/// Deletes and returns up to `limit` of the oldest rows of `ecst.inbox` with a `seq` above `after`
-/// (in `seq` order, through its index), as `DELETE … RETURNING` would: a row another session is
-/// deleting is waited for and skipped once that commits. `None` where `InboxRows::open` is.
-pub fn claim_inbox(after: i64, limit: i64) -> Option<Vec<Row>> {
+/// Deletes and returns up to `limit` of the oldest rows of `ecst.inbox` with a `seq` above what
+/// `after` answers, asked with the mark of the claim's snapshot once it is taken (`InboxRows::
+/// snapshot_mark`; in `seq` order, through its index),
+/// as `DELETE … RETURNING` would: a row another session is deleting is waited for and skipped once
+/// that commits. `None` where `InboxRows::open` is.
+pub fn claim_inbox(limit: i64, after: impl FnOnce(Vec<u32>) -> i64) -> Option<Vec<Row>> {
     let mut inbox = InboxRows::open()?;
+    let after = after(inbox.snapshot_mark());
     let rows = inbox.look(after, limit, |_| true).into_iter().filter_map(|seen| inbox.take(seen)).collect();
     inbox.close();
     Some(rows)
@@ -161,6 +164,13 @@ impl InboxRows {
     /// stream, payload and arrival time of those for which `read(seq)` is true.
     pub fn look(&mut self, after: i64, limit: i64, read: impl FnMut(i64) -> bool) -> Vec<Seen> {
         self.0.look(after, limit, read)
+    }
+
+    /// What its snapshot says about other transactions — its `xmin`, `xmax` and the transactions
+    /// in progress — equal for two snapshots between which no other transaction ended (so that
+    /// no row became visible).
+    pub fn snapshot_mark(&self) -> Vec<u32> {
+        self.0.snapshot_mark()
     }
 
     /// Deletes a row `look` saw, read in full, and returns it; `None` if another session deleted
@@ -246,6 +256,10 @@ mod imp {
         }
 
         pub fn delete(&mut self, _: Tid) -> bool {
+            match *self {}
+        }
+
+        pub fn snapshot_mark(&self) -> Vec<u32> {
             match *self {}
         }
 
@@ -918,6 +932,23 @@ mod imp {
                 pg_sys::ExecClearTuple(self.slot);
                 pg_sys::index_endscan(scan);
                 seen
+            }
+        }
+
+        pub fn snapshot_mark(&self) -> Vec<u32> {
+            // SAFETY: the registered snapshot's fields and its array of in-progress xids.
+            unsafe {
+                let snapshot = &*self.snapshot;
+                let mut running: Vec<u32> = if snapshot.xip.is_null() {
+                    Vec::new()
+                } else {
+                    std::slice::from_raw_parts(snapshot.xip, snapshot.xcnt as usize)
+                        .iter()
+                        .map(|x| x.into_inner())
+                        .collect()
+                };
+                running.sort_unstable();
+                [snapshot.xmin.into_inner(), snapshot.xmax.into_inner()].into_iter().chain(running).collect()
             }
         }
 

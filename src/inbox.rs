@@ -21,7 +21,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
 
 /// Which part of the inbox a drainer owns: `(index, of)`; `None` owns everything.
 pub type Part = Option<(i32, i32)>;
@@ -40,16 +39,12 @@ pub struct Drained {
     pub rows: i64,
     /// The newest `seq` among them.
     pub last: Option<i64>,
-    /// How long claiming them took.
-    pub claim_took: Duration,
 }
 
-/// Claims up to `limit` rows of `part` with a `seq` above `after` and applies them.
-pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, after: i64) -> Drained {
+/// Claims up to `limit` rows of `part` (where `cursor` says) and applies them.
+pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cursor) -> Drained {
     Spi::connect_mut(|client| {
-        let claiming = Instant::now();
-        let mut rows = claim(client, limit, part, after);
-        let claim_took = claiming.elapsed();
+        let mut rows = claim(client, limit, part, cursor);
         rows.sort_by_key(|r| r.seq);
         let mut streams: HashMap<String, Option<Rc<Stream>>> = HashMap::new();
         // The rows of each stream are applied together (set-based), in inbox order. One run per
@@ -120,7 +115,7 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, after: i64) -> D
                 retention::append(client, s, retained);
             }
         }
-        Drained { rows: rows.len() as i64, last: rows.last().map(|r| r.seq), claim_took }
+        Drained { rows: rows.len() as i64, last: rows.last().map(|r| r.seq) }
     })
 }
 
@@ -128,17 +123,19 @@ fn rejected(rejection: Rejection) -> Applied {
     Applied::Rejected { rejection, sqlstate: None, conflict: false }
 }
 
-/// Deletes and returns the oldest `limit` rows of `part` with a `seq` above `after` (see
-/// `Cursor`). Concurrent drainers of the same rows wait for each other; the second finds them
-/// gone. A worker of several claims the rows whose entity it owns (`owned_rows`) and leaves the
-/// others to their workers.
-fn claim(client: &mut SpiClient, limit: i64, part: Part, after: i64) -> Vec<Row> {
+/// Deletes and returns the oldest `limit` rows of `part` (a drainer of the whole inbox: those
+/// after where `cursor` lets it start). Concurrent drainers of the same rows wait for each other;
+/// the second finds them gone. A worker of several claims the rows whose entity it owns
+/// (`owned_rows`) and leaves the others to their workers.
+fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) -> Vec<Row> {
     let claimed = match part {
         Some((index, of)) if of > 1 => {
-            if let Some(rows) = claim_owned(limit, index, of, after) {
+            // From the oldest row: the cursor is for a drainer of the whole inbox.
+            cursor.start_over();
+            if let Some(rows) = claim_owned(limit, index, of) {
                 return rows;
             }
-            let mine = owned_rows(client, limit, index, of, after);
+            let mine = owned_rows(client, limit, index, of);
             if mine.is_empty() {
                 return Vec::new();
             }
@@ -151,15 +148,18 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part, after: i64) -> Vec<Row>
             })
         }
         _ => {
-            if let Some(rows) = direct::claim_inbox(after, limit) {
+            let ended = cursor.before_snapshot();
+            if let Some(rows) = direct::claim_inbox(limit, |snapshot| cursor.start(ended, snapshot)) {
                 return rows;
             }
+            // The statement takes its snapshot after `seq > $2` is decided: from the oldest row.
+            cursor.start_over();
             security::internal(|| {
                 writer::run_once(
                     client,
-                    "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox WHERE seq > $2 ORDER BY seq LIMIT $1))
+                    "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
              RETURNING seq, stream, payload, received_at",
-                    &[limit.into(), after.into()],
+                    &[limit.into()],
                 )
             })
         }
@@ -216,16 +216,15 @@ const MAX_WINDOWS: usize = 8;
 /// Deletes and returns up to `limit` of the oldest inbox rows that worker `index` of `of` owns, as
 /// `owned_rows` and a `DELETE` by `ctid` would, through the executor's API (`direct::InboxRows`);
 /// `None` where that is not available. Rows seen before need no payload: their owner is known.
-/// Only rows with a `seq` above `start` (see `Cursor`).
-fn claim_owned(limit: i64, index: i32, of: i32, start: i64) -> Option<Vec<Row>> {
+fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
     let mut inbox_rows = direct::InboxRows::open()?;
     let window = limit.saturating_mul(of as i64 * 2);
     let mine = with_owners(of, |owners| {
         let mut mine = Vec::new();
-        let mut after = start;
+        let mut after = i64::MIN;
         for turn in 0..MAX_WINDOWS {
             let seen = inbox_rows.look(after, window, |seq| owners.by_seq.get(&seq).is_none_or(|&o| o == index));
-            if turn == 0 && start == i64::MIN {
+            if turn == 0 {
                 owners.forget_older_than(seen.first().map(|s| s.seq));
             }
             let full = seen.len() as i64 == window;
@@ -259,13 +258,13 @@ fn claim_owned(limit: i64, index: i32, of: i32, start: i64) -> Option<Vec<Row>> 
 /// going on to the next window while it has fewer than `limit` and more rows follow: the oldest
 /// rows may all be another worker's (one that lags behind), and a worker that found too few would
 /// otherwise sleep. Rows newer than any seen before come with their payloads; rows seen before
-/// need none. Only rows with a `seq` above `start` (see `Cursor`).
-fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32, start: i64) -> Vec<String> {
+/// need none.
+fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<String> {
     let window = limit.saturating_mul(of as i64 * 2);
     with_owners(of, |owners| {
         let seen_up_to = owners.by_seq.keys().copied().max().unwrap_or(i64::MIN);
         let mut mine = Vec::new();
-        let mut after = start;
+        let mut after = i64::MIN;
         for turn in 0..MAX_WINDOWS {
             let rows: Vec<(String, i64, Option<String>, Option<String>)> = security::internal(|| {
                 writer::run_once(
@@ -277,7 +276,7 @@ fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32, start: i6
             })
             .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap(), r.get(4).unwrap()))
             .collect();
-            if turn == 0 && start == i64::MIN {
+            if turn == 0 {
                 owners.forget_older_than(rows.first().map(|r| r.1));
             }
             let mut late = Vec::new();
@@ -338,54 +337,83 @@ pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
     (h.finish() % of as u64) as i32
 }
 
-/// Where a drainer's next claim starts. The rows it deletes stay in the inbox's index until no
-/// transaction may see them any more — until the drainer's own transaction ends, and while any
-/// older transaction elsewhere is open — and a claim that started from the oldest row every time
-/// walked past all of them again: quadratic in the rows drained (one `ecst.process_inbox()` of
-/// 1,000,000 events took 112 s instead of 19 s; a worker drained them in 37 s instead of 17 s
-/// while a `REPEATABLE READ` transaction was open elsewhere). So claims start after the newest row
-/// claimed, and from the oldest row again — for rows with an older `seq` that committed later
-/// (other sessions' cached sequence values), which are taken then — whenever a claim comes up
-/// short, and otherwise as soon as the claims since the last such rewind took as long as it did.
-/// Where rows are marked dead in the index as they should be, a rewind costs what any claim costs
-/// and every other claim is one; where they pile up, rewinds grow rarer as they grow dearer, and
-/// their share of the claiming time stays at most half.
+/// Where a drainer of the whole inbox starts its next claim. The rows it deletes stay in the
+/// inbox's index until no transaction may see them any more — until the drainer's own transaction
+/// ends, and while any older transaction elsewhere is open — and a claim that starts from the
+/// oldest row walks past all of them: quadratic in the rows drained when every claim does (one
+/// `ecst.process_inbox()` of 1,000,000 events took 112 s instead of 19 s; a worker drained them in
+/// 37 s instead of 17 s while a `REPEATABLE READ` transaction was open elsewhere).
+///
+/// A claim may start after the newest row claimed before only if no row can have appeared below
+/// it since: rows are claimed in `seq` order, but `seq` values are cached per session, so a row
+/// that becomes visible later (its transaction commits later, or a session inserts from a block of
+/// values it took long ago) can have an older `seq` than rows claimed already, and must then be
+/// applied before the newer rows of its entity, as a claim from the oldest row would. So a claim
+/// starts after the last one only if no row can have become visible in between: this backend ran
+/// no insert into the inbox, and either no other transaction ended (the two claims' snapshots
+/// agree on the transactions in progress) or none that ended had inserted into the inbox
+/// (`worker::InboxCommits`, read around the two snapshots; needs pg_ecst preloaded); otherwise it
+/// starts from the oldest row. An idle worker's claims walk nothing. (Inserts with the inbox's
+/// triggers disabled, `session_replication_role = replica`, are not counted.)
 pub struct Cursor {
+    /// Every row visible to the last claim with a `seq` up to this one was claimed (by this
+    /// drainer or another): the newest `seq` claimed, less one for rows sharing it.
     after: i64,
-    /// How long the last claim from the oldest row took.
-    rewind_took: Duration,
-    /// How long the claims since then took.
-    since: Duration,
+    /// What the last claim saw: `InboxCommits::ended` before its snapshot, this backend's inbox
+    /// inserts and the snapshot's mark after it.
+    mark: Option<Mark>,
+    /// The same for the claim under way.
+    next: Option<Mark>,
+}
+
+struct Mark {
+    ended: Option<u64>,
+    own: u64,
+    snapshot: Vec<u32>,
 }
 
 impl Cursor {
     pub fn new() -> Cursor {
-        Cursor { after: i64::MIN, rewind_took: Duration::ZERO, since: Duration::ZERO }
+        Cursor { after: i64::MIN, mark: None, next: None }
     }
 
-    /// The `seq` the next claim starts after (`i64::MIN`: from the oldest row).
-    pub fn start(&mut self) -> i64 {
-        if self.since >= self.rewind_took {
-            self.after = i64::MIN;
-        }
-        self.after
+    /// Read before the claim's snapshot is taken.
+    fn before_snapshot(&self) -> Option<u64> {
+        crate::worker::inbox_commits_ended()
     }
 
-    /// Moves on after a committed claim of `want` rows that started after `start`; true when that
-    /// claim started from the oldest row and came up short: everything visible was drained.
-    pub fn claimed(&mut self, start: i64, want: i64, drained: &Drained) -> bool {
-        if start == i64::MIN {
-            (self.rewind_took, self.since) = (drained.claim_took, Duration::ZERO);
+    /// Where the claim starts (`i64::MIN`: from the oldest row), decided once its snapshot was
+    /// taken: `ended` is what `before_snapshot` read, `snapshot` the snapshot's mark.
+    fn start(&mut self, ended: Option<u64>, snapshot: Vec<u32>) -> i64 {
+        let own = crate::worker::own_inbox_inserts();
+        let begun = crate::worker::inbox_commits_begun();
+        let quiet = self.mark.as_ref().is_some_and(|then| {
+            then.own == own && (then.snapshot == snapshot || (then.ended.is_some() && then.ended == begun))
+        });
+        self.next = Some(Mark { ended, own, snapshot });
+        if quiet {
+            self.after
         } else {
-            self.since += drained.claim_took;
+            i64::MIN
         }
-        if drained.rows < want {
-            self.after = i64::MIN;
-            start == i64::MIN
-        } else {
-            self.after = drained.last.unwrap_or(i64::MIN);
-            false
-        }
+    }
+
+    /// For a claim whose snapshot is not ours to see: from the oldest row.
+    fn start_over(&mut self) {
+        self.next = None;
+    }
+
+    /// Moves on after a claim of `want` rows (for a worker, once its transaction committed);
+    /// true when it came up short: everything visible was drained (a claim from `after` only
+    /// starts there when every row visible below it was claimed).
+    pub fn claimed(&mut self, want: i64, drained: &Drained) -> bool {
+        self.mark = self.next.take();
+        let last = drained.last.map_or(i64::MIN, |last| last.saturating_sub(1));
+        let short = drained.rows < want;
+        // After a short claim every visible row was claimed: any start is as good, the furthest
+        // best.
+        self.after = if short { self.after.max(last) } else { last };
+        short
     }
 }
 
@@ -399,10 +427,9 @@ pub fn process(max: Option<i64>, batch: i64) -> i64 {
             Some(m) => batch.min(m - total),
             None => batch,
         };
-        let start = cursor.start();
-        let drained = drain_batch(want, None, ErrorPolicy::Caller, start);
+        let drained = drain_batch(want, None, ErrorPolicy::Caller, &mut cursor);
         total += drained.rows;
-        if cursor.claimed(start, want, &drained) {
+        if cursor.claimed(want, &drained) {
             break;
         }
     }

@@ -10,6 +10,7 @@
 use crate::apply::ErrorPolicy;
 use crate::gucs;
 use crate::inbox;
+use pgrx::atomics::PgAtomic;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags,
 };
@@ -17,6 +18,7 @@ use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Per worker slot: the pid holding it and its latch (shared memory is mapped at the same
@@ -31,9 +33,31 @@ unsafe impl PGRXSharedMemory for Slots {}
 
 static SLOTS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"pg_ecst_worker_slots") };
 
+/// Transactions that inserted into the inbox, server-wide: `begun` counts those about to commit
+/// (before their rows become visible), `ended` those that have committed or aborted since (after
+/// their rows became visible, if they did). A drainer whose claim's snapshot came after `begun`
+/// read `n`, and whose previous claim's snapshot came before `ended` read `n`, knows that no
+/// inbox row became visible in between (`inbox::Cursor`). A prepared transaction is counted as
+/// begun and never as ended: its `COMMIT PREPARED` runs in another session.
+#[derive(Default)]
+pub struct InboxCommits {
+    begun: AtomicU64,
+    ended: AtomicU64,
+}
+
+unsafe impl PGRXSharedMemory for InboxCommits {}
+
+static INBOX_COMMITS: PgAtomic<InboxCommits> = unsafe { PgAtomic::new(c"pg_ecst_inbox_commits") };
+
 thread_local! {
     static PRELOADED: Cell<bool> = const { Cell::new(false) };
-    static WAKE_ON_COMMIT: Cell<bool> = const { Cell::new(false) };
+    /// This transaction inserted into the inbox (its statement trigger ran).
+    static INSERTED: Cell<bool> = const { Cell::new(false) };
+    /// ... and was counted in `InboxCommits::begun`.
+    static COUNTED: Cell<bool> = const { Cell::new(false) };
+    /// Inbox insert statements of this backend, counted as they end (their rows visible to the
+    /// transaction's later commands).
+    static OWN_INSERTS: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Called from `_PG_init`: shared memory, the launcher, and the commit hook that wakes workers.
@@ -42,6 +66,7 @@ pub fn init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if preloading {
         pg_shmem_init!(SLOTS);
+        pg_shmem_init!(INBOX_COMMITS);
         PRELOADED.with(|p| p.set(true));
         BackgroundWorkerBuilder::new("pg_ecst launcher")
             .set_type("pg_ecst launcher")
@@ -64,19 +89,54 @@ fn preloaded() -> bool {
     PRELOADED.with(|p| p.get())
 }
 
-/// Asks for the workers to be woken when the current transaction commits.
-pub fn wake_on_commit() {
+/// Notes that the current transaction inserted into the inbox: it wakes the workers when it
+/// commits, and it is counted in `InboxCommits`.
+pub fn inserted_into_inbox() {
+    OWN_INSERTS.with(|n| n.set(n.get() + 1));
     if preloaded() {
-        WAKE_ON_COMMIT.with(|w| w.set(true));
+        INSERTED.with(|w| w.set(true));
     }
+}
+
+/// `InboxCommits::begun` (`None` without shared memory: pg_ecst is not preloaded).
+pub fn inbox_commits_begun() -> Option<u64> {
+    preloaded().then(|| INBOX_COMMITS.get().begun.load(Ordering::SeqCst))
+}
+
+/// `InboxCommits::ended` (`None` without shared memory).
+pub fn inbox_commits_ended() -> Option<u64> {
+    preloaded().then(|| INBOX_COMMITS.get().ended.load(Ordering::SeqCst))
+}
+
+/// Inbox insert statements this backend has run.
+pub fn own_inbox_inserts() -> u64 {
+    OWN_INSERTS.with(|n| n.get())
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    let count = |counter: fn(&InboxCommits) -> &AtomicU64| {
+        counter(INBOX_COMMITS.get()).fetch_add(1, Ordering::SeqCst);
+    };
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_ON_COMMIT.with(|w| w.replace(false)) => wake_all(),
-        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
-            WAKE_ON_COMMIT.with(|w| w.set(false))
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE if INSERTED.with(|i| i.get()) => {
+            count(|c| &c.begun);
+            COUNTED.with(|c| c.set(event == XACT_EVENT_PRE_COMMIT));
+        }
+        XACT_EVENT_COMMIT => {
+            if COUNTED.with(|c| c.replace(false)) {
+                count(|c| &c.ended);
+            }
+            if INSERTED.with(|i| i.replace(false)) {
+                wake_all();
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PREPARE => {
+            if COUNTED.with(|c| c.replace(false)) {
+                count(|c| &c.ended);
+            }
+            INSERTED.with(|i| i.set(false));
         }
         _ => {}
     }
@@ -259,10 +319,9 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
         pg_sys::pgstat_report_appname(std::ffi::CString::new(format!("pg_ecst worker {index}")).unwrap().as_ptr());
     }
     let mut reported_missing = false;
-    // Claims start after the newest row this worker claimed, and from the oldest one now and then
-    // (`inbox::Cursor`); from the oldest again when the number of workers changes, which changes
-    // the entities this one owns. A transaction that fails ends the worker, and with it the cursor.
-    let (mut cursor, mut cursor_of) = (inbox::Cursor::new(), 0);
+    // Where claims start (`inbox::Cursor`; only while this is the only worker). A transaction that
+    // fails ends the worker, and with it the cursor.
+    let mut cursor = inbox::Cursor::new();
     loop {
         if BackgroundWorker::sighup_received() {
             reload_config();
@@ -275,16 +334,14 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
         }
         let of = gucs::WORKERS.get().max(1);
         let batch = gucs::BATCH_SIZE.get().max(1) as i64;
-        if of != cursor_of {
-            (cursor, cursor_of) = (inbox::Cursor::new(), of);
-        }
-        let start = cursor.start();
-        let processed = BackgroundWorker::transaction(|| {
+        let claiming = std::panic::AssertUnwindSafe(&mut cursor);
+        let processed = BackgroundWorker::transaction(move || {
             report_activity(c"draining the inbox");
             if !extension_installed() {
                 return None;
             }
-            Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker, start))
+            let cursor = claiming;
+            Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker, cursor.0))
         });
         // Report table statistics, or autovacuum never sees the inbox deletes and state updates.
         unsafe { pg_sys::pgstat_report_stat(false) };
@@ -292,14 +349,15 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
             None if !reported_missing => {
                 log!("pg_ecst worker {index}: extension pg_ecst is not installed in database \"{database}\"; waiting");
                 reported_missing = true;
+                cursor = inbox::Cursor::new();
             }
             Some(drained) => {
                 reported_missing = false;
-                if !cursor.claimed(start, batch, &drained) {
-                    continue; // more is waiting, or older rows may be: no sleep
+                if !cursor.claimed(batch, &drained) {
+                    continue; // more is waiting: no sleep
                 }
             }
-            None => {}
+            None => cursor = inbox::Cursor::new(),
         }
         report_activity(c"idle");
         if !BackgroundWorker::wait_latch(Some(naptime())) {
@@ -352,6 +410,6 @@ extern "C" {
 fn _inbox_wake<'a>(
     _trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    wake_on_commit();
+    inserted_into_inbox();
     Ok(None)
 }
