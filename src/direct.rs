@@ -128,16 +128,19 @@ pub fn insert_lost_race() -> bool {
 }
 
 /// Deletes and returns up to `limit` of the oldest rows of `ecst.inbox` with a `seq` above what
-/// `after` answers, asked with the mark of the claim's snapshot once it is taken (`InboxRows::
-/// snapshot_mark`; in `seq` order, through its index),
-/// as `DELETE … RETURNING` would: a row another session is deleting is waited for and skipped once
-/// that commits. `None` where `InboxRows::open` is.
-pub fn claim_inbox(limit: i64, after: impl FnOnce(Vec<u32>) -> i64) -> Option<Vec<Row>> {
+/// `after` answers — asked once the claim's snapshot is taken, with its mark
+/// (`InboxRows::snapshot_mark`) — in `seq` order, through its index, as `DELETE … RETURNING`
+/// would: a row another session is deleting is waited for and skipped once that commits. Also
+/// whether it looked at every row there was (fewer than `limit`), and the newest `seq` it looked
+/// at. `None` where `InboxRows::open` is.
+pub fn claim_inbox(limit: i64, after: impl FnOnce(Vec<u32>) -> i64) -> Option<(Vec<Row>, bool, Option<i64>)> {
     let mut inbox = InboxRows::open()?;
     let after = after(inbox.snapshot_mark());
-    let rows = inbox.look(after, limit, |_| true).into_iter().filter_map(|seen| inbox.take(seen)).collect();
+    let seen = inbox.look(after, limit, |_| true);
+    let (all, newest) = ((seen.len() as i64) < limit, seen.last().map(|s| s.seq));
+    let rows = seen.into_iter().filter_map(|seen| inbox.take(seen)).collect();
     inbox.close();
-    Some(rows)
+    Some((rows, all, newest))
 }
 
 /// The oldest rows of `ecst.inbox`, looked at in `seq` order through its index under one snapshot

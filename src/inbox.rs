@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 /// Which part of the inbox a drainer owns: `(index, of)`; `None` owns everything.
 pub type Part = Option<(i32, i32)>;
@@ -37,14 +38,24 @@ pub struct Row {
 pub struct Drained {
     /// How many rows were processed.
     pub rows: i64,
-    /// The newest `seq` among them.
-    pub last: Option<i64>,
+    /// Whether the claim looked at every row there was to claim: it came up short, and not only
+    /// because concurrent drainers took rows it saw.
+    pub all: bool,
+    /// The newest `seq` the claim looked at.
+    pub newest: Option<i64>,
+}
+
+/// What a claim took, whether it looked at every row there was, and the newest `seq` it looked at.
+struct Claimed {
+    rows: Vec<Row>,
+    all: bool,
+    newest: Option<i64>,
 }
 
 /// Claims up to `limit` rows of `part` (where `cursor` says) and applies them.
 pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cursor) -> Drained {
     Spi::connect_mut(|client| {
-        let mut rows = claim(client, limit, part, cursor);
+        let Claimed { mut rows, all, newest } = claim(client, limit, part, cursor);
         rows.sort_by_key(|r| r.seq);
         let mut streams: HashMap<String, Option<Rc<Stream>>> = HashMap::new();
         // The rows of each stream are applied together (set-based), in inbox order. One run per
@@ -115,7 +126,7 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cur
                 retention::append(client, s, retained);
             }
         }
-        Drained { rows: rows.len() as i64, last: rows.last().map(|r| r.seq) }
+        Drained { rows: rows.len() as i64, all, newest }
     })
 }
 
@@ -127,17 +138,20 @@ fn rejected(rejection: Rejection) -> Applied {
 /// after where `cursor` lets it start). Concurrent drainers of the same rows wait for each other;
 /// the second finds them gone. A worker of several claims the rows whose entity it owns
 /// (`owned_rows`) and leaves the others to their workers.
-fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) -> Vec<Row> {
+fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) -> Claimed {
+    // Where the cursor does not say: whether fewer rows than asked came, and the newest.
+    let counted =
+        |rows: Vec<Row>| Claimed { all: (rows.len() as i64) < limit, newest: rows.iter().map(|r| r.seq).max(), rows };
     let claimed = match part {
         Some((index, of)) if of > 1 => {
             // From the oldest row: the cursor is for a drainer of the whole inbox.
             cursor.start_over();
             if let Some(rows) = claim_owned(limit, index, of) {
-                return rows;
+                return counted(rows);
             }
             let mine = owned_rows(client, limit, index, of);
             if mine.is_empty() {
-                return Vec::new();
+                return counted(Vec::new());
             }
             security::internal(|| {
                 writer::run_once(
@@ -149,8 +163,8 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) ->
         }
         _ => {
             let ended = cursor.before_snapshot();
-            if let Some(rows) = direct::claim_inbox(limit, |snapshot| cursor.start(ended, snapshot)) {
-                return rows;
+            if let Some((rows, all, newest)) = direct::claim_inbox(limit, |snapshot| cursor.start(ended, snapshot)) {
+                return Claimed { rows, all, newest };
             }
             // The statement takes its snapshot after `seq > $2` is decided: from the oldest row.
             cursor.start_over();
@@ -164,14 +178,16 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) ->
             })
         }
     };
-    claimed
-        .map(|r| Row {
-            seq: r.get(1).unwrap().unwrap(),
-            stream: r.get(2).unwrap(),
-            payload: r.get(3).unwrap(),
-            received_at: r.get(4).unwrap().unwrap(),
-        })
-        .collect()
+    counted(
+        claimed
+            .map(|r| Row {
+                seq: r.get(1).unwrap().unwrap(),
+                stream: r.get(2).unwrap(),
+                payload: r.get(3).unwrap(),
+                received_at: r.get(4).unwrap().unwrap(),
+            })
+            .collect(),
+    )
 }
 
 thread_local! {
@@ -357,13 +373,20 @@ pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
 /// triggers disabled, `session_replication_role = replica`, are not counted.)
 pub struct Cursor {
     /// Every row visible to the last claim with a `seq` up to this one was claimed (by this
-    /// drainer or another): the newest `seq` claimed, less one for rows sharing it.
+    /// drainer or another): the newest `seq` that claim looked at, less one for rows sharing it.
     after: i64,
-    /// What the last claim saw: `InboxCommits::ended` before its snapshot, this backend's inbox
-    /// inserts and the snapshot's mark after it.
+    /// What the last claim saw: `InboxCommits::ended` before its snapshot (in READ COMMITTED,
+    /// where the snapshot is taken for the claim), this backend's inbox inserts and the
+    /// snapshot's mark after it.
     mark: Option<Mark>,
     /// The same for the claim under way.
     next: Option<Mark>,
+    /// Whether the claim under way started from the oldest row.
+    from_oldest: bool,
+    /// A worker's: at least this often a claim from the oldest row (for rows that became visible
+    /// without their insert being counted: triggers disabled, logical replication, updates).
+    rewind_every: Option<Duration>,
+    rewound: Instant,
 }
 
 struct Mark {
@@ -373,8 +396,8 @@ struct Mark {
 }
 
 impl Cursor {
-    pub fn new() -> Cursor {
-        Cursor { after: i64::MIN, mark: None, next: None }
+    pub fn new(rewind_every: Option<Duration>) -> Cursor {
+        Cursor { after: i64::MIN, mark: None, next: None, from_oldest: true, rewind_every, rewound: Instant::now() }
     }
 
     /// Read before the claim's snapshot is taken.
@@ -385,42 +408,57 @@ impl Cursor {
     /// Where the claim starts (`i64::MIN`: from the oldest row), decided once its snapshot was
     /// taken: `ended` is what `before_snapshot` read, `snapshot` the snapshot's mark.
     fn start(&mut self, ended: Option<u64>, snapshot: Vec<u32>) -> i64 {
+        // SAFETY: a plain read of the transaction's isolation level. Outside READ COMMITTED the
+        // snapshot was taken when the transaction began, before `ended` was read.
+        let read_committed = unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 };
         let own = crate::worker::own_inbox_inserts();
         let begun = crate::worker::inbox_commits_begun();
-        let quiet = self.mark.as_ref().is_some_and(|then| {
-            then.own == own && (then.snapshot == snapshot || (then.ended.is_some() && then.ended == begun))
-        });
-        self.next = Some(Mark { ended, own, snapshot });
+        let due = self.rewind_every.is_some_and(|every| self.rewound.elapsed() >= every);
+        let quiet = !due
+            && self.mark.as_ref().is_some_and(|then| {
+                then.own == own && (then.snapshot == snapshot || (then.ended.is_some() && then.ended == begun))
+            });
+        self.next = Some(Mark { ended: ended.filter(|_| read_committed), own, snapshot });
+        self.from_oldest = !quiet;
         if quiet {
             self.after
         } else {
+            self.rewound = Instant::now();
             i64::MIN
         }
     }
 
     /// For a claim whose snapshot is not ours to see: from the oldest row.
     fn start_over(&mut self) {
-        self.next = None;
+        (self.next, self.from_oldest, self.rewound) = (None, true, Instant::now());
     }
 
-    /// Moves on after a claim of `want` rows (for a worker, once its transaction committed);
-    /// true when it came up short: everything visible was drained (a claim from `after` only
-    /// starts there when every row visible below it was claimed).
-    pub fn claimed(&mut self, want: i64, drained: &Drained) -> bool {
+    /// Whether the last claim started from the oldest row.
+    pub fn started_from_oldest(&self) -> bool {
+        self.from_oldest
+    }
+
+    /// Makes the next claim start from the oldest row.
+    pub fn rewind(&mut self) {
+        self.mark = None;
+    }
+
+    /// Moves on after a claim (for a worker, once its transaction committed); true when it
+    /// looked at every row there was: everything visible to it was drained (a claim from `after`
+    /// only starts there when every row visible below it was claimed).
+    pub fn claimed(&mut self, drained: &Drained) -> bool {
         self.mark = self.next.take();
-        let last = drained.last.map_or(i64::MIN, |last| last.saturating_sub(1));
-        let short = drained.rows < want;
-        // After a short claim every visible row was claimed: any start is as good, the furthest
-        // best.
-        self.after = if short { self.after.max(last) } else { last };
-        short
+        let newest = drained.newest.map_or(i64::MIN, |seq| seq.saturating_sub(1));
+        // After a claim that saw every row, any start is as good, the furthest best.
+        self.after = if drained.all { self.after.max(newest) } else { newest };
+        drained.all
     }
 }
 
 /// Drains everything visible (up to `max` rows) in the caller's transaction.
 pub fn process(max: Option<i64>, batch: i64) -> i64 {
     let mut total = 0;
-    let mut cursor = Cursor::new();
+    let mut cursor = Cursor::new(None);
     loop {
         let want = match max {
             Some(m) if m - total <= 0 => break,
@@ -429,8 +467,13 @@ pub fn process(max: Option<i64>, batch: i64) -> i64 {
         };
         let drained = drain_batch(want, None, ErrorPolicy::Caller, &mut cursor);
         total += drained.rows;
-        if cursor.claimed(want, &drained) {
-            break;
+        if cursor.claimed(&drained) {
+            // Drained: and once more from the oldest row, for rows that became visible below
+            // the cursor without their insert being counted.
+            if cursor.started_from_oldest() {
+                break;
+            }
+            cursor.rewind();
         }
     }
     total

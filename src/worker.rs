@@ -321,7 +321,8 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     let mut reported_missing = false;
     // Where claims start (`inbox::Cursor`; only while this is the only worker). A transaction that
     // fails ends the worker, and with it the cursor.
-    let mut cursor = inbox::Cursor::new();
+    let new_cursor = || inbox::Cursor::new(Some(Duration::from_secs(10)));
+    let mut cursor = new_cursor();
     loop {
         if BackgroundWorker::sighup_received() {
             reload_config();
@@ -349,15 +350,15 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
             None if !reported_missing => {
                 log!("pg_ecst worker {index}: extension pg_ecst is not installed in database \"{database}\"; waiting");
                 reported_missing = true;
-                cursor = inbox::Cursor::new();
+                cursor = new_cursor();
             }
             Some(drained) => {
                 reported_missing = false;
-                if !cursor.claimed(batch, &drained) {
+                if !cursor.claimed(&drained) {
                     continue; // more is waiting: no sleep
                 }
             }
-            None => cursor = inbox::Cursor::new(),
+            None => cursor = new_cursor(),
         }
         report_activity(c"idle");
         if !BackgroundWorker::wait_latch(Some(naptime())) {

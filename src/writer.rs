@@ -9,6 +9,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use pgrx::PgOid;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// A column with the value to bind (`None` is NULL).
 #[derive(Clone, Copy)]
@@ -31,7 +32,7 @@ impl Bound<'_> {
 const MAX_PLANS: usize = 4096;
 
 thread_local! {
-    static PLANS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
 /// Plans made while pg_ecst's statements run do not use sequential scans (it stays `off` until the
@@ -60,23 +61,25 @@ impl Drop for NoSeqScan {
 /// Runs `sql` with `args` through a cached prepared plan.
 pub fn run<'c>(client: &mut SpiClient<'c>, sql: &str, args: &[DatumWithOid<'_>]) -> SpiTupleTable<'c> {
     let _no_seqscan = NoSeqScan::new();
-    let cached = PLANS.with(|p| p.borrow().contains_key(sql));
-    if !cached {
-        let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
-        let plan = client.prepare_mut(sql, &types).unwrap_or_else(|e| panic!("preparing {sql}: {e}")).keep();
-        PLANS.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() >= MAX_PLANS {
-                p.clear();
-            }
-            p.insert(sql.to_string(), plan);
-        });
-    }
-    PLANS.with(|p| {
-        let plans = p.borrow();
-        let plan = plans.get(sql).expect("plan just cached");
-        client.update(plan, None, args).unwrap_or_else(|e| panic!("running {sql}: {e}"))
-    })
+    // The plan is taken out of the cache before it runs: the statement may call pg_ecst again (a
+    // trigger on a replica applying events), which must find the cache free to borrow.
+    let plan = match PLANS.with(|p| p.borrow().get(sql).cloned()) {
+        Some(plan) => plan,
+        None => {
+            let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
+            let plan =
+                Rc::new(client.prepare_mut(sql, &types).unwrap_or_else(|e| panic!("preparing {sql}: {e}")).keep());
+            PLANS.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() >= MAX_PLANS {
+                    p.clear();
+                }
+                p.insert(sql.to_string(), plan.clone());
+            });
+            plan
+        }
+    };
+    client.update(&*plan, None, args).unwrap_or_else(|e| panic!("running {sql}: {e}"))
 }
 
 /// Runs `sql` planned for these very arguments (no cached plan). For statements whose best plan
