@@ -167,17 +167,17 @@ pub fn try_stream(name: &str) -> Option<Rc<Stream>> {
         raise(code, format!("stream \"{name}\" no longer matches its tables: {message}"), hint.as_deref())
     });
     let stream = Rc::new(stream);
-    // Not inside the borrow below: the query can take invalidation messages, whose callback
-    // (`on_relcache_invalidation`) reads WATCHED — a RefCell already borrowed there made that
-    // callback fail with XX000 "RefCell already mutably borrowed" (seen now and then in the
-    // tests, when another session's DDL was pending).
-    let catalog = catalog_oids();
     WATCHED.with(|w| {
         let mut w = w.borrow_mut();
         w.insert(stream.table.oid);
         w.extend(stream.children.iter().map(|c| c.table.oid));
-        w.extend(catalog);
     });
+    // Outside any borrow of WATCHED: the query can take invalidation messages, whose callback
+    // (`on_relcache_invalidation`) reads it — run inside the borrow, that callback failed with
+    // XX000 "RefCell already mutably borrowed" (seen now and then in the tests, when DDL was
+    // pending). The stream's tables are watched already, so such a message still marks it stale.
+    let catalog = catalog_oids();
+    WATCHED.with(|w| w.borrow_mut().extend(catalog));
     CACHE.with(|c| c.borrow_mut().insert(name.to_string(), stream.clone()));
     Some(stream)
 }

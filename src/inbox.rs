@@ -468,9 +468,13 @@ pub fn process(max: Option<i64>, batch: i64) -> i64 {
         let drained = drain_batch(want, None, ErrorPolicy::Caller, &mut cursor);
         total += drained.rows;
         if cursor.claimed(&drained) {
-            // Drained: and once more from the oldest row, for rows that became visible below
-            // the cursor without their insert being counted.
-            if cursor.started_from_oldest() {
+            // Drained: and, in READ COMMITTED, once more from the oldest row, for rows that
+            // became visible below the cursor without their insert being counted. (With one
+            // snapshot for the whole transaction nothing can have; a claim from the oldest row
+            // would also see again the rows other drainers deleted since, and never end.)
+            // SAFETY: a plain read of the transaction's isolation level.
+            let read_committed = unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 };
+            if cursor.started_from_oldest() || !read_committed {
                 break;
             }
             cursor.rewind();

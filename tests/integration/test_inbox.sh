@@ -205,6 +205,17 @@ check "process_inbox drains 20,000 events, walking fewer than 50,000 index entri
     "$(psql_it -d $DB -c "BEGIN" -c "SELECT ecst.process_inbox()" \
         -c "SELECT pg_stat_get_xact_tuples_returned('ecst.inbox_seq_idx'::regclass) < 50000" -c "COMMIT" | paste -sd'|')"
 
+# In REPEATABLE READ, rows another session drained after the transaction's snapshot stay visible
+# to it but cannot be taken: process_inbox must still end, having taken none.
+q "INSERT INTO ecst.inbox (stream, payload) SELECT 'lat', format('{\"id\": \"rr%s\", \"newState\": {\"v\": \"x\"}}', i) FROM generate_series(1, 1200) i" >/dev/null
+psql_it -d $DB -c "SET statement_timeout = '60s'" -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "SELECT count(*) FROM ecst.inbox" \
+    -c "SELECT pg_sleep(2)" -c "SELECT ecst.process_inbox()" -c "COMMIT" > "$work/rr_pi.out" 2>&1 &
+rr=$!
+sleep 1
+check "process_inbox drains 1,200 rows" "1200" "$(q "SELECT ecst.process_inbox()")"
+wait $rr || true
+check "... and one in REPEATABLE READ that saw them before ends without taking any" "1200||0" "$(paste -sd'|' "$work/rr_pi.out")"
+
 echo "-- waiting quietly for a database that does not exist yet"
 q "ALTER SYSTEM SET ecst.workers = 1" >/dev/null
 q "ALTER SYSTEM SET ecst.database = 'later_db'" >/dev/null
