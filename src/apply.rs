@@ -15,7 +15,6 @@ use ecst_core::merge::{decide, Decision, EntityState, Outcome, Write};
 use ecst_core::reject::{RejectCode, Rejection};
 use ecst_core::spec::StreamSpec;
 use ecst_core::version::Version;
-use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::spi::SpiClient;
 use pgrx::PgSqlErrorCode as Code;
@@ -139,7 +138,7 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: 
 /// particular a state row created before this session took its stripe lock (`locks::lock_stripes`).
 pub(crate) fn row_mode(stream: &Stream) -> bool {
     // SAFETY: a plain read of the transaction's isolation level.
-    stream.row_version.is_some() && unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 }
+    stream.row_version.is_some() && crate::subxact::read_committed()
 }
 
 /// Whether applying `ev` may create a version-state row for an entity of a row-version stream

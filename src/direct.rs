@@ -289,16 +289,13 @@ mod imp {
         INSERTING.with(|i| i.replace(false))
     }
 
-    /// Whether the transaction is READ COMMITTED. The row API finds rows as logical replication's
-    /// apply worker does, by their newest committed version (a dirty snapshot), which is what a
-    /// READ COMMITTED statement's update or row lock ends up acting on too. Under REPEATABLE READ
-    /// or SERIALIZABLE a statement raises a serialization failure (40001) where a row it would
-    /// write was changed after the transaction's snapshot; the row API would silently write over
-    /// it, so there SQL does the writing.
-    fn read_committed() -> bool {
-        // SAFETY: a plain read of the transaction's isolation level.
-        unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 }
-    }
+    // The row API writes only in READ COMMITTED (`read_committed`). It finds rows as logical
+    // replication's apply worker does, by their newest committed version (a dirty snapshot),
+    // which is what a READ COMMITTED statement's update or row lock ends up acting on too. Under
+    // REPEATABLE READ or SERIALIZABLE a statement raises a serialization failure (40001) where a
+    // row it would write was changed after the transaction's snapshot; the row API would silently
+    // write over it, so there SQL does the writing.
+    use crate::subxact::read_committed;
 
     /// An open replica table with the executor state to write it.
     pub struct Writer(Edata);

@@ -408,9 +408,9 @@ impl Cursor {
     /// Where the claim starts (`i64::MIN`: from the oldest row), decided once its snapshot was
     /// taken: `ended` is what `before_snapshot` read, `snapshot` the snapshot's mark.
     fn start(&mut self, ended: Option<u64>, snapshot: Vec<u32>) -> i64 {
-        // SAFETY: a plain read of the transaction's isolation level. Outside READ COMMITTED the
-        // snapshot was taken when the transaction began, before `ended` was read.
-        let read_committed = unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 };
+        // Outside READ COMMITTED the snapshot was taken when the transaction began, before
+        // `ended` was read.
+        let read_committed = crate::subxact::read_committed();
         let own = crate::worker::own_inbox_inserts();
         let begun = crate::worker::inbox_commits_begun();
         let due = self.rewind_every.is_some_and(|every| self.rewound.elapsed() >= every);
@@ -472,9 +472,7 @@ pub fn process(max: Option<i64>, batch: i64) -> i64 {
             // became visible below the cursor without their insert being counted. (With one
             // snapshot for the whole transaction nothing can have; a claim from the oldest row
             // would also see again the rows other drainers deleted since, and never end.)
-            // SAFETY: a plain read of the transaction's isolation level.
-            let read_committed = unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 };
-            if cursor.started_from_oldest() || !read_committed {
+            if cursor.started_from_oldest() || !crate::subxact::read_committed() {
                 break;
             }
             cursor.rewind();

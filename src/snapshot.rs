@@ -152,7 +152,7 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         && spec.event_id.is_none()
         && !stream.retain_events
         && stream.children.is_empty()
-        && unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 }
+        && crate::subxact::read_committed()
         && !copy_in::has_row_security(&stream.table);
     if !applicable {
         return None;

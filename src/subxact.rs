@@ -1,6 +1,7 @@
 //! Running a piece of work in an internal subtransaction, as PL/pgSQL's exception blocks do:
 //! on error (or when the work returns `Err`) everything it wrote is rolled back and the
-//! caller goes on in the same transaction.
+//! caller goes on in the same transaction. And what the paths that depend on it ask of the
+//! transaction: whether it is READ COMMITTED.
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
@@ -55,4 +56,11 @@ pub fn run<T, E>(work: impl FnOnce() -> Result<T, E>) -> SubResult<T, E> {
         SubResult::Failed(Box::new(caught))
     })
     .execute()
+}
+
+/// Whether the current transaction is READ COMMITTED: each statement (and each claim, each row
+/// lookup made for one) sees a snapshot taken for it, not one taken when the transaction began.
+pub fn read_committed() -> bool {
+    // SAFETY: a plain read of the transaction's isolation level.
+    unsafe { pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 }
 }

@@ -341,15 +341,17 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
             if !extension_installed() {
                 return None;
             }
-            let cursor = claiming;
+            let cursor = claiming; // the whole wrapper, not its field (closures capture fields)
             Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker, cursor.0))
         });
         // Report table statistics, or autovacuum never sees the inbox deletes and state updates.
         unsafe { pg_sys::pgstat_report_stat(false) };
         match processed {
-            None if !reported_missing => {
-                log!("pg_ecst worker {index}: extension pg_ecst is not installed in database \"{database}\"; waiting");
-                reported_missing = true;
+            None => {
+                if !reported_missing {
+                    log!("pg_ecst worker {index}: extension pg_ecst is not installed in database \"{database}\"; waiting");
+                    reported_missing = true;
+                }
                 cursor = new_cursor();
             }
             Some(drained) => {
@@ -358,7 +360,6 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
                     continue; // more is waiting: no sleep
                 }
             }
-            None => cursor = new_cursor(),
         }
         report_activity(c"idle");
         if !BackgroundWorker::wait_latch(Some(naptime())) {
