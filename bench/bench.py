@@ -708,7 +708,52 @@ def run_set_workload(name, meta):
             check(f"{name} {sch}: stale count = events arriving after a newer one ({meta['stale']:,})",
                   st["stale"] == meta["stale"] and st["duplicate"] == 0, f"(stats {st})", fatal=False)
         psql(f"SELECT ecst.drop_stream('{spec['stream']}');")
+    if name == "entity_snapshot":
+        run_floors(name, meta, a, b_total)
     set_workers(1)
+
+
+def parse_seconds(shape, ndjson):
+    """The core's parse of every event of `ndjson`, in Rust on one core (the fastest of 3 passes)."""
+    out = subprocess.run(["cargo", "run", "--release", "-q", "-p", "ecst_core", "--example", "parse_rate", "--",
+                          shape, ndjson], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise BenchError(f"parse_rate failed: {out.stderr.strip()}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if got["rejected"]:
+        raise BenchError(f"parse_rate rejected {got['rejected']} events of {ndjson}")
+    return got["seconds"]
+
+
+def run_floors(name, meta, a, b_total):
+    """What any design that takes the raw events durably and applies them must spend at least,
+    measured in this run with no worker running: the cheapest durable input (COPY into a bare,
+    unindexed table), pg_ecst's own input (COPY into ecst.inbox), taking the rows out again
+    (one DELETE), and parsing every event once. The floor sum (cheapest input + parse + writing the
+    final rows, A) is the lower bound that C's targets are measured against."""
+    n = meta["events"]
+    set_workers(0)
+    psql("CREATE SCHEMA f; CREATE TABLE f.bare (stream text, payload text);")
+    settle()
+    bare = timed(f"\\copy f.bare (stream, payload) FROM '{meta['tsv']}'\n")
+    psql("DROP SCHEMA f CASCADE;")
+    settle()
+    inbox = timed(f"\\copy ecst.inbox (stream, payload) FROM '{meta['tsv']}'\n")
+    psql("CHECKPOINT;")
+    delete = timed("DELETE FROM ecst.inbox;")
+    parse = parse_seconds(name, meta["ndjson"])
+    result(name, "F1 floor: COPY into a bare (stream, payload) table", bare, n, a, b_total,
+           "no index, no default: the cheapest durable input")
+    result(name, "F2 COPY into ecst.inbox alone (no worker)", inbox, n, a, b_total,
+           "C's input: F1 + the seq default and index")
+    result(name, "F3 DELETE every inbox row, one statement", delete, n, a, b_total,
+           "the least a drain does to take its rows")
+    result(name, "F4 parse every event once (Rust, one core)", parse, n, a, b_total,
+           f"{parse / n * 1e6:.2f} µs/event, ecst_core::event::parse")
+    floor = bare + parse + a
+    result(name, "F  floor sum F1+F4+A", floor, n, a, b_total,
+           f"no design that accepts the events durably, parses them and writes the final rows "
+           f"goes below this; C's targets: ≤ {2 * a:.2f} s (2×A), ≤ {0.5 * b_total:.2f} s (0.5×B)")
 
 
 def verify(name, schema, spec):
@@ -750,7 +795,9 @@ BEGIN
     END LOOP;
 END $$;
 """ for name, call in (("hand", "pc.upsert_address(r.payload::jsonb)"),
-                       ("ecst", "ecst.apply('address_pc', r.payload)"))) + """-- The hand-written equivalent of one ecst.apply call: parse, upsert if newer.
+                       ("ecst", "ecst.apply('address_pc', r.payload)"),
+                       ("floor", "length(r.payload)"),
+                       ("jsonb", "r.payload::jsonb"))) + """-- The hand-written equivalent of one ecst.apply call: parse, upsert if newer.
 CREATE FUNCTION pc.upsert_address(p jsonb) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     s jsonb := p #> '{newState,addressContent}';
@@ -788,6 +835,16 @@ def run_percall(scale, seed):
     result("percall", "B  PL/pgSQL upsert function, 1 call/event", hand, n, None, hand, "calls/s; COMMIT every 1,000 calls")
     result("percall", "C  SELECT ecst.apply(stream, payload), 1 call/event", ecst, n, None, hand,
            f"calls/s; COMMIT every 1,000 calls; ecst.apply takes {ecst / hand:.2f}× the time of the PL/pgSQL function")
+    # What every call of either costs before it does anything: the loop itself, and (the PL/pgSQL
+    # function's first step) the jsonb parse.
+    settle()
+    floor = loop("floor", n, 1000)
+    settle()
+    parse = loop("jsonb", n, 1000)
+    result("percall", "F  the same loop, PERFORM length(payload)", floor, n, None, hand,
+           f"calls/s; the harness's own {floor / n * 1e6:,.1f} µs/call, in both contestants")
+    result("percall", "F  the same loop, PERFORM payload::jsonb", parse, n, None, hand,
+           f"calls/s; + the PL/pgSQL function's parse: {(parse - floor) / n * 1e6:,.1f} µs/call")
     x, y = diff_count("pc.address_ecst", "pc.address_hand", ADDR_COLS)
     check("percall: ecst.apply replica = PL/pgSQL replica", x == 0 and y == 0, f"({x} / {y} rows differ)")
     st = stats("address_pc")
