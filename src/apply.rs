@@ -107,7 +107,11 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: 
                 {
                     sql_only = true;
                 }
-                CaughtError::PostgresError(report) if policy.dead_letters(&errors::sqlstate(report.sql_error_code())) => {
+                // PostgreSQL's errors, and pg_ecst's own raised while applying the event (a stored
+                // version no event can be compared with): the same policy.
+                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)
+                    if policy.dead_letters(&errors::sqlstate(report.sql_error_code())) =>
+                {
                     let mut message = report.message().to_string();
                     if let Some(detail) = report.detail() {
                         message = format!("{message} ({detail})");
@@ -165,14 +169,18 @@ pub(crate) fn lock_row_stripes<'e, K: AsRef<str>>(stream: &Stream, events: impl 
 
 /// Converts a cell through its column type.
 pub(crate) fn bind<'a>(column: &'a Column, field: &str, value: &Value) -> Result<Bound<'a>, Rejection> {
+    let misfit = |e: String| {
+        Rejection::new(
+            RejectCode::InvalidValue,
+            format!("field \"{field}\" does not fit column \"{}\" ({}): {e}", column.name, column.ty.name),
+        )
+    };
     let value = match value {
-        Value::Null => None,
-        Value::Text(t) => Some(column.ty.input(t).map_err(|e| {
-            Rejection::new(
-                RejectCode::InvalidValue,
-                format!("field \"{field}\" does not fit column \"{}\" ({}): {e}", column.name, column.ty.name),
-            )
-        })?),
+        Value::Null => {
+            column.ty.check_null().map_err(misfit)?;
+            None
+        }
+        Value::Text(t) => Some(column.ty.input(t).map_err(misfit)?),
     };
     Ok(Bound { column, value })
 }
@@ -438,14 +446,28 @@ fn row_state(client: &mut SpiClient, stream: &Stream, keys: &[Bound]) -> Option<
 }
 
 /// An entity state from its stored text form (`numeric` versions, `jsonb` field versions).
+/// A replica row's version (`Stream::row_version`) comes from a column anyone may write (`NaN`,
+/// `Infinity`, more digits than a version may have): such an entity's events cannot be ordered
+/// against it and raise a data exception, which dead-letters them — never a panic, which would
+/// stop the worker on the same batch over and over.
 pub(crate) fn state_from_text(live: Option<String>, tomb: Option<String>, fields: Option<String>) -> EntityState {
-    let version = |text: Option<String>| text.map(|t| Version::parse_decimal(&t).expect("stored versions are valid"));
+    let version = |text: Option<String>| text.map(|t| stored_version(&t));
     let mut state = EntityState { live: version(live), tomb: version(tomb), fields: BTreeMap::new() };
     if let Some(fields) = fields {
         let map: BTreeMap<String, String> = serde_json::from_str(&fields).expect("stored field versions are valid");
-        state.fields = map.into_iter().map(|(k, v)| (k, Version::parse_decimal(&v).expect("valid"))).collect();
+        state.fields = map.into_iter().map(|(k, v)| (k, stored_version(&v))).collect();
     }
     state
+}
+
+fn stored_version(text: &str) -> Version {
+    Version::parse_decimal(text).unwrap_or_else(|e| {
+        raise(
+            Code::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+            format!("the stored version {text:?} of this entity cannot be compared with event versions: {e}"),
+            Some("Set the replica row's version column to a number an event could carry, or delete the row."),
+        )
+    })
 }
 
 /// The `field_versions` jsonb text of a state (`None` when it has none).
@@ -508,8 +530,10 @@ fn save_state(
 /// Records what happened to one event: a dead letter (payload verbatim) if it was rejected, the
 /// stream's counters, and — for streams that retain events — the payload for the event log
 /// (collected in `retained`, written once per batch by `retention::append`). The log keeps every
-/// event but duplicates and dead letters: an event stale under today's mapping (a delta whose
-/// fields are all unmapped) may write a column a later mapping adds.
+/// event but duplicates, dead letters and events skipped for a conflict (replayed after a
+/// compaction, with nothing left to conflict with, a skipped event would be applied): an event
+/// stale under today's mapping (a delta whose fields are all unmapped) may write a column a later
+/// mapping adds.
 pub fn record(
     client: &mut SpiClient,
     stream: Option<&Stream>,
@@ -524,7 +548,7 @@ pub fn record(
     }
     if let Some(s) = stream {
         crate::counters::count(s.id, result);
-        let kept = matches!(result, Applied::Done { outcome, .. } if *outcome != Outcome::Duplicate);
+        let kept = matches!(result, Applied::Done { outcome, .. } if !matches!(outcome, Outcome::Duplicate | Outcome::Skipped));
         if let (true, true, Some(p)) = (s.retain_events, kept, payload) {
             retained.push(p.to_string());
         }

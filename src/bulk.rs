@@ -300,10 +300,11 @@ fn run_set_based(
     let mut rows: HashMap<String, Vec<Option<String>>> = HashMap::new();
     if !needs_row.is_empty() {
         let datums: Vec<Option<pg_sys::Datum>> = needs_row.iter().map(|k| Some(entities[*k][0].key)).collect();
-        let cols: Vec<String> = table.columns.iter().map(|c| format!("{}::text", c.quoted)).collect();
+        // Printed as `mismatches` compares them: by each type's output function.
+        let cols: Vec<String> = table.columns.iter().map(|c| writer::output_text(&c.quoted)).collect();
         let sql = format!(
-            "SELECT {}::text{}{} FROM {} WHERE {} = ANY ($1)",
-            key_col.quoted,
+            "SELECT {}{}{} FROM {} WHERE {} = ANY ($1)",
+            writer::output_text(&key_col.quoted),
             if cols.is_empty() { "" } else { ", " },
             cols.join(", "),
             table.qualified,
@@ -321,7 +322,11 @@ fn run_set_based(
     let mut new_states: Vec<(String, EntityState, bool)> = Vec::new();
     let mut one_by_one_entities: Vec<&String> = Vec::new();
     let mut unapplied_ids: Vec<String> = Vec::new();
+    // Event ids that an event of this run went on with (not dead-lettered): kept recorded.
+    let mut kept_ids: HashSet<String> = HashSet::new();
     for (key, items) in &entities {
+        // This entity's fresh ids, in the order its events took them, and whether each was kept.
+        let mut taken_ids: Vec<(String, bool)> = Vec::new();
         let existed = stored.contains(key);
         let mut state = states.remove(key);
         let mut row = rows.remove(key);
@@ -330,6 +335,9 @@ fn run_set_based(
         let mut needs_one_by_one = false;
         // Simulate the row only when a later event's oldState will be compared with it.
         let track_row = items.iter().any(|i| !i.old.is_empty());
+        // A row this run creates holds, in the columns no event of the run wrote, their DEFAULT,
+        // which the simulation does not know: the columns it wrote (`None`: not created here).
+        let mut created_with: Option<HashSet<usize>> = None;
         let mut decided: Vec<(usize, Applied)> = Vec::new();
         for it in items {
             if let Some(id) = &it.ev.event_id {
@@ -337,6 +345,17 @@ fn run_set_based(
                     decided.push((it.index, Applied::Done { outcome: Outcome::Duplicate, conflict: false }));
                     continue;
                 }
+                taken_ids.push((id.clone(), true));
+            }
+            if needs_one_by_one {
+                continue; // all of this entity's events are decided again, one at a time
+            }
+            if row.is_some()
+                && created_with.as_ref().is_some_and(|written| it.old.iter().any(|(c, _)| !written.contains(c)))
+            {
+                // oldState names such a column: compare with the real row, event by event.
+                needs_one_by_one = true;
+                continue;
             }
             let decision = decide(&stream.spec, state.as_ref(), it.ev, |_: &[Cell]| mismatches(it, row.as_ref()));
             match decision {
@@ -357,7 +376,13 @@ fn run_set_based(
                                 upsert.insert(c.column, it.cells[c.column]);
                             }
                             if track_row {
+                                if row.is_none() {
+                                    created_with = Some(HashSet::new());
+                                }
                                 let r = row.get_or_insert_with(|| vec![None; table.columns.len()]);
+                                if let Some(written) = created_with.as_mut() {
+                                    written.extend(cells.iter().map(|c| c.column));
+                                }
                                 for c in &cells {
                                     r[c.column] = it.cells[c.column].map(|d| table.columns[c.column].ty.output(d));
                                 }
@@ -367,6 +392,7 @@ fn run_set_based(
                         Write::Delete => {
                             fin = Final { delete: true, ..Final::default() };
                             row = None;
+                            created_with = None;
                         }
                     }
                     if let Some(n) = next {
@@ -376,6 +402,11 @@ fn run_set_based(
                 }
                 Decision::DeadLetter(r) => {
                     if let Some(id) = &it.ev.event_id {
+                        // Not applied: a later event with this id is not its duplicate.
+                        fresh_ids.insert(id.clone());
+                        if let Some(taken) = taken_ids.last_mut() {
+                            taken.1 = false;
+                        }
                         unapplied_ids.push(id.clone());
                     }
                     decided.push((it.index, rejected(r, true)));
@@ -385,11 +416,15 @@ fn run_set_based(
         }
         if needs_one_by_one {
             // A delete older than surviving delta fields resets columns to DEFAULT, which a
-            // set-based write cannot express: this entity goes event by event.
+            // set-based write cannot express, or an oldState names a column whose DEFAULT the
+            // simulated row does not know: this entity goes event by event.
             one_by_one_entities.push(key);
-            unapplied_ids.extend(items.iter().filter_map(|it| it.ev.event_id.clone()));
+            // Only the ids this run recorded for it (a duplicate's id was recorded before and
+            // stays): the per-event path records them again.
+            unapplied_ids.extend(taken_ids.into_iter().map(|(id, _)| id));
             continue;
         }
+        kept_ids.extend(taken_ids.into_iter().filter(|(_, kept)| *kept).map(|(id, _)| id));
         for (index, applied) in decided {
             results[index] = Some(applied);
         }
@@ -510,6 +545,8 @@ fn run_set_based(
             refold(spec, &entities[key], version, false, &mut results)?;
         }
     }
+    // An id dead-lettered on one event and then taken by a later one stays recorded.
+    unapplied_ids.retain(|id| !kept_ids.contains(id));
     if !unapplied_ids.is_empty() {
         security::internal(|| {
             writer::run_once(
@@ -571,8 +608,11 @@ fn row_versions(
     let table = &stream.table;
     let (key_col, version) = (&table.keys[0], &table.columns[version_column].quoted);
     let sql = format!(
-        "SELECT {0}::text, {1}::text FROM {2} WHERE {0} = ANY ($1) AND {1} IS NOT NULL",
-        key_col.quoted, version, table.qualified
+        "SELECT {3}, {1}::text FROM {2} WHERE {0} = ANY ($1) AND {1} IS NOT NULL",
+        key_col.quoted,
+        version,
+        table.qualified,
+        writer::output_text(&key_col.quoted)
     );
     writer::run_once(client, &sql, &[key_col.ty.array(keys)])
         .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
@@ -646,8 +686,11 @@ fn write_children(client: &mut SpiClient, index: usize, child: &ChildInfo, final
     if !pruned.is_empty() {
         let aliases: Vec<String> = (0..key_cols.len()).map(|i| format!("k{i}")).collect();
         let arrays: Vec<String> = (0..key_cols.len()).map(|i| format!("${}::text[]", i + 3)).collect();
-        let matches: Vec<String> =
-            key_cols.iter().zip(&aliases).map(|(c, k)| format!(" AND c.{}::text = k.{k}", c.quoted)).collect();
+        let matches: Vec<String> = key_cols
+            .iter()
+            .zip(&aliases)
+            .map(|(c, k)| format!(" AND {} = k.{k}", writer::output_text(&format!("c.{}", c.quoted))))
+            .collect();
         let sql = format!(
             "DELETE FROM {} AS c WHERE c.{p} = ANY ($1) AND NOT EXISTS
              (SELECT 1 FROM unnest($2, {}) AS k (p, {}) WHERE k.p = c.{p}{})",
@@ -718,7 +761,7 @@ fn upsert_many(
     let cols: Vec<&Column> = std::iter::once(key_col).chain(columns.iter().map(|&i| &table.columns[i])).collect();
     let update: Vec<&str> =
         if insert_only { Vec::new() } else { cols[1..].iter().map(|c| c.quoted.as_str()).collect() };
-    let action = writer::conflict_action(&update, guard, &format!("t.{}::text", key_col.quoted));
+    let action = writer::conflict_action(&update, guard, &writer::output_text(&format!("t.{}", key_col.quoted)));
     let mut values: ColumnValues = vec![rows.iter().map(|(k, _)| Some(*k)).collect()];
     values.extend((0..columns.len()).map(|i| rows.iter().map(|(_, v)| v[i]).collect()));
     let written = insert_arrays(client, &table.qualified, &cols, &values, &key_col.quoted, &action);

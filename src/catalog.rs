@@ -154,8 +154,33 @@ pub fn stream(name: &str) -> Rc<Stream> {
     })
 }
 
-/// The stream named `name`, if it exists.
+/// The stream named `name`, if it exists, with its tables locked (`AccessShareLock`, until the
+/// transaction ends) before its cached column types are trusted: an `ALTER TABLE` that changed a
+/// column (it holds `AccessExclusiveLock`) has committed by then and its invalidation has been
+/// taken — the stream is rebuilt — and no other can start until this transaction ends. Without
+/// the lock a session would convert values for the old type and write them into the new one.
 pub fn try_stream(name: &str) -> Option<Rc<Stream>> {
+    // Once its tables are locked a stream is rebuilt at most once more, unless its definition is
+    // being changed and changed again meanwhile.
+    for _ in 0..100 {
+        let stream = cached_stream(name)?;
+        for oid in std::iter::once(stream.table.oid).chain(stream.children.iter().map(|c| c.table.oid)) {
+            // SAFETY: a transaction-level lock on a relation (a dropped one's OID is harmless:
+            // its invalidation marks the stream stale and the rebuild reports it).
+            unsafe { pg_sys::LockRelationOid(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+        }
+        if !STALE.with(|s| s.get()) {
+            return Some(stream);
+        }
+    }
+    raise(
+        Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        format!("the definition of stream \"{name}\" or of its tables kept changing"),
+        Some("Retry the transaction."),
+    )
+}
+
+fn cached_stream(name: &str) -> Option<Rc<Stream>> {
     if STALE.with(|s| s.replace(false)) {
         CACHE.with(|c| c.borrow_mut().clear());
     }
@@ -411,6 +436,13 @@ fn table_of(
     what: &str,
 ) -> Result<(Table, TableInfo), Invalid> {
     let keys = key_columns.iter().map(|c| find(rel, c).map(|a| a.column.clone())).collect::<Result<Vec<_>, _>>()?;
+    if let Some(key) = key_columns.iter().find(|c| find(rel, c).is_ok_and(|a| a.readonly)) {
+        return Err(invalid(
+            Code::ERRCODE_GENERATED_ALWAYS,
+            format!("{what}: key column \"{key}\" cannot be written (generated or identity ALWAYS)"),
+            Some("Events name their entities by the key: map it to a column they can write (identity BY DEFAULT is fine)."),
+        ));
+    }
     let writable: Vec<Column> = rel
         .attributes
         .iter()

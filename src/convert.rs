@@ -20,6 +20,8 @@ pub struct ColumnType {
     output: pg_sys::Oid,
     /// text/varchar without typmod: input and output are the identity.
     plain_text: bool,
+    /// A domain: its constraints apply to NULL too, which no input function sees.
+    domain: bool,
     /// The array type and element layout, for set-based writes (`unnest` of typed arrays).
     array_oid: pg_sys::Oid,
     typlen: i16,
@@ -37,13 +39,15 @@ impl ColumnType {
             pg_sys::getTypeOutputInfo(oid, &mut output, &mut varlena);
         }
         let plain_text = oid == pg_sys::TEXTOID || (oid == pg_sys::VARCHAROID && typmod < 0);
+        // SAFETY: a catalog lookup for an existing type.
+        let domain = unsafe { pg_sys::get_typtype(oid) } == pg_sys::TYPTYPE_DOMAIN as std::ffi::c_char;
         let (mut typlen, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
         // SAFETY: catalog lookups for an existing type.
         let array_oid = unsafe {
             pg_sys::get_typlenbyvalalign(oid, &mut typlen, &mut byval, &mut align);
             pg_sys::get_array_type(oid)
         };
-        ColumnType { oid, typmod, name, input, ioparam, output, plain_text, array_oid, typlen, byval, align }
+        ColumnType { oid, typmod, name, input, ioparam, output, plain_text, domain, array_oid, typlen, byval, align }
     }
 
     /// Reads `text` as a value of this type. `Err` carries PostgreSQL's message for data
@@ -53,6 +57,31 @@ impl ColumnType {
         PgTryBuilder::new(|| {
             // SAFETY: `c` outlives the call; the input function copies what it keeps.
             Ok(unsafe { pg_sys::OidInputFunctionCall(self.input, c.as_ptr() as *mut _, self.ioparam, self.typmod) })
+        })
+        .catch_others(|e| match e {
+            CaughtError::PostgresError(ref r) if errors::is_event_error(&errors::sqlstate(r.sql_error_code())) => {
+                Err(r.message().to_string())
+            }
+            other => other.rethrow(),
+        })
+        .execute()
+    }
+
+    /// Whether NULL is a value of this type: a domain's `NOT NULL` or `CHECK` may refuse it (`Err`
+    /// with PostgreSQL's message), which the input function never sees — nor the executor's row
+    /// API, nor a parameter typed as the domain.
+    pub fn check_null(&self) -> Result<(), String> {
+        if !self.domain {
+            return Ok(());
+        }
+        PgTryBuilder::new(|| {
+            let mut extra: *mut std::ffi::c_void = std::ptr::null_mut();
+            // SAFETY: checks a NULL against the domain's constraints; `extra` caches in the
+            // current memory context for this call only.
+            unsafe {
+                pg_sys::domain_check(pg_sys::Datum::from(0), true, self.oid, &mut extra, pg_sys::CurrentMemoryContext)
+            };
+            Ok(())
         })
         .catch_others(|e| match e {
             CaughtError::PostgresError(ref r) if errors::is_event_error(&errors::sqlstate(r.sql_error_code())) => {

@@ -297,12 +297,20 @@ mod imp {
     // write over it, so there SQL does the writing.
     use crate::subxact::read_committed;
 
+    /// Whether the row API may write in this transaction: READ COMMITTED (above), and not READ
+    /// ONLY — `ExecSimpleRelation*` skip the executor's read-only check, so a row written here
+    /// would fail only at commit; SQL raises 25006 at once.
+    fn may_write() -> bool {
+        // SAFETY: a plain read of the transaction's read-only flag.
+        read_committed() && !unsafe { pg_sys::XactReadOnly }
+    }
+
     /// An open replica table with the executor state to write it.
     pub struct Writer(Edata);
 
     impl Writer {
         pub fn open(table: &TableInfo) -> Option<Writer> {
-            if !read_committed() {
+            if !may_write() {
                 return None;
             }
             // SAFETY: the relation stays locked (ROW EXCLUSIVE, as any writer's) to the end of the
@@ -319,7 +327,7 @@ mod imp {
         }
 
         pub fn available(table: &TableInfo) -> bool {
-            if !read_committed() {
+            if !may_write() {
                 return false;
             }
             // SAFETY: opened and closed here; the lock (ROW EXCLUSIVE, as `open` takes) stays to
@@ -672,7 +680,7 @@ mod imp {
             // end of the transaction); what is opened here is released by `close`, or by the abort
             // of the (sub)transaction an error unwinds through.
             unsafe {
-                if !read_committed() {
+                if !may_write() {
                     return None;
                 }
                 let oid = own_relation(c"entity_state")?;
@@ -827,6 +835,8 @@ mod imp {
         if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
             || form.relispartition
             || form.relrowsecurity
+            // Rules rewrite SQL statements; the row API would bypass them (SQL refuses the upsert).
+            || form.relhasrules
             // `Edata::newest` relies on heap visibility (a dirty snapshot naming the writers).
             || form.relam != pg_sys::HEAP_TABLE_AM_OID
             || !(*rel).trigdesc.is_null()
@@ -866,6 +876,10 @@ mod imp {
             // kept to the end of the transaction), under a registered snapshot; released by `close`,
             // or by the abort of the (sub)transaction an error unwinds through.
             unsafe {
+                // A READ ONLY transaction's claim goes through SQL, which refuses it (25006).
+                if pg_sys::XactReadOnly {
+                    return None;
+                }
                 let (Some(inbox), Some(index_oid)) = (own_relation(c"inbox"), own_relation(c"inbox_seq_idx")) else {
                     return None;
                 };

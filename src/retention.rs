@@ -107,6 +107,9 @@ struct Entity {
     /// Delta: per field, its last write after the tombstone: (order, raw value, template event).
     fields: BTreeMap<String, (Order, Value)>,
     templates: BTreeMap<Order, Value>,
+    /// Delta: the newest create/update, even one with no field (it still makes the entity live at
+    /// its version).
+    newest_delta: Option<Order>,
 }
 
 /// Events order by version, or by log position in unversioned streams.
@@ -133,11 +136,22 @@ pub fn compact(name: &str) -> (i64, i64) {
                 .collect()
         });
         let before = rows.len() as i64;
-        let Some(last_seq) = rows.last().map(|r| r.0) else { return (0, 0) };
+        if rows.is_empty() {
+            return (0, 0);
+        }
         let mut entities: BTreeMap<String, Entity> = BTreeMap::new();
+        let mut out: Vec<String> = Vec::new();
         for (seq, payload) in &rows {
-            let Ok(ev) = parse(spec, payload) else { continue };
-            let Some(key) = apply::entity_key(&stream, &ev.key) else { continue };
+            // An event that no longer parses (the mapping changed) stays as it is: a rebuild
+            // dead-letters it as applying it now would.
+            let Ok(ev) = parse(spec, payload) else {
+                out.push(payload.clone());
+                continue;
+            };
+            let Some(key) = apply::entity_key(&stream, &ev.key) else {
+                out.push(payload.clone());
+                continue;
+            };
             let raw: Value = serde_json::from_str(payload).expect("parsed once already");
             let order: Order = (ev.version.clone(), *seq);
             let e = entities.entry(key).or_default();
@@ -153,17 +167,19 @@ pub fn compact(name: &str) -> (i64, i64) {
                     }
                 }
                 Op::Upsert { .. } => {
+                    if e.newest_delta.as_ref().is_none_or(|o| *o < order) {
+                        e.newest_delta = Some(order.clone());
+                    }
+                    e.templates.insert(order.clone(), raw.clone());
                     let Some(state) = entity_object(spec, &raw) else { continue };
                     for (field, value) in state {
                         if e.fields.get(field).is_none_or(|(o, _)| *o < order) {
                             e.fields.insert(field.clone(), (order.clone(), value.clone()));
                         }
                     }
-                    e.templates.insert(order, raw.clone());
                 }
             }
         }
-        let mut out: Vec<String> = Vec::new();
         for e in entities.into_values() {
             let tomb = e.delete.as_ref().map(|(o, _)| o.clone());
             let after_tomb = |o: &Order| tomb.as_ref().is_none_or(|t| o > t);
@@ -180,6 +196,9 @@ pub fn compact(name: &str) -> (i64, i64) {
                 if after_tomb(&o) {
                     by_order.entry(o).or_default().insert(field, value);
                 }
+            }
+            if let Some(o) = e.newest_delta.filter(|o| after_tomb(o)) {
+                by_order.entry(o).or_default();
             }
             for (o, fields) in by_order {
                 let mut event = e.templates[&o].clone();
@@ -206,9 +225,10 @@ pub fn compact(name: &str) -> (i64, i64) {
         security::internal(|| {
             client
                 .update(
-                    "DELETE FROM ecst.event_log WHERE stream_id = $1 AND seq <= $2",
+                    // Exactly the rows read (and locked): one committed since is not among them.
+                    "DELETE FROM ecst.event_log WHERE stream_id = $1 AND seq = ANY ($2::bigint[])",
                     None,
-                    &[stream.id.into(), last_seq.into()],
+                    &[stream.id.into(), rows.iter().map(|r| r.0).collect::<Vec<i64>>().into()],
                 )
                 .expect("compacting ecst.event_log");
         });

@@ -7,7 +7,7 @@
 
 use crate::apply::{self, Applied, ErrorPolicy};
 use crate::bulk;
-use crate::catalog::{self, Stream};
+use crate::catalog::{self, Column, Stream};
 use crate::copy_in;
 use crate::counters;
 use crate::errors;
@@ -16,7 +16,7 @@ use crate::parallel;
 use crate::retention;
 use crate::security;
 use crate::subxact::{self, SubResult};
-use ecst_core::event::{Op, Value as CellValue};
+use ecst_core::event::{parse_key, Op, Value as CellValue};
 use ecst_core::merge::Outcome;
 use ecst_core::reject::Rejection;
 use ecst_core::spec::StreamSpec;
@@ -89,6 +89,7 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
     }
     let mut counts = LoadCounts::default();
     let mut seen: HashSet<String> = HashSet::new();
+    let mut unkeyed = 0i64;
     Spi::connect_mut(|client| {
         let mut cursor = open_source(client, &source_name);
         let mut progress = Progress::new(stream_name);
@@ -96,7 +97,23 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
             let events: Vec<Result<_, Rejection>> =
                 payloads.iter().map(|p| apply::parse_payload(&stream.spec, p.as_deref())).collect();
             if replace {
-                seen.extend(events.iter().flatten().filter_map(|ev| apply::entity_key(&stream, &ev.key)));
+                // A row that fails (a bad value, a missing version) still names its entity, which
+                // therefore is not absent; a row whose entity cannot be told stops the deletions.
+                for (payload, event) in payloads.iter().zip(&events) {
+                    let key = match event {
+                        Ok(ev) => apply::entity_key(&stream, &ev.key),
+                        Err(_) => payload
+                            .as_deref()
+                            .and_then(|p| parse_key(&stream.spec, p).ok())
+                            .and_then(|key| apply::entity_key(&stream, &key)),
+                    };
+                    match key {
+                        Some(key) => {
+                            seen.insert(key);
+                        }
+                        None => unkeyed += 1,
+                    }
+                }
             }
             let results = bulk::apply_run(client, &stream, &events, ErrorPolicy::Caller);
             let mut retained = Vec::new();
@@ -119,7 +136,12 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
             retention::append(client, &stream, retained);
             progress.advance(payloads.len(), &counts);
         }
-        if replace {
+        if replace && unkeyed > 0 {
+            pgrx::warning!(
+                "pg_ecst: {unkeyed} snapshot row(s) of stream \"{stream_name}\" name no entity (see ecst.dead_letters): \
+                 no entity was deleted as absent; fix them and load again"
+            );
+        } else if replace {
             counts.deleted = delete_absent(client, &stream, &seen, as_of.as_ref());
         }
     });
@@ -334,13 +356,17 @@ impl<'a> Progress<'a> {
 
 /// SQL for an entity's canonical key text from a table's key columns (see `apply::entity_key`).
 fn key_expr(alias: &str, columns: &[&str]) -> String {
+    let text = |c: &str| crate::writer::output_text(&format!("{alias}.{c}"));
     match columns {
-        [one] => format!("{alias}.{one}::text"),
-        many => format!(
-            "to_json(ARRAY[{}])::text",
-            many.iter().map(|c| format!("{alias}.{c}::text")).collect::<Vec<_>>().join(", ")
-        ),
+        [one] => text(one),
+        many => format!("to_json(ARRAY[{}])::text", many.iter().map(|c| text(c)).collect::<Vec<_>>().join(", ")),
     }
+}
+
+/// Rows whose key columns are all set: a row with a NULL key (possible under a unique index that
+/// is not a primary key) is no entity of the stream — never exported, never deleted as absent.
+fn keys_not_null(alias: &str, columns: &[&str]) -> String {
+    columns.iter().map(|c| format!("{alias}.{c} IS NOT NULL")).collect::<Vec<_>>().join(" AND ")
 }
 
 /// Replace mode: deletes the replica entities absent from the snapshot whose version is not newer
@@ -354,10 +380,14 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
         Some(v) => {
             let mut candidates: Vec<String> = security::internal(|| {
                 client
-                    .select(
+                    .update(
+                        // Locked: a concurrent event of a state-row stream (whose writers do
+                        // not take the stream lock) waits, or has made its entity newer, which
+                        // the lock's re-check of the newest row version then sees.
                         "SELECT entity_key FROM ecst.entity_state
                          WHERE stream_id = $1 AND live_version IS NOT NULL
-                           AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric",
+                           AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric
+                         FOR UPDATE",
                         None,
                         &[stream.id.into(), v.to_numeric_string().into()],
                     )
@@ -368,9 +398,10 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
             if let Some(column) = stream.row_version {
                 let column = &table.columns[column].quoted;
                 let sql = format!(
-                    "SELECT {}, t.{column}::text FROM {} t WHERE t.{column} <= $1::numeric",
+                    "SELECT {}, t.{column}::text FROM {} t WHERE t.{column} <= $1::numeric AND {}",
                     key_expr("t", &keys),
-                    table.qualified
+                    table.qualified,
+                    keys_not_null("t", &keys)
                 );
                 let rows: Vec<(String, String)> = client
                     .select(&sql, None, &[v.to_numeric_string().into()])
@@ -401,7 +432,16 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
             candidates
         }
         None => client
-            .select(&format!("SELECT {} FROM {} t", key_expr("t", &keys), table.qualified), None, &[])
+            .select(
+                &format!(
+                    "SELECT {} FROM {} t WHERE {}",
+                    key_expr("t", &keys),
+                    table.qualified,
+                    keys_not_null("t", &keys)
+                ),
+                None,
+                &[],
+            )
             .expect("reading the replica")
             .map(|r| r.get::<String>(1).unwrap().unwrap())
             .collect(),
@@ -470,10 +510,41 @@ pub fn export(stream_name: &str) -> Vec<Value> {
         }
         let keys: Vec<&str> = table.keys.iter().map(|k| k.quoted.as_str()).collect();
         let mut select: Vec<String> = vec![key_expr("t", &keys)];
-        select.extend(table.keys.iter().map(|k| format!("to_jsonb(t.{})::text", k.quoted)));
-        select.extend(table.columns.iter().map(|c| format!("to_jsonb(t.{})::text", c.quoted)));
-        let sql = format!("SELECT {} FROM {} t ORDER BY 1", select.join(", "), table.qualified);
+        select.extend(table.keys.iter().map(|k| export_expr("t", k)));
+        select.extend(table.columns.iter().map(|c| export_expr("t", c)));
+        let unkeyed: i64 = client
+            .select(
+                &format!("SELECT count(*) FROM {} t WHERE NOT ({})", table.qualified, keys_not_null("t", &keys)),
+                None,
+                &[],
+            )
+            .expect("reading the replica")
+            .first()
+            .get_one()
+            .expect("a count")
+            .unwrap_or(0);
+        if unkeyed > 0 {
+            pgrx::warning!(
+                "pg_ecst: {unkeyed} row(s) of {} have a NULL key column: no event can name them, they are not exported",
+                table.qualified
+            );
+        }
+        let sql = format!(
+            "SELECT {} FROM {} t WHERE {} ORDER BY 1",
+            select.join(", "),
+            table.qualified,
+            keys_not_null("t", &keys)
+        );
         let children = export_children(client, &stream);
+        // An entity snapshot's version that is also a state field (`newState.<state>.<field>`,
+        // written to a column) is exported once, under the version path's own spelling, with the
+        // entity's version: a timestamp for a date/time column, else a number.
+        let version_column = spec.version_column().and_then(|i| {
+            let field = spec.version.as_ref()?.segments().last()?.clone();
+            let temporal =
+                [pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPOID, pg_sys::DATEOID].contains(&table.columns[i].ty.oid);
+            Some((i, field, temporal))
+        });
         client
             .select(&sql, None, &[])
             .expect("reading the replica")
@@ -491,7 +562,18 @@ pub fn export(stream_name: &str) -> Vec<Value> {
                 let first = 2 + table.keys.len();
                 let mut entity = Value::Object(
                     (0..table.columns.len())
-                        .map(|i| (spec.table.field_name(i), parse_json(r.get(first + i).unwrap())))
+                        .map(|i| match &version_column {
+                            Some((column, field, temporal)) if *column == i => {
+                                let stored = version.as_deref().and_then(|v| Version::parse_decimal(v).ok());
+                                let value = match stored {
+                                    Some(v) if *temporal => v.to_rfc3339().map(Value::String),
+                                    Some(v) => serde_json::from_str(&v.to_numeric_string()).ok(),
+                                    None => None,
+                                };
+                                (field.clone(), value.unwrap_or_else(|| parse_json(r.get(first + i).unwrap())))
+                            }
+                            _ => (spec.table.field_name(i), parse_json(r.get(first + i).unwrap())),
+                        })
                         .collect(),
                 );
                 for (ci, child) in spec.children.iter().enumerate() {
@@ -522,8 +604,8 @@ fn export_children(client: &SpiClient, stream: &Stream) -> BTreeMap<(usize, Stri
     for (ci, (info, spec)) in stream.children.iter().zip(&stream.spec.children).enumerate() {
         let parent: Vec<&str> = info.parent.iter().map(|c| c.quoted.as_str()).collect();
         let mut select = vec![key_expr("c", &parent)];
-        select.extend(info.table.keys.iter().map(|k| format!("to_jsonb(c.{})::text", k.quoted)));
-        select.extend(info.table.columns.iter().map(|c| format!("to_jsonb(c.{})::text", c.quoted)));
+        select.extend(info.table.keys.iter().map(|k| export_expr("c", k)));
+        select.extend(info.table.columns.iter().map(|c| export_expr("c", c)));
         let order: Vec<String> = info.table.keys.iter().map(|k| format!("c.{}", k.quoted)).collect();
         let sql =
             format!("SELECT {} FROM {} c ORDER BY 1, {}", select.join(", "), info.table.qualified, order.join(", "));
@@ -541,6 +623,20 @@ fn export_children(client: &SpiClient, stream: &Stream) -> BTreeMap<(usize, Stri
         }
     }
     out
+}
+
+/// A column's value as the JSON that an event must carry to write it again: events pass a JSON
+/// string's content, and any other JSON value's text, to the column's input function. So a value
+/// whose JSON form that input does not read back (an array's JSON array, a composite's object)
+/// travels as its text; a json/jsonb value that is itself a JSON string or null travels as its
+/// JSON text in a string (a bare JSON null would mean SQL NULL).
+fn export_expr(alias: &str, column: &Column) -> String {
+    let c = format!("{alias}.{}", column.quoted);
+    if column.ty.oid == pg_sys::JSONBOID || column.ty.oid == pg_sys::JSONOID {
+        format!("(CASE WHEN jsonb_typeof({c}::jsonb) IN ('string', 'null') THEN to_jsonb({c}::text) ELSE {c}::jsonb END)::text")
+    } else {
+        format!("(CASE WHEN jsonb_typeof(to_jsonb({c})) IN ('object', 'array') THEN to_jsonb({c}::text) ELSE to_jsonb({c}) END)::text")
+    }
 }
 
 fn parse_json(text: Option<String>) -> Value {

@@ -1016,4 +1016,346 @@ mod tests {
         assert_eq!(text("SELECT v FROM pi WHERE id = 'e5000'"), "in order", "the late row was applied first");
         assert_eq!(text("SELECT applied::text FROM ecst.stats WHERE stream = 'pi'"), "10001");
     }
+
+    // ---------------------------------------------------------------- review findings (session 11)
+
+    fn batch(stream: &str, events: &[&str]) -> String {
+        let events: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+        Spi::get_one_with_args::<String>(
+            "SELECT string_agg(outcome || '=' || count, ',' ORDER BY outcome) FROM ecst.apply_batch($1, $2::text[])",
+            &[stream.into(), events.into()],
+        )
+        .unwrap()
+        .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn a_column_type_change_gets_new_plans_and_conversions() {
+        // Through SQL (a trigger keeps the row API away): the cached plan was prepared for int.
+        run("CREATE TABLE tc_sql (id int PRIMARY KEY, v int, ts bigint)");
+        run("CREATE FUNCTION tc_noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$");
+        run("CREATE TRIGGER tc_noop BEFORE INSERT OR UPDATE ON tc_sql FOR EACH ROW EXECUTE FUNCTION tc_noop()");
+        run(
+            r#"SELECT ecst.create_stream('tc_sql', 'tc_sql', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts')"#,
+        );
+        // And through the row API.
+        run("CREATE TABLE tc_row (id int PRIMARY KEY, v int, ts bigint)");
+        run(
+            r#"SELECT ecst.create_stream('tc_row', 'tc_row', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts')"#,
+        );
+        for t in ["tc_sql", "tc_row"] {
+            assert_eq!(apply(t, r#"{"id": 1, "newState": {"v": 1, "ts": 1}}"#), "applied");
+            assert_eq!(
+                batch(
+                    t,
+                    &[r#"{"id": 2, "newState": {"v": 2, "ts": 1}}"#, r#"{"id": 3, "newState": {"v": 3, "ts": 1}}"#]
+                ),
+                "applied=2"
+            );
+            run(&format!("ALTER TABLE {t} ALTER COLUMN v TYPE text"));
+            assert_eq!(apply(t, r#"{"id": 4, "newState": {"v": "hello", "ts": 1}}"#), "applied");
+            assert_eq!(
+                batch(
+                    t,
+                    &[
+                        r#"{"id": 5, "newState": {"v": "five", "ts": 1}}"#,
+                        r#"{"id": 6, "newState": {"v": "six", "ts": 1}}"#
+                    ]
+                ),
+                "applied=2"
+            );
+            assert_eq!(
+                text(&format!("SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM {t}")),
+                "1=1,2=2,3=3,4=hello,5=five,6=six",
+                "{t}"
+            );
+        }
+    }
+
+    #[pg_test]
+    fn a_row_version_no_event_can_carry_dead_letters_its_events() {
+        run("CREATE TABLE nv (id int PRIMARY KEY, v text, ts numeric)");
+        run(r#"SELECT ecst.create_stream('nv', 'nv', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts')"#);
+        run("INSERT INTO nv VALUES (1, 'manual', 'NaN'), (2, 'manual', 'Infinity')");
+        assert_eq!(apply("nv", r#"{"id": 1, "newState": {"v": "ev", "ts": 5}}"#), "dead_lettered");
+        let (code, message) = last_dead_letter();
+        assert_eq!(code, "write_failed");
+        assert!(message.contains("NaN"), "{message}");
+        // In a batch the others go on.
+        assert_eq!(
+            batch(
+                "nv",
+                &[r#"{"id": 2, "newState": {"v": "w", "ts": 9}}"#, r#"{"id": 5, "newState": {"v": "w", "ts": 9}}"#]
+            ),
+            "applied=1,dead_lettered=1"
+        );
+        assert_eq!(text("SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM nv"), "1=manual,2=manual,5=w");
+    }
+
+    #[pg_test]
+    fn a_domain_refusing_null_dead_letters_the_event() {
+        run("CREATE DOMAIN dn_text AS text NOT NULL");
+        run("CREATE DOMAIN dn_int AS int CHECK (VALUE IS NOT NULL)");
+        run("CREATE TABLE dn (id int PRIMARY KEY, a dn_text, b dn_int, ts bigint)");
+        run(r#"SELECT ecst.create_stream('dn', 'dn', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts')"#);
+        assert_eq!(apply("dn", r#"{"id": 1, "newState": {"a": "x", "b": 1, "ts": 1}}"#), "applied");
+        assert_eq!(apply("dn", r#"{"id": 1, "newState": {"b": 2, "ts": 2}}"#), "dead_lettered");
+        let (code, message) = last_dead_letter();
+        assert_eq!(code, "invalid_value");
+        assert!(message.contains("\"a\"") && message.contains("null"), "{message}");
+        assert_eq!(apply("dn", r#"{"id": 1, "newState": {"a": "y", "b": null, "ts": 3}}"#), "dead_lettered");
+        assert_eq!(
+            batch(
+                "dn",
+                &[
+                    r#"{"id": 2, "newState": {"a": null, "b": 1, "ts": 1}}"#,
+                    r#"{"id": 3, "newState": {"a": "z", "b": 3, "ts": 1}}"#
+                ]
+            ),
+            "applied=1,dead_lettered=1"
+        );
+        assert_eq!(text("SELECT string_agg(id || '=' || a || b, ',' ORDER BY id) FROM dn"), "1=x1,3=z3");
+    }
+
+    #[pg_test]
+    fn rules_and_read_only_transactions_are_not_bypassed() {
+        run("CREATE TABLE ru (id int PRIMARY KEY, v text, ts bigint)");
+        run("CREATE TABLE ru_audit (id int, v text)");
+        run("CREATE RULE ru_log AS ON UPDATE TO ru DO ALSO INSERT INTO ru_audit (id, v) VALUES (NEW.id, NEW.v)");
+        run(r#"SELECT ecst.create_stream('ru', 'ru', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts')"#);
+        // SQL refuses an upsert into a table with rules; the row API must not write it silently.
+        assert_eq!(
+            sqlstate(r#"SELECT ecst.apply('ru', '{"id": 1, "newState": {"v": "a", "ts": 1}}')"#).as_deref(),
+            Some("0A000")
+        );
+        assert_eq!(count("SELECT * FROM ru"), 0);
+
+        run("CREATE TABLE ro (id int PRIMARY KEY, v text, ts bigint)");
+        run(r#"SELECT ecst.create_stream('ro', 'ro', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts')"#);
+        // (Last: the test's transaction stays read-only.)
+        run("SET LOCAL transaction_read_only = on");
+        let refused = sqlstate(r#"SELECT ecst.apply('ro', '{"id": 7, "newState": {"v": "ro", "ts": 1}}')"#);
+        assert_eq!(refused.as_deref(), Some("25006"));
+    }
+
+    #[pg_test]
+    fn a_key_column_events_cannot_write_is_refused() {
+        run("CREATE TABLE ib (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, a text)");
+        assert_eq!(
+            sqlstate(r#"SELECT ecst.create_stream('ib', 'ib', 'entity_snapshot', '{"id": "id"}')"#).as_deref(),
+            Some("428C9")
+        );
+        run("CREATE TABLE ig (code text, id text GENERATED ALWAYS AS (upper(code)) STORED PRIMARY KEY)");
+        assert_eq!(
+            sqlstate(r#"SELECT ecst.create_stream('ig', 'ig', 'entity_snapshot', '{"id": "id"}')"#).as_deref(),
+            Some("428C9")
+        );
+    }
+
+    #[pg_test]
+    fn batches_keep_event_ids_as_one_call_at_a_time_does() {
+        // A duplicate id in a batch where a delta delete must clear fields stays a duplicate.
+        run("CREATE TABLE ei (id int PRIMARY KEY, a text, b text, c text, v numeric)");
+        run(r#"SELECT ecst.create_stream('ei', 'ei', 'delta', '{"id": "id"}', version => 'v', event_id => 'eid')"#);
+        assert_eq!(apply("ei", r#"{"id": 1, "v": 1, "eid": "P1", "newState": {"a": "old"}}"#), "applied");
+        assert_eq!(apply("ei", r#"{"id": 1, "v": 2, "eid": "E", "newState": {"c": "first"}}"#), "applied");
+        assert_eq!(
+            batch(
+                "ei",
+                &[
+                    r#"{"id": 1, "v": 7, "eid": "E", "newState": {"c": "REPLAYED"}}"#,
+                    r#"{"id": 1, "v": 6, "eid": "Y", "newState": {"b": "two"}}"#,
+                    r#"{"id": 1, "v": 1.5, "eid": "D", "oldState": {}}"#,
+                ]
+            ),
+            "applied=2,duplicate=1"
+        );
+        assert_eq!(text("SELECT c FROM ei WHERE id = 1"), "first");
+        // An id whose first event is dead-lettered is still fresh for the corrected event.
+        run("CREATE TABLE ej (id int PRIMARY KEY, a text, v bigint)");
+        run(
+            r#"SELECT ecst.create_stream('ej', 'ej', 'delta', '{"id": "id"}', version => 'v', event_id => 'eid', on_conflict => 'dead_letter')"#,
+        );
+        assert_eq!(apply("ej", r#"{"id": 1, "v": 1, "eid": "e1", "newState": {"a": "x"}}"#), "applied");
+        assert_eq!(
+            batch(
+                "ej",
+                &[
+                    r#"{"id": 1, "v": 2, "eid": "e2", "oldState": {"a": "WRONG"}, "newState": {"a": "y"}}"#,
+                    r#"{"id": 1, "v": 2, "eid": "e2", "oldState": {"a": "x"}, "newState": {"a": "y"}}"#,
+                ]
+            ),
+            "applied=1,dead_lettered=1"
+        );
+        assert_eq!(text("SELECT a FROM ej WHERE id = 1"), "y");
+        // ... and stays recorded: redelivered, it is a duplicate.
+        assert_eq!(
+            apply("ej", r#"{"id": 1, "v": 2, "eid": "e2", "oldState": {"a": "x"}, "newState": {"a": "y"}}"#),
+            "duplicate"
+        );
+    }
+
+    #[pg_test]
+    fn batch_conflict_checks_read_booleans_and_padded_chars_as_single_calls_do() {
+        for (name, on) in [("cb", "batch"), ("cs", "single")] {
+            run(&format!("CREATE TABLE {name} (id int PRIMARY KEY, active boolean, code char(4), v int)"));
+            run(&format!(
+                r#"SELECT ecst.create_stream('{name}', '{name}', 'delta', '{{"id": "id"}}', version => 'v', on_conflict => 'dead_letter')"#
+            ));
+            for id in [1, 2] {
+                apply(name, &format!(r#"{{"id": {id}, "v": 1, "newState": {{"active": true, "code": "ab"}}}}"#));
+            }
+            let events = [
+                r#"{"id": 1, "v": 2, "oldState": {"active": true}, "newState": {"active": false}}"#,
+                r#"{"id": 2, "v": 2, "oldState": {"code": "ab"}, "newState": {"code": "cd"}}"#,
+            ];
+            if on == "batch" {
+                assert_eq!(batch(name, &events), "applied=2");
+            } else {
+                for e in events {
+                    assert_eq!(apply(name, e), "applied");
+                }
+            }
+            assert_eq!(
+                text(&format!("SELECT string_agg(id || '=' || active || trim(code), ',' ORDER BY id) FROM {name}")),
+                "1=falseab,2=truecd"
+            );
+        }
+    }
+
+    #[pg_test]
+    fn batch_conflict_checks_see_the_defaults_of_rows_the_batch_creates() {
+        run("CREATE TABLE cdf (id int PRIMARY KEY, a text, b text DEFAULT 'dflt', v bigint)");
+        run(
+            r#"SELECT ecst.create_stream('cdf', 'cdf', 'delta', '{"id": "id"}', version => 'v', on_conflict => 'dead_letter')"#,
+        );
+        assert_eq!(
+            batch(
+                "cdf",
+                &[
+                    r#"{"id": 1, "v": 1, "newState": {"a": "x"}}"#,
+                    r#"{"id": 1, "v": 2, "oldState": {"b": "dflt"}, "newState": {"b": "y"}}"#,
+                ]
+            ),
+            "applied=2"
+        );
+        assert_eq!(text("SELECT a || b FROM cdf WHERE id = 1"), "xy");
+    }
+
+    #[pg_test]
+    fn compaction_keeps_what_a_rebuild_needs() {
+        // A skipped (conflicting) event is not kept: after compaction it would replay as applied.
+        run("CREATE TABLE ck (id text PRIMARY KEY, line1 text, ts bigint)");
+        run(r#"SELECT ecst.create_stream('ck', 'ck', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts',
+               on_conflict => 'skip', retain_events => true)"#);
+        assert_eq!(apply("ck", r#"{"id": "a", "newState": {"line1": "a1", "ts": 1}}"#), "applied");
+        assert_eq!(
+            apply("ck", r#"{"id": "a", "oldState": {"line1": "zzz"}, "newState": {"line1": "a2", "ts": 2}}"#),
+            "skipped"
+        );
+        run("SELECT ecst.compact_events('ck')");
+        run("SELECT ecst.rebuild('ck')");
+        assert_eq!(text("SELECT line1 FROM ck WHERE id = 'a'"), "a1");
+        // Deltas without fields still make their entity live at their version.
+        run("CREATE TABLE cd (id text PRIMARY KEY, a text, b text, v bigint)");
+        run(r#"SELECT ecst.create_stream('cd', 'cd', 'delta', '{"id": "id"}', version => 'v', retain_events => true)"#);
+        for e in [
+            r#"{"id": "x", "v": 1, "newState": {}}"#,
+            r#"{"id": "y", "v": 1, "newState": {"a": "a", "b": "b"}}"#,
+            r#"{"id": "y", "v": 3, "newState": {}}"#,
+        ] {
+            assert_eq!(apply("cd", e), "applied");
+        }
+        run("SELECT ecst.compact_events('cd')");
+        run("SELECT ecst.rebuild('cd')");
+        assert_eq!(
+            text("SELECT string_agg(id || ':' || coalesce(a, '-') || coalesce(b, '-'), ',' ORDER BY id) FROM cd"),
+            "x:--,y:ab"
+        );
+        // A late delete older than the empty update leaves y live, as without compaction.
+        apply("cd", r#"{"id": "y", "v": 2, "oldState": {}}"#);
+        assert_eq!(count("SELECT * FROM cd WHERE id = 'y'"), 1);
+    }
+
+    #[pg_test]
+    fn export_then_load_reproduces_the_quickstart_replica_and_odd_values() {
+        address_stream();
+        apply("address", SNAPSHOT);
+        address_table("address2");
+        run(
+            r#"SELECT ecst.create_stream(name => 'address2', target => 'address2'::regclass, shape => 'entity_snapshot',
+                key => '{"addressId": "address_id"}', state_path => 'addressContent',
+                columns => '{"addressLine1": "line1"}', version => 'newState.addressContent.addressTS')"#,
+        );
+        run("CREATE TABLE address_export AS SELECT p AS payload FROM ecst.export_snapshot('address') p");
+        assert_eq!(
+            text("SELECT loaded || '/' || dead_lettered FROM ecst.load_snapshot('address2', 'address_export')"),
+            "1/0"
+        );
+        assert_eq!(count("(SELECT * FROM address EXCEPT SELECT * FROM address2) UNION ALL (SELECT * FROM address2 EXCEPT SELECT * FROM address)"), 0);
+
+        // Arrays, json strings and nulls, timestamps as versions.
+        for t in ["ov", "ov2"] {
+            run(&format!("CREATE TABLE {t} (id int PRIMARY KEY, tags int[], meta jsonb, doc json, at timestamptz)"));
+            run(&format!(
+                r#"SELECT ecst.create_stream('{t}', '{t}', 'entity_snapshot', '{{"id": "id"}}', version => 'newState.at')"#
+            ));
+        }
+        for e in [
+            r#"{"id": 1, "newState": {"tags": "{1,2}", "meta": "\"quoted\"", "doc": "null", "at": "2024-01-01T00:00:00.1234567Z"}}"#,
+            r#"{"id": 2, "newState": {"tags": "{}", "meta": {"a": [1, "x"]}, "doc": 5, "at": "2024-01-02T10:00:00+02:00"}}"#,
+        ] {
+            assert_eq!(apply("ov", e), "applied");
+        }
+        run("CREATE TABLE ov_export AS SELECT p AS payload FROM ecst.export_snapshot('ov') p");
+        assert_eq!(text("SELECT loaded || '/' || dead_lettered FROM ecst.load_snapshot('ov2', 'ov_export')"), "2/0");
+        assert_eq!(
+            count("(SELECT id, tags, meta, doc::text, at FROM ov EXCEPT SELECT id, tags, meta, doc::text, at FROM ov2)
+                   UNION ALL (SELECT id, tags, meta, doc::text, at FROM ov2 EXCEPT SELECT id, tags, meta, doc::text, at FROM ov)"),
+            0
+        );
+        // The versions came along exactly: an event between the two is stale on both.
+        for t in ["ov", "ov2"] {
+            assert_eq!(apply(t, r#"{"id": 1, "newState": {"at": "2024-01-01T00:00:00.1234566Z"}}"#), "stale", "{t}");
+            assert_eq!(apply(t, r#"{"id": 1, "newState": {"at": "2024-01-01T00:00:00.1234568Z"}}"#), "applied", "{t}");
+        }
+    }
+
+    #[pg_test]
+    fn a_replica_row_with_a_null_key_is_neither_exported_nor_deleted() {
+        run("CREATE TABLE uk (id text UNIQUE, a text)");
+        run(r#"SELECT ecst.create_stream('uk', 'uk', 'entity_snapshot', '{"id": "id"}')"#);
+        assert_eq!(apply("uk", r#"{"id": "k", "newState": {"a": "x"}}"#), "applied");
+        run("INSERT INTO uk VALUES (NULL, 'manual')");
+        assert_eq!(count("SELECT * FROM ecst.export_snapshot('uk')"), 1);
+        run(r#"CREATE TABLE uk_src AS SELECT '{"id": "j", "newState": {"a": "y"}}'::text AS payload"#);
+        assert_eq!(text("SELECT deleted::text FROM ecst.load_snapshot('uk', 'uk_src', 'replace')"), "1");
+        assert_eq!(
+            text("SELECT string_agg(coalesce(id, 'NULL') || '=' || a, ',' ORDER BY id) FROM uk"),
+            "j=y,NULL=manual"
+        );
+    }
+
+    #[pg_test]
+    fn replace_mode_keeps_the_entity_of_a_snapshot_row_that_failed() {
+        run("CREATE TABLE rp (id text PRIMARY KEY, n int, v bigint)");
+        run(r#"SELECT ecst.create_stream('rp', 'rp', 'entity_snapshot', '{"id": "id"}', version => 'v')"#);
+        for id in ["a", "b", "c"] {
+            assert_eq!(apply("rp", &format!(r#"{{"id": "{id}", "v": 1, "newState": {{"n": 1}}}}"#)), "applied");
+        }
+        run(r#"CREATE TABLE rp_src (payload text)"#);
+        run(r#"INSERT INTO rp_src VALUES ('{"id": "a", "v": 4, "newState": {"n": 4}}'),
+                                         ('{"id": "b", "newState": {"n": 4}}'),
+                                         ('{"id": "c", "v": 4, "newState": {"n": "not a number"}}')"#);
+        assert_eq!(
+            text("SELECT loaded || '/' || deleted || '/' || dead_lettered FROM ecst.load_snapshot('rp', 'rp_src', 'replace', '5')"),
+            "1/0/2"
+        );
+        assert_eq!(text("SELECT string_agg(id || '=' || n, ',' ORDER BY id) FROM rp"), "a=4,b=1,c=1");
+        // A row that names no entity at all stops the deletions (with a warning).
+        run(r#"INSERT INTO rp_src VALUES ('not json')"#);
+        run(r#"DELETE FROM rp_src WHERE payload LIKE '%"b"%' OR payload LIKE '%"c"%'"#);
+        assert_eq!(text("SELECT deleted::text FROM ecst.load_snapshot('rp', 'rp_src', 'replace', '5')"), "0");
+        assert_eq!(count("SELECT * FROM rp"), 3);
+    }
 }

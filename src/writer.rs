@@ -1,6 +1,7 @@
 //! The SQL that writes replicas and pg_ecst's own state. Every statement is built from quoted
 //! identifiers only (values always travel as typed parameters, never inside the SQL text) and
-//! prepared once per backend: the plan cache is keyed by the statement text.
+//! prepared once per backend: the plan cache is keyed by the statement text and its parameters'
+//! types (a column whose type changed gets a new plan, never one bound to the old type).
 
 use crate::catalog::{ChildInfo, Column, TableInfo};
 use pgrx::datum::DatumWithOid;
@@ -31,8 +32,13 @@ impl Bound<'_> {
 /// Plans are dropped when the cache grows past this (streams × column subsets).
 const MAX_PLANS: usize = 4096;
 
+/// A cached plan's statement and parameter types: the same text with other types (after an
+/// `ALTER TABLE … ALTER COLUMN … TYPE`) is another plan. A plan prepared for the old types would
+/// read the new values as the old type — garbage, or a crash.
+type PlanKey = (String, Vec<pg_sys::Oid>);
+
 thread_local! {
-    static PLANS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<PlanKey, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
 /// Plans made while pg_ecst's statements run do not use sequential scans (it stays `off` until the
@@ -63,10 +69,11 @@ pub fn run<'c>(client: &mut SpiClient<'c>, sql: &str, args: &[DatumWithOid<'_>])
     let _no_seqscan = NoSeqScan::new();
     // The plan is taken out of the cache before it runs: the statement may call pg_ecst again (a
     // trigger on a replica applying events), which must find the cache free to borrow.
-    let plan = match PLANS.with(|p| p.borrow().get(sql).cloned()) {
+    let key: PlanKey = (sql.to_string(), args.iter().map(|a| a.oid()).collect());
+    let plan = match PLANS.with(|p| p.borrow().get(&key).cloned()) {
         Some(plan) => plan,
         None => {
-            let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
+            let types: Vec<PgOid> = key.1.iter().map(|&oid| PgOid::from(oid)).collect();
             let plan =
                 Rc::new(client.prepare_mut(sql, &types).unwrap_or_else(|e| panic!("preparing {sql}: {e}")).keep());
             PLANS.with(|p| {
@@ -74,7 +81,7 @@ pub fn run<'c>(client: &mut SpiClient<'c>, sql: &str, args: &[DatumWithOid<'_>])
                 if p.len() >= MAX_PLANS {
                     p.clear();
                 }
-                p.insert(sql.to_string(), plan.clone());
+                p.insert(key, plan.clone());
             });
             plan
         }
@@ -161,14 +168,25 @@ pub fn delete(client: &mut SpiClient, table: &str, keys: &[Bound]) {
     run(client, &sql, &args);
 }
 
+/// SQL for a value's text as its type's output function prints it (NULL stays NULL) — the text
+/// pg_ecst's canonical keys and conflict checks use on the Rust side (`ColumnType::output`).
+/// `::text` is not that for every type: a boolean casts to `true` but prints `t`, a `char(n)`
+/// casts without its padding.
+pub fn output_text(expr: &str) -> String {
+    format!("(CASE WHEN {expr} IS NULL THEN NULL ELSE format('%s', {expr}) END)")
+}
+
 /// Deletes a parent's child rows whose key is not among `keep` (canonical key texts).
 pub fn prune_children(client: &mut SpiClient, child: &ChildInfo, parent: &[Bound], keep: &[Vec<String>]) {
     let n = parent.len();
     let key_cols = &child.table.keys;
     let arrays: Vec<String> = (0..key_cols.len()).map(|i| format!("${}::text[]", n + 1 + i)).collect();
     let aliases: Vec<String> = (0..key_cols.len()).map(|i| format!("k{i}")).collect();
-    let matches: Vec<String> =
-        key_cols.iter().enumerate().map(|(i, c)| format!("c.{}::text = k.k{i}", c.quoted)).collect();
+    let matches: Vec<String> = key_cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = k.k{i}", output_text(&format!("c.{}", c.quoted))))
+        .collect();
     let sql = format!(
         "DELETE FROM {} AS c WHERE {} AND NOT EXISTS (SELECT 1 FROM unnest({}) AS k({}) WHERE {})",
         child.table.qualified,

@@ -99,6 +99,25 @@ impl Version {
         }
     }
 
+    /// The version as the RFC 3339 timestamp (UTC) it is the epoch of, when it can be one (at
+    /// most nanosecond precision, within chrono's range): `parse_timestamp` of the result gives
+    /// this version back.
+    pub fn to_rfc3339(&self) -> Option<String> {
+        let (secs, nanos) = match &self.0 {
+            Repr::Int(i) => (*i, 0u32),
+            Repr::Decimal(d) => {
+                let scaled = (d * BigDecimal::from(1_000_000_000i64)).normalized();
+                if !scaled.is_integer() {
+                    return None;
+                }
+                let total = scaled.to_i128()?;
+                (i64::try_from(total.div_euclid(1_000_000_000)).ok()?, total.rem_euclid(1_000_000_000) as u32)
+            }
+        };
+        let ts = chrono::DateTime::from_timestamp(secs, nanos)?;
+        Some(ts.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+    }
+
     /// An integer version.
     pub fn from_i64(v: i64) -> Version {
         Version(Repr::Int(v))
@@ -149,6 +168,18 @@ mod tests {
 
     fn v(j: Value) -> Version {
         Version::from_json(&j).unwrap().unwrap()
+    }
+
+    #[test]
+    fn timestamps_print_back_as_the_same_version() {
+        for text in ["2024-01-01T00:00:00.1234567Z", "2019-10-26T23:56:45+02:00", "1969-12-31T23:59:59.5Z"] {
+            let version = Version::parse_timestamp(text).unwrap();
+            let printed = version.to_rfc3339().unwrap();
+            assert_eq!(Version::parse_timestamp(&printed).unwrap(), version, "{text} -> {printed}");
+        }
+        assert_eq!(Version::from_i64(0).to_rfc3339().unwrap(), "1970-01-01T00:00:00Z");
+        // Finer than a nanosecond: no timestamp names it.
+        assert_eq!(Version::parse_decimal("1.0000000001").unwrap().to_rfc3339(), None);
     }
 
     #[test]
