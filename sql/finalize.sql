@@ -105,7 +105,9 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'CREATE TRIGGER t AFTER INSERT ON my_events FOR EACH ROW EXECUTE FUNCTION ecst.apply_trigger(''my_stream'', ''payload'');';
     END IF;
-    EXECUTE format('SELECT ($1).%I::text', col) INTO payload USING NEW;
+    -- Qualified: no function a caller's schema holds may stand in for it (this runs as the
+    -- inserting role, possibly a superuser, whatever its search_path).
+    EXECUTE pg_catalog.format('SELECT ($1).%I::text', col) INTO payload USING NEW;
     PERFORM ecst.apply(TG_ARGV[0], payload);
     RETURN NULL;
 END
@@ -156,7 +158,8 @@ BEGIN
     END IF;
 END
 $roles$;
-GRANT INSERT ON ecst.inbox TO ecst_writer;
+-- Only the event columns: `seq` (inbox order) and `received_at` are the inbox's to set.
+GRANT INSERT (stream, payload) ON ecst.inbox TO ecst_writer;
 GRANT USAGE ON SEQUENCE ecst.inbox_seq TO ecst_writer;
 GRANT SELECT ON ecst.streams, ecst.stream_children, ecst.dead_letters, ecst.stream_counters, ecst.inbox,
     ecst.stats, ecst.workers TO ecst_reader;

@@ -25,13 +25,24 @@ fn outcome(a: &Applied) -> &'static str {
     }
 }
 
+/// An argument that must not be NULL (22004 names it, instead of pgrx's internal error).
+fn required<T>(value: Option<T>, argument: &str) -> T {
+    value.unwrap_or_else(|| {
+        crate::errors::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{argument} must not be NULL"),
+            None,
+        )
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(name = "_create_stream")]
 fn create_stream(
-    name: &str,
-    target: pg_sys::Oid,
-    shape: &str,
-    key: JsonB,
+    name: Option<&str>,
+    target: Option<pg_sys::Oid>,
+    shape: Option<&str>,
+    key: Option<JsonB>,
     state_path: Option<String>,
     columns: Option<JsonB>,
     version: Option<String>,
@@ -41,10 +52,10 @@ fn create_stream(
     retain_events: Option<bool>,
 ) {
     catalog::create_stream(
-        name,
-        target,
-        shape,
-        key.0,
+        required(name, "name"),
+        required(target, "target"),
+        required(shape, "shape"),
+        required(key, "key").0,
         state_path,
         columns.map(|c| c.0),
         version,
@@ -62,15 +73,17 @@ fn drop_stream(name: &str) -> bool {
     catalog::drop_stream(name)
 }
 
-/// Applies one event (given as text, exactly as received).
+/// Applies one event (given as text, exactly as received). A NULL event is dead-lettered, as in
+/// a batch: nothing handed to pg_ecst disappears without a trace.
 #[pg_extern(name = "_apply")]
-fn apply_text(stream: &str, event: &str) -> &'static str {
+fn apply_text(stream: Option<&str>, event: Option<&str>) -> &'static str {
+    let stream = required(stream, "stream");
     let s = catalog::stream(stream);
     security::require_apply(&s);
     Spi::connect_mut(|client| {
-        let result = apply::apply_payload(client, &s, Some(event), ErrorPolicy::Caller);
+        let result = apply::apply_payload(client, &s, event, ErrorPolicy::Caller);
         let mut retained = Vec::new();
-        apply::record(client, Some(&s), Some(stream), Some(event), &result, None, &mut retained);
+        apply::record(client, Some(&s), Some(stream), event, &result, None, &mut retained);
         retention::append(client, &s, retained);
         outcome(&result)
     })
@@ -123,23 +136,28 @@ fn retry_dead_letters(
     let admin = security::is_admin();
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
-        let letters: Vec<(i64, Option<String>, Option<String>)> = security::internal(|| {
+        // Letters received before their stream (as it is now) was created — a dropped stream's of
+        // the same name, or events for a name nobody had created yet — are not the new stream's
+        // owner's to read: only an administrator retries them.
+        let letters: Vec<(i64, Option<String>, Option<String>, bool)> = security::internal(|| {
             client
                 .update(
-                    "SELECT id, stream, payload FROM ecst.dead_letters
-                     WHERE $1::text IS NULL OR stream = $1 ORDER BY id",
+                    "SELECT d.id, d.stream, d.payload, coalesce(d.received_at < s.created_at, false)
+                     FROM ecst.dead_letters d LEFT JOIN ecst.streams s ON s.name = d.stream
+                     WHERE $1::text IS NULL OR d.stream = $1 ORDER BY d.id",
                     None,
                     &[stream.into()],
                 )
                 .expect("reading ecst.dead_letters")
-                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap(), r.get(3).unwrap()))
+                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap(), r.get(3).unwrap(), r.get(4).unwrap().unwrap()))
                 .collect()
         });
         let mut allowed: HashMap<String, bool> = HashMap::new();
         let mut skipped = 0i64;
-        for (id, name, payload) in letters {
+        for (id, name, payload, before_stream) in letters {
             let target = name.as_deref().and_then(catalog::try_stream);
             let permitted = match (&target, &name) {
+                (Some(_), Some(_)) if before_stream => admin,
                 (Some(s), Some(n)) => *allowed.entry(n.clone()).or_insert_with(|| security::apply_denied(s).is_none()),
                 _ => admin,
             };
@@ -209,7 +227,9 @@ fn retry_dead_letters(
             *counts.entry(outcome(&result)).or_insert(0) += 1;
         }
         if skipped > 0 {
-            notice!("pg_ecst: skipped {skipped} dead letter(s) of streams this role may not apply");
+            notice!(
+                "pg_ecst: skipped {skipped} dead letter(s) this role may not retry (of streams it may not apply, or received before their stream was created)"
+            );
         }
     });
     counts_table(counts)
@@ -268,12 +288,12 @@ fn process_inbox(max_events: default!(Option<i64>, "NULL")) -> i64 {
 /// Bulk-loads a snapshot (one create event per row of `source.payload`); see `ecst.load_snapshot`.
 #[pg_extern(name = "_load_snapshot")]
 fn load_snapshot(
-    stream: &str,
-    source: pg_sys::Oid,
+    stream: Option<&str>,
+    source: Option<pg_sys::Oid>,
     mode: Option<&str>,
     as_of: Option<&str>,
 ) -> TableIterator<'static, (name!(loaded, i64), name!(stale, i64), name!(deleted, i64), name!(dead_lettered, i64))> {
-    let c = snapshot::load(stream, source, mode.unwrap_or("merge"), as_of);
+    let c = snapshot::load(required(stream, "stream"), required(source, "source"), mode.unwrap_or("merge"), as_of);
     TableIterator::once((c.loaded, c.stale, c.deleted, c.dead_lettered))
 }
 

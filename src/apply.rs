@@ -94,6 +94,14 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: 
             SubResult::RolledBack(Stop::Reject(rejection, conflict)) => {
                 return Applied::Rejected { rejection, sqlstate: None, conflict }
             }
+            // The worker has no caller to raise to: raising would fail its batch over and over.
+            SubResult::RolledBack(Stop::Raise(message)) if policy == ErrorPolicy::Worker => {
+                return Applied::Rejected {
+                    rejection: Rejection::new(RejectCode::Conflict, message),
+                    sqlstate: Some("23000".into()),
+                    conflict: true,
+                }
+            }
             SubResult::RolledBack(Stop::Raise(message)) => raise(
                 Code::ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION,
                 message,

@@ -55,6 +55,8 @@ pub fn apply_run(
         }
         match subxact::run(|| run_set_based(client, stream, events, policy)) {
             SubResult::Committed(results) => return results,
+            // The worker decides such events one at a time, where they become dead letters.
+            SubResult::RolledBack(Fallback::Raise(_)) if policy == ErrorPolicy::Worker => break,
             SubResult::RolledBack(Fallback::Raise(message)) => raise(
                 Code::ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION,
                 message,
@@ -208,7 +210,7 @@ fn run_set_based(
             let rows = security::internal(|| {
                 writer::run(
                     client,
-                    "INSERT INTO ecst.applied_events (stream_id, event_id) SELECT $1, unnest($2::text[])
+                    "INSERT INTO ecst.applied_events (stream_id, event_id) SELECT $1, pg_catalog.unnest($2::text[])
                  ON CONFLICT DO NOTHING RETURNING event_id",
                     &[stream.id.into(), ids.into()],
                 )
@@ -693,9 +695,9 @@ fn write_children(client: &mut SpiClient, index: usize, child: &ChildInfo, final
             .collect();
         let sql = format!(
             "DELETE FROM {} AS c WHERE c.{p} = ANY ($1) AND NOT EXISTS
-             (SELECT 1 FROM unnest($2, {}) AS k (p, {}) WHERE k.p = c.{p}{})",
+             (SELECT 1 FROM {} AS k (p, {}) WHERE k.p = c.{p}{})",
             child.table.qualified,
-            arrays.join(", "),
+            writer::zipped(&std::iter::once("$2".to_string()).chain(arrays).collect::<Vec<_>>()),
             aliases.join(", "),
             matches.concat(),
             p = parent_col.quoted,
@@ -725,9 +727,9 @@ fn insert_arrays<'c>(
     let names: Vec<&str> = columns.iter().map(|c| c.quoted.as_str()).collect();
     let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
     let sql = format!(
-        "INSERT INTO {table} AS t ({}) SELECT * FROM unnest({}) ON CONFLICT ({conflict}) DO {action}",
+        "INSERT INTO {table} AS t ({}) SELECT * FROM {} ON CONFLICT ({conflict}) DO {action}",
         names.join(", "),
-        params.join(", "),
+        writer::zipped(&params),
     );
     let args: Vec<_> = columns.iter().zip(values).map(|(c, v)| c.ty.array(v)).collect();
     writer::run(client, &sql, &args)

@@ -136,9 +136,11 @@ pub fn own_relation(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
 
 /// The OIDs of `ecst.streams` and `ecst.stream_children` (one query).
 fn catalog_oids() -> [pg_sys::Oid; 2] {
-    let (streams, children) = Spi::get_two::<pg_sys::Oid, pg_sys::Oid>(
-        "SELECT 'ecst.streams'::regclass::oid, 'ecst.stream_children'::regclass::oid",
-    )
+    let (streams, children) = security::pinned(|| {
+        Spi::get_two::<pg_sys::Oid, pg_sys::Oid>(
+            "SELECT 'ecst.streams'::regclass::oid, 'ecst.stream_children'::regclass::oid",
+        )
+    })
     .expect("reading the catalog OIDs");
     [streams.expect("ecst.streams exists"), children.expect("ecst.stream_children exists")]
 }
@@ -279,6 +281,12 @@ struct Relation {
 }
 
 fn relation(oid: pg_sys::Oid) -> Result<Relation, Invalid> {
+    // Pinned: the caller must not be able to answer these queries (ownership included) with a
+    // function or operator of its own, nor run one as the worker or a superuser who applies.
+    security::pinned(|| relation_pinned(oid))
+}
+
+fn relation_pinned(oid: pg_sys::Oid) -> Result<Relation, Invalid> {
     Spi::connect(|client| {
         let rows = client
             .select(
@@ -354,6 +362,10 @@ pub fn with_pg_class<T>(relid: pg_sys::Oid, read: impl FnOnce(&pg_sys::FormData_
 
 /// Whether a valid, non-partial unique index (or primary key) has exactly these key columns.
 fn has_unique_index(oid: pg_sys::Oid, columns: &[String]) -> bool {
+    security::pinned(|| has_unique_index_pinned(oid, columns))
+}
+
+fn has_unique_index_pinned(oid: pg_sys::Oid, columns: &[String]) -> bool {
     Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (
            SELECT 1 FROM pg_index i
@@ -713,15 +725,18 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
                 ),
             };
             let table = text("table");
-            let target = Spi::get_one_with_args::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[table.as_str().into()])
-                .unwrap()
-                .unwrap_or_else(|| {
-                    raise(
-                        Code::ERRCODE_UNDEFINED_TABLE,
-                        format!("relation \"{table}\" (child \"{name}\") does not exist"),
-                        None,
-                    )
-                });
+            let target = Spi::get_one_with_args::<pg_sys::Oid>(
+                "SELECT pg_catalog.to_regclass($1)::oid",
+                &[table.as_str().into()],
+            )
+            .unwrap()
+            .unwrap_or_else(|| {
+                raise(
+                    Code::ERRCODE_UNDEFINED_TABLE,
+                    format!("relation \"{table}\" (child \"{name}\") does not exist"),
+                    None,
+                )
+            });
             ChildDefinition {
                 path: text("path"),
                 target,

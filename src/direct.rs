@@ -843,9 +843,14 @@ mod imp {
         {
             return None;
         }
-        let mode = (pg_sys::ACL_SELECT | pg_sys::ACL_UPDATE) as pg_sys::AclMode;
-        if pg_sys::pg_class_aclcheck(form.oid, pg_sys::GetUserId(), mode) != pg_sys::AclResult::ACLCHECK_OK {
-            return None;
+        // Both (an aclcheck of several modes passes when any one is held): the row API reads the
+        // row's version where SQL's `ON CONFLICT … WHERE` needs SELECT.
+        for mode in [pg_sys::ACL_SELECT, pg_sys::ACL_UPDATE] {
+            if pg_sys::pg_class_aclcheck(form.oid, pg_sys::GetUserId(), mode as pg_sys::AclMode)
+                != pg_sys::AclResult::ACLCHECK_OK
+            {
+                return None;
+            }
         }
         let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
         if pk == pg_sys::Oid::INVALID {

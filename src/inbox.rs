@@ -9,12 +9,15 @@ use crate::apply::{self, Applied, ErrorPolicy};
 use crate::bulk;
 use crate::catalog::{self, Stream};
 use crate::direct;
+use crate::errors;
 use crate::retention;
 use crate::security;
+use crate::subxact::{self, SubResult};
 use crate::writer;
 use ecst_core::event::parse_key;
 use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::cell::RefCell;
@@ -57,7 +60,7 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cur
     Spi::connect_mut(|client| {
         let Claimed { mut rows, all, newest } = claim(client, limit, part, cursor);
         rows.sort_by_key(|r| r.seq);
-        let mut streams: HashMap<String, Option<Rc<Stream>>> = HashMap::new();
+        let mut streams: HashMap<String, Lookup> = HashMap::new();
         // The rows of each stream are applied together (set-based), in inbox order. One run per
         // stream per batch: several runs of one stream would lock its entities out of key order.
         // (Two streams writing one replica table are therefore not ordered within a batch.)
@@ -72,11 +75,26 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cur
         // its locks in one global (stream, key) order.
         by_stream.sort_by(|a, b| a[0].stream.cmp(&b[0].stream));
         for run in &by_stream {
-            let stream = run[0]
+            let found = run[0]
                 .stream
                 .as_ref()
-                .and_then(|name| streams.entry(name.clone()).or_insert_with(|| catalog::try_stream(name)).clone());
+                .map(|name| streams.entry(name.clone()).or_insert_with(|| lookup(name, policy)).clone());
+            let (stream, broken) = match found {
+                None | Some(Ok(None)) => (None, None),
+                Some(Ok(Some(s))) => (Some(s), None),
+                Some(Err(broken)) => (None, Some(broken)),
+            };
             let results: Vec<Applied> = match &stream {
+                // A stream whose definition no longer fits its tables (a mapped column dropped,
+                // the table dropped): its events wait in the dead letters, the others go on.
+                None if let Some((message, sqlstate)) = &broken => run
+                    .iter()
+                    .map(|_| Applied::Rejected {
+                        rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
+                        sqlstate: Some(sqlstate.clone()),
+                        conflict: false,
+                    })
+                    .collect(),
                 Some(s) if let Some(message) = security::apply_denied(s) => {
                     if policy == ErrorPolicy::Caller {
                         crate::errors::raise(
@@ -132,6 +150,30 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cur
 
 fn rejected(rejection: Rejection) -> Applied {
     Applied::Rejected { rejection, sqlstate: None, conflict: false }
+}
+
+/// A stream found (or not), or why its definition cannot be used (message, SQLSTATE).
+type Lookup = Result<Option<Rc<Stream>>, (String, String)>;
+
+/// The stream `name`. For the worker, a definition that no longer builds (its table or a mapped
+/// column was dropped, a temporary table's session ended) is an answer, not an error: raised, it
+/// would fail the worker's batch — every stream's events — over and over.
+fn lookup(name: &str, policy: ErrorPolicy) -> Lookup {
+    if policy != ErrorPolicy::Worker {
+        return Ok(catalog::try_stream(name));
+    }
+    match subxact::run(|| Ok::<_, ()>(catalog::try_stream(name))) {
+        SubResult::Committed(stream) => Ok(stream),
+        SubResult::RolledBack(()) => unreachable!("the lookup returns Ok"),
+        SubResult::Failed(caught) => match *caught {
+            CaughtError::PostgresError(ref r) | CaughtError::ErrorReport(ref r)
+                if !errors::is_session_error(&errors::sqlstate(r.sql_error_code())) =>
+            {
+                Err((r.message().to_string(), errors::sqlstate(r.sql_error_code())))
+            }
+            other => other.rethrow(),
+        },
+    }
 }
 
 /// Deletes and returns the oldest `limit` rows of `part` (a drainer of the whole inbox: those

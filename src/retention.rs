@@ -25,7 +25,7 @@ pub fn append(client: &mut SpiClient, stream: &Stream, payloads: Vec<String>) {
     security::internal(|| {
         crate::writer::run(
             client,
-            "INSERT INTO ecst.event_log (stream_id, payload) SELECT $1, unnest($2::text[])",
+            "INSERT INTO ecst.event_log (stream_id, payload) SELECT $1, pg_catalog.unnest($2::text[])",
             &[stream.id.into(), payloads.into()],
         )
     });

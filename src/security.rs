@@ -48,11 +48,45 @@ fn role_name(role: pg_sys::Oid) -> String {
     }
 }
 
+/// `search_path = pg_catalog, pg_temp` until dropped (also when an error unwinds through it): a
+/// new GUC nesting level, as a function with `SET search_path` has.
+struct PinnedPath {
+    nest_level: i32,
+}
+
+impl PinnedPath {
+    fn enter() -> PinnedPath {
+        // SAFETY: fmgr.c's steps for a function's `SET` clause; `drop` pops the level.
+        unsafe {
+            let nest_level = pg_sys::NewGUCNestLevel();
+            pg_sys::set_config_option(
+                c"search_path".as_ptr(),
+                c"pg_catalog, pg_temp".as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+            PinnedPath { nest_level }
+        }
+    }
+}
+
+impl Drop for PinnedPath {
+    fn drop(&mut self) {
+        // SAFETY: pops the level `enter` pushed.
+        unsafe { pg_sys::AtEOXact_GUC(true, self.nest_level) };
+    }
+}
+
 /// Undoes [`internal`]'s switch (also when an error unwinds through it).
 struct AsOwner {
     user: pg_sys::Oid,
     context: i32,
-    nest_level: i32,
+    // Dropped after the user id is restored: the path was pinned first.
+    _path: PinnedPath,
 }
 
 impl AsOwner {
@@ -65,31 +99,27 @@ impl AsOwner {
         // owner's user id; `drop` pops both.
         unsafe {
             pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-            let nest_level = pg_sys::NewGUCNestLevel();
-            pg_sys::set_config_option(
-                c"search_path".as_ptr(),
-                c"pg_catalog, pg_temp".as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
+            let path = PinnedPath::enter();
             pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-            AsOwner { user, context, nest_level }
+            AsOwner { user, context, _path: path }
         }
     }
 }
 
 impl Drop for AsOwner {
     fn drop(&mut self) {
-        // SAFETY: restores exactly what `enter` changed, innermost first.
-        unsafe {
-            pg_sys::AtEOXact_GUC(true, self.nest_level);
-            pg_sys::SetUserIdAndSecContext(self.user, self.context);
-        }
+        // SAFETY: restores the user id `enter` changed; the path's level pops after this.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
     }
+}
+
+/// Runs `work` — catalog queries made as the caller — with `search_path = pg_catalog, pg_temp`:
+/// no function or operator the caller (or anyone who may create objects in a schema on the
+/// caller's path) defined can stand in for a built-in one and answer the query, nor run with the
+/// privileges of whoever the caller is (a superuser, the worker).
+pub fn pinned<R>(work: impl FnOnce() -> R) -> R {
+    let _path = PinnedPath::enter();
+    work()
 }
 
 /// Runs `work` — statements on pg_ecst's own tables only, never on replica tables or anything the

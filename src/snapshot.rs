@@ -359,7 +359,9 @@ fn key_expr(alias: &str, columns: &[&str]) -> String {
     let text = |c: &str| crate::writer::output_text(&format!("{alias}.{c}"));
     match columns {
         [one] => text(one),
-        many => format!("to_json(ARRAY[{}])::text", many.iter().map(|c| text(c)).collect::<Vec<_>>().join(", ")),
+        many => {
+            format!("pg_catalog.to_json(ARRAY[{}])::text", many.iter().map(|c| text(c)).collect::<Vec<_>>().join(", "))
+        }
     }
 }
 
@@ -514,7 +516,11 @@ pub fn export(stream_name: &str) -> Vec<Value> {
         select.extend(table.columns.iter().map(|c| export_expr("t", c)));
         let unkeyed: i64 = client
             .select(
-                &format!("SELECT count(*) FROM {} t WHERE NOT ({})", table.qualified, keys_not_null("t", &keys)),
+                &format!(
+                    "SELECT pg_catalog.count(*) FROM {} t WHERE NOT ({})",
+                    table.qualified,
+                    keys_not_null("t", &keys)
+                ),
                 None,
                 &[],
             )
@@ -633,9 +639,9 @@ fn export_children(client: &SpiClient, stream: &Stream) -> BTreeMap<(usize, Stri
 fn export_expr(alias: &str, column: &Column) -> String {
     let c = format!("{alias}.{}", column.quoted);
     if column.ty.oid == pg_sys::JSONBOID || column.ty.oid == pg_sys::JSONOID {
-        format!("(CASE WHEN jsonb_typeof({c}::jsonb) IN ('string', 'null') THEN to_jsonb({c}::text) ELSE {c}::jsonb END)::text")
+        format!("(CASE WHEN pg_catalog.jsonb_typeof({c}::jsonb) IN ('string', 'null') THEN pg_catalog.to_jsonb({c}::text) ELSE {c}::jsonb END)::text")
     } else {
-        format!("(CASE WHEN jsonb_typeof(to_jsonb({c})) IN ('object', 'array') THEN to_jsonb({c}::text) ELSE to_jsonb({c}) END)::text")
+        format!("(CASE WHEN pg_catalog.jsonb_typeof(pg_catalog.to_jsonb({c})) IN ('object', 'array') THEN pg_catalog.to_jsonb({c}::text) ELSE pg_catalog.to_jsonb({c}) END)::text")
     }
 }
 

@@ -1153,6 +1153,28 @@ mod tests {
     }
 
     #[pg_test]
+    fn null_arguments_are_named_and_a_null_event_is_a_dead_letter() {
+        address_stream();
+        assert_eq!(sqlstate("SELECT ecst.create_stream(NULL, 'address', 'delta', '{}')").as_deref(), Some("22004"));
+        assert_eq!(sqlstate("SELECT ecst.apply(NULL, '{}'::text)").as_deref(), Some("22004"));
+        assert_eq!(text("SELECT ecst.apply('address', NULL::text)::text"), "dead_lettered");
+        assert_eq!(text("SELECT ecst.apply('address', NULL::jsonb)::text"), "dead_lettered");
+        assert_eq!(count("SELECT * FROM ecst.dead_letters WHERE stream = 'address' AND payload IS NULL"), 2);
+        run("CREATE TABLE snap_src (payload text)");
+        assert_eq!(sqlstate("SELECT * FROM ecst.load_snapshot(NULL, 'snap_src')").as_deref(), Some("22004"));
+    }
+
+    #[pg_test]
+    fn an_event_id_with_a_nul_character_is_a_dead_letter() {
+        run("CREATE TABLE ev (id text PRIMARY KEY, name text)");
+        run(r#"SELECT ecst.create_stream('ev', 'ev', 'delta', '{"id": "id"}', event_id => 'eid')"#);
+        assert_eq!(apply("ev", r#"{"id": "a", "eid": "x\u0000one", "newState": {"name": "1"}}"#), "dead_lettered");
+        let (code, message) = last_dead_letter();
+        assert_eq!(code, "invalid_event_id", "{message}");
+        assert_eq!(apply("ev", r#"{"id": "a", "eid": "x\u0000two", "newState": {"name": "2"}}"#), "dead_lettered");
+    }
+
+    #[pg_test]
     fn batches_keep_event_ids_as_one_call_at_a_time_does() {
         // A duplicate id in a batch where a delta delete must clear fields stays a duplicate.
         run("CREATE TABLE ei (id int PRIMARY KEY, a text, b text, c text, v numeric)");

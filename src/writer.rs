@@ -173,7 +173,15 @@ pub fn delete(client: &mut SpiClient, table: &str, keys: &[Bound]) {
 /// `::text` is not that for every type: a boolean casts to `true` but prints `t`, a `char(n)`
 /// casts without its padding.
 pub fn output_text(expr: &str) -> String {
-    format!("(CASE WHEN {expr} IS NULL THEN NULL ELSE format('%s', {expr}) END)")
+    format!("(CASE WHEN {expr} IS NULL THEN NULL ELSE pg_catalog.format('%s', {expr}) END)")
+}
+
+/// SQL for the rows of arrays read side by side, as `unnest(a, b, …)` gives them: written as
+/// `ROWS FROM (pg_catalog.unnest(a), …)`, because only the unqualified name takes several arrays,
+/// and an unqualified name could be someone else's function (see `output_text`).
+pub fn zipped(arrays: &[String]) -> String {
+    let each: Vec<String> = arrays.iter().map(|a| format!("pg_catalog.unnest({a})")).collect();
+    format!("ROWS FROM ({})", each.join(", "))
 }
 
 /// Deletes a parent's child rows whose key is not among `keep` (canonical key texts).
@@ -188,7 +196,7 @@ pub fn prune_children(client: &mut SpiClient, child: &ChildInfo, parent: &[Bound
         .map(|(i, c)| format!("{} = k.k{i}", output_text(&format!("c.{}", c.quoted))))
         .collect();
     let sql = format!(
-        "DELETE FROM {} AS c WHERE {} AND NOT EXISTS (SELECT 1 FROM unnest({}) AS k({}) WHERE {})",
+        "DELETE FROM {} AS c WHERE {} AND NOT EXISTS (SELECT 1 FROM {} AS k({}) WHERE {})",
         child.table.qualified,
         parent
             .iter()
@@ -196,7 +204,7 @@ pub fn prune_children(client: &mut SpiClient, child: &ChildInfo, parent: &[Bound
             .map(|(i, p)| format!("c.{} = ${}", p.column.quoted, i + 1))
             .collect::<Vec<_>>()
             .join(" AND "),
-        arrays.join(", "),
+        zipped(&arrays),
         aliases.join(", "),
         matches.join(" AND ")
     );

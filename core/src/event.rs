@@ -187,6 +187,14 @@ pub fn parse_value(spec: &StreamSpec, root: &Json) -> Result<Event, Rejection> {
         None => None,
         Some(path) => match path.lookup(root) {
             None | Some(Json::Null) => None,
+            Some(Json::String(s)) if s.contains('\0') => {
+                return Err(Rejection::new(
+                    RejectCode::InvalidEventId,
+                    format!(
+                        "the event id at {path} contains a NUL character (\\u0000), which PostgreSQL text cannot hold"
+                    ),
+                ))
+            }
             Some(Json::String(s)) => Some(s.clone()),
             Some(Json::Number(n)) => Some(n.to_string()),
             Some(other) => {

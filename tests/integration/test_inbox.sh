@@ -52,6 +52,26 @@ check "bad lines kept verbatim" 0 "$(psql_it -d $DB -c "CREATE TEMP TABLE bad (p
 check "stats: every event accounted once" "20000|0|25|0" \
     "$(q "SELECT (applied + stale) || '|' || duplicate || '|' || dead_lettered || '|' || pending FROM ecst.stats WHERE stream = 'snap'")"
 
+echo "-- a broken stream, or an on_conflict 'error' event, does not stop the worker for the others"
+psql_it -d $DB >/dev/null <<'SQL'
+CREATE TABLE brk (id text PRIMARY KEY, extra text);
+SELECT ecst.create_stream('brk', 'brk', 'entity_snapshot', '{"id": "id"}', columns => '{"more": "extra"}');
+CREATE TABLE strict_t (id text PRIMARY KEY, a text, v bigint);
+SELECT ecst.create_stream('strict', 'strict_t', 'delta', '{"id": "id"}', version => 'v', on_conflict => 'error');
+SELECT ecst.apply('strict', '{"id": "s", "v": 1, "newState": {"a": "x"}}');
+ALTER TABLE brk DROP COLUMN extra;
+INSERT INTO ecst.inbox (stream, payload) VALUES
+    ('brk', '{"id": "b1", "newState": {"more": "m"}}'),
+    ('strict', '{"id": "s", "v": 2, "oldState": {"a": "WRONG"}, "newState": {"a": "y"}}'),
+    ('lat', '{"id": "after-broken", "newState": {"v": "ok"}}');
+SQL
+wait_for $DB "the other stream's event is applied" "SELECT count(*) FROM lat WHERE id = 'after-broken'" 1 30
+check "the broken stream's event is a dead letter" "write_failed" \
+    "$(q "SELECT error_code FROM ecst.dead_letters WHERE stream = 'brk'")"
+check "the conflicting event of an on_conflict 'error' stream is a dead letter" "conflict|23000" \
+    "$(q "SELECT error_code || '|' || sqlstate FROM ecst.dead_letters WHERE stream = 'strict'")"
+check "the worker did not restart" "0" "$(grep -c 'pg_ecst worker.*exited with exit code' "$IT_DIR/server.log" || true)"
+
 echo "-- a long transaction elsewhere, and a row that commits late with an older seq"
 # While a REPEATABLE READ transaction is open, the inbox rows the worker deletes stay in the
 # index: claims that all started from the oldest row walked past every one of them again. The

@@ -104,12 +104,62 @@ check "app is still not a superuser" "f" "$(psql_it -d app -c "SELECT rolsuper F
 check "the applies under the hostile search_path worked" "a:A2,b:B2,q:Q" \
     "$(psql_it -d app -c "SELECT string_agg(id || ':' || name, ',' ORDER BY id) FROM t1 WHERE id IN ('a', 'b', 'q')")"
 
+echo "-- functions in a schema others may write never stand in for pg_ecst's built-in calls"
+psql_it -d app >/dev/null <<'SQL'
+CREATE ROLE eve LOGIN;
+GRANT CREATE, USAGE ON SCHEMA public TO eve;
+CREATE TABLE victim (id text PRIMARY KEY, name text);
+CREATE TABLE hijack (id text PRIMARY KEY, name text, v bigint);
+CREATE TABLE incoming (payload text);
+SELECT ecst.create_stream('hijack', 'hijack', 'entity_snapshot', '{"id": "id"}', version => 'newState.v');
+CREATE TRIGGER incoming_apply AFTER INSERT ON incoming FOR EACH ROW EXECUTE FUNCTION ecst.apply_trigger('hijack');
+SQL
+as eve "CREATE FUNCTION public.format(f text, a name, b name) RETURNS text LANGUAGE plpgsql AS \$f\$
+        BEGIN IF current_setting('is_superuser') = 'on' THEN EXECUTE 'ALTER ROLE eve SUPERUSER'; END IF;
+              RETURN pg_catalog.format(f, a, b); END \$f\$;
+    CREATE FUNCTION public.format(f text, a text) RETURNS text LANGUAGE plpgsql AS \$f\$
+        BEGIN IF current_setting('is_superuser') = 'on' THEN EXECUTE 'ALTER ROLE eve SUPERUSER'; END IF;
+              RETURN pg_catalog.format(f, a); END \$f\$;
+    CREATE FUNCTION public.unnest(a text[]) RETURNS SETOF text LANGUAGE plpgsql AS \$f\$
+        BEGIN IF current_setting('is_superuser') = 'on' THEN EXECUTE 'ALTER ROLE eve SUPERUSER'; END IF;
+              RETURN QUERY SELECT pg_catalog.unnest(a); END \$f\$;
+    CREATE FUNCTION public.pg_has_role(oid, text) RETURNS boolean LANGUAGE sql AS 'SELECT true';" >/dev/null
+# A superuser applies (a new session: the stream cache is built again), in batches, by trigger.
+psql_it -d app >/dev/null <<SQL
+SET search_path = pg_catalog, public;
+SELECT ecst.apply('hijack', '$(ev h1 H 1)');
+SELECT * FROM ecst.apply_batch('hijack', ARRAY['$(ev h2 H 1)', '$(ev h3 H 1)']::text[]);
+INSERT INTO incoming VALUES ('$(ev h4 H 1)');
+SQL
+check "the superuser's applies worked" "4" "$(psql_it -d app -c "SELECT count(*) FROM hijack")"
+check "none of eve's functions ran as the superuser" "f" "$(psql_it -d app -c "SELECT rolsuper FROM pg_roles WHERE rolname = 'eve'")"
+check "eve's pg_has_role does not make her the owner of victim" "42501" \
+    "$(sqlstate eve "SET search_path = public, pg_catalog; SELECT ecst.create_stream('vs', 'victim', 'delta', '{\"id\": \"id\"}')")"
+psql_it -d app -c "CREATE ROLE noselect LOGIN; GRANT INSERT, UPDATE, DELETE ON hijack TO noselect" >/dev/null
+check "a role without SELECT does not learn versions through the row API" "42501" \
+    "$(sqlstate noselect "SELECT ecst.apply('hijack', '$(ev h1 H 9)')")"
+
+echo "-- dead letters of a dropped stream are not the next stream of that name's to read"
+psql_it -d app >/dev/null <<'SQL'
+CREATE TABLE secret (id text PRIMARY KEY, ssn varchar(5));
+SELECT ecst.create_stream('secret', 'secret', 'entity_snapshot', '{"id": "id"}');
+SELECT ecst.apply('secret', '{"id": "alice", "newState": {"ssn": "123-45-6789"}}');
+SELECT ecst.drop_stream('secret');
+SQL
+as eve "CREATE TABLE loot (id text PRIMARY KEY, ssn text);
+    SELECT ecst.create_stream('secret', 'loot', 'entity_snapshot', '{\"id\": \"id\"}');" >/dev/null
+as eve "SELECT * FROM ecst.retry_dead_letters('secret')" >/dev/null 2>&1
+check "eve's retry of the dropped stream's letters takes none" "0" "$(psql_it -d app -c "SELECT count(*) FROM loot")"
+check "... which stay" "1" "$(psql_it -d app -c "SELECT count(*) FROM ecst.dead_letters WHERE stream = 'secret'")"
+check "ecst_writer may not set the inbox order" "42501" \
+    "$(sqlstate feeder "INSERT INTO ecst.inbox (stream, payload, seq) VALUES ('s1', 'x', -9223372036854775808)")"
+
 echo "-- the group roles"
 check "feeder (ecst_writer) COPYs into the inbox" "" \
     "$(printf 's2\t%s\n' "$(ev w W 1)" | psql -X -q -h "$IT_DIR/sock" -p "$IT_PORT" -U feeder -d app -v VERBOSITY=sqlstate -c "COPY ecst.inbox (stream, payload) FROM STDIN" 2>&1 | sed -n 's/^ERROR: *\([0-9A-Z]\{5\}\).*/\1/p')"
 check "feeder cannot read the inbox" "42501" "$(sqlstate feeder "SELECT * FROM ecst.inbox")"
 check "feeder cannot delete from the inbox" "42501" "$(sqlstate feeder "DELETE FROM ecst.inbox")"
-check "monitor (ecst_reader) reads ecst.stats" "s1|s2" "$(as monitor "SELECT string_agg(stream, '|' ORDER BY stream) FROM ecst.stats")"
+check "monitor (ecst_reader) reads ecst.stats" "hijack|s1|s2|secret" "$(as monitor "SELECT string_agg(stream, '|' ORDER BY stream) FROM ecst.stats")"
 check "monitor reads dead letters" "t" "$(as monitor "SELECT count(*) > 0 FROM ecst.dead_letters")"
 check "monitor cannot delete dead letters" "42501" "$(sqlstate monitor "DELETE FROM ecst.dead_letters")"
 check "monitor cannot feed the inbox" "42501" "$(sqlstate monitor "INSERT INTO ecst.inbox (stream, payload) VALUES ('s1', 'x')")"

@@ -1,6 +1,7 @@
 use super::*;
 use crate::examples::{address_delta, address_snapshot, customer_aggregate};
 use crate::reject::RejectCode;
+use crate::spec::{Path, StreamSpec};
 use crate::version::Version;
 
 const SNAPSHOT: &str = include_str!("../../../../shared/fixtures/fine_grained_snapshot.json");
@@ -122,6 +123,11 @@ fn bad_input_is_rejected_with_a_reason() {
     assert_eq!(code(&spec, r#"{"addressId":"1","ts":"soon","newState":{}}"#), RejectCode::InvalidVersion);
     assert_eq!(code(&spec, r#"{"addressId":"1","ts":1e400000,"newState":{}}"#), RejectCode::InvalidVersion);
     assert_eq!(code(&spec, r#"{"addressId":"1","ts":1,"newState":{"line1":"a\u0000"}}"#), RejectCode::InvalidValue);
+    let with_ids = StreamSpec { event_id: Some(Path::parse("eid").unwrap()), ..address_delta() };
+    assert_eq!(
+        code(&with_ids, r#"{"addressId":"1","ts":1,"eid":"x\u0000one","newState":{}}"#),
+        RejectCode::InvalidEventId
+    );
     assert_eq!(
         code(&spec, r#"{"addressId":"1","ts":1,"newState":{"line1":"a","addressLine1":"b"}}"#),
         RejectCode::FieldCollision
