@@ -478,6 +478,13 @@ fn table_of(
                 None,
             ));
         }
+        if let Some((other, _)) = explicit.iter().find(|(_, c)| c == column) {
+            return Err(invalid(
+                Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("{what}: fields \"{other}\" and \"{field}\" both map to column \"{column}\""),
+                Some("Map each column from one field."),
+            ));
+        }
         explicit.push((field.clone(), column.clone()));
     }
     let table = Table::new(key_columns.to_vec(), writable.iter().map(|c| c.name.clone()).collect(), explicit);
@@ -518,6 +525,19 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
     let mut child_infos = Vec::new();
     for c in &def.children {
         let (spec, info) = build_child(c, &key_columns)?;
+        // Each child set replaces its table's rows of the aggregate: two sets in one table (or
+        // the aggregate's own table) would delete each other's rows.
+        if info.table.oid == def.target || child_infos.iter().any(|other: &ChildInfo| other.table.oid == info.table.oid)
+        {
+            return Err(invalid(
+                Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!(
+                    "child \"{}\": table {} already holds another part of the aggregate",
+                    c.name, info.table.qualified
+                ),
+                Some("Give each child set a table of its own."),
+            ));
+        }
         children.push(spec);
         child_infos.push(info);
     }

@@ -1175,6 +1175,27 @@ mod tests {
     }
 
     #[pg_test]
+    fn definitions_that_could_never_apply_are_refused() {
+        run("CREATE TABLE two (id text PRIMARY KEY, name text)");
+        assert_eq!(
+            sqlstate(r#"SELECT ecst.create_stream('two', 'two', 'delta', '{"id": "id"}', columns => '{"a": "name", "b": "name"}')"#)
+                .as_deref(),
+            Some("22023")
+        );
+        run("CREATE TABLE agg (id text PRIMARY KEY)");
+        run("CREATE TABLE agg_kids (id text, k text, v text, PRIMARY KEY (id, k))");
+        assert_eq!(
+            sqlstate(
+                r#"SELECT ecst.create_stream('agg', 'agg', 'aggregate_snapshot', '{"id": "id"}', children => '{
+                    "x": {"path": "x", "table": "agg_kids", "key": {"k": "k"}, "parent_key": "id"},
+                    "y": {"path": "y", "table": "agg_kids", "key": {"k": "k"}, "parent_key": "id"}}')"#
+            )
+            .as_deref(),
+            Some("22023")
+        );
+    }
+
+    #[pg_test]
     fn batches_keep_event_ids_as_one_call_at_a_time_does() {
         // A duplicate id in a batch where a delta delete must clear fields stays a duplicate.
         run("CREATE TABLE ei (id int PRIMARY KEY, a text, b text, c text, v numeric)");

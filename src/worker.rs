@@ -324,6 +324,12 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     let new_cursor = || inbox::Cursor::new(Some(Duration::from_secs(10)));
     let mut cursor = new_cursor();
     loop {
+        // Between batches too, not only when idle: a worker with a backlog never waits on its
+        // latch, and would hold up a shutdown (or the launcher) until the inbox was empty. A
+        // batch under way finishes first (it is bounded by ecst.batch_size).
+        if BackgroundWorker::sigterm_received() {
+            return;
+        }
         if BackgroundWorker::sighup_received() {
             reload_config();
             if gucs::database() != database

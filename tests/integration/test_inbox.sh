@@ -72,6 +72,23 @@ check "the conflicting event of an on_conflict 'error' stream is a dead letter" 
     "$(q "SELECT error_code || '|' || sqlstate FROM ecst.dead_letters WHERE stream = 'strict'")"
 check "the worker did not restart" "0" "$(grep -c 'pg_ecst worker.*exited with exit code' "$IT_DIR/server.log" || true)"
 
+echo "-- a worker with a backlog stops between batches when terminated (not after the whole inbox)"
+psql_it -d $DB >/dev/null <<'SQL'
+CREATE TABLE slowt (id text PRIMARY KEY, v text);
+SELECT ecst.create_stream('slowt', 'slowt', 'entity_snapshot', '{"id": "id"}');
+CREATE FUNCTION slowt_sleep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$;
+CREATE TRIGGER slowt_sleep BEFORE INSERT ON slowt FOR EACH ROW EXECUTE FUNCTION slowt_sleep();
+INSERT INTO ecst.inbox (stream, payload)
+    SELECT 'slowt', format('{"id": "e%s", "newState": {"v": "x"}}', i) FROM generate_series(1, 4000) i;
+SQL
+sleep 1
+victim=$(q "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_ecst worker' LIMIT 1")
+q "SELECT pg_terminate_backend($victim)" >/dev/null
+sleep 3
+check "the terminated worker is gone within a batch, with a backlog left" "0|t" \
+    "$(q "SELECT count(*) FROM pg_stat_activity WHERE pid = $victim")|$(q "SELECT count(*) > 0 FROM ecst.inbox WHERE stream = 'slowt'")"
+wait_for $DB "a new worker drains the rest" "SELECT count(*) FROM slowt" 4000 120
+
 echo "-- a long transaction elsewhere, and a row that commits late with an older seq"
 # While a REPEATABLE READ transaction is open, the inbox rows the worker deletes stay in the
 # index: claims that all started from the oldest row walked past every one of them again. The
