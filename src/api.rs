@@ -139,22 +139,37 @@ fn retry_dead_letters(
         // Letters received before their stream (as it is now) was created — a dropped stream's of
         // the same name, or events for a name nobody had created yet — are not the new stream's
         // owner's to read: only an administrator retries them.
-        let letters: Vec<(i64, Option<String>, Option<String>, bool)> = security::internal(|| {
+        type Letter = (i64, Option<String>, Option<String>, bool, Option<pg_sys::Oid>);
+        let letters: Vec<Letter> = security::internal(|| {
             client
                 .update(
-                    "SELECT d.id, d.stream, d.payload, coalesce(d.received_at < s.created_at, false)
+                    "SELECT d.id, d.stream, d.payload, coalesce(d.received_at < s.created_at, false), s.target::oid
                      FROM ecst.dead_letters d LEFT JOIN ecst.streams s ON s.name = d.stream
                      WHERE $1::text IS NULL OR d.stream = $1 ORDER BY d.id",
                     None,
                     &[stream.into()],
                 )
                 .expect("reading ecst.dead_letters")
-                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap(), r.get(3).unwrap(), r.get(4).unwrap().unwrap()))
+                .map(|r| {
+                    (
+                        r.get(1).unwrap().unwrap(),
+                        r.get(2).unwrap(),
+                        r.get(3).unwrap(),
+                        r.get(4).unwrap().unwrap(),
+                        r.get(5).unwrap(),
+                    )
+                })
                 .collect()
         });
         let mut allowed: HashMap<String, bool> = HashMap::new();
         let mut skipped = 0i64;
-        for (id, name, payload, before_stream) in letters {
+        for (id, name, payload, before_stream, table) in letters {
+            // Streams the caller may not apply are not even looked up: looking one up locks its
+            // tables until the caller's transaction ends.
+            if !admin && (before_stream || !table.is_some_and(security::may_apply_table)) {
+                skipped += 1;
+                continue;
+            }
             let target = name.as_deref().and_then(catalog::try_stream);
             let permitted = match (&target, &name) {
                 (Some(_), Some(_)) if before_stream => admin,

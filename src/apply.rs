@@ -177,6 +177,16 @@ pub(crate) fn lock_row_stripes<'e, K: AsRef<str>>(stream: &Stream, events: impl 
 
 /// Converts a cell through its column type.
 pub(crate) fn bind<'a>(column: &'a Column, field: &str, value: &Value) -> Result<Bound<'a>, Rejection> {
+    bind_value(column, field, value, true)
+}
+
+/// Converts an `oldState` cell: only compared, never written, so a NULL need not be a value of a
+/// domain that refuses it.
+pub(crate) fn bind_compared<'a>(column: &'a Column, field: &str, value: &Value) -> Result<Bound<'a>, Rejection> {
+    bind_value(column, field, value, false)
+}
+
+fn bind_value<'a>(column: &'a Column, field: &str, value: &Value, written: bool) -> Result<Bound<'a>, Rejection> {
     let misfit = |e: String| {
         Rejection::new(
             RejectCode::InvalidValue,
@@ -185,7 +195,9 @@ pub(crate) fn bind<'a>(column: &'a Column, field: &str, value: &Value) -> Result
     };
     let value = match value {
         Value::Null => {
-            column.ty.check_null().map_err(misfit)?;
+            if written {
+                column.ty.check_null().map_err(misfit)?;
+            }
             None
         }
         Value::Text(t) => Some(column.ty.input(t).map_err(misfit)?),
@@ -247,7 +259,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
         }
     }
     let old: Vec<Bound> =
-        ev.old.iter().map(|c| bind(&table.columns[c.column], &c.field, &c.value)).collect::<Result<_, _>>()?;
+        ev.old.iter().map(|c| bind_compared(&table.columns[c.column], &c.field, &c.value)).collect::<Result<_, _>>()?;
 
     if let Some(id) = &ev.event_id {
         let fresh = security::internal(|| {

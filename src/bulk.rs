@@ -641,7 +641,7 @@ fn convert<'e>(stream: &'e Stream, index: usize, ev: &'e Event) -> Result<(Strin
     let mut old = Vec::with_capacity(ev.old.len());
     for c in &ev.old {
         let column: &Column = &table.columns[c.column];
-        let bound = apply::bind(column, &c.field, &c.value)?;
+        let bound = apply::bind_compared(column, &c.field, &c.value)?;
         old.push((c.column, bound.value.map(|d| column.ty.output(d))));
     }
     Ok((canonical.pop().expect("one key"), Item { index, ev, key, cells, old, children }))

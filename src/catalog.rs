@@ -478,13 +478,6 @@ fn table_of(
                 None,
             ));
         }
-        if let Some((other, _)) = explicit.iter().find(|(_, c)| c == column) {
-            return Err(invalid(
-                Code::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("{what}: fields \"{other}\" and \"{field}\" both map to column \"{column}\""),
-                Some("Map each column from one field."),
-            ));
-        }
         explicit.push((field.clone(), column.clone()));
     }
     let table = Table::new(key_columns.to_vec(), writable.iter().map(|c| c.name.clone()).collect(), explicit);

@@ -41,7 +41,8 @@ pub fn is_event_error(sqlstate: &str) -> bool {
 /// (cancel, shutdown), insufficient resources, system errors, serialization failures and
 /// deadlocks, connection problems, internal errors. The worker retries its batch on these.
 pub fn is_session_error(sqlstate: &str) -> bool {
-    matches!(&sqlstate[..2], "57" | "53" | "54" | "58" | "XX" | "40" | "08" | "25")
+    // 55P03: a lock wait that timed out (lock_timeout) — transient, about the moment, not the event.
+    matches!(&sqlstate[..2], "57" | "53" | "54" | "58" | "XX" | "40" | "08" | "25") || sqlstate == "55P03"
 }
 
 #[cfg(test)]

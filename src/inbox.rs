@@ -275,6 +275,7 @@ const MAX_WINDOWS: usize = 8;
 /// `owned_rows` and a `DELETE` by `ctid` would, through the executor's API (`direct::InboxRows`);
 /// `None` where that is not available. Rows seen before need no payload: their owner is known.
 fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
+    forget_partition_streams();
     let mut inbox_rows = direct::InboxRows::open()?;
     let window = limit.saturating_mul(of as i64 * 2);
     let mine = with_owners(of, |owners| {
@@ -318,6 +319,7 @@ fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
 /// otherwise sleep. Rows newer than any seen before come with their payloads; rows seen before
 /// need none.
 fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<String> {
+    forget_partition_streams();
     let window = limit.saturating_mul(of as i64 * 2);
     with_owners(of, |owners| {
         let seen_up_to = owners.by_seq.keys().copied().max().unwrap_or(i64::MIN);
@@ -380,13 +382,31 @@ fn owner(stream: Option<&str>, payload: Option<&str>, of: i32) -> i32 {
     }
 }
 
+thread_local! {
+    /// The streams `partition` looked up for the claim under way (`None`: no such stream, or one
+    /// whose definition no longer builds), each once per claim.
+    static PARTITION_STREAMS: RefCell<HashMap<String, Option<Rc<Stream>>>> = RefCell::new(HashMap::new());
+}
+
+/// Forgets `partition`'s streams: called as a claim begins.
+fn forget_partition_streams() {
+    PARTITION_STREAMS.with(|m| m.borrow_mut().clear());
+}
+
 /// The worker (of `of`) that owns an inbox row: a hash of the stream and the entity's canonical
-/// key. Rows without a parseable key go to worker 0 (they become dead letters anyway).
+/// key. Rows without a parseable key, or of a stream that does not exist or no longer builds, go
+/// to worker 0 (they become dead letters there; raising here would stop every worker's claims).
 pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
     if of <= 1 {
         return 0;
     }
-    let Some(s) = catalog::try_stream(stream) else { return 0 };
+    let known = PARTITION_STREAMS.with(|m| m.borrow().get(stream).cloned());
+    let found = known.unwrap_or_else(|| {
+        let found = lookup(stream, ErrorPolicy::Worker).ok().flatten();
+        PARTITION_STREAMS.with(|m| m.borrow_mut().insert(stream.to_string(), found.clone()));
+        found
+    });
+    let Some(s) = found else { return 0 };
     // Only the key: every worker looks at every row, and parses in full only its own.
     let Ok(key) = parse_key(&s.spec, payload) else { return 0 };
     let Some(key) = apply::entity_key(&s, &key) else { return 0 };

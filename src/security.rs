@@ -137,6 +137,18 @@ fn tables(stream: &Stream) -> impl Iterator<Item = &TableInfo> {
     std::iter::once(&stream.table).chain(stream.children.iter().map(|c| &c.table))
 }
 
+/// Whether the current role has the apply privileges on one table, read without locking it (for
+/// deciding not to look at a stream at all: building one locks its tables).
+pub fn may_apply_table(table: pg_sys::Oid) -> bool {
+    let user = current_user();
+    APPLY.iter().all(|(mode, _)| {
+        // SAFETY: an ACL check by OID; a relation that is gone fails it.
+        catalog::with_pg_class(table, |_| ()).is_some()
+            && unsafe { pg_sys::pg_class_aclcheck(table, user, *mode as pg_sys::AclMode) }
+                == pg_sys::AclResult::ACLCHECK_OK
+    })
+}
+
 /// Why the current role may not apply `stream`'s events (`None`: it may).
 pub fn apply_denied(stream: &Stream) -> Option<String> {
     let user = current_user();

@@ -389,7 +389,7 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
                         "SELECT entity_key FROM ecst.entity_state
                          WHERE stream_id = $1 AND live_version IS NOT NULL
                            AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric
-                         FOR UPDATE",
+                         ORDER BY entity_key COLLATE \"C\" FOR UPDATE",
                         None,
                         &[stream.id.into(), v.to_numeric_string().into()],
                     )
@@ -400,7 +400,7 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
             if let Some(column) = stream.row_version {
                 let column = &table.columns[column].quoted;
                 let sql = format!(
-                    "SELECT {}, t.{column}::text FROM {} t WHERE t.{column} <= $1::numeric AND {}",
+                    "SELECT {}, t.{column}::text FROM {} t WHERE t.{column}::numeric <= $1::numeric AND {}",
                     key_expr("t", &keys),
                     table.qualified,
                     keys_not_null("t", &keys)
@@ -547,8 +547,9 @@ pub fn export(stream_name: &str) -> Vec<Value> {
         // entity's version: a timestamp for a date/time column, else a number.
         let version_column = spec.version_column().and_then(|i| {
             let field = spec.version.as_ref()?.segments().last()?.clone();
-            let temporal =
-                [pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPOID, pg_sys::DATEOID].contains(&table.columns[i].ty.oid);
+            // SAFETY: a catalog lookup for the column's existing type (a domain's base type).
+            let base = unsafe { pg_sys::getBaseType(table.columns[i].ty.oid) };
+            let temporal = [pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPOID, pg_sys::DATEOID].contains(&base);
             Some((i, field, temporal))
         });
         client
@@ -570,13 +571,18 @@ pub fn export(stream_name: &str) -> Vec<Value> {
                     (0..table.columns.len())
                         .map(|i| match &version_column {
                             Some((column, field, temporal)) if *column == i => {
+                                // The column's own value where it names the version exactly (a
+                                // text column keeps its original spelling); else the version: a
+                                // timestamp for a date/time column, else a number.
+                                let own = parse_json(r.get(first + i).unwrap());
                                 let stored = version.as_deref().and_then(|v| Version::parse_decimal(v).ok());
                                 let value = match stored {
+                                    Some(v) if Version::from_json(&own).ok().flatten().as_ref() == Some(&v) => None,
                                     Some(v) if *temporal => v.to_rfc3339().map(Value::String),
                                     Some(v) => serde_json::from_str(&v.to_numeric_string()).ok(),
                                     None => None,
                                 };
-                                (field.clone(), value.unwrap_or_else(|| parse_json(r.get(first + i).unwrap())))
+                                (field.clone(), value.unwrap_or(own))
                             }
                             _ => (spec.table.field_name(i), parse_json(r.get(first + i).unwrap())),
                         })

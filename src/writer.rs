@@ -173,7 +173,8 @@ pub fn delete(client: &mut SpiClient, table: &str, keys: &[Bound]) {
 /// `::text` is not that for every type: a boolean casts to `true` but prints `t`, a `char(n)`
 /// casts without its padding.
 pub fn output_text(expr: &str) -> String {
-    format!("(CASE WHEN {expr} IS NULL THEN NULL ELSE pg_catalog.format('%s', {expr}) END)")
+    // num_nulls, not IS NULL: a composite whose fields are all NULL IS NULL, yet prints "(,)".
+    format!("(CASE WHEN pg_catalog.num_nulls({expr}) = 1 THEN NULL ELSE pg_catalog.format('%s', {expr}) END)")
 }
 
 /// SQL for the rows of arrays read side by side, as `unnest(a, b, …)` gives them: written as

@@ -198,6 +198,11 @@ gen --shape delta --stream delt --entities 300 --events 30000 --seed 5 --out "$w
 psql_it -d $DB -c "\\copy ecst.inbox (stream, payload) FROM '$work/delt.tsv'" >/dev/null
 wait_for $DB "the workers drain the inbox" "SELECT count(*) FROM ecst.inbox" 0 180
 check "final state = in-order application" 0 "$(compare delt "$work/delt.csv" "id, coalesce(a, ''), coalesce(b, '')" | tail -1)"
+# With two workers each row's owner comes from its entity key, which needs the stream: a broken one
+# must not stop the claims (its rows go to worker 0, which dead-letters them).
+q "INSERT INTO ecst.inbox (stream, payload) VALUES ('brk', '{\"id\": \"b2\", \"newState\": {\"more\": \"m\"}}'), ('lat', '{\"id\": \"after-broken-2\", \"newState\": {\"v\": \"ok\"}}')" >/dev/null
+wait_for $DB "two workers: the other stream's event is applied beside a broken stream" "SELECT count(*) FROM lat WHERE id = 'after-broken-2'" 1 30
+wait_for $DB "... and the broken stream's event is a dead letter" "SELECT count(*) FROM ecst.dead_letters WHERE stream = 'brk'" 2 30
 
 echo "-- an inbox with a delete trigger is claimed through SQL, by two workers and by one"
 # A user's audit trigger on the inbox: the workers must then claim with DELETE statements (so that

@@ -151,6 +151,8 @@ as eve "CREATE TABLE loot (id text PRIMARY KEY, ssn text);
 as eve "SELECT * FROM ecst.retry_dead_letters('secret')" >/dev/null 2>&1
 check "eve's retry of the dropped stream's letters takes none" "0" "$(psql_it -d app -c "SELECT count(*) FROM loot")"
 check "... which stay" "1" "$(psql_it -d app -c "SELECT count(*) FROM ecst.dead_letters WHERE stream = 'secret'")"
+check "retrying all dead letters does not lock the tables of streams the caller may not apply" "0" \
+    "$(as eve "BEGIN; SELECT count(*) FROM ecst.retry_dead_letters(); SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND relation IN ('t1'::regclass, 't2'::regclass, 'secret'::regclass)" | tail -1)"
 check "ecst_writer may not set the inbox order" "42501" \
     "$(sqlstate feeder "INSERT INTO ecst.inbox (stream, payload, seq) VALUES ('s1', 'x', -9223372036854775808)")"
 
