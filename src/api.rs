@@ -80,12 +80,14 @@ fn apply_text(stream: Option<&str>, event: Option<&str>) -> &'static str {
     let stream = required(stream, "stream");
     let s = catalog::stream(stream);
     security::require_apply(&s);
-    Spi::connect_mut(|client| {
-        let result = apply::apply_payload(client, &s, event, ErrorPolicy::Caller);
-        let mut retained = Vec::new();
-        apply::record(client, Some(&s), Some(stream), event, &result, None, &mut retained);
-        retention::append(client, &s, retained);
-        outcome(&result)
+    s.styled(|| {
+        Spi::connect_mut(|client| {
+            let result = apply::apply_payload(client, &s, event, ErrorPolicy::Caller);
+            let mut retained = Vec::new();
+            apply::record(client, Some(&s), Some(stream), event, &result, None, &mut retained);
+            retention::append(client, &s, retained);
+            outcome(&result)
+        })
     })
 }
 
@@ -110,7 +112,7 @@ fn apply_batch_text(
         events.iter().map(|e| apply::parse_payload(&s.spec, e.as_deref())).collect();
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
-        let results = bulk::apply_run(client, &s, &parsed, ErrorPolicy::Caller);
+        let results = s.styled(|| bulk::apply_run(client, &s, &parsed, ErrorPolicy::Caller));
         let mut retained = Vec::new();
         for (event, result) in events.iter().zip(&results) {
             apply::record(client, Some(&s), Some(stream), event.as_deref(), result, None, &mut retained);
@@ -191,7 +193,7 @@ fn retry_dead_letters(
                 continue;
             }
             let result = match (&target, &payload) {
-                (Some(s), p) => apply::apply_payload(client, s, p.as_deref(), ErrorPolicy::Caller),
+                (Some(s), p) => s.styled(|| apply::apply_payload(client, s, p.as_deref(), ErrorPolicy::Caller)),
                 (None, _) => Applied::Rejected {
                     rejection: Rejection::new(
                         RejectCode::UnknownStream,
@@ -308,14 +310,16 @@ fn load_snapshot(
     mode: Option<&str>,
     as_of: Option<&str>,
 ) -> TableIterator<'static, (name!(loaded, i64), name!(stale, i64), name!(deleted, i64), name!(dead_lettered, i64))> {
-    let c = snapshot::load(required(stream, "stream"), required(source, "source"), mode.unwrap_or("merge"), as_of);
+    let stream = required(stream, "stream");
+    let source = required(source, "source");
+    let c = catalog::stream(stream).styled(|| snapshot::load(stream, source, mode.unwrap_or("merge"), as_of));
     TableIterator::once((c.loaded, c.stale, c.deleted, c.dead_lettered))
 }
 
 /// The replica as create events in the stream's own format, with versions.
 #[pg_extern]
 fn export_snapshot(stream: &str) -> SetOfIterator<'static, JsonB> {
-    SetOfIterator::new(snapshot::export(stream).into_iter().map(JsonB))
+    SetOfIterator::new(catalog::stream(stream).styled(|| snapshot::export(stream)).into_iter().map(JsonB))
 }
 
 /// Empties the stream's replica tables and version state and replays its event log
@@ -324,11 +328,11 @@ fn export_snapshot(stream: &str) -> SetOfIterator<'static, JsonB> {
 fn rebuild(
     stream: &str,
 ) -> TableIterator<'static, (name!(replayed, i64), name!(applied, i64), name!(dead_lettered, i64))> {
-    TableIterator::once(retention::rebuild(stream))
+    TableIterator::once(catalog::stream(stream).styled(|| retention::rebuild(stream)))
 }
 
 /// Flattens the stream's event log; a rebuild afterwards gives the same replica.
 #[pg_extern]
 fn compact_events(stream: &str) -> TableIterator<'static, (name!(events_before, i64), name!(events_after, i64))> {
-    TableIterator::once(retention::compact(stream))
+    TableIterator::once(catalog::stream(stream).styled(|| retention::compact(stream)))
 }

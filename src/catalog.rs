@@ -57,6 +57,19 @@ pub struct Stream {
     /// a mapped integer/numeric field). Entities bulk-loaded into an empty replica have no
     /// version-state row: their state is this column until an event gives them one.
     pub row_version: Option<usize>,
+    /// An entity key (the stream's or a child's) of a type whose text depends on session settings:
+    /// the stream is applied under `convert::FixedStyle` (see [`Stream::styled`]).
+    pub fixed_style: bool,
+}
+
+impl Stream {
+    /// Runs `work` — anything that reads, prints or compares this stream's keys — under fixed
+    /// date/time and number styles where its keys need them, so that every session and the worker
+    /// know an entity by the same key text (and read its values alike).
+    pub fn styled<R>(&self, work: impl FnOnce() -> R) -> R {
+        let _style = self.fixed_style.then(crate::convert::FixedStyle::enter);
+        work()
+    }
 }
 
 /// A stream definition as stored in `ecst.streams` / `ecst.stream_children`.
@@ -551,7 +564,20 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         [pg_sys::INT2OID, pg_sys::INT4OID, pg_sys::INT8OID].contains(&ty.oid)
             || (ty.oid == pg_sys::NUMERICOID && ty.typmod < 0)
     });
-    Ok(Stream { id: def.id, retain_events: def.retain_events, spec, table: info, children: child_infos, row_version })
+    let fixed_style = info
+        .keys
+        .iter()
+        .chain(child_infos.iter().flat_map(|c| c.table.keys.iter().chain(c.parent.iter())))
+        .any(|k| k.ty.style_sensitive);
+    Ok(Stream {
+        id: def.id,
+        retain_events: def.retain_events,
+        spec,
+        table: info,
+        children: child_infos,
+        row_version,
+        fixed_style,
+    })
 }
 
 fn unique_missing(table: &str, columns: &[String]) -> Invalid {

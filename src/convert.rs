@@ -8,6 +8,65 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgTryBuilder;
 use std::ffi::{CStr, CString};
 
+/// Types whose text form depends on session settings (see `FixedStyle`).
+const STYLE_SENSITIVE: [pg_sys::Oid; 8] = [
+    pg_sys::DATEOID,
+    pg_sys::TIMESTAMPOID,
+    pg_sys::TIMESTAMPTZOID,
+    pg_sys::TIMETZOID,
+    pg_sys::INTERVALOID,
+    pg_sys::FLOAT4OID,
+    pg_sys::FLOAT8OID,
+    pg_sys::BYTEAOID,
+];
+
+/// The settings under which pg_ecst reads and prints the values of a stream whose entity keys
+/// have a type in [`STYLE_SENSITIVE`]: an entity is known by its key's text, so every session
+/// and the worker must print `2024-01-02` alike — under `DateStyle = 'SQL, DMY'` it would be
+/// `02/01/2024`, another entity.
+const FIXED_STYLE: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
+    (c"DateStyle", c"ISO, MDY"),
+    (c"IntervalStyle", c"postgres"),
+    (c"TimeZone", c"UTC"),
+    (c"extra_float_digits", c"1"),
+    (c"bytea_output", c"hex"),
+];
+
+/// `FIXED_STYLE` in effect until dropped (also when an error unwinds through it): a new GUC
+/// nesting level, as a function's `SET` clauses make.
+pub struct FixedStyle {
+    nest_level: i32,
+}
+
+impl FixedStyle {
+    pub fn enter() -> FixedStyle {
+        // SAFETY: fmgr.c's steps for a function's `SET` clauses; `drop` pops the level.
+        unsafe {
+            let nest_level = pg_sys::NewGUCNestLevel();
+            for (name, value) in FIXED_STYLE {
+                pg_sys::set_config_option(
+                    name.as_ptr(),
+                    value.as_ptr(),
+                    pg_sys::GucContext::PGC_USERSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                    pg_sys::GucAction::GUC_ACTION_SAVE,
+                    true,
+                    0,
+                    false,
+                );
+            }
+            FixedStyle { nest_level }
+        }
+    }
+}
+
+impl Drop for FixedStyle {
+    fn drop(&mut self) {
+        // SAFETY: pops the level `enter` pushed.
+        unsafe { pg_sys::AtEOXact_GUC(true, self.nest_level) };
+    }
+}
+
 /// A column's type and the functions that read and print it.
 #[derive(Debug, Clone)]
 pub struct ColumnType {
@@ -22,6 +81,10 @@ pub struct ColumnType {
     plain_text: bool,
     /// A domain: its constraints apply to NULL too, which no input function sees.
     domain: bool,
+    /// Reads or prints differently under the session's `DateStyle`, `TimeZone`, `IntervalStyle`,
+    /// `extra_float_digits` or `bytea_output` (dates, timestamps, intervals, floats, bytea, and
+    /// arrays of them).
+    pub style_sensitive: bool,
     /// The array type and element layout, for set-based writes (`unnest` of typed arrays).
     array_oid: pg_sys::Oid,
     typlen: i16,
@@ -41,13 +104,34 @@ impl ColumnType {
         let plain_text = oid == pg_sys::TEXTOID || (oid == pg_sys::VARCHAROID && typmod < 0);
         // SAFETY: a catalog lookup for an existing type.
         let domain = unsafe { pg_sys::get_typtype(oid) } == pg_sys::TYPTYPE_DOMAIN as std::ffi::c_char;
+        let style_sensitive = {
+            // SAFETY: catalog lookups for an existing type (its base type, an array's element).
+            let base = unsafe { pg_sys::getBaseType(oid) };
+            let element = unsafe { pg_sys::get_element_type(base) };
+            let scalar = if element == pg_sys::Oid::INVALID { base } else { unsafe { pg_sys::getBaseType(element) } };
+            STYLE_SENSITIVE.contains(&scalar)
+        };
         let (mut typlen, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
         // SAFETY: catalog lookups for an existing type.
         let array_oid = unsafe {
             pg_sys::get_typlenbyvalalign(oid, &mut typlen, &mut byval, &mut align);
             pg_sys::get_array_type(oid)
         };
-        ColumnType { oid, typmod, name, input, ioparam, output, plain_text, domain, array_oid, typlen, byval, align }
+        ColumnType {
+            oid,
+            typmod,
+            name,
+            input,
+            ioparam,
+            output,
+            plain_text,
+            domain,
+            style_sensitive,
+            array_oid,
+            typlen,
+            byval,
+            align,
+        }
     }
 
     /// Reads `text` as a value of this type. `Err` carries PostgreSQL's message for data

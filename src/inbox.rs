@@ -116,12 +116,14 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cur
                 Some(s) => {
                     let events: Vec<Result<_, Rejection>> =
                         run.iter().map(|r| apply::parse_payload(&s.spec, r.payload.as_deref())).collect();
-                    if policy == ErrorPolicy::Worker && crate::gucs::worker_role().is_none() {
-                        // No worker role: the replica's owner applies its stream.
-                        security::as_table_owner(s.table.oid, || bulk::apply_run(client, s, &events, policy))
-                    } else {
-                        bulk::apply_run(client, s, &events, policy)
-                    }
+                    s.styled(|| {
+                        if policy == ErrorPolicy::Worker && crate::gucs::worker_role().is_none() {
+                            // No worker role: the replica's owner applies its stream.
+                            security::as_table_owner(s.table.oid, || bulk::apply_run(client, s, &events, policy))
+                        } else {
+                            bulk::apply_run(client, s, &events, policy)
+                        }
+                    })
                 }
                 None => run
                     .iter()
@@ -414,7 +416,7 @@ pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
     let Some(s) = found else { return 0 };
     // Only the key: every worker looks at every row, and parses in full only its own.
     let Ok(key) = parse_key(&s.spec, payload) else { return 0 };
-    let Some(key) = apply::entity_key(&s, &key) else { return 0 };
+    let Some(key) = s.styled(|| apply::entity_key(&s, &key)) else { return 0 };
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (stream, key).hash(&mut h);
     (h.finish() % of as u64) as i32

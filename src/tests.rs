@@ -1190,6 +1190,39 @@ mod tests {
     }
 
     #[pg_test]
+    fn date_and_timestamp_keys_do_not_depend_on_session_settings() {
+        run("CREATE TABLE dk (day date PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('dk', 'dk', 'entity_snapshot', '{"day": "day"}', version => 'eventTime')"#);
+        run("CREATE TABLE tk (at timestamptz PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('tk', 'tk', 'entity_snapshot', '{"at": "at"}', version => 'eventTime')"#);
+        assert_eq!(apply("dk", r#"{"day": "2024-01-02", "eventTime": 2, "newState": {"v": "new"}}"#), "applied");
+        assert_eq!(
+            apply("tk", r#"{"at": "2024-01-02T10:00:00+02:00", "eventTime": 2, "newState": {"v": "new"}}"#),
+            "applied"
+        );
+        run("SET LOCAL DateStyle = 'SQL, DMY'");
+        run("SET LOCAL TimeZone = 'America/New_York'");
+        assert_eq!(apply("dk", r#"{"day": "2024-01-02", "eventTime": 1, "newState": {"v": "old"}}"#), "stale");
+        assert_eq!(apply("tk", r#"{"at": "2024-01-02T08:00:00Z", "eventTime": 1, "newState": {"v": "old"}}"#), "stale");
+        assert_eq!(
+            batch(
+                "dk",
+                &[
+                    r#"{"day": "2024-01-02", "eventTime": 1, "newState": {"v": "old"}}"#,
+                    r#"{"day": "2024-01-03", "eventTime": 1, "newState": {"v": "x"}}"#
+                ]
+            ),
+            "applied=1,stale=1"
+        );
+        assert_eq!(text("SELECT v FROM dk WHERE day = '2024-01-02'::date"), "new");
+        assert_eq!(text("SELECT v FROM tk"), "new");
+        assert_eq!(count("SELECT * FROM ecst.entity_state s JOIN ecst.streams t ON t.id = s.stream_id WHERE t.name IN ('dk', 'tk')"), 3);
+        // The session's settings are back after each call.
+        assert_eq!(text("SHOW DateStyle"), "SQL, DMY");
+        assert_eq!(text("SHOW TimeZone"), "America/New_York");
+    }
+
+    #[pg_test]
     fn batches_keep_event_ids_as_one_call_at_a_time_does() {
         // A duplicate id in a batch where a delta delete must clear fields stays a duplicate.
         run("CREATE TABLE ei (id int PRIMARY KEY, a text, b text, c text, v numeric)");
