@@ -58,7 +58,7 @@ pub struct Stream {
     /// version-state row: their state is this column until an event gives them one.
     pub row_version: Option<usize>,
     /// An entity key (the stream's or a child's) of a type whose text depends on session settings:
-    /// the stream is applied under `convert::FixedStyle` (see [`Stream::styled`]).
+    /// the stream is applied under `convert::fixed_style` (see [`Stream::styled`]).
     pub fixed_style: bool,
 }
 
@@ -67,7 +67,7 @@ impl Stream {
     /// date/time and number styles where its keys need them, so that every session and the worker
     /// know an entity by the same key text (and read its values alike).
     pub fn styled<R>(&self, work: impl FnOnce() -> R) -> R {
-        let _style = self.fixed_style.then(crate::convert::FixedStyle::enter);
+        let _style = self.fixed_style.then(crate::convert::fixed_style);
         work()
     }
 }

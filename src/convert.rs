@@ -8,7 +8,7 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgTryBuilder;
 use std::ffi::{CStr, CString};
 
-/// Types whose text form depends on session settings (see `FixedStyle`).
+/// Types whose text form depends on session settings (see `fixed_style`).
 const STYLE_SENSITIVE: [pg_sys::Oid; 8] = [
     pg_sys::DATEOID,
     pg_sys::TIMESTAMPOID,
@@ -32,39 +32,9 @@ const FIXED_STYLE: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
     (c"bytea_output", c"hex"),
 ];
 
-/// `FIXED_STYLE` in effect until dropped (also when an error unwinds through it): a new GUC
-/// nesting level, as a function's `SET` clauses make.
-pub struct FixedStyle {
-    nest_level: i32,
-}
-
-impl FixedStyle {
-    pub fn enter() -> FixedStyle {
-        // SAFETY: fmgr.c's steps for a function's `SET` clauses; `drop` pops the level.
-        unsafe {
-            let nest_level = pg_sys::NewGUCNestLevel();
-            for (name, value) in FIXED_STYLE {
-                pg_sys::set_config_option(
-                    name.as_ptr(),
-                    value.as_ptr(),
-                    pg_sys::GucContext::PGC_USERSET,
-                    pg_sys::GucSource::PGC_S_SESSION,
-                    pg_sys::GucAction::GUC_ACTION_SAVE,
-                    true,
-                    0,
-                    false,
-                );
-            }
-            FixedStyle { nest_level }
-        }
-    }
-}
-
-impl Drop for FixedStyle {
-    fn drop(&mut self) {
-        // SAFETY: pops the level `enter` pushed.
-        unsafe { pg_sys::AtEOXact_GUC(true, self.nest_level) };
-    }
+/// `FIXED_STYLE` in effect until dropped.
+pub fn fixed_style() -> crate::gucs::Override {
+    crate::gucs::Override::enter(&FIXED_STYLE)
 }
 
 /// A column's type and the functions that read and print it.

@@ -1,4 +1,5 @@
-//! pg_ecst's settings. All but `ecst.workers`' upper bound are reloaded on SIGHUP.
+//! pg_ecst's settings (all but `ecst.workers`' upper bound are reloaded on SIGHUP), and
+//! PostgreSQL settings overridden while pg_ecst does something ([`Override`]).
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
@@ -68,4 +69,39 @@ pub fn database() -> String {
 /// `ecst.worker_role`, if set.
 pub fn worker_role() -> Option<String> {
     WORKER_ROLE.get().and_then(|c| c.into_string().ok()).filter(|r| !r.is_empty())
+}
+
+/// Server settings overridden until dropped (also when an error unwinds through it): a new GUC
+/// nesting level holding them, as a function's `SET` clauses make (fmgr.c), popped on drop.
+pub struct Override {
+    nest_level: i32,
+}
+
+impl Override {
+    pub fn enter(settings: &[(&std::ffi::CStr, &std::ffi::CStr)]) -> Override {
+        // SAFETY: fmgr.c's steps for `SET` clauses; `drop` pops the level.
+        unsafe {
+            let nest_level = pgrx::pg_sys::NewGUCNestLevel();
+            for (name, value) in settings {
+                pgrx::pg_sys::set_config_option(
+                    name.as_ptr(),
+                    value.as_ptr(),
+                    pgrx::pg_sys::GucContext::PGC_USERSET,
+                    pgrx::pg_sys::GucSource::PGC_S_SESSION,
+                    pgrx::pg_sys::GucAction::GUC_ACTION_SAVE,
+                    true,
+                    0,
+                    false,
+                );
+            }
+            Override { nest_level }
+        }
+    }
+}
+
+impl Drop for Override {
+    fn drop(&mut self) {
+        // SAFETY: pops the level `enter` pushed.
+        unsafe { pgrx::pg_sys::AtEOXact_GUC(true, self.nest_level) };
+    }
 }

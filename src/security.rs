@@ -48,36 +48,14 @@ fn role_name(role: pg_sys::Oid) -> String {
     }
 }
 
-/// `search_path = pg_catalog, pg_temp` until dropped (also when an error unwinds through it): a
-/// new GUC nesting level, as a function with `SET search_path` has.
+/// `search_path = pg_catalog, pg_temp` until dropped (also when an error unwinds through it).
 struct PinnedPath {
-    nest_level: i32,
+    _level: crate::gucs::Override,
 }
 
 impl PinnedPath {
     fn enter() -> PinnedPath {
-        // SAFETY: fmgr.c's steps for a function's `SET` clause; `drop` pops the level.
-        unsafe {
-            let nest_level = pg_sys::NewGUCNestLevel();
-            pg_sys::set_config_option(
-                c"search_path".as_ptr(),
-                c"pg_catalog, pg_temp".as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-            PinnedPath { nest_level }
-        }
-    }
-}
-
-impl Drop for PinnedPath {
-    fn drop(&mut self) {
-        // SAFETY: pops the level `enter` pushed.
-        unsafe { pg_sys::AtEOXact_GUC(true, self.nest_level) };
+        PinnedPath { _level: crate::gucs::Override::enter(&[(c"search_path", c"pg_catalog, pg_temp")]) }
     }
 }
 
