@@ -9,7 +9,8 @@ use pgrx::PgTryBuilder;
 use std::ffi::{CStr, CString};
 
 /// Types whose text form depends on session settings (see `fixed_style`).
-const STYLE_SENSITIVE: [pg_sys::Oid; 8] = [
+const STYLE_SENSITIVE: [pg_sys::Oid; 9] = [
+    pg_sys::MONEYOID,
     pg_sys::DATEOID,
     pg_sys::TIMESTAMPOID,
     pg_sys::TIMESTAMPTZOID,
@@ -24,8 +25,9 @@ const STYLE_SENSITIVE: [pg_sys::Oid; 8] = [
 /// have a type in [`STYLE_SENSITIVE`]: an entity is known by its key's text, so every session
 /// and the worker must print `2024-01-02` alike — under `DateStyle = 'SQL, DMY'` it would be
 /// `02/01/2024`, another entity.
-const FIXED_STYLE: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
+const FIXED_STYLE: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
     (c"DateStyle", c"ISO, MDY"),
+    (c"lc_monetary", c"C"),
     (c"IntervalStyle", c"postgres"),
     (c"TimeZone", c"UTC"),
     (c"extra_float_digits", c"1"),
@@ -52,8 +54,8 @@ pub struct ColumnType {
     /// A domain: its constraints apply to NULL too, which no input function sees.
     domain: bool,
     /// Reads or prints differently under the session's `DateStyle`, `TimeZone`, `IntervalStyle`,
-    /// `extra_float_digits` or `bytea_output` (dates, timestamps, intervals, floats, bytea, and
-    /// arrays of them).
+    /// `extra_float_digits`, `bytea_output` or `lc_monetary` (dates, timestamps, intervals, floats,
+    /// bytea, money, and arrays, ranges and multiranges of them).
     pub style_sensitive: bool,
     /// The array type and element layout, for set-based writes (`unnest` of typed arrays).
     array_oid: pg_sys::Oid,
@@ -74,12 +76,21 @@ impl ColumnType {
         let plain_text = oid == pg_sys::TEXTOID || (oid == pg_sys::VARCHAROID && typmod < 0);
         // SAFETY: a catalog lookup for an existing type.
         let domain = unsafe { pg_sys::get_typtype(oid) } == pg_sys::TYPTYPE_DOMAIN as std::ffi::c_char;
-        let style_sensitive = {
-            // SAFETY: catalog lookups for an existing type (its base type, an array's element).
-            let base = unsafe { pg_sys::getBaseType(oid) };
-            let element = unsafe { pg_sys::get_element_type(base) };
-            let scalar = if element == pg_sys::Oid::INVALID { base } else { unsafe { pg_sys::getBaseType(element) } };
-            STYLE_SENSITIVE.contains(&scalar)
+        // SAFETY: catalog lookups for an existing type (its base type, an array's element, a
+        // range's or multirange's subtype).
+        let style_sensitive = unsafe {
+            let mut ty = pg_sys::getBaseType(oid);
+            for _ in 0..4 {
+                let multirange_of = pg_sys::get_multirange_range(ty);
+                let inner = [pg_sys::get_element_type(ty), multirange_of, pg_sys::get_range_subtype(ty)]
+                    .into_iter()
+                    .find(|t| *t != pg_sys::Oid::INVALID);
+                match inner {
+                    Some(t) => ty = pg_sys::getBaseType(t),
+                    None => break,
+                }
+            }
+            STYLE_SENSITIVE.contains(&ty)
         };
         let (mut typlen, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
         // SAFETY: catalog lookups for an existing type.

@@ -116,14 +116,7 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cur
                 Some(s) => {
                     let events: Vec<Result<_, Rejection>> =
                         run.iter().map(|r| apply::parse_payload(&s.spec, r.payload.as_deref())).collect();
-                    s.styled(|| {
-                        if policy == ErrorPolicy::Worker && crate::gucs::worker_role().is_none() {
-                            // No worker role: the replica's owner applies its stream.
-                            security::as_table_owner(s.table.oid, || bulk::apply_run(client, s, &events, policy))
-                        } else {
-                            bulk::apply_run(client, s, &events, policy)
-                        }
-                    })
+                    s.styled(|| bulk::apply_run(client, s, &events, policy))
                 }
                 None => run
                     .iter()

@@ -91,41 +91,6 @@ impl Drop for AsOwner {
     }
 }
 
-/// Undoes [`as_table_owner`]'s switch (also when an error unwinds through it).
-struct AsRole {
-    user: pg_sys::Oid,
-    context: i32,
-}
-
-impl Drop for AsRole {
-    fn drop(&mut self) {
-        // SAFETY: restores the user id and security context saved when the switch was made.
-        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
-    }
-}
-
-/// Runs `work` as the owner of `table`, as a security-restricted operation (as VACUUM and ANALYZE
-/// run a table owner's functions): for the background worker without an `ecst.worker_role`, so
-/// that a replica's triggers, defaults and constraints run with the privileges of whoever owns
-/// the replica — who created its stream — and not with the bootstrap superuser's. Restricted: the
-/// owner's code can neither switch roles nor leave temporary objects behind in the worker's
-/// session for the next owner's code to find.
-pub fn as_table_owner<R>(table: pg_sys::Oid, work: impl FnOnce() -> R) -> R {
-    let Some(owner) = relation_owner(table) else { return work() };
-    let mut user = pg_sys::Oid::INVALID;
-    let mut context = 0;
-    // SAFETY: the same switch as fmgr_security_definer's and VACUUM's; `AsRole` restores it.
-    let _restore = unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
-        );
-        AsRole { user, context }
-    };
-    work()
-}
-
 /// Runs `work` — catalog queries made as the caller — with `search_path = pg_catalog, pg_temp`:
 /// no function or operator the caller (or anyone who may create objects in a schema on the
 /// caller's path) defined can stand in for a built-in one and answer the query, nor run with the

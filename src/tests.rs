@@ -1217,6 +1217,19 @@ mod tests {
         assert_eq!(text("SELECT v FROM dk WHERE day = '2024-01-02'::date"), "new");
         assert_eq!(text("SELECT v FROM tk"), "new");
         assert_eq!(count("SELECT * FROM ecst.entity_state s JOIN ecst.streams t ON t.id = s.stream_id WHERE t.name IN ('dk', 'tk')"), 3);
+        // A range of dates is such a key too.
+        run("CREATE TABLE rk (span daterange PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('rk', 'rk', 'entity_snapshot', '{"span": "span"}', version => 'eventTime')"#);
+        assert_eq!(
+            apply("rk", r#"{"span": "[2024-01-02,2024-01-05)", "eventTime": 2, "newState": {"v": "new"}}"#),
+            "applied"
+        );
+        run("SET LOCAL DateStyle = 'ISO, MDY'");
+        assert_eq!(
+            apply("rk", r#"{"span": "[2024-01-02,2024-01-05)", "eventTime": 1, "newState": {"v": "old"}}"#),
+            "stale"
+        );
+        run("SET LOCAL DateStyle = 'SQL, DMY'");
         // The session's settings are back after each call.
         assert_eq!(text("SHOW DateStyle"), "SQL, DMY");
         assert_eq!(text("SHOW TimeZone"), "America/New_York");

@@ -192,32 +192,4 @@ check "after GRANT, retry_dead_letters applies them" "applied|2" \
     "$(psql_it -d app -c "SELECT outcome || '|' || count FROM ecst.retry_dead_letters('s2')")"
 check "t2 has them" "k,w" "$(psql_it -d app -c "SELECT string_agg(id, ',' ORDER BY id) FROM t2")"
 
-echo "-- without ecst.worker_role the worker applies each stream as its replica's owner"
-psql_it -d app >/dev/null <<'SQL'
-CREATE TABLE m (id text PRIMARY KEY, name text);
-CREATE TABLE m_log (who text, super text);
-ALTER TABLE m OWNER TO app;
-ALTER TABLE m_log OWNER TO app;
-SELECT ecst.create_stream('m', 'm', 'entity_snapshot', '{"id": "id"}');
-CREATE FUNCTION m_trg() RETURNS trigger LANGUAGE plpgsql AS $f$
-BEGIN
-    -- (is_superuser reports the session's user, not the one in effect: ask pg_roles.)
-    INSERT INTO public.m_log SELECT current_user, rolsuper::text FROM pg_catalog.pg_roles WHERE rolname = current_user;
-    BEGIN
-        EXECUTE 'ALTER ROLE app SUPERUSER';
-    EXCEPTION WHEN insufficient_privilege THEN NULL;
-    END;
-    RETURN NEW;
-END $f$;
-CREATE TRIGGER m_trg BEFORE INSERT ON m FOR EACH ROW EXECUTE FUNCTION m_trg();
-SQL
-psql_it -d app -c "ALTER SYSTEM RESET ecst.worker_role" -c "SELECT pg_reload_conf()" >/dev/null
-wait_for app "the worker connects as the bootstrap superuser" \
-    "SELECT string_agg(usename, ',') FROM pg_stat_activity WHERE backend_type = 'pg_ecst worker'" "postgres" 30
-printf 'm\t%s\n' '{"id": "x", "newState": {"name": "from the inbox"}}' |
-    psql -X -q -h "$IT_DIR/sock" -p "$IT_PORT" -U feeder -d app -c "COPY ecst.inbox (stream, payload) FROM STDIN"
-wait_for app "the worker (no worker_role) applies the event" "SELECT count(*) FROM m" "1" 30
-check "the replica's trigger ran as its owner, not as a superuser" "app|false" "$(psql_it -d app -c "SELECT who || '|' || super FROM m_log")"
-check "app is still not a superuser" "f" "$(psql_it -d app -c "SELECT rolsuper FROM pg_roles WHERE rolname = 'app'")"
-
 it_done
