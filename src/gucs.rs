@@ -75,9 +75,21 @@ pub fn worker_role() -> Option<String> {
 /// nesting level holding them, as a function's `SET` clauses make (fmgr.c), popped on drop.
 pub struct Override {
     nest_level: i32,
+    /// Whether what was set inside the level (by pinned settings, or by anyone's `SET`) is undone
+    /// when it pops, as at a function's end, rather than kept as a plain `SET` would be.
+    discard: bool,
 }
 
 impl Override {
+    /// A level that undoes, when dropped, every setting changed inside it — also a replica
+    /// trigger's plain `SET` or `set_config(..., false)` — as VACUUM isolates a table owner's code:
+    /// for the worker, whose session runs many owners' triggers one after another.
+    pub fn isolated() -> Override {
+        let mut level = Override::enter(&[]);
+        level.discard = true;
+        level
+    }
+
     pub fn enter(settings: &[(&std::ffi::CStr, &std::ffi::CStr)]) -> Override {
         // SAFETY: fmgr.c's steps for `SET` clauses; `drop` pops the level.
         unsafe {
@@ -94,7 +106,7 @@ impl Override {
                     false,
                 );
             }
-            Override { nest_level }
+            Override { nest_level, discard: false }
         }
     }
 }
@@ -102,6 +114,6 @@ impl Override {
 impl Drop for Override {
     fn drop(&mut self) {
         // SAFETY: pops the level `enter` pushed.
-        unsafe { pgrx::pg_sys::AtEOXact_GUC(true, self.nest_level) };
+        unsafe { pgrx::pg_sys::AtEOXact_GUC(!self.discard, self.nest_level) };
     }
 }

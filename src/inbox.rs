@@ -116,6 +116,9 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cur
                 Some(s) => {
                     let events: Vec<Result<_, Rejection>> =
                         run.iter().map(|r| apply::parse_payload(&s.spec, r.payload.as_deref())).collect();
+                    // The worker's session runs many owners' replica triggers: what one sets
+                    // must not reach the next stream's statements (nor pg_ecst's own).
+                    let _isolated = (policy == ErrorPolicy::Worker).then(crate::gucs::Override::isolated);
                     s.styled(|| bulk::apply_run(client, s, &events, policy))
                 }
                 None => run

@@ -72,6 +72,24 @@ check "the conflicting event of an on_conflict 'error' stream is a dead letter" 
     "$(q "SELECT error_code || '|' || sqlstate FROM ecst.dead_letters WHERE stream = 'strict'")"
 check "the worker did not restart" "0" "$(grep -c 'pg_ecst worker.*exited with exit code' "$IT_DIR/server.log" || true)"
 
+echo "-- what one replica's trigger sets in the worker's session does not reach the next stream"
+psql_it -d $DB >/dev/null <<'SQL'
+CREATE TABLE a_set (id text PRIMARY KEY);
+CREATE TABLE b_log (id text PRIMARY KEY, seen text);
+SELECT ecst.create_stream('a_set', 'a_set', 'entity_snapshot', '{"id": "id"}');
+SELECT ecst.create_stream('b_log', 'b_log', 'entity_snapshot', '{"id": "id"}');
+CREATE FUNCTION a_set_trg() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_catalog.set_config('search_path', 'x_marker, public', false); RETURN NEW; END $$;
+CREATE TRIGGER a_set_trg BEFORE INSERT ON a_set FOR EACH ROW EXECUTE FUNCTION a_set_trg();
+CREATE FUNCTION b_log_trg() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.seen := pg_catalog.current_setting('search_path'); RETURN NEW; END $$;
+CREATE TRIGGER b_log_trg BEFORE INSERT ON b_log FOR EACH ROW EXECUTE FUNCTION b_log_trg();
+INSERT INTO ecst.inbox (stream, payload) VALUES ('a_set', '{"id": "1", "newState": {}}'), ('b_log', '{"id": "1", "newState": {}}');
+SQL
+wait_for $DB "both streams applied" "SELECT count(*) FROM b_log" 1 30
+check "the second stream's trigger did not see the first one's search_path" "f" \
+    "$(q "SELECT seen LIKE '%x_marker%' FROM b_log")"
+
 echo "-- a worker with a backlog stops between batches when terminated (not after the whole inbox)"
 psql_it -d $DB >/dev/null <<'SQL'
 CREATE TABLE slowt (id text PRIMARY KEY, v text);
