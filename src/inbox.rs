@@ -279,6 +279,7 @@ const MAX_WINDOWS: usize = 8;
 /// `None` where that is not available. Rows seen before need no payload: their owner is known.
 fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
     forget_partition_streams();
+    let _style = crate::convert::fixed_style();
     let mut inbox_rows = direct::InboxRows::open()?;
     let window = limit.saturating_mul(of as i64 * 2);
     let mine = with_owners(of, |owners| {
@@ -323,6 +324,7 @@ fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
 /// need none.
 fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<String> {
     forget_partition_streams();
+    let _style = crate::convert::fixed_style();
     let window = limit.saturating_mul(of as i64 * 2);
     with_owners(of, |owners| {
         let seen_up_to = owners.by_seq.keys().copied().max().unwrap_or(i64::MIN);
@@ -391,7 +393,9 @@ thread_local! {
     static PARTITION_STREAMS: RefCell<HashMap<String, Option<Rc<Stream>>>> = RefCell::new(HashMap::new());
 }
 
-/// Forgets `partition`'s streams: called as a claim begins.
+/// Forgets `partition`'s streams: called as a claim begins, which then enters the fixed styles
+/// (`convert::fixed_style`) once for all its rows: keys of a stream that needs them are read as
+/// its runs read them, and the others' keys do not depend on those settings.
 fn forget_partition_streams() {
     PARTITION_STREAMS.with(|m| m.borrow_mut().clear());
 }
@@ -412,7 +416,8 @@ pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
     let Some(s) = found else { return 0 };
     // Only the key: every worker looks at every row, and parses in full only its own.
     let Ok(key) = parse_key(&s.spec, payload) else { return 0 };
-    let Some(key) = s.styled(|| apply::entity_key(&s, &key)) else { return 0 };
+    // Under the claim's fixed styles (`forget_partition_streams`' caller enters them once).
+    let Some(key) = apply::entity_key(&s, &key) else { return 0 };
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (stream, key).hash(&mut h);
     (h.finish() % of as u64) as i32
