@@ -165,6 +165,7 @@ fn retry_dead_letters(
         });
         let mut allowed: HashMap<String, bool> = HashMap::new();
         let mut skipped = 0i64;
+        let mut broken: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for (id, name, payload, before_stream, table) in letters {
             // Streams the caller may not apply are not even looked up: looking one up locks its
             // tables until the caller's transaction ends.
@@ -172,7 +173,16 @@ fn retry_dead_letters(
                 skipped += 1;
                 continue;
             }
-            let target = name.as_deref().and_then(catalog::try_stream);
+            // A stream whose definition no longer builds keeps its letters (and the others are
+            // retried): looked up as the worker does, in a subtransaction.
+            let target = match name.as_deref().map(|n| inbox::lookup(n, ErrorPolicy::Worker)) {
+                None => None,
+                Some(Ok(found)) => found,
+                Some(Err((message, _))) => {
+                    broken.insert(message);
+                    continue;
+                }
+            };
             let permitted = match (&target, &name) {
                 (Some(_), Some(_)) if before_stream => admin,
                 (Some(s), Some(n)) => *allowed.entry(n.clone()).or_insert_with(|| security::apply_denied(s).is_none()),
@@ -242,6 +252,9 @@ fn retry_dead_letters(
                 }
             }
             *counts.entry(outcome(&result)).or_insert(0) += 1;
+        }
+        for message in &broken {
+            notice!("pg_ecst: dead letters kept: {message}");
         }
         if skipped > 0 {
             notice!(

@@ -156,12 +156,13 @@ fn rejected(rejection: Rejection) -> Applied {
 }
 
 /// A stream found (or not), or why its definition cannot be used (message, SQLSTATE).
-type Lookup = Result<Option<Rc<Stream>>, (String, String)>;
+pub(crate) type Lookup = Result<Option<Rc<Stream>>, (String, String)>;
 
-/// The stream `name`. For the worker, a definition that no longer builds (its table or a mapped
-/// column was dropped, a temporary table's session ended) is an answer, not an error: raised, it
-/// would fail the worker's batch — every stream's events — over and over.
-fn lookup(name: &str, policy: ErrorPolicy) -> Lookup {
+/// The stream `name`. For the worker (and `retry_dead_letters`, which asks as the worker does), a
+/// definition that no longer builds (its table or a mapped column was dropped, a temporary table's
+/// session ended) is an answer, not an error: raised, it would fail the worker's batch — every
+/// stream's events — over and over.
+pub(crate) fn lookup(name: &str, policy: ErrorPolicy) -> Lookup {
     if policy != ErrorPolicy::Worker {
         return Ok(catalog::try_stream(name));
     }

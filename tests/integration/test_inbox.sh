@@ -71,6 +71,9 @@ check "the broken stream's event is a dead letter" "write_failed" \
 check "the conflicting event of an on_conflict 'error' stream is a dead letter" "conflict|23000" \
     "$(q "SELECT error_code || '|' || sqlstate FROM ecst.dead_letters WHERE stream = 'strict'")"
 check "the worker did not restart" "0" "$(grep -c 'pg_ecst worker.*exited with exit code' "$IT_DIR/server.log" || true)"
+q "DELETE FROM ecst.dead_letters WHERE stream = 'strict'" >/dev/null # (its retry would raise: on_conflict 'error')
+check "retrying every dead letter goes on beside the broken stream, whose letters stay" "1" \
+    "$(q "SELECT count(*) FROM ecst.retry_dead_letters()" >/dev/null 2>&1 && q "SELECT count(*) FROM ecst.dead_letters WHERE stream = 'brk'")"
 
 echo "-- what one replica's trigger sets in the worker's session does not reach the next stream"
 psql_it -d $DB >/dev/null <<'SQL'
