@@ -174,8 +174,8 @@ fn retry_dead_letters(
                 continue;
             }
             // A stream whose definition no longer builds keeps its letters (and the others are
-            // retried): looked up as the worker does, in a subtransaction.
-            let target = match name.as_deref().map(|n| inbox::lookup(n, ErrorPolicy::Worker)) {
+            // retried).
+            let target = match name.as_deref().map(catalog::try_stream_quietly) {
                 None => None,
                 Some(Ok(found)) => found,
                 Some(Err((message, _))) => {

@@ -4,9 +4,11 @@
 //! the catalog tables or a replica table (`ALTER TABLE`, `create_stream`, `drop_stream`).
 
 use crate::convert::ColumnType;
-use crate::errors::raise;
+use crate::errors::{self, raise};
 use crate::security;
+use crate::subxact::{self, SubResult};
 use ecst_core::spec::{ChildSpec, OnConflict, Path, Shape, StreamSpec, Table};
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use pgrx::{pg_sys, JsonB, PgSqlErrorCode as Code};
@@ -193,6 +195,28 @@ pub fn try_stream(name: &str) -> Option<Rc<Stream>> {
         format!("the definition of stream \"{name}\" or of its tables kept changing"),
         Some("Retry the transaction."),
     )
+}
+
+/// A stream found (or not), or why its definition cannot be used (message, SQLSTATE).
+pub type Lookup = Result<Option<Rc<Stream>>, (String, String)>;
+
+/// [`try_stream`], with a definition that no longer builds (its table or a mapped column dropped,
+/// a temporary table's session ended) as an answer instead of an error: looked up in a
+/// subtransaction, for those that must go on with the other streams (the worker, a retry of every
+/// dead letter). Errors about the session or the server still propagate.
+pub fn try_stream_quietly(name: &str) -> Lookup {
+    match subxact::run(|| Ok::<_, ()>(try_stream(name))) {
+        SubResult::Committed(stream) => Ok(stream),
+        SubResult::RolledBack(()) => unreachable!("the lookup returns Ok"),
+        SubResult::Failed(caught) => match *caught {
+            CaughtError::PostgresError(ref r) | CaughtError::ErrorReport(ref r)
+                if !errors::is_session_error(&errors::sqlstate(r.sql_error_code())) =>
+            {
+                Err((r.message().to_string(), errors::sqlstate(r.sql_error_code())))
+            }
+            other => other.rethrow(),
+        },
+    }
 }
 
 fn cached_stream(name: &str) -> Option<Rc<Stream>> {

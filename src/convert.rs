@@ -39,6 +39,21 @@ pub fn fixed_style() -> crate::gucs::Override {
     crate::gucs::Override::enter(&FIXED_STYLE)
 }
 
+/// Runs `work` (a type's input function or constraint check): a data error it raises (SQLSTATE
+/// classes 22/23) is `Err` with PostgreSQL's message; any other error (cancel, out of memory)
+/// propagates.
+fn data_errors<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+    let mut work = Some(work);
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok((work.take().expect("work runs once"))())))
+        .catch_others(|e| match e {
+            CaughtError::PostgresError(ref r) if errors::is_event_error(&errors::sqlstate(r.sql_error_code())) => {
+                Err(r.message().to_string())
+            }
+            other => other.rethrow(),
+        })
+        .execute()
+}
+
 /// A column's type and the functions that read and print it.
 #[derive(Debug, Clone)]
 pub struct ColumnType {
@@ -119,17 +134,10 @@ impl ColumnType {
     /// errors (SQLSTATE classes 22/23); any other error (cancel, out of memory) propagates.
     pub fn input(&self, text: &str) -> Result<pg_sys::Datum, String> {
         let c = CString::new(text).map_err(|_| "contains a NUL character".to_string())?;
-        PgTryBuilder::new(|| {
-            // SAFETY: `c` outlives the call; the input function copies what it keeps.
-            Ok(unsafe { pg_sys::OidInputFunctionCall(self.input, c.as_ptr() as *mut _, self.ioparam, self.typmod) })
+        // SAFETY: `c` outlives the call; the input function copies what it keeps.
+        data_errors(|| unsafe {
+            pg_sys::OidInputFunctionCall(self.input, c.as_ptr() as *mut _, self.ioparam, self.typmod)
         })
-        .catch_others(|e| match e {
-            CaughtError::PostgresError(ref r) if errors::is_event_error(&errors::sqlstate(r.sql_error_code())) => {
-                Err(r.message().to_string())
-            }
-            other => other.rethrow(),
-        })
-        .execute()
     }
 
     /// Whether NULL is a value of this type: a domain's `NOT NULL` or `CHECK` may refuse it (`Err`
@@ -139,22 +147,14 @@ impl ColumnType {
         if !self.domain {
             return Ok(());
         }
-        PgTryBuilder::new(|| {
+        data_errors(|| {
             let mut extra: *mut std::ffi::c_void = std::ptr::null_mut();
             // SAFETY: checks a NULL against the domain's constraints; `extra` caches in the
             // current memory context for this call only.
             unsafe {
                 pg_sys::domain_check(pg_sys::Datum::from(0), true, self.oid, &mut extra, pg_sys::CurrentMemoryContext)
             };
-            Ok(())
         })
-        .catch_others(|e| match e {
-            CaughtError::PostgresError(ref r) if errors::is_event_error(&errors::sqlstate(r.sql_error_code())) => {
-                Err(r.message().to_string())
-            }
-            other => other.rethrow(),
-        })
-        .execute()
     }
 
     /// Prints a datum of this type.

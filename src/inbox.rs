@@ -9,15 +9,12 @@ use crate::apply::{self, Applied, ErrorPolicy};
 use crate::bulk;
 use crate::catalog::{self, Stream};
 use crate::direct;
-use crate::errors;
 use crate::retention;
 use crate::security;
-use crate::subxact::{self, SubResult};
 use crate::writer;
 use ecst_core::event::parse_key;
 use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::pg_sys;
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::cell::RefCell;
@@ -155,28 +152,16 @@ fn rejected(rejection: Rejection) -> Applied {
     Applied::Rejected { rejection, sqlstate: None, conflict: false }
 }
 
-/// A stream found (or not), or why its definition cannot be used (message, SQLSTATE).
-pub(crate) type Lookup = Result<Option<Rc<Stream>>, (String, String)>;
+type Lookup = catalog::Lookup;
 
-/// The stream `name`. For the worker (and `retry_dead_letters`, which asks as the worker does), a
-/// definition that no longer builds (its table or a mapped column was dropped, a temporary table's
-/// session ended) is an answer, not an error: raised, it would fail the worker's batch — every
-/// stream's events — over and over.
-pub(crate) fn lookup(name: &str, policy: ErrorPolicy) -> Lookup {
-    if policy != ErrorPolicy::Worker {
-        return Ok(catalog::try_stream(name));
-    }
-    match subxact::run(|| Ok::<_, ()>(catalog::try_stream(name))) {
-        SubResult::Committed(stream) => Ok(stream),
-        SubResult::RolledBack(()) => unreachable!("the lookup returns Ok"),
-        SubResult::Failed(caught) => match *caught {
-            CaughtError::PostgresError(ref r) | CaughtError::ErrorReport(ref r)
-                if !errors::is_session_error(&errors::sqlstate(r.sql_error_code())) =>
-            {
-                Err((r.message().to_string(), errors::sqlstate(r.sql_error_code())))
-            }
-            other => other.rethrow(),
-        },
+/// The stream `name`. For the worker, a definition that no longer builds (its table or a mapped
+/// column was dropped, a temporary table's session ended) is an answer, not an error: raised, it
+/// would fail the worker's batch — every stream's events — over and over.
+fn lookup(name: &str, policy: ErrorPolicy) -> Lookup {
+    if policy == ErrorPolicy::Worker {
+        catalog::try_stream_quietly(name)
+    } else {
+        Ok(catalog::try_stream(name))
     }
 }
 
@@ -410,7 +395,7 @@ pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
     }
     let known = PARTITION_STREAMS.with(|m| m.borrow().get(stream).cloned());
     let found = known.unwrap_or_else(|| {
-        let found = lookup(stream, ErrorPolicy::Worker).ok().flatten();
+        let found = catalog::try_stream_quietly(stream).ok().flatten();
         PARTITION_STREAMS.with(|m| m.borrow_mut().insert(stream.to_string(), found.clone()));
         found
     });

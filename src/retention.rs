@@ -106,10 +106,9 @@ struct Entity {
     latest: Option<(Order, Value)>,
     /// Delta: per field, its last write after the tombstone: (order, raw value, template event).
     fields: BTreeMap<String, (Order, Value)>,
+    /// Delta: every create/update by order (the newest, even one with no field, still makes the
+    /// entity live at its version).
     templates: BTreeMap<Order, Value>,
-    /// Delta: the newest create/update, even one with no field (it still makes the entity live at
-    /// its version).
-    newest_delta: Option<Order>,
 }
 
 /// Events order by version, or by log position in unversioned streams.
@@ -167,9 +166,6 @@ pub fn compact(name: &str) -> (i64, i64) {
                     }
                 }
                 Op::Upsert { .. } => {
-                    if e.newest_delta.as_ref().is_none_or(|o| *o < order) {
-                        e.newest_delta = Some(order.clone());
-                    }
                     e.templates.insert(order.clone(), raw.clone());
                     let Some(state) = entity_object(spec, &raw) else { continue };
                     for (field, value) in state {
@@ -197,8 +193,8 @@ pub fn compact(name: &str) -> (i64, i64) {
                     by_order.entry(o).or_default().insert(field, value);
                 }
             }
-            if let Some(o) = e.newest_delta.filter(|o| after_tomb(o)) {
-                by_order.entry(o).or_default();
+            if let Some(o) = e.templates.keys().next_back().filter(|o| after_tomb(o)) {
+                by_order.entry(o.clone()).or_default();
             }
             for (o, fields) in by_order {
                 let mut event = e.templates[&o].clone();

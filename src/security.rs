@@ -49,14 +49,8 @@ fn role_name(role: pg_sys::Oid) -> String {
 }
 
 /// `search_path = pg_catalog, pg_temp` until dropped (also when an error unwinds through it).
-struct PinnedPath {
-    _level: crate::gucs::Override,
-}
-
-impl PinnedPath {
-    fn enter() -> PinnedPath {
-        PinnedPath { _level: crate::gucs::Override::enter(&[(c"search_path", c"pg_catalog, pg_temp")]) }
-    }
+fn pinned_path() -> crate::gucs::Override {
+    crate::gucs::Override::enter(&[(c"search_path", c"pg_catalog, pg_temp")])
 }
 
 /// Undoes [`internal`]'s switch (also when an error unwinds through it).
@@ -64,7 +58,7 @@ struct AsOwner {
     user: pg_sys::Oid,
     context: i32,
     // Dropped after the user id is restored: the path was pinned first.
-    _path: PinnedPath,
+    _path: crate::gucs::Override,
 }
 
 impl AsOwner {
@@ -77,7 +71,7 @@ impl AsOwner {
         // owner's user id; `drop` pops both.
         unsafe {
             pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-            let path = PinnedPath::enter();
+            let path = pinned_path();
             pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
             AsOwner { user, context, _path: path }
         }
@@ -96,7 +90,7 @@ impl Drop for AsOwner {
 /// caller's path) defined can stand in for a built-in one and answer the query, nor run with the
 /// privileges of whoever the caller is (a superuser, the worker).
 pub fn pinned<R>(work: impl FnOnce() -> R) -> R {
-    let _path = PinnedPath::enter();
+    let _path = pinned_path();
     work()
 }
 
@@ -115,41 +109,40 @@ fn tables(stream: &Stream) -> impl Iterator<Item = &TableInfo> {
     std::iter::once(&stream.table).chain(stream.children.iter().map(|c| &c.table))
 }
 
+/// The apply privileges (`APPLY`) `user` lacks on a table, by name.
+fn missing_privileges(table: pg_sys::Oid, user: pg_sys::Oid) -> Vec<&'static str> {
+    APPLY
+        .iter()
+        // SAFETY: an ACL check by OID (of a relation that exists: callers make sure).
+        .filter(|(mode, _)| unsafe {
+            pg_sys::pg_class_aclcheck(table, user, *mode as pg_sys::AclMode) != pg_sys::AclResult::ACLCHECK_OK
+        })
+        .map(|(_, name)| *name)
+        .collect()
+}
+
 /// Whether the current role has the apply privileges on one table, read without locking it (for
-/// deciding not to look at a stream at all: building one locks its tables).
+/// deciding not to look at a stream at all: building one locks its tables). A table that is gone
+/// has none.
 pub fn may_apply_table(table: pg_sys::Oid) -> bool {
-    let user = current_user();
-    APPLY.iter().all(|(mode, _)| {
-        // SAFETY: an ACL check by OID; a relation that is gone fails it.
-        catalog::with_pg_class(table, |_| ()).is_some()
-            && unsafe { pg_sys::pg_class_aclcheck(table, user, *mode as pg_sys::AclMode) }
-                == pg_sys::AclResult::ACLCHECK_OK
-    })
+    catalog::with_pg_class(table, |_| ()).is_some() && missing_privileges(table, current_user()).is_empty()
 }
 
 /// Why the current role may not apply `stream`'s events (`None`: it may).
 pub fn apply_denied(stream: &Stream) -> Option<String> {
     let user = current_user();
-    for table in tables(stream) {
-        let missing: Vec<&str> = APPLY
-            .iter()
-            // SAFETY: an ACL check against a relation the stream cache has just validated.
-            .filter(|(mode, _)| unsafe {
-                pg_sys::pg_class_aclcheck(table.oid, user, *mode as pg_sys::AclMode) != pg_sys::AclResult::ACLCHECK_OK
-            })
-            .map(|(_, name)| *name)
-            .collect();
-        if !missing.is_empty() {
-            return Some(format!(
+    tables(stream).find_map(|table| {
+        let missing = missing_privileges(table.oid, user);
+        (!missing.is_empty()).then(|| {
+            format!(
                 "permission denied: role \"{}\" lacks {} on table {} (stream \"{}\")",
                 role_name(user),
                 missing.join(", "),
                 table.qualified,
                 stream.spec.name
-            ));
-        }
-    }
-    None
+            )
+        })
+    })
 }
 
 const APPLY_HINT: &str =

@@ -514,33 +514,11 @@ pub fn export(stream_name: &str) -> Vec<Value> {
         let mut select: Vec<String> = vec![key_expr("t", &keys)];
         select.extend(table.keys.iter().map(|k| export_expr("t", k)));
         select.extend(table.columns.iter().map(|c| export_expr("t", c)));
-        let unkeyed: i64 = client
-            .select(
-                &format!(
-                    "SELECT pg_catalog.count(*) FROM {} t WHERE NOT ({})",
-                    table.qualified,
-                    keys_not_null("t", &keys)
-                ),
-                None,
-                &[],
-            )
-            .expect("reading the replica")
-            .first()
-            .get_one()
-            .expect("a count")
-            .unwrap_or(0);
-        if unkeyed > 0 {
-            pgrx::warning!(
-                "pg_ecst: {unkeyed} row(s) of {} have a NULL key column: no event can name them, they are not exported",
-                table.qualified
-            );
-        }
-        let sql = format!(
-            "SELECT {} FROM {} t WHERE {} ORDER BY 1",
-            select.join(", "),
-            table.qualified,
-            keys_not_null("t", &keys)
-        );
+        // The last column tells rows that name an entity; those with a NULL key are counted and
+        // skipped in the same scan.
+        select.push(format!("({})", keys_not_null("t", &keys)));
+        let keyed_at = select.len();
+        let sql = format!("SELECT {} FROM {} t ORDER BY 1", select.join(", "), table.qualified);
         let children = export_children(client, &stream);
         // An entity snapshot's version that is also a state field (`newState.<state>.<field>`,
         // written to a column) is exported once, under the version path's own spelling, with the
@@ -552,9 +530,15 @@ pub fn export(stream_name: &str) -> Vec<Value> {
             let temporal = [pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPOID, pg_sys::DATEOID].contains(&base);
             Some((i, field, temporal))
         });
-        client
+        let mut unkeyed = 0i64;
+        let events = client
             .select(&sql, None, &[])
             .expect("reading the replica")
+            .filter(|r| {
+                let keyed = r.get::<bool>(keyed_at).unwrap().unwrap_or(false);
+                unkeyed += i64::from(!keyed);
+                keyed
+            })
             .map(|r| {
                 let entity_key: String = r.get(1).unwrap().unwrap();
                 // Bulk-loaded entities without a state row carry their version in the row.
@@ -606,7 +590,14 @@ pub fn export(stream_name: &str) -> Vec<Value> {
                 }
                 event
             })
-            .collect()
+            .collect();
+        if unkeyed > 0 {
+            pgrx::warning!(
+                "pg_ecst: {unkeyed} row(s) of {} have a NULL key column: no event can name them, they are not exported",
+                table.qualified
+            );
+        }
+        events
     })
 }
 
