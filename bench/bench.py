@@ -26,7 +26,8 @@ PORT = 54340
 DB = "bench"
 DATA = f"{DIR}/data"
 OUT = f"{ROOT}/bench/out"
-PG_BIN = "/usr/lib/postgresql/15/bin"
+# The installation bench/run prepared (a private PostgreSQL of the chosen major, see scripts/lib.sh).
+PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
 
 # One set of server settings for every contestant.
 SETTINGS = [
@@ -1021,7 +1022,8 @@ def main():
         PERF_DIR = f"{OUT}/perf"
         os.makedirs(PERF_DIR, exist_ok=True)
 
-    so = "/usr/lib/postgresql/15/lib/pg_ecst.so"
+    so = os.path.join(subprocess.run([f"{PG_BIN}/pg_config", "--pkglibdir"], capture_output=True, text=True,
+                                     check=True).stdout.strip(), "pg_ecst.so")
     so_mtime = os.path.getmtime(so) if os.path.exists(so) else None
     log(f"scratch server {DIR} port {PORT}: " + ", ".join(SETTINGS))
     start_cluster()

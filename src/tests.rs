@@ -5,9 +5,9 @@
 mod tests {
     use pgrx::prelude::*;
 
-    const SNAPSHOT: &str = include_str!("../../shared/fixtures/fine_grained_snapshot.json");
-    const DELTA: &str = include_str!("../../shared/fixtures/fine_grained_delta.json");
-    const AGGREGATE: &str = include_str!("../../shared/fixtures/aggregate_snapshot.json");
+    const SNAPSHOT: &str = include_str!("../tests/fixtures/fine_grained_snapshot.json");
+    const DELTA: &str = include_str!("../tests/fixtures/fine_grained_delta.json");
+    const AGGREGATE: &str = include_str!("../tests/fixtures/aggregate_snapshot.json");
 
     fn run(sql: &str) {
         Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));

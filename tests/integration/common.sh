@@ -3,18 +3,27 @@ set -euo pipefail
 
 IT_DIR=${IT_DIR:-/tmp/pg_ecst-it}
 IT_PORT=${IT_PORT:-54331}
-FIXTURES=${FIXTURES:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/fixtures}
+FIXTURES=${FIXTURES:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../fixtures" && pwd)}
 
 psql_it() { psql -X -q -t -A -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -v ON_ERROR_STOP=1 "$@"; }
 
-# Installs the extension once per scripts/test run and starts a fresh cluster.
+# The integration tests' own PostgreSQL installation (scripts/test sets PG_MAJOR).
+use_pg "${PG_MAJOR:-$DEFAULT_MAJOR}" it
+
+# Starts a fresh cluster; builds and installs the extension first unless scripts/test already
+# did (PG_ECST_INSTALLED=<major>). The cluster and its folder are gone when the script exits.
 it_start() {
-    if [ -z "${PG_ECST_INSTALLED:-}" ]; then
+    if [ "${PG_ECST_INSTALLED:-}" != "$PG_MAJOR" ]; then
         install_extension
-        export PG_ECST_INSTALLED=1
+        export PG_ECST_INSTALLED=$PG_MAJOR
     fi
     start_cluster "$IT_DIR" "$IT_PORT" "$@"
-    trap 'stop_cluster "$IT_DIR"' EXIT
+    trap 'it_cleanup' EXIT
+}
+
+it_cleanup() {
+    stop_cluster "$IT_DIR"
+    as_root rm -rf "$IT_DIR"
 }
 
 failures=0
@@ -30,8 +39,8 @@ check() {
 
 it_done() {
     if [ "$failures" -gt 0 ]; then
-        echo "$failures check(s) failed; server log: $IT_DIR/server.log"
-        tail -20 "$IT_DIR/server.log"
+        echo "$failures check(s) failed; the server log's end:"
+        tail -40 "$IT_DIR/server.log"
         exit 1
     fi
 }
@@ -56,7 +65,7 @@ wait_for() {
 # wait_ready: waits for the server to accept connections again (after a crash restart).
 wait_ready() {
     local deadline=$((SECONDS + 60))
-    until sudo -u postgres /usr/lib/postgresql/15/bin/pg_isready -q -h "$IT_DIR/sock" -p "$IT_PORT"; do
+    until sudo -u postgres "$PG_BIN"/pg_isready -q -h "$IT_DIR/sock" -p "$IT_PORT"; do
         [ $SECONDS -lt $deadline ] || { echo "server did not come back"; exit 1; }
         sleep 0.2
     done

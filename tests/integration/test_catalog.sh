@@ -33,9 +33,9 @@ psql_it -d src -c "SELECT ecst.compact_counters()" >/dev/null
 check "compact_counters folds rows to one per stream" "1|1" \
     "$(psql_it -d src -c "SELECT count(*) || '|' || sum(applied) FROM ecst.stream_counters c JOIN ecst.streams s ON s.id = c.stream_id WHERE s.name = 'address'")"
 
-sudo -u postgres /usr/lib/postgresql/15/bin/pg_dump -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -Fc -f "$IT_DIR/src.dump" src
+sudo -u postgres "$PG_BIN"/pg_dump -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -Fc -f "$IT_DIR/src.dump" src
 psql_it -d postgres -c "CREATE DATABASE dst"
-sudo -u postgres /usr/lib/postgresql/15/bin/pg_restore -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -d dst "$IT_DIR/src.dump"
+sudo -u postgres "$PG_BIN"/pg_restore -h "$IT_DIR/sock" -p "$IT_PORT" -U postgres -d dst "$IT_DIR/src.dump"
 
 check "streams survive pg_dump/restore" "address,customer" \
     "$(psql_it -d dst -c "SELECT string_agg(name, ',' ORDER BY name) FROM ecst.streams")"

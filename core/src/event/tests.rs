@@ -4,9 +4,9 @@ use crate::reject::RejectCode;
 use crate::spec::{Path, StreamSpec};
 use crate::version::Version;
 
-const SNAPSHOT: &str = include_str!("../../../../shared/fixtures/fine_grained_snapshot.json");
-const DELTA: &str = include_str!("../../../../shared/fixtures/fine_grained_delta.json");
-const AGGREGATE: &str = include_str!("../../../../shared/fixtures/aggregate_snapshot.json");
+const SNAPSHOT: &str = include_str!("../../../tests/fixtures/fine_grained_snapshot.json");
+const DELTA: &str = include_str!("../../../tests/fixtures/fine_grained_delta.json");
+const AGGREGATE: &str = include_str!("../../../tests/fixtures/aggregate_snapshot.json");
 
 fn text(s: &str) -> Value {
     Value::Text(s.into())
