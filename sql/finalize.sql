@@ -16,7 +16,7 @@ CREATE FUNCTION ecst.create_stream(
 LANGUAGE sql VOLATILE
 AS $$ SELECT ecst._create_stream(name, target::oid, shape, key, state_path, columns, version, event_id, children, on_conflict, retain_events) $$;
 COMMENT ON FUNCTION ecst.create_stream(text, regclass, text, jsonb, text, jsonb, text, text, jsonb, text, boolean)
-    IS 'Binds one kind of ECST event to a replica table (see README: Streams)';
+    IS 'Binds one kind of ECST event to a replica table (see docs/reference.md)';
 
 CREATE FUNCTION ecst.apply(stream text, event text) RETURNS ecst.outcome
 LANGUAGE sql VOLATILE
@@ -43,6 +43,28 @@ RETURNS TABLE (outcome ecst.outcome, count bigint)
 LANGUAGE sql VOLATILE
 AS $$ SELECT r.outcome::ecst.outcome, r.count FROM ecst._retry_dead_letters(stream) r $$;
 COMMENT ON FUNCTION ecst.retry_dead_letters(text) IS 'Puts dead letters (of one stream, or all) back through the pipeline; returns the count per outcome';
+
+CREATE FUNCTION ecst.discard_dead_letters(stream text DEFAULT NULL, error_code text DEFAULT NULL,
+                                          older_than interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+AS $$ SELECT ecst._discard_dead_letters(stream, error_code, older_than) $$;
+COMMENT ON FUNCTION ecst.discard_dead_letters(text, text, interval)
+    IS 'Removes the dead letters matching every given filter (stream, error code, last failed longer ago than older_than) that the caller may discard; returns how many';
+
+-- Dead letters per stream name and error code, also of names no stream has (so that events sent
+-- to a stream nobody created cannot go unnoticed).
+CREATE VIEW ecst.dead_letter_summary AS
+SELECT d.stream,
+       d.error_code,
+       count(*)           AS letters,
+       min(d.received_at) AS oldest,
+       max(d.failed_at)   AS newest,
+       (s.id IS NOT NULL) AS stream_exists
+FROM ecst.dead_letters d
+LEFT JOIN ecst.streams s ON s.name = d.stream
+GROUP BY d.stream, d.error_code, s.id;
+COMMENT ON VIEW ecst.dead_letter_summary IS 'pg_ecst dead letters per stream name and error code (stream_exists: false for names no stream has)';
 
 COMMENT ON FUNCTION ecst.apply_batch(text, jsonb[]) IS 'Applies many events (in order per entity); returns the count per outcome';
 
@@ -139,9 +161,23 @@ LANGUAGE sql VOLATILE
 AS $$ SELECT * FROM ecst._load_snapshot(stream, source::oid, mode, as_of) $$;
 COMMENT ON FUNCTION ecst.load_snapshot(text, regclass, text, text)
     IS 'Bulk-loads snapshot events from source.payload under the version rules; replace mode deletes absent entities not newer than as_of';
+-- as_of as a number or a timestamp, as users pass it (by name: as_of => 100, as_of => now()).
+CREATE FUNCTION ecst.load_snapshot(stream text, source regclass, as_of numeric, mode text DEFAULT 'merge')
+RETURNS TABLE (loaded bigint, stale bigint, deleted bigint, dead_lettered bigint)
+LANGUAGE sql VOLATILE
+AS $$ SELECT * FROM ecst._load_snapshot(stream, source::oid, mode, as_of::text) $$;
+COMMENT ON FUNCTION ecst.load_snapshot(text, regclass, numeric, text)
+    IS 'ecst.load_snapshot with as_of given as a number (a version)';
+CREATE FUNCTION ecst.load_snapshot(stream text, source regclass, as_of timestamptz, mode text DEFAULT 'merge')
+RETURNS TABLE (loaded bigint, stale bigint, deleted bigint, dead_lettered bigint)
+LANGUAGE sql VOLATILE
+AS $$ SELECT * FROM ecst._load_snapshot(stream, source::oid, mode,
+                                        pg_catalog.to_char(as_of AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) $$;
+COMMENT ON FUNCTION ecst.load_snapshot(text, regclass, timestamptz, text)
+    IS 'ecst.load_snapshot with as_of given as a timestamp (an RFC 3339 version)';
 COMMENT ON FUNCTION ecst.export_snapshot(text) IS 'The replica as create events in the stream''s own format, with versions';
 
--- Privileges (README: Privileges). pg_ecst's functions check the caller's privileges on the
+-- Privileges (docs/operations/security.md). pg_ecst's functions check the caller's privileges on the
 -- replica tables themselves and reach pg_ecst's own tables as the extension's owner, so anyone may
 -- call them; the tables themselves are granted to nobody. Two group roles (created once per
 -- cluster, NOLOGIN) carry the direct access a pipeline or a monitor needs.
@@ -162,6 +198,10 @@ $roles$;
 GRANT INSERT (stream, payload) ON ecst.inbox TO ecst_writer;
 GRANT USAGE ON SEQUENCE ecst.inbox_seq TO ecst_writer;
 GRANT SELECT ON ecst.streams, ecst.stream_children, ecst.dead_letters, ecst.stream_counters, ecst.inbox,
-    ecst.stats, ecst.workers TO ecst_reader;
+    ecst.stats, ecst.workers, ecst.dead_letter_summary TO ecst_reader;
 REVOKE EXECUTE ON FUNCTION ecst.compact_counters() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ecst.compact_counters() TO ecst_reader;
+
+-- The background workers serve every database with the extension: the launcher probes this one
+-- when the transaction that installs the extension commits.
+SELECT ecst._extension_created();

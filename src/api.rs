@@ -265,6 +265,17 @@ fn retry_dead_letters(
     counts_table(counts)
 }
 
+/// Removes dead letters (of one stream, one error code, last failed before some time ago; NULL:
+/// any) the caller may discard; see `ecst.discard_dead_letters`.
+#[pg_extern(name = "_discard_dead_letters")]
+fn discard_dead_letters(
+    stream: Option<&str>,
+    error_code: Option<&str>,
+    older_than: Option<pgrx::datum::Interval>,
+) -> i64 {
+    crate::dead_letters::discard(stream, error_code, older_than)
+}
+
 /// This backend's counters not yet written to `ecst.stream_counters` (used by `ecst.stats`).
 #[pg_extern]
 #[allow(clippy::type_complexity)]

@@ -7,7 +7,7 @@ use std::ffi::CString;
 /// Upper bound of `ecst.workers` (slots in shared memory).
 pub const MAX_WORKERS: usize = 32;
 
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"*"));
 pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -16,8 +16,8 @@ pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub fn init() {
     GucRegistry::define_string_guc(
         c"ecst.database",
-        c"Database whose inbox the pg_ecst background workers drain.",
-        c"The workers wait quietly until this database and the pg_ecst extension in it exist.",
+        c"Databases whose inboxes the pg_ecst background workers drain: * (every database with the extension) or a comma-separated list of names.",
+        c"The workers serve each database where the pg_ecst extension is installed; a listed database that does not exist yet is waited for quietly.",
         &DATABASE,
         GucContext::Sighup,
         GucFlags::default(),
@@ -62,8 +62,15 @@ pub fn init() {
     );
 }
 
+/// `ecst.database`: `*` or a comma-separated list of database names.
 pub fn database() -> String {
-    DATABASE.get().and_then(|c| c.into_string().ok()).unwrap_or_else(|| "postgres".into())
+    DATABASE.get().and_then(|c| c.into_string().ok()).filter(|d| !d.trim().is_empty()).unwrap_or_else(|| "*".into())
+}
+
+/// Whether `ecst.database` includes the database `name`.
+pub fn serves_database(name: &str) -> bool {
+    let setting = database();
+    setting.trim() == "*" || setting.split(',').any(|n| n.trim() == name)
 }
 
 /// `ecst.worker_role`, if set.

@@ -13,6 +13,7 @@ mod catalog;
 mod convert;
 mod copy_in;
 mod counters;
+mod dead_letters;
 mod direct;
 mod errors;
 mod gucs;

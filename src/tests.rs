@@ -701,6 +701,90 @@ mod tests {
         assert_eq!(count("SELECT * FROM ecst.retry_dead_letters('nope')"), 0, "no letters of that stream");
     }
 
+    #[pg_test]
+    fn discard_dead_letters_filters_counts_and_checks_privileges() {
+        run("CREATE TABLE t (id text PRIMARY KEY, v text NOT NULL)");
+        run(r#"SELECT ecst.create_stream('t', 't', 'entity_snapshot', '{"id": "id"}')"#);
+        run("CREATE TABLE u (id text PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('u', 'u', 'entity_snapshot', '{"id": "id"}')"#);
+        assert_eq!(apply("t", "not json"), "dead_lettered");
+        assert_eq!(apply("t", r#"{"id": "1", "newState": {}}"#), "dead_lettered"); // write_failed
+        assert_eq!(apply("u", "[1]"), "dead_lettered");
+        run("INSERT INTO ecst.inbox (stream, payload) VALUES ('nobody', '{}'), ('nobody', '{}')");
+        assert_eq!(one::<i64>("SELECT ecst.process_inbox()"), Some(2));
+        assert_eq!(
+            text("SELECT string_agg(stream || ':' || error_code || '=' || letters || ':' || stream_exists, ',' ORDER BY stream, error_code)
+                  FROM ecst.dead_letter_summary"),
+            "nobody:unknown_stream=2:false,t:invalid_json=1:true,t:write_failed=1:true,u:not_an_object=1:true",
+            "letters of a stream nobody created are visible"
+        );
+        assert_eq!(sqlstate("SELECT ecst.discard_dead_letters(error_code => 'no_such_code')").as_deref(), Some("22023"));
+        assert_eq!(sqlstate("SELECT ecst.discard_dead_letters(older_than => '-1 day')").as_deref(), Some("22023"));
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters(older_than => '1 day')"), Some(0), "none is that old");
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters('t', 'invalid_json')"), Some(1));
+        assert_eq!(text("SELECT string_agg(error_code, ',') FROM ecst.dead_letters WHERE stream = 't'"), "write_failed");
+        // A role that may apply u but not t discards u's letters only; not those of t, nor of
+        // the stream nobody created (the extension owner's).
+        run("CREATE ROLE ecst_test_discard");
+        run("GRANT SELECT, INSERT, UPDATE, DELETE ON u TO ecst_test_discard");
+        run("SET LOCAL ROLE ecst_test_discard");
+        assert_eq!(sqlstate("SELECT ecst.discard_dead_letters('t')").as_deref(), Some("42501"));
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters()"), Some(1));
+        run("RESET ROLE");
+        assert_eq!(
+            text("SELECT string_agg(stream || ':' || error_code, ',' ORDER BY id) FROM ecst.dead_letters"),
+            "t:write_failed,nobody:unknown_stream,nobody:unknown_stream"
+        );
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters('nobody')"), Some(2), "the owner discards them");
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters()"), Some(1));
+        assert_eq!(count("SELECT * FROM ecst.dead_letters"), 0);
+    }
+
+    #[pg_test]
+    fn load_snapshot_takes_as_of_as_text_number_or_timestamp() {
+        run("CREATE TABLE s (id text PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('s', 's', 'entity_snapshot', '{"id": "id"}', version => 'ts')"#);
+        run(r#"CREATE TABLE snap (payload text)"#);
+        for (id, ts) in [("a", "5"), ("b", "20"), ("c", "\"2024-05-01T12:00:00Z\"")] {
+            assert_eq!(apply("s", &format!(r#"{{"id": "{id}", "ts": {ts}, "newState": {{"v": "x"}}}}"#)), "applied");
+        }
+        // Replace mode with an empty snapshot deletes the entities not newer than as_of.
+        assert_eq!(
+            text("SELECT deleted::text FROM ecst.load_snapshot('s', 'snap', mode => 'replace', as_of => 10)"),
+            "1",
+            "a number (integer literal)"
+        );
+        assert_eq!(text("SELECT string_agg(id, ',' ORDER BY id) FROM s"), "b,c");
+        assert_eq!(
+            text("SELECT deleted::text FROM ecst.load_snapshot('s', 'snap', as_of => 20.5, mode => 'replace')"),
+            "1",
+            "a numeric"
+        );
+        assert_eq!(
+            text("SELECT deleted::text FROM ecst.load_snapshot('s', 'snap', mode => 'replace', as_of => timestamptz '2024-05-01 14:00:00+02')"),
+            "1",
+            "a timestamptz (the same instant as the version)"
+        );
+        assert_eq!(count("SELECT * FROM s"), 0);
+        assert_eq!(text("SELECT loaded::text FROM ecst.load_snapshot('s', 'snap')"), "0", "no as_of: the text version");
+        assert_eq!(
+            text("SELECT loaded::text FROM ecst.load_snapshot('s', 'snap', 'replace', '30')"),
+            "0",
+            "positional text as before"
+        );
+    }
+
+    #[pg_test]
+    fn text_that_is_not_json_is_explained() {
+        run("CREATE TABLE j (id text PRIMARY KEY)");
+        run(r#"SELECT ecst.create_stream('j', 'j', 'entity_snapshot', '{"id": "id"}')"#);
+        assert_eq!(apply("j", "this is not json"), "dead_lettered");
+        let (code, message) = last_dead_letter();
+        assert_eq!(code, "invalid_json");
+        assert!(message.starts_with("payload is not valid JSON: a word that is not true, false or null"), "{message}");
+        assert!(message.contains("line 1, column 2"), "{message}");
+    }
+
     // ---------------------------------------------------------------- batches and stats
 
     #[pg_test]

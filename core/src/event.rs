@@ -66,9 +66,44 @@ pub struct Event {
 
 /// Parses an event for `spec`.
 pub fn parse(spec: &StreamSpec, text: &str) -> Result<Event, Rejection> {
-    let root: Json = serde_json::from_str(text)
-        .map_err(|e| Rejection::new(RejectCode::InvalidJson, format!("payload is not valid JSON: {e}")))?;
+    let root: Json = serde_json::from_str(text).map_err(|e| not_json(text, &e))?;
     parse_value(spec, &root)
+}
+
+/// `invalid_json`, in words a person reading the dead letter understands: what is wrong, where
+/// (serde's line and column), and the text around that place.
+fn not_json(text: &str, e: &serde_json::Error) -> Rejection {
+    use serde_json::error::Category;
+    let (line, column) = (e.line(), e.column());
+    let serde_says = e.to_string();
+    // serde's own phrase, without its " at line L column C" suffix.
+    let phrase = serde_says.split(" at line ").next().unwrap_or(&serde_says);
+    let what = match (e.classify(), phrase) {
+        (Category::Eof, _) => "the text ends before the JSON value does".to_string(),
+        (_, "recursion limit exceeded") => "it nests arrays or objects more than 128 levels deep".to_string(),
+        (_, "expected ident") => "a word that is not true, false or null (strings need double quotes)".to_string(),
+        (_, "expected value") if line == 1 && column == 1 => "it does not start with a JSON value".to_string(),
+        (_, "expected value") => "a JSON value was expected here".to_string(),
+        (_, "trailing characters") => "more text follows the JSON value".to_string(),
+        (_, "key must be a string") => "an object key that is not a double-quoted string".to_string(),
+        _ => phrase.to_string(),
+    };
+    let near = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .map(|l| {
+            // serde's column counts bytes; show up to 20 characters from just before it.
+            let start = l.char_indices().map(|(i, _)| i).take_while(|&i| i + 1 < column).last().unwrap_or(0);
+            let start = l[..start].char_indices().rev().nth(9).map(|(i, _)| i).unwrap_or(0);
+            l[start..].chars().take(20).collect::<String>()
+        })
+        .filter(|n| !n.is_empty())
+        .map(|n| format!(", near {n:?}"))
+        .unwrap_or_default();
+    Rejection::new(
+        RejectCode::InvalidJson,
+        format!("payload is not valid JSON: {what} (line {line}, column {column}{near}; the parser says: {phrase})"),
+    )
 }
 
 /// The entity key of an event for `spec`, as [`parse`] would give it — for every event `parse`

@@ -108,6 +108,27 @@ fn values_become_input_text() {
 }
 
 #[test]
+fn text_that_is_not_json_is_explained_in_words() {
+    let spec = address_delta();
+    let message = |text: &str| parse(&spec, text).unwrap_err().message;
+    assert_eq!(
+        message("this is not json"),
+        "payload is not valid JSON: a word that is not true, false or null (strings need double quotes) \
+         (line 1, column 2, near \"this is not json\"; the parser says: expected ident)"
+    );
+    assert_eq!(
+        message("hello"),
+        "payload is not valid JSON: it does not start with a JSON value (line 1, column 1, near \"hello\"; \
+         the parser says: expected value)"
+    );
+    assert!(message(r#"{"addressId": "1", "newState": "#).starts_with("payload is not valid JSON: the text ends"));
+    assert!(message(r#"{"a": 1} x"#).contains("more text follows the JSON value"));
+    assert!(message(r#"{a: 1}"#).contains("an object key that is not a double-quoted string"));
+    let line2 = message("{\"a\": 1,\n \"b\": nope}");
+    assert!(line2.contains("(line 2, column 8, near \" \\\"b\\\": nope}\""), "{line2}");
+}
+
+#[test]
 fn bad_input_is_rejected_with_a_reason() {
     let spec = address_delta();
     assert_eq!(code(&spec, "not json"), RejectCode::InvalidJson);
