@@ -76,7 +76,14 @@ pub fn discard(stream: Option<&str>, error_code: Option<&str>, older_than: Optio
                     &args(),
                 )
                 .expect("reading ecst.dead_letters")
-                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap().unwrap(), r.get(4).unwrap().unwrap()))
+                .map(|r| {
+                    (
+                        r.get(1).unwrap().unwrap(),
+                        r.get(2).unwrap().unwrap(),
+                        r.get(3).unwrap().unwrap(),
+                        r.get(4).unwrap().unwrap(),
+                    )
+                })
                 .collect()
         });
         let mut removed = 0i64;

@@ -718,11 +718,17 @@ mod tests {
             "nobody:unknown_stream=2:false,t:invalid_json=1:true,t:write_failed=1:true,u:not_an_object=1:true",
             "letters of a stream nobody created are visible"
         );
-        assert_eq!(sqlstate("SELECT ecst.discard_dead_letters(error_code => 'no_such_code')").as_deref(), Some("22023"));
+        assert_eq!(
+            sqlstate("SELECT ecst.discard_dead_letters(error_code => 'no_such_code')").as_deref(),
+            Some("22023")
+        );
         assert_eq!(sqlstate("SELECT ecst.discard_dead_letters(older_than => '-1 day')").as_deref(), Some("22023"));
         assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters(older_than => '1 day')"), Some(0), "none is that old");
         assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters('t', 'invalid_json')"), Some(1));
-        assert_eq!(text("SELECT string_agg(error_code, ',') FROM ecst.dead_letters WHERE stream = 't'"), "write_failed");
+        assert_eq!(
+            text("SELECT string_agg(error_code, ',') FROM ecst.dead_letters WHERE stream = 't'"),
+            "write_failed"
+        );
         // A role that may apply u but not t discards u's letters only; not those of t, nor of
         // the stream nobody created (the extension owner's).
         run("CREATE ROLE ecst_test_discard");

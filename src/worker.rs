@@ -65,6 +65,9 @@ enum Installed {
 struct DatabaseEntry {
     oid: pg_sys::Oid,
     installed: Installed,
+    /// Bumped by each `CREATE EXTENSION` that commits: a probe that looked before it must not
+    /// report the extension missing after it.
+    generation: u32,
     /// `GetCurrentTimestamp()` until which the database is paused (0: not paused).
     paused_until: i64,
 }
@@ -105,13 +108,27 @@ impl Registry {
     }
 }
 
-/// Records whether the extension is installed in this backend's database.
-fn report_installed(installed: Installed) {
+/// Records whether the extension is installed in this backend's database, as seen by a look
+/// taken at `generation` (see [`DatabaseEntry::generation`]; `None`: a CREATE EXTENSION that
+/// commits now, which starts a new generation).
+fn report_installed(installed: Installed, generation: Option<u32>) {
     let db = unsafe { pg_sys::MyDatabaseId };
     let mut registry = REGISTRY.exclusive();
     if let Some(entry) = registry.entry_mut(db) {
-        entry.installed = installed;
+        match generation {
+            None => {
+                entry.generation = entry.generation.wrapping_add(1);
+                entry.installed = installed;
+            }
+            Some(g) if g == entry.generation => entry.installed = installed,
+            Some(_) => {} // the extension was created since the look
+        }
     }
+}
+
+/// This backend's database's generation (see [`DatabaseEntry::generation`]).
+fn generation() -> u32 {
+    REGISTRY.share().entry(unsafe { pg_sys::MyDatabaseId }).generation
 }
 
 fn wake_launcher() {
@@ -232,7 +249,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
                 wake_database();
             }
             if CREATED.with(|c| c.replace(false)) {
-                report_installed(Installed::Unknown);
+                report_installed(Installed::Unknown, None);
                 wake_launcher();
             }
         }
@@ -315,7 +332,8 @@ unsafe extern "C-unwind" fn process_utility(
                 let count = if options.is_null() { 0 } else { (*options).length as usize };
                 for i in 0..count {
                     let option = (*(*options).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
-                    if std::ffi::CStr::from_ptr((*option).defname).to_bytes() == b"template" && !(*option).arg.is_null() {
+                    if std::ffi::CStr::from_ptr((*option).defname).to_bytes() == b"template" && !(*option).arg.is_null()
+                    {
                         pause_database(pg_sys::defGetString(option));
                     }
                 }
@@ -331,7 +349,9 @@ unsafe extern "C-unwind" fn process_utility(
     }
     match PREVIOUS_UTILITY_HOOK {
         Some(previous) => previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-        None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        None => {
+            pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+        }
     }
 }
 
@@ -351,8 +371,10 @@ fn reload_config() {
 struct Served {
     name: String,
     workers: Vec<Option<DynamicBackgroundWorker>>,
-    /// When its last probe ended without finding the extension (for [`REPROBE`]).
+    /// Since when its workers have reported no extension (for [`REPROBE`]).
     absent_since: Option<Instant>,
+    /// When a probe last ended without reporting either way (for [`REPROBE`]).
+    probe_lost_at: Option<Instant>,
 }
 
 impl Served {
@@ -434,13 +456,16 @@ fn serve(served: &mut HashMap<pg_sys::Oid, Served>, databases: &[(pg_sys::Oid, S
     }
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     let registry = *REGISTRY.share();
-    let mut probing =
-        served.iter().filter(|(oid, db)| registry.entry(**oid).installed == Installed::Unknown && db.running(0)).count();
+    let mut probing = served
+        .iter()
+        .filter(|(oid, db)| registry.entry(**oid).installed == Installed::Unknown && db.running(0))
+        .count();
     for (oid, name) in databases {
         let db = served.entry(*oid).or_insert_with(|| Served {
             name: name.clone(),
             workers: (0..gucs::MAX_WORKERS).map(|_| None).collect(),
             absent_since: None,
+            probe_lost_at: None,
         });
         if db.name != *name {
             db.stop(); // renamed: workers connect by name
@@ -454,6 +479,7 @@ fn serve(served: &mut HashMap<pg_sys::Oid, Served>, databases: &[(pg_sys::Oid, S
         match entry.installed {
             Installed::Yes => {
                 db.absent_since = None;
+                db.probe_lost_at = None;
                 for index in 0..gucs::MAX_WORKERS {
                     if index >= wanted {
                         if let Some(w) = db.workers[index].take() {
@@ -473,20 +499,21 @@ fn serve(served: &mut HashMap<pg_sys::Oid, Served>, databases: &[(pg_sys::Oid, S
                 }
             }
             Installed::Unknown => {
+                // Unknown again after a report of no extension: CREATE EXTENSION, or REPROBE.
+                db.absent_since = None;
                 if db.running(0) || wanted == 0 {
                     continue;
                 }
                 // A probe that ended without a report (the registry is full, or it failed):
                 // wait as for a database without the extension.
-                if db.workers[0].is_some() {
-                    db.workers[0] = None;
-                    db.absent_since = Some(Instant::now());
+                if db.workers[0].take().is_some() {
+                    db.probe_lost_at = Some(Instant::now());
                 }
-                if db.absent_since.is_some_and(|since| since.elapsed() < REPROBE) {
+                if db.probe_lost_at.is_some_and(|at| at.elapsed() < REPROBE) {
                     continue;
                 }
                 if probing < PROBES {
-                    db.absent_since = None;
+                    db.probe_lost_at = None;
                     db.workers[0] = start_worker(name, 0);
                     probing += 1;
                 }
@@ -598,13 +625,14 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     let database = BackgroundWorker::get_extra().to_string();
     let role = gucs::worker_role();
     BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
+    let looked_at = generation();
     if !BackgroundWorker::transaction(extension_installed) {
         // A probe (or a worker whose extension was just dropped): nothing to do here until
         // CREATE EXTENSION wakes the launcher.
-        report_installed(Installed::No);
+        report_installed(Installed::No, Some(looked_at));
         return;
     }
-    report_installed(Installed::Yes);
+    report_installed(Installed::Yes, Some(looked_at));
     if !claim_slot(index) {
         return; // another live worker holds this slot
     }
@@ -655,7 +683,7 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
         match processed {
             None => {
                 log!("{name}: extension pg_ecst was dropped from database \"{database}\"; leaving it");
-                report_installed(Installed::No);
+                report_installed(Installed::No, Some(looked_at));
                 wake_launcher();
                 return;
             }
@@ -697,7 +725,8 @@ fn claim_slot(index: usize) -> bool {
         log!("pg_ecst worker {index}: all {MAX_SLOTS} worker slots are taken; exiting");
         return false;
     };
-    registry.slots[free] = Slot { pid: me, latch: unsafe { pg_sys::MyLatch } as usize, database: db, index: index as u32 };
+    registry.slots[free] =
+        Slot { pid: me, latch: unsafe { pg_sys::MyLatch } as usize, database: db, index: index as u32 };
     true
 }
 

@@ -13,7 +13,8 @@ workers_in() {
     psql_it -d postgres -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_ecst worker' AND datname = '$1'"
 }
 setup_db() {
-    psql_it -d postgres -c "CREATE DATABASE $1" >/dev/null
+    [ "$(psql_it -d postgres -c "SELECT count(*) FROM pg_database WHERE datname = '$1'")" = 1 ] ||
+        psql_it -d postgres -c "CREATE DATABASE $1" >/dev/null
     psql_it -d "$1" >/dev/null <<'SQL'
 CREATE EXTENSION pg_ecst;
 CREATE TABLE item (id text PRIMARY KEY, v text);
