@@ -15,8 +15,8 @@
 //! the current user may `SELECT` and `UPDATE`, in a READ COMMITTED transaction (it acts on a row's
 //! newest committed version, where REPEATABLE READ must raise a serialization failure); and it
 //! only inserts rows whose other columns have no default. Anything else goes through SQL as before. Stored generated columns, constraints,
-//! index maintenance and HOT updates are the executor's own. Only built for PostgreSQL 14 and 15,
-//! whose executor API this was written and tested against; elsewhere it always answers "use SQL".
+//! index maintenance and HOT updates are the executor's own. Built for every supported major
+//! (14-18); the calls whose signatures differ between majors are in `imp::compat`.
 
 use crate::catalog::{Column, TableInfo};
 use crate::inbox::Row;
@@ -147,7 +147,7 @@ pub fn claim_inbox(limit: i64, after: impl FnOnce(Vec<u32>) -> i64) -> Option<(V
 /// (`look`), then deleted one by one as the caller decides (`take`), as a `SELECT` and a
 /// `DELETE … RETURNING` by `ctid` would, without planning either or converting a `ctid` to text
 /// and back. The snapshot stays registered until `close`, so a row looked at cannot be vacuumed
-/// away (and its place reused) before it is taken. `None` where the executor API is not built or
+/// away (and its place reused) before it is taken. `None` where
 /// the inbox has delete triggers (a user's): the caller then uses SQL.
 pub struct InboxRows(imp::Inbox);
 
@@ -191,89 +191,107 @@ impl InboxRows {
 
 /// Whether `ecst.entity_state` has a row for this entity, seen by a snapshot taken now (after
 /// the caller's stripe lock, which is what makes the answer last: see `apply::row_mode`).
-/// `None` where the executor API is not built (the caller then asks SQL).
+/// `None` where it cannot look (the caller then asks SQL).
 pub fn state_row_exists(stream_id: i32, entity_key: &str) -> Option<bool> {
     imp::state_row_exists(stream_id, entity_key)
 }
 
-#[cfg(not(any(feature = "pg14", feature = "pg15")))]
-mod imp {
-    use super::*;
-
-    pub enum Writer {}
-
-    impl Writer {
-        pub fn open(_: &TableInfo) -> Option<Writer> {
-            None
-        }
-
-        pub fn available(_: &TableInfo) -> bool {
-            false
-        }
-
-        pub fn write(&mut self, _: &[Bound], _: &[Bound], _: Option<(&Column, pgrx::pg_sys::Datum)>) -> Update {
-            match *self {}
-        }
-
-        pub fn close(self) {}
-    }
-
-    pub enum States {}
-
-    #[derive(Clone, Copy)]
-    pub struct Tid;
-
-    impl States {
-        pub fn open() -> Option<States> {
-            None
-        }
-
-        pub fn lock(&mut self, _: i32, _: &str) -> Option<(Tid, StoredState)> {
-            match *self {}
-        }
-
-        pub fn update(&mut self, _: Tid, _: i32, _: &str, _: [Option<&str>; 3]) {
-            match *self {}
-        }
-
-        pub fn close(self) {}
-    }
-
-    pub fn state_row_exists(_: i32, _: &str) -> Option<bool> {
-        None
-    }
-
-    pub fn insert_lost_race() -> bool {
-        false
-    }
-
-    pub enum Inbox {}
-
-    impl Inbox {
-        pub fn open() -> Option<Inbox> {
-            None
-        }
-
-        pub fn look(&mut self, _: i64, _: i64, _: impl FnMut(i64) -> bool) -> Vec<Seen> {
-            match *self {}
-        }
-
-        pub fn delete(&mut self, _: Tid) -> bool {
-            match *self {}
-        }
-
-        pub fn snapshot_mark(&self) -> Vec<u32> {
-            match *self {}
-        }
-
-        pub fn close(self) {}
-    }
-}
-
-#[cfg(any(feature = "pg14", feature = "pg15"))]
 mod imp {
     use super::*;
     use crate::catalog::own_relation;
+
+    /// The executor calls whose signatures differ between PostgreSQL majors.
+    mod compat {
+        use pgrx::pg_sys;
+        use std::ptr::null_mut;
+
+        pub unsafe fn epq_init(epq: *mut pg_sys::EPQState, estate: *mut pg_sys::EState) {
+            #[cfg(any(feature = "pg14", feature = "pg15"))]
+            pg_sys::EvalPlanQualInit(epq, estate, null_mut(), null_mut(), -1);
+            // 16+: the result relations EPQ may need to check (none: no EPQ rechecks here).
+            #[cfg(not(any(feature = "pg14", feature = "pg15")))]
+            pg_sys::EvalPlanQualInit(epq, estate, null_mut(), null_mut(), -1, null_mut());
+        }
+
+        /// The estate's range table: the one relation, as logical replication's apply worker
+        /// sets it up (16+: with its permission info; 18+: and as not pruned).
+        pub unsafe fn init_range_table(estate: *mut pg_sys::EState, rte: *mut pg_sys::RangeTblEntry) {
+            let tables = pg_sys::lappend(null_mut(), rte.cast());
+            #[cfg(any(feature = "pg14", feature = "pg15"))]
+            pg_sys::ExecInitRangeTable(estate, tables);
+            #[cfg(any(feature = "pg16", feature = "pg17"))]
+            {
+                let mut permissions: *mut pg_sys::List = null_mut();
+                pg_sys::addRTEPermissionInfo(&mut permissions, rte);
+                pg_sys::ExecInitRangeTable(estate, tables, permissions);
+            }
+            #[cfg(not(any(feature = "pg14", feature = "pg15", feature = "pg16", feature = "pg17")))]
+            {
+                let mut permissions: *mut pg_sys::List = null_mut();
+                pg_sys::addRTEPermissionInfo(&mut permissions, rte);
+                pg_sys::ExecInitRangeTable(estate, tables, permissions, pg_sys::bms_make_singleton(1));
+            }
+        }
+
+        /// What a table access method's `tuple_update` says about the indexes: whether (14, 15),
+        /// or which (16+: all, or only the summarizing ones), need the new row.
+        #[cfg(any(feature = "pg14", feature = "pg15"))]
+        pub type UpdateIndexes = bool;
+        #[cfg(not(any(feature = "pg14", feature = "pg15")))]
+        pub type UpdateIndexes = pg_sys::TU_UpdateIndexes::Type;
+
+        /// An index scan without instrumentation (18+ can count it) or ordering keys.
+        pub unsafe fn index_beginscan(
+            heap: pg_sys::Relation,
+            index: pg_sys::Relation,
+            snapshot: pg_sys::Snapshot,
+            keys: i32,
+        ) -> pg_sys::IndexScanDesc {
+            #[cfg(not(any(feature = "pg14", feature = "pg15", feature = "pg16", feature = "pg17")))]
+            return pg_sys::index_beginscan(heap, index, snapshot, null_mut(), keys, 0);
+            #[cfg(any(feature = "pg14", feature = "pg15", feature = "pg16", feature = "pg17"))]
+            return pg_sys::index_beginscan(heap, index, snapshot, keys, 0);
+        }
+
+        /// The table's primary key index (InvalidOid: none; 18+: not a deferrable one, which
+        /// earlier majors do not report either).
+        pub unsafe fn primary_key_index(rel: pg_sys::Relation) -> pg_sys::Oid {
+            #[cfg(not(any(feature = "pg14", feature = "pg15", feature = "pg16", feature = "pg17")))]
+            return pg_sys::RelationGetPrimaryKeyIndex(rel, false);
+            #[cfg(any(feature = "pg14", feature = "pg15", feature = "pg16", feature = "pg17"))]
+            return pg_sys::RelationGetPrimaryKeyIndex(rel);
+        }
+
+        /// Inserts the index entries an update needs, as `ExecUpdateEpilogue` does.
+        pub unsafe fn insert_index_tuples(
+            rri: *mut pg_sys::ResultRelInfo,
+            slot: *mut pg_sys::TupleTableSlot,
+            estate: *mut pg_sys::EState,
+            update_indexes: UpdateIndexes,
+        ) {
+            #[cfg(any(feature = "pg14", feature = "pg15"))]
+            let recheck = if update_indexes {
+                pg_sys::ExecInsertIndexTuples(rri, slot, estate, true, false, null_mut(), null_mut())
+            } else {
+                null_mut()
+            };
+            #[cfg(not(any(feature = "pg14", feature = "pg15")))]
+            let recheck = match update_indexes {
+                pg_sys::TU_UpdateIndexes::TU_None => null_mut(),
+                only => pg_sys::ExecInsertIndexTuples(
+                    rri,
+                    slot,
+                    estate,
+                    true,
+                    false,
+                    null_mut(),
+                    null_mut(),
+                    only == pg_sys::TU_UpdateIndexes::TU_Summarizing,
+                ),
+            };
+            pg_sys::list_free(recheck);
+        }
+    }
     use pgrx::pg_sys;
     use pgrx::IntoDatum;
     use std::cell::Cell;
@@ -398,7 +416,7 @@ mod imp {
                         }
                     } else if exists {
                         let mut epq: pg_sys::EPQState = std::mem::zeroed();
-                        pg_sys::EvalPlanQualInit(&mut epq, self.0.estate, null_mut(), null_mut(), -1);
+                        compat::epq_init(&mut epq, self.0.estate);
                         pg_sys::ExecSimpleRelationUpdate(self.0.rri, self.0.estate, &mut epq, self.0.found, self.0.new);
                         pg_sys::EvalPlanQualEnd(&mut epq);
                     } else {
@@ -457,7 +475,7 @@ mod imp {
             (*rte).relid = (*rel).rd_id;
             (*rte).relkind = (*(*rel).rd_rel).relkind;
             (*rte).rellockmode = pg_sys::AccessShareLock as i32;
-            pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(null_mut(), rte.cast()));
+            compat::init_range_table(estate, rte);
             let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
             (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
             pg_sys::InitResultRelInfo(rri, rel, 1, null_mut(), 0);
@@ -582,7 +600,7 @@ mod imp {
             // it names so that they can be waited for.
             let mut dirty: pg_sys::SnapshotData = std::mem::zeroed();
             dirty.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
-            let scan = pg_sys::index_beginscan(self.rel, index, &mut dirty, n, 0);
+            let scan = compat::index_beginscan(self.rel, index, &mut dirty, n);
             let found = loop {
                 pg_sys::ExecClearTuple(self.found);
                 pg_sys::index_rescan(scan, keys.as_mut_ptr(), n, null_mut(), 0);
@@ -610,7 +628,7 @@ mod imp {
             let mut tid = (*self.found).tts_tid;
             let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
             let mut lock_mode = pg_sys::LockTupleMode::LockTupleNoKeyExclusive;
-            let mut update_indexes = false;
+            let mut update_indexes = compat::UpdateIndexes::default();
             let update = (*(*self.rel).rd_tableam).tuple_update.expect("a table access method updates tuples");
             let result = update(
                 self.rel,
@@ -626,17 +644,8 @@ mod imp {
             );
             match result {
                 pg_sys::TM_Result::TM_Ok => {
-                    if (*self.rri).ri_NumIndices > 0 && update_indexes {
-                        let recheck = pg_sys::ExecInsertIndexTuples(
-                            self.rri,
-                            self.new,
-                            self.estate,
-                            true,
-                            false,
-                            null_mut(),
-                            null_mut(),
-                        );
-                        pg_sys::list_free(recheck);
+                    if (*self.rri).ri_NumIndices > 0 {
+                        compat::insert_index_tuples(self.rri, self.new, self.estate, update_indexes);
                     }
                     true
                 }
@@ -685,7 +694,7 @@ mod imp {
                 }
                 let oid = own_relation(c"entity_state")?;
                 let rel = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as i32);
-                let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+                let pk = compat::primary_key_index(rel);
                 let names = [c"stream_id", c"entity_key", c"live_version", c"tomb_version", c"field_versions"];
                 let at = names.map(|n| pg_sys::get_attnum(oid, n.as_ptr()) as i32 - 1);
                 // Its foreign key's triggers are the only ones it should have (an update that keeps
@@ -761,7 +770,7 @@ mod imp {
                 }
                 pg_sys::ExecStoreVirtualTuple(self.e.new);
                 let mut epq: pg_sys::EPQState = std::mem::zeroed();
-                pg_sys::EvalPlanQualInit(&mut epq, self.e.estate, null_mut(), null_mut(), -1);
+                compat::epq_init(&mut epq, self.e.estate);
                 pg_sys::AfterTriggerBeginQuery();
                 // The row API takes the old row's place from the search slot.
                 pg_sys::ExecClearTuple(self.e.search);
@@ -800,9 +809,8 @@ mod imp {
     /// column would be NULL, so none of them may have a default (or be an identity column).
     /// Stored generated columns are computed by the executor.
     unsafe fn insertable(rel: pg_sys::Relation, keys: &[Bound], set: &[Bound]) -> bool {
-        let desc = (*rel).rd_att;
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
-        attrs.iter().all(|a| {
+        let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        desc.iter().all(|a| {
             a.attisdropped
                 || a.attgenerated != 0
                 || (!a.atthasdef && a.attidentity == 0)
@@ -852,7 +860,7 @@ mod imp {
                 return None;
             }
         }
-        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        let pk = compat::primary_key_index(rel);
         if pk == pg_sys::Oid::INVALID {
             return None;
         }
@@ -922,7 +930,7 @@ mod imp {
                     pg_sys::Oid::from(pg_sys::F_INT8GT),
                     pg_sys::Datum::from(after),
                 );
-                let scan = pg_sys::index_beginscan(self.rel, self.index, self.snapshot, 1, 0);
+                let scan = compat::index_beginscan(self.rel, self.index, self.snapshot, 1);
                 pg_sys::index_rescan(scan, &mut key, 1, null_mut(), 0);
                 let [seq_at, stream_at, payload_at, received_at] = self.at;
                 let last = *self.at.iter().max().expect("four columns");
@@ -1031,7 +1039,7 @@ mod imp {
             );
             // The index orders entity_key by its own collation; the search must use the same.
             keys[1].sk_collation = *(*index).rd_indcollation.add(1);
-            let scan = pg_sys::index_beginscan(heap, index, snapshot, 2, 0);
+            let scan = compat::index_beginscan(heap, index, snapshot, 2);
             pg_sys::index_rescan(scan, keys.as_mut_ptr(), 2, null_mut(), 0);
             let slot = pg_sys::table_slot_create(heap, null_mut());
             let exists = pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot);

@@ -173,6 +173,9 @@ thread_local! {
 static mut PREVIOUS_UTILITY_HOOK: pg_sys::ProcessUtility_hook_type = None;
 
 /// Called from `_PG_init`: shared memory, the launcher, and the commit hook that wakes workers.
+// pgrx's pg_shmem_init! tests a `pg13` feature, which this crate does not have (PostgreSQL 13 is
+// past its end of life, and no build of it is at hand to test against).
+#[allow(unexpected_cfgs)]
 pub fn init() {
     // SAFETY: reading a postmaster global during library load.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
