@@ -134,9 +134,11 @@ fn retry_dead_letters(
 ) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
     if let Some(s) = stream.and_then(catalog::try_stream) {
         security::require_apply(&s);
+        security::require_trusted_code(&s);
     }
     let admin = security::is_admin();
     let mut counts = BTreeMap::new();
+    let mut untrusted = 0i64;
     Spi::connect_mut(|client| {
         // Letters received before their stream (as it is now) was created — a dropped stream's of
         // the same name, or events for a name nobody had created yet — are not the new stream's
@@ -164,6 +166,7 @@ fn retry_dead_letters(
                 .collect()
         });
         let mut allowed: HashMap<String, bool> = HashMap::new();
+        let mut trusted: HashMap<String, bool> = HashMap::new();
         let mut skipped = 0i64;
         let mut broken: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for (id, name, payload, before_stream, table) in letters {
@@ -191,6 +194,14 @@ fn retry_dead_letters(
             if !permitted {
                 skipped += 1;
                 continue;
+            }
+            // A retry of every stream is not the caller's choice of this one: the code its tables
+            // run must not get the caller's privileges (security::untrusted_code).
+            if let Some(s) = &target {
+                if !*trusted.entry(s.spec.name.clone()).or_insert_with(|| security::untrusted_code(s).is_none()) {
+                    untrusted += 1;
+                    continue;
+                }
             }
             // Taken one by one, so a concurrent retry of the same letter waits and then skips it.
             let locked = security::internal(|| {
@@ -259,6 +270,12 @@ fn retry_dead_letters(
         if skipped > 0 {
             notice!(
                 "pg_ecst: skipped {skipped} dead letter(s) this role may not retry (of streams it may not apply, or received before their stream was created)"
+            );
+        }
+        if untrusted > 0 {
+            notice!(
+                "pg_ecst: kept {untrusted} dead letter(s) of streams whose tables run code of roles without this role's privileges; retry them by stream as those roles ({})",
+                security::UNTRUSTED_HINT
             );
         }
     });

@@ -57,11 +57,38 @@ pub enum ErrorPolicy {
     Worker,
 }
 
+thread_local! {
+    /// The worker's batch has failed [`LAST_TRY_AFTER`] times in a row on an error about the
+    /// session (a serialization failure, a deadlock...): this time such an error is the event's,
+    /// and makes it a dead letter, so that one event that always fails that way (a replica trigger
+    /// raising 40001) cannot hold up the inbox forever. Only operator intervention (57: cancel,
+    /// shutdown) still ends the batch.
+    static LAST_TRY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Failed attempts of one worker batch (from the same inbox row) before the next is its last try.
+pub const LAST_TRY_AFTER: u32 = 3;
+
+/// Runs `work` as a batch's last try (see [`LAST_TRY`]) when `last` is true.
+pub fn last_try<R>(last: bool, work: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            LAST_TRY.with(|l| l.set(false));
+        }
+    }
+    LAST_TRY.with(|l| l.set(last));
+    let _reset = Reset;
+    work()
+}
+
 impl ErrorPolicy {
-    fn dead_letters(self, sqlstate: &str) -> bool {
+    pub fn dead_letters(self, sqlstate: &str) -> bool {
         match self {
             ErrorPolicy::Caller => errors::is_event_error(sqlstate),
-            ErrorPolicy::Worker => !errors::is_session_error(sqlstate),
+            ErrorPolicy::Worker => {
+                !errors::is_session_error(sqlstate) || (LAST_TRY.with(|l| l.get()) && !sqlstate.starts_with("57"))
+            }
         }
     }
 }
@@ -123,6 +150,12 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: 
                     let mut message = report.message().to_string();
                     if let Some(detail) = report.detail() {
                         message = format!("{message} ({detail})");
+                    }
+                    if errors::is_session_error(&errors::sqlstate(report.sql_error_code())) {
+                        message = format!(
+                            "{message} [the worker's batch failed {} times in a row on errors like this; the event is set aside so that the inbox goes on]",
+                            LAST_TRY_AFTER + 1
+                        );
                     }
                     return Applied::Rejected {
                         rejection: Rejection::new(

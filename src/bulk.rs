@@ -67,7 +67,10 @@ pub fn apply_run(
                 continue;
             }
             SubResult::Failed(caught) => match *caught {
-                CaughtError::PostgresError(ref r) if errors::is_session_error(&errors::sqlstate(r.sql_error_code())) => {
+                CaughtError::PostgresError(ref r)
+                    if errors::is_session_error(&errors::sqlstate(r.sql_error_code()))
+                        && !policy.dead_letters(&errors::sqlstate(r.sql_error_code())) =>
+                {
                     caught.rethrow()
                 }
                 CaughtError::PostgresError(ref r) => {

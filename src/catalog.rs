@@ -492,6 +492,16 @@ fn table_of(
             Some("Events name their entities by the key: map it to a column they can write (identity BY DEFAULT is fine)."),
         ));
     }
+    if let Some(key) = keys.iter().find(|k| k.ty.unkeyable) {
+        return Err(invalid(
+            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!(
+                "{what}: key column \"{}\" has type {}, whose text depends on the session (composite and reg* types)",
+                key.name, key.ty.name
+            ),
+            Some("An entity is known by its key's text in every session: key by text, integers, numeric, uuid or date/time columns."),
+        ));
+    }
     let writable: Vec<Column> = rel
         .attributes
         .iter()

@@ -9,6 +9,22 @@ use pgrx::PgTryBuilder;
 use std::ffi::{CStr, CString};
 
 /// Types whose text form depends on session settings (see `fixed_style`).
+/// Types whose text names catalog objects through the session's `search_path` (`reg*`): the same
+/// value reads as another object, or fails, in another session. Not allowed in keys.
+const SEARCH_PATH_SENSITIVE: [pg_sys::Oid; 11] = [
+    pg_sys::REGCLASSOID,
+    pg_sys::REGCOLLATIONOID,
+    pg_sys::REGCONFIGOID,
+    pg_sys::REGDICTIONARYOID,
+    pg_sys::REGNAMESPACEOID,
+    pg_sys::REGOPEROID,
+    pg_sys::REGOPERATOROID,
+    pg_sys::REGPROCOID,
+    pg_sys::REGPROCEDUREOID,
+    pg_sys::REGROLEOID,
+    pg_sys::REGTYPEOID,
+];
+
 const STYLE_SENSITIVE: [pg_sys::Oid; 9] = [
     pg_sys::MONEYOID,
     pg_sys::DATEOID,
@@ -72,6 +88,10 @@ pub struct ColumnType {
     /// `extra_float_digits`, `bytea_output` or `lc_monetary` (dates, timestamps, intervals, floats,
     /// bytea, money, and arrays, ranges and multiranges of them).
     pub style_sensitive: bool,
+    /// Cannot be a key: composite (its fields' text, and so the entity, would depend on every
+    /// field type's session settings) or `reg*` (depends on `search_path`), or arrays, ranges and
+    /// domains of those.
+    pub unkeyable: bool,
     /// The array type and element layout, for set-based writes (`unnest` of typed arrays).
     array_oid: pg_sys::Oid,
     typlen: i16,
@@ -93,7 +113,7 @@ impl ColumnType {
         let domain = unsafe { pg_sys::get_typtype(oid) } == pg_sys::TYPTYPE_DOMAIN as std::ffi::c_char;
         // SAFETY: catalog lookups for an existing type (its base type, an array's element, a
         // range's or multirange's subtype).
-        let style_sensitive = unsafe {
+        let innermost = unsafe {
             let mut ty = pg_sys::getBaseType(oid);
             for _ in 0..4 {
                 let multirange_of = pg_sys::get_multirange_range(ty);
@@ -105,8 +125,12 @@ impl ColumnType {
                     None => break,
                 }
             }
-            STYLE_SENSITIVE.contains(&ty)
+            ty
         };
+        let style_sensitive = STYLE_SENSITIVE.contains(&innermost);
+        // SAFETY: a catalog lookup for an existing type.
+        let unkeyable = SEARCH_PATH_SENSITIVE.contains(&innermost)
+            || unsafe { pg_sys::get_typtype(innermost) } == pg_sys::TYPTYPE_COMPOSITE as std::ffi::c_char;
         let (mut typlen, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
         // SAFETY: catalog lookups for an existing type.
         let array_oid = unsafe {
@@ -123,6 +147,7 @@ impl ColumnType {
             plain_text,
             domain,
             style_sensitive,
+            unkeyable,
             array_oid,
             typlen,
             byval,

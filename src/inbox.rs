@@ -57,95 +57,134 @@ pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cur
     Spi::connect_mut(|client| {
         let Claimed { mut rows, all, newest } = claim(client, limit, part, cursor);
         rows.sort_by_key(|r| r.seq);
-        let mut streams: HashMap<String, Lookup> = HashMap::new();
-        // The rows of each stream are applied together (set-based), in inbox order. One run per
-        // stream per batch: several runs of one stream would lock its entities out of key order.
-        // (Two streams writing one replica table are therefore not ordered within a batch.)
-        let mut by_stream: Vec<Vec<&Row>> = Vec::new();
-        for row in &rows {
-            match by_stream.iter_mut().find(|run| run[0].stream == row.stream) {
-                Some(run) => run.push(row),
-                None => by_stream.push(vec![row]),
-            }
-        }
-        // Streams in name order: with entities in key order within each run, every session takes
-        // its locks in one global (stream, key) order.
-        by_stream.sort_by(|a, b| a[0].stream.cmp(&b[0].stream));
-        for run in &by_stream {
-            let found = run[0]
-                .stream
-                .as_ref()
-                .map(|name| streams.entry(name.clone()).or_insert_with(|| lookup(name, policy)).clone());
-            let (stream, broken) = match found {
-                None | Some(Ok(None)) => (None, None),
-                Some(Ok(Some(s))) => (Some(s), None),
-                Some(Err(broken)) => (None, Some(broken)),
-            };
-            let results: Vec<Applied> = match &stream {
-                // A stream whose definition no longer fits its tables (a mapped column dropped,
-                // the table dropped): its events wait in the dead letters, the others go on.
-                None if let Some((message, sqlstate)) = &broken => run
-                    .iter()
-                    .map(|_| Applied::Rejected {
-                        rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
-                        sqlstate: Some(sqlstate.clone()),
-                        conflict: false,
-                    })
-                    .collect(),
-                Some(s) if let Some(message) = security::apply_denied(s) => {
-                    if policy == ErrorPolicy::Caller {
-                        crate::errors::raise(
-                            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                            message,
-                            Some(security::apply_hint()),
-                        );
-                    }
-                    // The worker's role may not write this stream: its events wait in the dead
-                    // letters (retry_dead_letters once the role has the privileges).
-                    run.iter()
-                        .map(|_| Applied::Rejected {
-                            rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
-                            sqlstate: Some("42501".into()),
-                            conflict: false,
-                        })
-                        .collect()
-                }
-                Some(s) => {
-                    let events: Vec<Result<_, Rejection>> =
-                        run.iter().map(|r| apply::parse_payload(&s.spec, r.payload.as_deref())).collect();
-                    // The worker's session runs many owners' replica triggers: what one sets
-                    // must not reach the next stream's statements (nor pg_ecst's own).
-                    let _isolated = (policy == ErrorPolicy::Worker).then(crate::gucs::Override::isolated);
-                    s.styled(|| bulk::apply_run(client, s, &events, policy))
-                }
-                None => run
-                    .iter()
-                    .map(|r| {
-                        rejected(Rejection::new(
-                            RejectCode::UnknownStream,
-                            format!("stream {:?} does not exist", r.stream.as_deref().unwrap_or("")),
-                        ))
-                    })
-                    .collect(),
-            };
-            let mut retained = Vec::new();
-            for (row, result) in run.iter().zip(&results) {
-                apply::record(
-                    client,
-                    stream.as_deref(),
-                    row.stream.as_deref(),
-                    row.payload.as_deref(),
-                    result,
-                    Some(row.received_at),
-                    &mut retained,
-                );
-            }
-            if let Some(s) = &stream {
-                retention::append(client, s, retained);
-            }
-        }
+        let last_try = policy == ErrorPolicy::Worker && crate::worker::attempting(rows.first().map(|r| r.seq));
+        apply::last_try(last_try, || apply_claimed(client, &rows, policy));
         Drained { rows: rows.len() as i64, all, newest }
     })
+}
+
+/// Applies claimed inbox rows, stream by stream, and records each outcome.
+fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
+    let mut streams: HashMap<String, Lookup> = HashMap::new();
+    // The rows of each stream are applied together (set-based), in inbox order. One run per
+    // stream per batch: several runs of one stream would lock its entities out of key order.
+    // (Two streams writing one replica table are therefore not ordered within a batch.)
+    let mut by_stream: Vec<Vec<&Row>> = Vec::new();
+    for row in rows {
+        match by_stream.iter_mut().find(|run| run[0].stream == row.stream) {
+            Some(run) => run.push(row),
+            None => by_stream.push(vec![row]),
+        }
+    }
+    // Streams in name order: with entities in key order within each run, every session takes
+    // its locks in one global (stream, key) order.
+    by_stream.sort_by(|a, b| a[0].stream.cmp(&b[0].stream));
+    for run in &by_stream {
+        let found = run[0]
+            .stream
+            .as_ref()
+            .map(|name| streams.entry(name.clone()).or_insert_with(|| lookup(name, policy)).clone());
+        let (stream, broken) = match found {
+            None | Some(Ok(None)) => (None, None),
+            Some(Ok(Some(s))) => (Some(s), None),
+            Some(Err(broken)) => (None, Some(broken)),
+        };
+        let results: Vec<Applied> = match &stream {
+            // A stream whose definition no longer fits its tables (a mapped column dropped,
+            // the table dropped): its events wait in the dead letters, the others go on.
+            None if let Some((message, sqlstate)) = &broken => run
+                .iter()
+                .map(|_| Applied::Rejected {
+                    rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
+                    sqlstate: Some(sqlstate.clone()),
+                    conflict: false,
+                })
+                .collect(),
+            Some(s) if let Some(message) = security::apply_denied(s) => {
+                if policy == ErrorPolicy::Caller {
+                    crate::errors::raise(
+                        pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                        message,
+                        Some(security::apply_hint()),
+                    );
+                }
+                // The worker's role may not write this stream: its events wait in the dead
+                // letters (retry_dead_letters once the role has the privileges).
+                run.iter()
+                    .map(|_| Applied::Rejected {
+                        rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
+                        sqlstate: Some("42501".into()),
+                        conflict: false,
+                    })
+                    .collect()
+            }
+            // Writing its tables would run code of roles without the applier's privileges
+            // (with the default worker: a superuser's): its events wait in the dead letters,
+            // for a worker role or the tables' owner to retry.
+            Some(s) if let Some(message) = security::untrusted_code(s) => {
+                if policy == ErrorPolicy::Worker
+                    && REPORTED_UNTRUSTED.with(|r| r.borrow_mut().insert(s.spec.name.clone()))
+                {
+                    pgrx::log!(
+                        "pg_ecst: {message}; its events become dead letters (SQLSTATE 42501). {}",
+                        security::UNTRUSTED_HINT
+                    );
+                }
+                run.iter()
+                    .map(|_| Applied::Rejected {
+                        rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
+                        sqlstate: Some("42501".into()),
+                        conflict: false,
+                    })
+                    .collect()
+            }
+            Some(s) => {
+                let events: Vec<Result<_, Rejection>> =
+                    run.iter().map(|r| apply::parse_payload(&s.spec, r.payload.as_deref())).collect();
+                // The worker's session runs many owners' replica triggers: what one sets
+                // must not reach the next stream's statements (nor pg_ecst's own).
+                let _isolated = (policy == ErrorPolicy::Worker).then(crate::gucs::Override::isolated);
+                s.styled(|| bulk::apply_run(client, s, &events, policy))
+            }
+            None => run
+                .iter()
+                .map(|r| {
+                    rejected(Rejection::new(
+                        RejectCode::UnknownStream,
+                        format!("stream {:?} does not exist", r.stream.as_deref().unwrap_or("")),
+                    ))
+                })
+                .collect(),
+        };
+        let mut retained = Vec::new();
+        for (row, result) in run.iter().zip(&results) {
+            apply::record(
+                client,
+                stream.as_deref(),
+                row.stream.as_deref(),
+                row.payload.as_deref(),
+                result,
+                Some(row.received_at),
+                &mut retained,
+            );
+        }
+        if let Some(s) = &stream {
+            retention::append(client, s, retained);
+        }
+        // A stream that no longer builds still has its id: its dead letters count in ecst.stats.
+        if let (None, Some(_), Some(name)) = (&stream, &broken, run[0].stream.as_deref()) {
+            let id = security::internal(|| {
+                writer::run_once(client, "SELECT id FROM ecst.streams WHERE name = $1", &[name.into()])
+                    .first()
+                    .get::<i32>(1)
+                    .ok()
+                    .flatten()
+            });
+            if let (Some(id), Some(result)) = (id, results.first()) {
+                crate::counters::count_many(id, result, results.len() as i64);
+            }
+        }
+    }
 }
 
 fn rejected(rejection: Rejection) -> Applied {
@@ -377,6 +416,9 @@ thread_local! {
     /// The streams `partition` looked up for the claim under way (`None`: no such stream, or one
     /// whose definition no longer builds), each once per claim.
     static PARTITION_STREAMS: RefCell<HashMap<String, Option<Rc<Stream>>>> = RefCell::new(HashMap::new());
+    /// Streams the worker refused for their code's owners (`security::untrusted_code`): logged
+    /// once per stream, not per event.
+    static REPORTED_UNTRUSTED: RefCell<std::collections::HashSet<String>> = RefCell::new(Default::default());
 }
 
 /// Forgets `partition`'s streams: called as a claim begins, which then enters the fixed styles
@@ -395,7 +437,10 @@ pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
     }
     let known = PARTITION_STREAMS.with(|m| m.borrow().get(stream).cloned());
     let found = known.unwrap_or_else(|| {
-        let found = catalog::try_stream_quietly(stream).ok().flatten();
+        // A stream whose code the worker must not run: its keys are not read through their
+        // types (a key column's domain check is code too); worker 0 dead-letters its events.
+        let found =
+            catalog::try_stream_quietly(stream).ok().flatten().filter(|s| security::untrusted_code(s).is_none());
         PARTITION_STREAMS.with(|m| m.borrow_mut().insert(stream.to_string(), found.clone()));
         found
     });

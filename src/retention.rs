@@ -49,6 +49,7 @@ fn retaining(name: &str, action: &str) -> std::rc::Rc<Stream> {
 /// Returns (replayed, applied, dead_lettered).
 pub fn rebuild(name: &str) -> (i64, i64, i64) {
     let stream = retaining(name, "rebuild");
+    crate::security::require_trusted_code(&stream);
     let (mut replayed, mut applied, mut dead) = (0, 0, 0);
     // No writer of the stream may keep a version it read before the state is cleared.
     crate::locks::lock_stream(stream.id, true);

@@ -206,3 +206,94 @@ pub fn require_owner(stream_name: &str, target: pg_sys::Oid, action: &str) {
 pub fn is_admin() -> bool {
     acts_as(extension_owner())
 }
+
+/// The roles owning the code that writing `tables` runs — the tables themselves (whose owner
+/// decides their triggers, defaults, constraints, indexes, policies and rules), and every function
+/// those call: trigger functions, functions in column defaults and generated columns, check
+/// constraints, index expressions and predicates, policies, rules, and the check constraints of
+/// the columns' domains (a domain, the domain it is over, and arrays of a domain).
+const CODE_OWNERS: &str = "
+WITH rel AS (SELECT r FROM pg_catalog.unnest($1::pg_catalog.oid[]) AS r),
+objects AS (
+    SELECT 'pg_catalog.pg_trigger'::pg_catalog.regclass AS c, t.oid AS o
+    FROM pg_catalog.pg_trigger t JOIN rel ON t.tgrelid = rel.r
+    UNION ALL SELECT 'pg_catalog.pg_attrdef'::pg_catalog.regclass, d.oid
+    FROM pg_catalog.pg_attrdef d JOIN rel ON d.adrelid = rel.r
+    UNION ALL SELECT 'pg_catalog.pg_constraint'::pg_catalog.regclass, k.oid
+    FROM pg_catalog.pg_constraint k JOIN rel ON k.conrelid = rel.r
+    UNION ALL SELECT 'pg_catalog.pg_class'::pg_catalog.regclass, i.indexrelid
+    FROM pg_catalog.pg_index i JOIN rel ON i.indrelid = rel.r
+    UNION ALL SELECT 'pg_catalog.pg_policy'::pg_catalog.regclass, p.oid
+    FROM pg_catalog.pg_policy p JOIN rel ON p.polrelid = rel.r
+    UNION ALL SELECT 'pg_catalog.pg_rewrite'::pg_catalog.regclass, w.oid
+    FROM pg_catalog.pg_rewrite w JOIN rel ON w.ev_class = rel.r
+    UNION ALL SELECT 'pg_catalog.pg_constraint'::pg_catalog.regclass, k.oid
+    FROM pg_catalog.pg_attribute a JOIN rel ON a.attrelid = rel.r
+    JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
+    JOIN pg_catalog.pg_type base ON base.oid IN (ty.oid, ty.typelem)
+    JOIN pg_catalog.pg_constraint k ON k.contypid IN (base.oid, base.typbasetype)
+    WHERE a.attnum > 0 AND NOT a.attisdropped
+)
+SELECT DISTINCT owner FROM (
+    SELECT c.relowner AS owner FROM pg_catalog.pg_class c JOIN rel ON c.oid = rel.r
+    UNION ALL
+    SELECT p.proowner FROM objects
+    JOIN pg_catalog.pg_depend d ON d.classid = objects.c AND d.objid = objects.o
+    JOIN pg_catalog.pg_proc p ON d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND p.oid = d.refobjid
+) owners";
+
+/// Whether code owned by roles without the applying role's privileges may run: only in a
+/// background worker whose role the administrator chose (`ecst.worker_role`), which is trusted
+/// with the code of every stream it may write. Everywhere else — the default worker (the bootstrap
+/// superuser), `process_inbox`, a retry of every stream, `rebuild`, `load_snapshot` — it may not.
+fn trusts_all_code() -> bool {
+    // SAFETY: reads a backend global.
+    let worker = unsafe { pg_sys::IsBackgroundWorker };
+    worker && crate::gucs::worker_role().is_some()
+}
+
+/// Why the current role must not apply `stream` on behalf of others, if it must not: writing its
+/// tables runs code (triggers, defaults, constraints...) owned by roles that do not have the
+/// current role's privileges, which would hand them those privileges — with the default worker,
+/// a superuser's. `None` when every such owner is the current role, a member of it, or a
+/// superuser, and in a worker running as a configured `ecst.worker_role`.
+pub fn untrusted_code(stream: &Stream) -> Option<String> {
+    if trusts_all_code() {
+        return None;
+    }
+    let user = current_user();
+    let relids: Vec<pg_sys::Oid> = tables(stream).map(|t| t.oid).collect();
+    let owners: Vec<pg_sys::Oid> = pinned(|| {
+        pgrx::Spi::connect(|client| {
+            client
+                .select(CODE_OWNERS, None, &[relids.into()])
+                .map(|rows| rows.filter_map(|r| r.get::<pg_sys::Oid>(1).ok().flatten()).collect())
+                .unwrap_or_default()
+        })
+    });
+    // SAFETY: role membership checks.
+    let untrusted: Vec<String> = owners
+        .into_iter()
+        .filter(|owner| !unsafe { pg_sys::has_privs_of_role(*owner, user) })
+        .map(|owner| format!("\"{}\"", role_name(owner)))
+        .collect();
+    (!untrusted.is_empty()).then(|| {
+        format!(
+            "stream \"{}\" is not applied as role \"{}\": its tables, or functions they run (triggers, defaults, constraints, indexes), belong to role(s) {} without that role's privileges",
+            stream.spec.name,
+            role_name(user),
+            untrusted.join(", ")
+        )
+    })
+}
+
+/// The hint for [`untrusted_code`]'s message.
+pub const UNTRUSTED_HINT: &str = "Set ecst.worker_role to a LOGIN role with only the apply privileges on the replicas, or let the tables' owner apply these events itself (e.g. SELECT ecst.retry_dead_letters('stream') as that role).";
+
+/// Raises 42501 if [`untrusted_code`] refuses `stream` (for calls that name one stream:
+/// `rebuild`, `load_snapshot`, `retry_dead_letters(stream)`).
+pub fn require_trusted_code(stream: &Stream) {
+    if let Some(message) = untrusted_code(stream) {
+        raise(Code::ERRCODE_INSUFFICIENT_PRIVILEGE, message, Some(UNTRUSTED_HINT));
+    }
+}

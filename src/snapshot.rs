@@ -46,6 +46,7 @@ pub struct LoadCounts {
 pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&str>) -> LoadCounts {
     let stream = catalog::stream(stream_name);
     security::require_apply(&stream);
+    security::require_trusted_code(&stream);
     let replace = match mode {
         "merge" => false,
         "replace" => true,

@@ -791,6 +791,82 @@ mod tests {
         assert!(message.contains("line 1, column 2"), "{message}");
     }
 
+    #[pg_test]
+    fn keys_whose_text_depends_on_the_session_are_refused() {
+        run("CREATE TYPE pair AS (a int, b text)");
+        run("CREATE TABLE kc (k pair PRIMARY KEY, v text)");
+        assert_eq!(
+            sqlstate(r#"SELECT ecst.create_stream('kc', 'kc', 'entity_snapshot', '{"k": "k"}')"#).as_deref(),
+            Some("0A000")
+        );
+        run("CREATE TABLE kr (k regclass PRIMARY KEY, v text)");
+        assert_eq!(
+            sqlstate(r#"SELECT ecst.create_stream('kr', 'kr', 'entity_snapshot', '{"k": "k"}')"#).as_deref(),
+            Some("0A000")
+        );
+        run("CREATE TABLE ka (k regtype[] PRIMARY KEY, v text)");
+        assert_eq!(
+            sqlstate(r#"SELECT ecst.create_stream('ka', 'ka', 'entity_snapshot', '{"k": "k"}')"#).as_deref(),
+            Some("0A000")
+        );
+        run("CREATE TABLE ok (k text PRIMARY KEY, r regclass)");
+        assert_eq!(
+            sqlstate(r#"SELECT ecst.create_stream('ok', 'ok', 'entity_snapshot', '{"k": "k"}')"#),
+            None,
+            "reg* outside the key is fine"
+        );
+    }
+
+    #[pg_test]
+    fn another_roles_code_does_not_run_with_the_drainers_privileges() {
+        // A plain role's table, with a trigger of its own: a superuser's process_inbox and
+        // retry of every letter leave its events in the dead letters (42501) instead of running
+        // the trigger as superuser; the role itself applies them.
+        run("CREATE ROLE ecst_test_mallory");
+        run("GRANT CREATE ON SCHEMA public TO ecst_test_mallory");
+        run("SET LOCAL ROLE ecst_test_mallory");
+        run("CREATE TABLE m (id text PRIMARY KEY, v text, who text)");
+        run("CREATE FUNCTION m_who() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.who := current_user; RETURN NEW; END $$");
+        run("CREATE TRIGGER m_who BEFORE INSERT OR UPDATE ON m FOR EACH ROW EXECUTE FUNCTION m_who()");
+        run(r#"SELECT ecst.create_stream('m', 'm', 'entity_snapshot', '{"id": "id"}', retain_events => true)"#);
+        run("RESET ROLE");
+        run("CREATE TABLE trusted (id text PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('trusted', 'trusted', 'entity_snapshot', '{"id": "id"}')"#);
+        run(r#"INSERT INTO ecst.inbox (stream, payload) VALUES ('m', '{"id": "1", "newState": {"v": "x"}}'),
+                                                          ('trusted', '{"id": "1", "newState": {"v": "y"}}')"#);
+        assert_eq!(one::<i64>("SELECT ecst.process_inbox()"), Some(2));
+        assert_eq!(count("SELECT * FROM m"), 0, "not applied as superuser");
+        assert_eq!(count("SELECT * FROM trusted"), 1, "a superuser's own table is applied");
+        assert_eq!(
+            text("SELECT error_code || ':' || sqlstate FROM ecst.dead_letters WHERE stream = 'm'"),
+            "write_failed:42501"
+        );
+        assert!(text("SELECT message FROM ecst.dead_letters WHERE stream = 'm'").contains("ecst_test_mallory"));
+        assert_eq!(one::<i64>("SELECT dead_lettered FROM ecst.stats WHERE stream = 'm'"), Some(1), "counted");
+        assert_eq!(count("SELECT * FROM ecst.retry_dead_letters()"), 0, "a retry of every letter keeps it");
+        assert_eq!(sqlstate("SELECT * FROM ecst.retry_dead_letters('m')").as_deref(), Some("42501"));
+        assert_eq!(sqlstate("SELECT * FROM ecst.rebuild('m')").as_deref(), Some("42501"));
+        run("CREATE TABLE snap_m (payload text)");
+        assert_eq!(sqlstate("SELECT * FROM ecst.load_snapshot('m', 'snap_m')").as_deref(), Some("42501"));
+        run("SET LOCAL ROLE ecst_test_mallory");
+        assert_eq!(
+            text("SELECT string_agg(outcome || '=' || count, ',') FROM ecst.retry_dead_letters('m')"),
+            "applied=1"
+        );
+        assert_eq!(text("SELECT who FROM m"), "ecst_test_mallory", "applied with the owner's own privileges");
+        run("RESET ROLE");
+        // A superuser's table whose default calls a plain role's function is that role's code too.
+        run("SET LOCAL ROLE ecst_test_mallory");
+        run("CREATE FUNCTION m_default() RETURNS text LANGUAGE sql AS $$ SELECT current_user::text $$");
+        run("RESET ROLE");
+        run("CREATE TABLE su (id text PRIMARY KEY, v text, who text DEFAULT m_default())");
+        run(r#"SELECT ecst.create_stream('su', 'su', 'entity_snapshot', '{"id": "id"}')"#);
+        run(r#"INSERT INTO ecst.inbox (stream, payload) VALUES ('su', '{"id": "1", "newState": {}}')"#);
+        assert_eq!(one::<i64>("SELECT ecst.process_inbox()"), Some(1));
+        assert_eq!(count("SELECT * FROM su"), 0);
+        assert_eq!(text("SELECT sqlstate FROM ecst.dead_letters WHERE stream = 'su'"), "42501");
+    }
+
     // ---------------------------------------------------------------- batches and stats
 
     #[pg_test]

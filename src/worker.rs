@@ -61,6 +61,14 @@ enum Installed {
     No,
 }
 
+/// A worker's batch under way: the `seq` of its first inbox row, and how many attempts of a batch
+/// from that row have failed before (the worker dies with its transaction: this outlives it).
+#[derive(Clone, Copy, Default)]
+struct Attempt {
+    first: i64,
+    failed: u32,
+}
+
 #[derive(Clone, Copy, Default)]
 struct DatabaseEntry {
     oid: pg_sys::Oid,
@@ -70,6 +78,8 @@ struct DatabaseEntry {
     generation: u32,
     /// `GetCurrentTimestamp()` until which the database is paused (0: not paused).
     paused_until: i64,
+    /// Per worker index.
+    attempts: [Attempt; gucs::MAX_WORKERS],
 }
 
 #[derive(Clone, Copy)]
@@ -167,6 +177,67 @@ thread_local! {
     /// This transaction ran `CREATE EXTENSION pg_ecst`: the launcher probes the database when it
     /// commits.
     static CREATED: Cell<bool> = const { Cell::new(false) };
+    /// In a worker: its index.
+    static WORKER_INDEX: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// A worker's batch starts with the inbox row `first`: whether this is the batch's last try (the
+/// batches from that row failed `apply::LAST_TRY_AFTER` times in a row), in which errors about
+/// the session become the failing event's dead letter (`apply::last_try`).
+pub fn attempting(first: Option<i64>) -> bool {
+    let (Some(index), Some(first)) = (WORKER_INDEX.with(|i| i.get()), first) else { return false };
+    let db = unsafe { pg_sys::MyDatabaseId };
+    let failed = {
+        let mut registry = REGISTRY.exclusive();
+        let Some(entry) = registry.entry_mut(db) else { return false };
+        let attempt = &mut entry.attempts[index];
+        if attempt.first == first {
+            attempt.failed += 1;
+        } else {
+            *attempt = Attempt { first, failed: 0 };
+        }
+        attempt.failed
+    };
+    let last = failed >= crate::apply::LAST_TRY_AFTER;
+    if last {
+        log!(
+            "pg_ecst worker {index}: the batch from inbox row {first} failed {failed} times in a row; this time an event that fails on the same kind of error becomes a dead letter"
+        );
+    }
+    last
+}
+
+/// The worker's batch committed.
+fn attempt_done(index: usize) {
+    let db = unsafe { pg_sys::MyDatabaseId };
+    if let Some(entry) = REGISTRY.exclusive().entry_mut(db) {
+        entry.attempts[index] = Attempt::default();
+    }
+}
+
+/// SIGTERM as PostgreSQL's own processes take it (`die`, as logical replication's apply worker
+/// does): the next interrupt check — the executor checks between rows — ends a batch under way
+/// with its transaction (its inbox rows stay for the next worker), so a shutdown or the launcher
+/// never waits for a long batch. Between batches the worker just returns.
+fn terminate_on_sigterm() {
+    extern "C-unwind" {
+        /// PostgreSQL's `die` itself (pgrx's `pg_sys::die` is a Rust wrapper, not a handler).
+        #[link_name = "die"]
+        fn postgres_die(signal: i32);
+    }
+    // SAFETY: installs PostgreSQL's own SIGTERM handler for a backend.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(postgres_die));
+    }
+}
+
+/// Whether SIGTERM arrived (see [`terminate_on_sigterm`]).
+fn terminating() -> bool {
+    // SAFETY: reads a flag the signal handler sets.
+    unsafe { pg_sys::ProcDiePending != 0 }
 }
 
 /// The `ProcessUtility` hook this one was installed over.
@@ -639,6 +710,8 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     if !claim_slot(index) {
         return; // another live worker holds this slot
     }
+    WORKER_INDEX.with(|i| i.set(Some(index)));
+    terminate_on_sigterm();
     let name = format!("pg_ecst worker {index}");
     unsafe {
         pg_sys::before_shmem_exit(Some(release_slot), pg_sys::Datum::from(index));
@@ -657,8 +730,8 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     loop {
         // Between batches too, not only when idle: a worker with a backlog never waits on its
         // latch, and would hold up a shutdown (or the launcher) until the inbox was empty. A
-        // batch under way finishes first (it is bounded by ecst.batch_size).
-        if BackgroundWorker::sigterm_received() {
+        // batch under way is ended by the next interrupt check (`terminate_on_sigterm`).
+        if terminating() {
             return;
         }
         if BackgroundWorker::sighup_received() {
@@ -678,6 +751,11 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
             if !extension_installed() {
                 return None;
             }
+            // A replica's deferred constraints (a DEFERRABLE INITIALLY DEFERRED foreign key, a
+            // deferred constraint trigger) are checked as each event is written, in its own
+            // subtransaction: a violation is that event's dead letter, not a failed commit of the
+            // whole batch that every retry would repeat.
+            Spi::run("SET CONSTRAINTS ALL IMMEDIATE").expect("SET CONSTRAINTS");
             let cursor = claiming; // the whole wrapper, not its field (closures capture fields)
             Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker, cursor.0))
         });
@@ -691,13 +769,14 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
                 return;
             }
             Some(drained) => {
+                attempt_done(index);
                 if !cursor.claimed(&drained) {
                     continue; // more is waiting: no sleep
                 }
             }
         }
         report_activity(c"idle");
-        if !BackgroundWorker::wait_latch(Some(naptime())) {
+        if !BackgroundWorker::wait_latch(Some(naptime())) || terminating() {
             return; // SIGTERM
         }
     }
