@@ -83,3 +83,13 @@ BEGIN
 END $f$;
 SQL
 }
+
+# failed_workers: pg_ecst processes that exited with an error, in the server log — not counting
+# workers ended on purpose in the middle of a batch (SIGTERM: "terminating background worker ...
+# due to administrator command", which exits with code 1 as PostgreSQL's own workers do).
+failed_workers() {
+    local exited terminated
+    exited=$(grep -c 'background worker "pg_ecst.*exited with exit code 1' "$IT_DIR/server.log" || true)
+    terminated=$(grep -c 'terminating background worker "pg_ecst worker" due to administrator command' "$IT_DIR/server.log" || true)
+    echo $((exited - terminated))
+}
