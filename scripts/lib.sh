@@ -61,7 +61,7 @@ require_rust() {
     if ! command -v cargo >/dev/null 2>&1; then
         cat >&2 <<'EOF'
 error: no Rust toolchain found (cargo is not on PATH, nor in ~/.cargo/bin).
-pg_ecst needs Rust 1.88 or newer. Install it with rustup (https://rustup.rs):
+pg_ecst needs a current stable Rust (built and tested with 1.95). Install it with rustup (https://rustup.rs):
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y
 then run this script again; it installs everything else it needs.
 EOF

@@ -231,7 +231,7 @@ objects AS (
     FROM pg_catalog.pg_attribute a JOIN rel ON a.attrelid = rel.r
     JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
     JOIN pg_catalog.pg_type base ON base.oid IN (ty.oid, ty.typelem)
-    JOIN pg_catalog.pg_constraint k ON k.contypid IN (base.oid, base.typbasetype)
+    JOIN pg_catalog.pg_constraint k ON k.contypid <> 0 AND k.contypid IN (base.oid, base.typbasetype)
     WHERE a.attnum > 0 AND NOT a.attisdropped
 )
 SELECT DISTINCT owner FROM (

@@ -829,6 +829,9 @@ mod tests {
         run("CREATE FUNCTION m_who() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.who := current_user; RETURN NEW; END $$");
         run("CREATE TRIGGER m_who BEFORE INSERT OR UPDATE ON m FOR EACH ROW EXECUTE FUNCTION m_who()");
         run(r#"SELECT ecst.create_stream('m', 'm', 'entity_snapshot', '{"id": "id"}', retain_events => true)"#);
+        // Code of hers elsewhere (a CHECK on another table of hers) concerns only that table.
+        run("CREATE FUNCTION m_ok(v text) RETURNS boolean LANGUAGE sql AS $$ SELECT true $$");
+        run("CREATE TABLE m_checked (id text PRIMARY KEY, v text CHECK (m_ok(v)))");
         run("RESET ROLE");
         run("CREATE TABLE trusted (id text PRIMARY KEY, v text)");
         run(r#"SELECT ecst.create_stream('trusted', 'trusted', 'entity_snapshot', '{"id": "id"}')"#);
