@@ -248,7 +248,7 @@ SELECT DISTINCT owner FROM (
 /// superuser), `process_inbox`, a retry of every stream, `rebuild`, `load_snapshot` — it may not.
 fn trusts_all_code() -> bool {
     // SAFETY: reads a backend global.
-    let worker = unsafe { pg_sys::IsBackgroundWorker };
+    let worker = unsafe { pg_sys::MyBackendType } == pg_sys::BackendType::B_BG_WORKER;
     worker && crate::gucs::worker_role().is_some()
 }
 

@@ -1,4 +1,4 @@
-//! Bootstrap and backfill (SPEC §5): loading a snapshot in bulk, and exporting the replica as
+//! Bootstrap and backfill (docs/guides/bootstrap.md): loading a snapshot in bulk, and exporting the replica as
 //! create events in the stream's own format.
 //!
 //! A load reads the source's `payload` column through a cursor and applies it in chunks through

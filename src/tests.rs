@@ -1,4 +1,4 @@
-//! `#[pg_test]`s: SPEC §1–3 inside a real backend (each test runs in a rolled-back transaction).
+//! `#[pg_test]`s: the event contract (docs/concepts.md) inside a real backend (each test runs in a rolled-back transaction).
 //! Worker, COPY, crash and concurrency behaviour are tested against a running server in `tests/`.
 
 #[pgrx::pg_schema]
@@ -94,7 +94,7 @@ mod tests {
         ))
     }
 
-    // ---------------------------------------------------------------- SPEC §1: shapes
+    // ---------------------------------------------------------------- shapes
 
     #[pg_test]
     fn fixture_entity_snapshot_applies_once() {
@@ -235,7 +235,7 @@ mod tests {
         assert_eq!(text("SELECT v FROM thing"), "two");
     }
 
-    // ---------------------------------------------------------------- SPEC §3: versions
+    // ---------------------------------------------------------------- versions
 
     #[pg_test]
     fn versions_decide_and_tombstones_remain() {

@@ -1,4 +1,4 @@
-//! Stream specs for the three fixture events (`shared/fixtures/`), as the SQL layer would
+//! Stream specs for the three fixture events (`tests/fixtures/`), as the SQL layer would
 //! build them for the demo tables. Used by tests, property tests and fuzz targets.
 
 use crate::spec::{ChildSpec, OnConflict, Path, Shape, StreamSpec, Table};

@@ -4,7 +4,7 @@
 //! (`live`), the highest version of a delete applied (`tomb`, the tombstone), and for `delta`
 //! streams the version of the last write of every column written since the last delete.
 //!
-//! The rules (SPEC §3), which make any delivery order converge to the in-order result:
+//! The rules (docs/concepts.md), which make any delivery order converge to the in-order result:
 //! - a version already seen is a `duplicate`; one older than what the entity reflects is `stale`;
 //! - snapshots replace the entity (or delete it) only when newer than everything applied;
 //! - a delta writes a field only when newer than that field's last write and than the last

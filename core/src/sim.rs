@@ -1,5 +1,5 @@
 //! An in-memory replica that executes [`Decision`]s exactly as the SQL layer does, plus the
-//! in-order reference semantics of SPEC §3. The property tests and the fuzz target check that
+//! in-order reference semantics of the version rules (docs/concepts.md). The property tests and the fuzz target check that
 //! any delivery order through [`Replica::apply`] equals [`reference`].
 
 use crate::event::{Event, Op, Value};
@@ -83,7 +83,7 @@ fn set(row: &mut BTreeMap<usize, Value>, column: usize, value: Value) {
     }
 }
 
-/// SPEC §3's definition: every distinct event applied once, in version order, with no
+/// The version rules' definition: every distinct event applied once, in version order, with no
 /// version bookkeeping at all. Events must be versioned with distinct versions per entity.
 pub fn reference(spec: &StreamSpec, events: &[Event]) -> (Rows, ChildRows) {
     let mut sorted: Vec<&Event> = events.iter().collect();

@@ -1,4 +1,4 @@
-//! SPEC §3's core promise, as a property: for any set of events with distinct versions per
+//! The version rules' core promise (docs/concepts.md), as a property: for any set of events with distinct versions per
 //! entity, delivered in any order with any number of duplicates, the replica equals the
 //! in-order result. Covers all three shapes, deletes, partial deltas and changing child sets.
 

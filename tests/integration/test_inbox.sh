@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SPEC §4 against a running server with pg_ecst preloaded: COPY into the inbox (text and CSV,
+# The inbox (docs/guides/ingest.md) against a running server with pg_ecst preloaded: COPY into the inbox (text and CSV,
 # malformed lines mixed in), the background worker, wake-up latency, kill -9 in the middle of a
 # drain, several workers keeping per-entity order, trigger mode, process_inbox without workers,
 # and waiting quietly for a database that does not exist yet.
@@ -68,6 +68,7 @@ SQL
 wait_for $DB "the other stream's event is applied" "SELECT count(*) FROM lat WHERE id = 'after-broken'" 1 30
 check "the broken stream's event is a dead letter" "write_failed" \
     "$(q "SELECT error_code FROM ecst.dead_letters WHERE stream = 'brk'")"
+check "... counted in ecst.stats" 1 "$(q "SELECT dead_lettered FROM ecst.stats WHERE stream = 'brk'")"
 check "the conflicting event of an on_conflict 'error' stream is a dead letter" "conflict|23000" \
     "$(q "SELECT error_code || '|' || sqlstate FROM ecst.dead_letters WHERE stream = 'strict'")"
 check "the worker did not restart" "0" "$(grep -c 'pg_ecst worker.*exited with exit code' "$IT_DIR/server.log" || true)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SPEC §5 against a running server: snapshot + events in every interleaving (and a load running
+# Bootstrapping (docs/guides/bootstrap.md) against a running server: snapshot + events in every interleaving (and a load running
 # while the worker applies events) equal events alone; replace mode; reloading is a no-op;
 # export -> load round trips for the three shapes; a file_fdw source.
 cd "$(dirname "$0")/../.."
