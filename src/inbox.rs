@@ -92,14 +92,7 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
         let results: Vec<Applied> = match &stream {
             // A stream whose definition no longer fits its tables (a mapped column dropped,
             // the table dropped): its events wait in the dead letters, the others go on.
-            None if let Some((message, sqlstate)) = &broken => run
-                .iter()
-                .map(|_| Applied::Rejected {
-                    rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
-                    sqlstate: Some(sqlstate.clone()),
-                    conflict: false,
-                })
-                .collect(),
+            None if let Some((message, sqlstate)) = &broken => write_failed(run.len(), message, sqlstate),
             Some(s) if let Some(message) = security::apply_denied(s) => {
                 if policy == ErrorPolicy::Caller {
                     crate::errors::raise(
@@ -110,13 +103,7 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
                 }
                 // The worker's role may not write this stream: its events wait in the dead
                 // letters (retry_dead_letters once the role has the privileges).
-                run.iter()
-                    .map(|_| Applied::Rejected {
-                        rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
-                        sqlstate: Some("42501".into()),
-                        conflict: false,
-                    })
-                    .collect()
+                write_failed(run.len(), &message, "42501")
             }
             // Writing its tables would run code of roles without the applier's privileges
             // (with the default worker: a superuser's): its events wait in the dead letters,
@@ -130,13 +117,7 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
                         security::UNTRUSTED_HINT
                     );
                 }
-                run.iter()
-                    .map(|_| Applied::Rejected {
-                        rejection: Rejection::new(RejectCode::WriteFailed, message.clone()),
-                        sqlstate: Some("42501".into()),
-                        conflict: false,
-                    })
-                    .collect()
+                write_failed(run.len(), &message, "42501")
             }
             Some(s) => {
                 let events: Vec<Result<_, Rejection>> =
@@ -185,6 +166,17 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
             }
         }
     }
+}
+
+/// `n` events of a stream that cannot be written now, each a dead letter with this reason.
+fn write_failed(n: usize, message: &str, sqlstate: &str) -> Vec<Applied> {
+    (0..n)
+        .map(|_| Applied::Rejected {
+            rejection: Rejection::new(RejectCode::WriteFailed, message),
+            sqlstate: Some(sqlstate.into()),
+            conflict: false,
+        })
+        .collect()
 }
 
 fn rejected(rejection: Rejection) -> Applied {
