@@ -115,6 +115,9 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: 
     // After a row insert lost a race (`direct`), the event is retried with SQL's `ON CONFLICT`.
     let mut sql_only = false;
     for _ in 0..ATTEMPTS {
+        // Whether a row insert lost a race is this attempt's question only: an insert that failed
+        // earlier (a set-based run's, whose error was caught elsewhere) must not answer it.
+        direct::insert_lost_race();
         match subxact::run(|| attempt(client, stream, ev, sql_only)) {
             SubResult::Committed((outcome, conflict)) => return Applied::Done { outcome, conflict },
             SubResult::RolledBack(Stop::Retry) => continue,

@@ -873,6 +873,58 @@ mod tests {
     // ---------------------------------------------------------------- batches and stats
 
     #[pg_test]
+    fn failed_row_inserts_in_a_batch_leave_nothing_behind() {
+        // A set-based run whose row-API insert fails (a CHECK) falls back to one event at a time;
+        // the insert's "lost a race?" flag of that failure must not answer for a later event, and
+        // every event gets its own outcome.
+        run("CREATE TABLE ins (id text PRIMARY KEY, v text CHECK (v <> 'bad'), u text UNIQUE)");
+        run(r#"SELECT ecst.create_stream('ins', 'ins', 'entity_snapshot', '{"id": "id"}')"#);
+        let events = [
+            r#"{"id": "1", "newState": {"v": "ok", "u": "a"}}"#,
+            r#"{"id": "2", "newState": {"v": "bad", "u": "b"}}"#,
+            r#"{"id": "3", "newState": {"v": "ok", "u": "a"}}"#,
+            r#"{"id": "4", "newState": {"v": "ok", "u": "c"}}"#,
+        ];
+        let arr: Vec<Option<String>> = events.iter().map(|e| Some(e.to_string())).collect();
+        let got = Spi::get_one_with_args::<String>(
+            "SELECT string_agg(outcome || '=' || count, ',' ORDER BY outcome) FROM ecst.apply_batch('ins', $1::text[])",
+            &[arr.into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, "applied=2,dead_lettered=2");
+        assert_eq!(text("SELECT string_agg(id, ',' ORDER BY id) FROM ins"), "1,4");
+        assert_eq!(text("SELECT string_agg(sqlstate, ',' ORDER BY id) FROM ecst.dead_letters"), "23514,23505");
+    }
+
+    #[pg_test]
+    fn failed_events_of_a_huge_batch_do_not_grow_the_backends_memory() {
+        // Each failing event of a batch is rolled back in its own subtransaction: whatever it set
+        // up (executor state, slots, relations) goes with it. 20,000 failures must not take
+        // much more memory than 2,000 (a leak of one executor state per event would be >100 MB).
+        run("CREATE TABLE leak (id text PRIMARY KEY, v text CHECK (v <> 'bad'))");
+        run(r#"SELECT ecst.create_stream('leak', 'leak', 'entity_snapshot', '{"id": "id"}')"#);
+        let batch = |from: i64, n: i64| {
+            run(&format!(
+                r#"SELECT count(*) FROM ecst.apply_batch('leak',
+                     ARRAY(SELECT format('{{"id": "%s", "newState": {{"v": "bad"}}}}', i) FROM generate_series({from}, {}) i))"#,
+                from + n - 1
+            ))
+        };
+        let memory = || one::<i64>("SELECT sum(total_bytes)::bigint FROM pg_backend_memory_contexts").unwrap();
+        batch(1, 2_000);
+        let small = memory();
+        batch(10_001, 20_000);
+        let large = memory();
+        assert_eq!(count("SELECT * FROM ecst.dead_letters WHERE stream = 'leak'"), 22_000);
+        assert!(
+            large - small < 16 * 1024 * 1024,
+            "20,000 failed events grew the backend by {} bytes more than 2,000 did",
+            large - small
+        );
+    }
+
+    #[pg_test]
     fn apply_batch_counts_outcomes_and_keeps_order_per_entity() {
         delta_stream("d", Some("ts"), "apply");
         let events = [
