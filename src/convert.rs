@@ -8,7 +8,6 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgTryBuilder;
 use std::ffi::{CStr, CString};
 
-/// Types whose text form depends on session settings (see `fixed_style`).
 /// Types whose text names catalog objects through the session's `search_path` (`reg*`): the same
 /// value reads as another object, or fails, in another session. Not allowed in keys.
 const SEARCH_PATH_SENSITIVE: [pg_sys::Oid; 11] = [
@@ -25,6 +24,7 @@ const SEARCH_PATH_SENSITIVE: [pg_sys::Oid; 11] = [
     pg_sys::REGTYPEOID,
 ];
 
+/// Types whose text form depends on session settings (see `fixed_style`).
 const STYLE_SENSITIVE: [pg_sys::Oid; 9] = [
     pg_sys::MONEYOID,
     pg_sys::DATEOID,

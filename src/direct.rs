@@ -219,16 +219,13 @@ mod imp {
             let tables = pg_sys::lappend(null_mut(), rte.cast());
             #[cfg(any(feature = "pg14", feature = "pg15"))]
             pg_sys::ExecInitRangeTable(estate, tables);
-            #[cfg(any(feature = "pg16", feature = "pg17"))]
+            #[cfg(not(any(feature = "pg14", feature = "pg15")))]
             {
                 let mut permissions: *mut pg_sys::List = null_mut();
                 pg_sys::addRTEPermissionInfo(&mut permissions, rte);
+                #[cfg(any(feature = "pg16", feature = "pg17"))]
                 pg_sys::ExecInitRangeTable(estate, tables, permissions);
-            }
-            #[cfg(not(any(feature = "pg14", feature = "pg15", feature = "pg16", feature = "pg17")))]
-            {
-                let mut permissions: *mut pg_sys::List = null_mut();
-                pg_sys::addRTEPermissionInfo(&mut permissions, rte);
+                #[cfg(not(any(feature = "pg16", feature = "pg17")))]
                 pg_sys::ExecInitRangeTable(estate, tables, permissions, pg_sys::bms_make_singleton(1));
             }
         }

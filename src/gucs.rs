@@ -62,15 +62,16 @@ pub fn init() {
     );
 }
 
-/// `ecst.database`: `*` or a comma-separated list of database names.
-pub fn database() -> String {
-    DATABASE.get().and_then(|c| c.into_string().ok()).filter(|d| !d.trim().is_empty()).unwrap_or_else(|| "*".into())
+/// The databases `ecst.database` names: `None` for `*` (or empty), every database.
+pub fn databases() -> Option<Vec<String>> {
+    let setting = DATABASE.get().and_then(|c| c.into_string().ok()).unwrap_or_default();
+    let names: Vec<String> = setting.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+    (!names.is_empty() && names != ["*"]).then_some(names)
 }
 
 /// Whether `ecst.database` includes the database `name`.
 pub fn serves_database(name: &str) -> bool {
-    let setting = database();
-    setting.trim() == "*" || setting.split(',').any(|n| n.trim() == name)
+    databases().is_none_or(|names| names.iter().any(|n| n == name))
 }
 
 /// `ecst.worker_role`, if set.

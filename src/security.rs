@@ -267,8 +267,9 @@ pub fn untrusted_code(stream: &Stream) -> Option<String> {
         pgrx::Spi::connect(|client| {
             client
                 .select(CODE_OWNERS, None, &[relids.into()])
-                .map(|rows| rows.filter_map(|r| r.get::<pg_sys::Oid>(1).ok().flatten()).collect())
-                .unwrap_or_default()
+                .expect("reading who owns a stream's code")
+                .filter_map(|r| r.get::<pg_sys::Oid>(1).ok().flatten())
+                .collect()
         })
     });
     // SAFETY: role membership checks.

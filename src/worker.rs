@@ -6,9 +6,9 @@
 //! most [`PROBES`] at a time — and, once a worker reports the extension there, keeps
 //! `ecst.workers` workers running in it. A worker that finds no extension reports so and exits;
 //! the database is probed again when `CREATE EXTENSION pg_ecst` commits there (it wakes the
-//! launcher) and otherwise every [`REPROBE`]. `DROP DATABASE` and `ALTER DATABASE ... RENAME`
-//! (which need the database to themselves) first make the workers leave it and pause it for a
-//! few seconds (a `ProcessUtility` hook). Worker `i` of `n` drains the inbox rows whose entity
+//! launcher) and otherwise every [`REPROBE`]. `DROP DATABASE`, `ALTER DATABASE ... RENAME` and
+//! `CREATE DATABASE ... TEMPLATE` (which need the database to themselves) first make the workers
+//! leave it and pause it for a few seconds (a `ProcessUtility` hook). Worker `i` of `n` drains the inbox rows whose entity
 //! hashes to `i`, one batch per transaction, and sleeps on its latch between batches. Inserting
 //! into `ecst.inbox` sets the latches of the database's workers when the inserting transaction
 //! commits, so events are applied within milliseconds.
@@ -118,11 +118,10 @@ impl Registry {
     }
 }
 
-/// Records whether the extension is installed in this backend's database, as seen by a look
-/// taken at `generation` (see [`DatabaseEntry::generation`]; `None`: a CREATE EXTENSION that
-/// commits now, which starts a new generation).
-fn report_installed(installed: Installed, generation: Option<u32>) {
-    let db = unsafe { pg_sys::MyDatabaseId };
+/// Records whether the extension is installed in database `db`, as seen by a look taken at
+/// `generation` (see [`DatabaseEntry::generation`]; `None`: unconditionally, starting a new
+/// generation — a CREATE EXTENSION that commits now, or the launcher's reprobe).
+fn report_installed(db: pg_sys::Oid, installed: Installed, generation: Option<u32>) {
     let mut registry = REGISTRY.exclusive();
     if let Some(entry) = registry.entry_mut(db) {
         match generation {
@@ -323,7 +322,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
                 wake_database();
             }
             if CREATED.with(|c| c.replace(false)) {
-                report_installed(Installed::Unknown, None);
+                report_installed(unsafe { pg_sys::MyDatabaseId }, Installed::Unknown, None);
                 wake_launcher();
             }
         }
@@ -356,10 +355,10 @@ pub fn extension_created() {
     }
 }
 
-/// Before `DROP DATABASE` or `ALTER DATABASE ... RENAME` (both need the database to themselves):
-/// the database's workers leave it, and the launcher starts none there for [`PAUSE_MS`].
-/// PostgreSQL then waits up to 5 s for other sessions to leave; a worker leaves after the batch it
-/// is applying.
+/// Before `DROP DATABASE`, `ALTER DATABASE ... RENAME` or `CREATE DATABASE ... TEMPLATE` (each
+/// needs the database to itself): the database's workers leave it, and the launcher starts none
+/// there for [`PAUSE_MS`]. PostgreSQL then waits up to 5 s for other sessions to leave; a worker
+/// in the middle of a batch leaves at its next interrupt check (`terminate_on_sigterm`).
 fn pause_database(name: *const std::ffi::c_char) {
     if name.is_null() {
         return;
@@ -569,7 +568,7 @@ fn serve(served: &mut HashMap<pg_sys::Oid, Served>, databases: &[(pg_sys::Oid, S
                 let since = *db.absent_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= REPROBE {
                     db.absent_since = None;
-                    report_installed_for(*oid, Installed::Unknown);
+                    report_installed(*oid, Installed::Unknown, None);
                 }
             }
             Installed::Unknown => {
@@ -593,12 +592,6 @@ fn serve(served: &mut HashMap<pg_sys::Oid, Served>, databases: &[(pg_sys::Oid, S
                 }
             }
         }
-    }
-}
-
-fn report_installed_for(oid: pg_sys::Oid, installed: Installed) {
-    if let Some(entry) = REGISTRY.exclusive().entry_mut(oid) {
-        entry.installed = installed;
     }
 }
 
@@ -628,9 +621,7 @@ fn start_worker(database: &str, index: usize) -> Option<DynamicBackgroundWorker>
 /// that do not exist. `*` (the default): every database that allows connections and is not a
 /// template.
 fn databases_to_serve() -> (Vec<(pg_sys::Oid, String)>, Vec<String>) {
-    let setting = gucs::database();
-    let listed: Option<Vec<String>> = (setting.trim() != "*")
-        .then(|| setting.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect());
+    let listed = gucs::databases();
     // SAFETY: tuples of pg_database, read during the scan.
     let all: Vec<(pg_sys::Oid, String, bool)> = scan_shared_catalog(pg_sys::DatabaseRelationId, |tuple| unsafe {
         let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_database;
@@ -699,14 +690,15 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     let database = BackgroundWorker::get_extra().to_string();
     let role = gucs::worker_role();
     BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
+    let database_id = unsafe { pg_sys::MyDatabaseId };
     let looked_at = generation();
     if !BackgroundWorker::transaction(extension_installed) {
         // A probe (or a worker whose extension was just dropped): nothing to do here until
         // CREATE EXTENSION wakes the launcher.
-        report_installed(Installed::No, Some(looked_at));
+        report_installed(database_id, Installed::No, Some(looked_at));
         return;
     }
-    report_installed(Installed::Yes, Some(looked_at));
+    report_installed(database_id, Installed::Yes, Some(looked_at));
     if !claim_slot(index) {
         return; // another live worker holds this slot
     }
@@ -764,7 +756,7 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
         match processed {
             None => {
                 log!("{name}: extension pg_ecst was dropped from database \"{database}\"; leaving it");
-                report_installed(Installed::No, Some(looked_at));
+                report_installed(database_id, Installed::No, Some(looked_at));
                 wake_launcher();
                 return;
             }
