@@ -10,8 +10,9 @@ use crate::locks;
 use crate::security;
 use crate::subxact::{self, SubResult};
 use crate::writer::{self, Bound};
-use ecst_core::event::{check_unique_child_keys, parse, Cell, ChildSet, Event, Op, Value};
-use ecst_core::merge::{decide, Decision, EntityState, Outcome, Write};
+use ecst_core::event::{check_unique_child_keys, parse, ChildSet, Event, Op, Value};
+use ecst_core::fold::{fold, Fate, Folded, Ids, Plan};
+use ecst_core::merge::{EntityState, Outcome};
 use ecst_core::reject::{RejectCode, Rejection};
 use ecst_core::spec::StreamSpec;
 use ecst_core::version::Version;
@@ -300,13 +301,14 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
     if let Some(id) = &ev.event_id {
         let fresh = security::internal(|| {
             writer::run(
-            client,
-            "INSERT INTO ecst.applied_events (stream_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
-            &[stream.id.into(), id.as_str().into()],
-        )
+                client,
+                "INSERT INTO ecst.applied_events (stream_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
+                &[stream.id.into(), id.as_str().into()],
+            )
         });
         if fresh.is_empty() {
-            return Ok((Outcome::Duplicate, false));
+            // Recorded before: the fold calls the event a duplicate whatever the entity's state.
+            return decided(fold_one(spec, None, None, ev, &[], false)).map(|(fate, _)| fate);
         }
     }
 
@@ -334,85 +336,115 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
         locks::lock_entities(client, stream.id, vec![entity_key.clone()]);
         None
     };
-    let decision =
-        decide(spec, state.as_ref(), ev, |old_cells: &[Cell]| mismatches(client, stream, &keys, old_cells, &old));
-    let (outcome, conflict, write, next) = match decision {
-        Decision::Done { outcome, conflict, write, state } => (outcome, conflict, write, state),
-        Decision::DeadLetter(rejection) => return Err(Stop::Reject(rejection, true)),
-        Decision::Raise(message) => return Err(Stop::Raise(message)),
-    };
+    // The replica row, for the oldState check.
+    let row = if ev.old.is_empty() { None } else { writer::row_texts(client, table, &keys) };
+    let old_texts: Vec<Option<String>> = old.iter().map(|b| b.value.map(|d| b.column.ty.output(d))).collect();
+    let ((outcome, conflict), plan) = decided(fold_one(spec, state.clone(), row, ev, &old_texts, true))?;
 
     // An entity without a state row in row mode keeps its version in the replica row alone,
     // written only if that does not lower the row's version.
-    let guard = match (&next, stream.row_version) {
+    let guard = match (&plan.state, stream.row_version) {
         (Some(next), Some(column)) if row_mode && !stored && next.tomb.is_none() => Some(&table.columns[column]),
         _ => None,
     };
     // Lock order, the same on every path: the entity's state row first, then replica rows.
-    if let (Some(next), None) = (&next, guard) {
+    if let (Some(next), None) = (&plan.state, guard) {
         save_state(client, stream.id, &entity_key, stored.then_some(state.as_ref()).flatten(), next)?;
     }
-    match write {
-        Write::Nothing => {}
-        Write::Upsert { cells, children: sets } => {
-            let set: Vec<Bound> = cells.iter().map(|c| new_cells[&c.column]).collect();
-            // A guarded write goes through the executor's row API where it can (`direct`), else
-            // through SQL.
-            let row_writer = guard.filter(|_| !sql_only).and_then(|_| direct::RowWriter::open(table));
-            let direct = match (guard, row_writer) {
-                (Some(version), Some(mut row_writer)) => {
-                    let update = row_writer.write_if_newer(&keys, &set, version);
-                    row_writer.close();
-                    update
-                }
-                _ => direct::Update::NeedsSql,
-            };
-            let not_newer = match direct {
-                direct::Update::Written { .. } => None,
-                direct::Update::NotNewer(version) => Some(Some(state_from_text(Some(version), None, None))),
-                direct::Update::NeedsSql => {
-                    let mut row = keys.clone();
-                    row.extend(set.iter().copied());
-                    let conflict_cols: Vec<String> = table.keys.iter().map(|k| k.quoted.clone()).collect();
-                    let update: Vec<&str> = cells.iter().map(|c| table.columns[c.column].quoted.as_str()).collect();
-                    if writer::upsert(client, &table.qualified, &row, &conflict_cols, &update, guard) {
-                        None
-                    } else if optimistic {
-                        Some(row_state(client, stream, &keys))
-                    } else {
-                        Some(None)
-                    }
-                }
-            };
-            if let Some(row) = not_newer {
-                if !optimistic {
-                    // A concurrent session wrote a newer version since the row was read.
-                    return Err(Stop::Retry);
-                }
-                // The row was not older: the event is stale or a duplicate.
-                return match decide(spec, row.as_ref(), ev, |_: &[Cell]| Vec::new()) {
-                    Decision::Done { outcome, write: Write::Nothing, .. } => Ok((outcome, false)),
-                    _ => Err(Stop::Retry),
-                };
-            }
-            for set in sets {
-                write_children(client, stream, set.child, &keys, &children[set.child]);
-            }
+    let write = plan.write;
+    if write.delete {
+        for child in &stream.children {
+            let parent: Vec<Bound> =
+                child.parent.iter().zip(&keys).map(|(column, k)| Bound { column, value: k.value }).collect();
+            writer::delete(client, &child.table.qualified, &parent);
         }
-        Write::Clear { columns } => {
-            let cols: Vec<&Column> = columns.iter().map(|&i| &table.columns[i]).collect();
-            writer::clear(client, table, &keys, &cols);
-        }
-        Write::Delete => {
-            for child in &stream.children {
-                let parent: Vec<Bound> =
-                    child.parent.iter().zip(&keys).map(|(column, k)| Bound { column, value: k.value }).collect();
-                writer::delete(client, &child.table.qualified, &parent);
+        writer::delete(client, &table.qualified, &keys);
+    }
+    if !write.clear.is_empty() {
+        let cols: Vec<&Column> = write.clear.iter().map(|&i| &table.columns[i]).collect();
+        writer::clear(client, table, &keys, &cols);
+    }
+    if let Some(cells) = write.upsert {
+        let set: Vec<Bound> = cells.keys().map(|c| new_cells[c]).collect();
+        // A guarded write goes through the executor's row API where it can (`direct`), else
+        // through SQL.
+        let row_writer = guard.filter(|_| !sql_only).and_then(|_| direct::RowWriter::open(table));
+        let direct = match (guard, row_writer) {
+            (Some(version), Some(mut row_writer)) => {
+                let update = row_writer.write_if_newer(&keys, &set, version);
+                row_writer.close();
+                update
             }
-            writer::delete(client, &table.qualified, &keys);
+            _ => direct::Update::NeedsSql,
+        };
+        let not_newer = match direct {
+            direct::Update::Written { .. } => None,
+            direct::Update::NotNewer(version) => Some(Some(state_from_text(Some(version), None, None))),
+            direct::Update::NeedsSql => {
+                let mut row = keys.clone();
+                row.extend(set.iter().copied());
+                let conflict_cols: Vec<String> = table.keys.iter().map(|k| k.quoted.clone()).collect();
+                let update: Vec<&str> = cells.keys().map(|&c| table.columns[c].quoted.as_str()).collect();
+                if writer::upsert(client, &table.qualified, &row, &conflict_cols, &update, guard) {
+                    None
+                } else if optimistic {
+                    Some(row_state(client, stream, &keys))
+                } else {
+                    Some(None)
+                }
+            }
+        };
+        if let Some(row) = not_newer {
+            if !optimistic {
+                // A concurrent session wrote a newer version since the row was read.
+                return Err(Stop::Retry);
+            }
+            // The row was not older: the event is stale or a duplicate.
+            return match fold_one(spec, row, None, ev, &[], true) {
+                Folded::Plan(Plan { fates, write, .. }) if write.is_nothing() => match &fates[0] {
+                    Fate::Done { outcome, .. } => Ok((*outcome, false)),
+                    Fate::DeadLetter(_) => Err(Stop::Retry),
+                },
+                _ => Err(Stop::Retry),
+            };
+        }
+    }
+    if write.children.is_some() {
+        if let Op::Upsert { children: sets, .. } = &ev.op {
+            for (set, rows) in sets.iter().zip(&children) {
+                write_children(client, stream, set.child, &keys, rows);
+            }
         }
     }
     Ok((outcome, conflict))
+}
+
+/// The fold of a run of one event (`old`: its oldState cells as compared texts; `fresh_id`: its
+/// event id, if it has one, was not recorded before).
+fn fold_one(
+    spec: &StreamSpec,
+    state: Option<EntityState>,
+    row: Option<Vec<Option<String>>>,
+    ev: &Event,
+    old: &[Option<String>],
+    fresh_id: bool,
+) -> Folded {
+    let mut ids = Ids::new(ev.event_id.clone().filter(|_| fresh_id));
+    // One event's own writes are never compared again: what it writes need not be printed.
+    fold(spec, state, row, &[ev], |_, k| old[k].clone(), |_, _| None, &mut ids)
+}
+
+/// The one event's outcome and the plan, or why the attempt stops.
+fn decided(folded: Folded) -> Result<((Outcome, bool), Plan), Stop> {
+    match folded {
+        Folded::Plan(mut plan) => match plan.fates.pop().expect("one event") {
+            Fate::Done { outcome, conflict } => Ok(((outcome, conflict), plan)),
+            // Its subtransaction, and with it the event id recorded, is rolled back.
+            Fate::DeadLetter(rejection) => Err(Stop::Reject(rejection, true)),
+        },
+        Folded::Raise(message) => Err(Stop::Raise(message)),
+        Folded::OneByOne => unreachable!("a run of one event with its row read is never handed back"),
+    }
 }
 
 /// Converts one child set's rows; keys that repeat once converted make the event invalid.
@@ -456,15 +488,6 @@ fn write_children(
         let update: Vec<&str> =
             row.iter().map(|b| b.column.quoted.as_str()).filter(|c| !child.conflict.iter().any(|k| k == c)).collect();
         writer::upsert(client, &child.table.qualified, &row, &child.conflict, &update, None);
-    }
-}
-
-/// Which `oldState` fields disagree with the replica's row. Without a row there is nothing to
-/// disagree with (a new consumer's first event is not a conflict).
-fn mismatches(client: &mut SpiClient, stream: &Stream, keys: &[Bound], cells: &[Cell], old: &[Bound]) -> Vec<String> {
-    match writer::differs(client, &stream.table, keys, old) {
-        Some(differs) => cells.iter().zip(differs).filter(|(_, d)| *d).map(|(c, _)| c.field.clone()).collect(),
-        None => Vec::new(),
     }
 }
 

@@ -20,15 +20,16 @@ use crate::locks;
 use crate::security;
 use crate::subxact::{self, SubResult};
 use crate::writer::{self, Bound};
-use ecst_core::event::{Cell, Event, Op};
-use ecst_core::merge::{decide, Decision, EntityState, Outcome, Write};
+use ecst_core::event::{Event, Op};
+use ecst_core::fold::{fold, Fate, Folded, Ids};
+use ecst_core::merge::EntityState;
 use ecst_core::reject::Rejection;
 use ecst_core::version::Version;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::spi::SpiClient;
 use pgrx::PgSqlErrorCode as Code;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Whether a stream can be applied set-based: a single-column key, and array types for every
 /// column written (child tables' too).
@@ -158,6 +159,8 @@ struct Item<'e> {
 struct Final<'a> {
     /// Delete the existing row first (a delete, possibly followed by a re-create).
     delete: bool,
+    /// Then reset these columns of the row, if it exists, to their DEFAULT.
+    clear: BTreeSet<usize>,
     /// Then upsert these cells (`None`: no upsert).
     upsert: Option<BTreeMap<usize, Option<pg_sys::Datum>>>,
     /// The entity has no state row and keeps none (row mode): the upsert must not lower the
@@ -322,129 +325,48 @@ fn run_set_based(
         }
     }
 
-    // 5. Decide, entity by entity, in order; compose each entity's final write.
+    // 5. Decide, entity by entity (the core's fold of its events); compose each entity's write.
     let mut finals: Vec<(&String, pg_sys::Datum, Final)> = Vec::new();
     let mut new_states: Vec<(String, EntityState, bool)> = Vec::new();
     let mut one_by_one_entities: Vec<&String> = Vec::new();
-    let mut unapplied_ids: Vec<String> = Vec::new();
-    // Event ids that an event of this run went on with (not dead-lettered): kept recorded.
-    let mut kept_ids: HashSet<String> = HashSet::new();
+    let mut ids = Ids::new(fresh_ids);
     for (key, items) in &entities {
-        // This entity's fresh ids, in the order its events took them, and whether each was kept.
-        let mut taken_ids: Vec<(String, bool)> = Vec::new();
         let existed = stored.contains(key);
-        let mut state = states.remove(key);
-        let mut row = rows.remove(key);
-        let mut fin = Final::default();
-        let mut changed = false;
-        let mut needs_one_by_one = false;
-        // Simulate the row only when a later event's oldState will be compared with it.
-        let track_row = items.iter().any(|i| !i.old.is_empty());
-        // A row this run creates holds, in the columns no event of the run wrote, their DEFAULT,
-        // which the simulation does not know: the columns it wrote (`None`: not created here).
-        let mut created_with: Option<HashSet<usize>> = None;
-        let mut decided: Vec<(usize, Applied)> = Vec::new();
-        for it in items {
-            if let Some(id) = &it.ev.event_id {
-                if !fresh_ids.remove(id) {
-                    decided.push((it.index, Applied::Done { outcome: Outcome::Duplicate, conflict: false }));
-                    continue;
-                }
-                taken_ids.push((id.clone(), true));
-            }
-            if needs_one_by_one {
-                continue; // all of this entity's events are decided again, one at a time
-            }
-            if row.is_some()
-                && created_with.as_ref().is_some_and(|written| it.old.iter().any(|(c, _)| !written.contains(c)))
-            {
-                // oldState names such a column: compare with the real row, event by event.
-                needs_one_by_one = true;
+        let evs: Vec<&Event> = items.iter().map(|it| it.ev).collect();
+        let folded = fold(
+            spec,
+            states.remove(key),
+            rows.remove(key),
+            &evs,
+            |i, k| items[i].old[k].1.clone(),
+            |i, column| items[i].cells[column].map(|d| table.columns[column].ty.output(d)),
+            &mut ids,
+        );
+        let plan = match folded {
+            Folded::Plan(plan) => plan,
+            Folded::OneByOne => {
+                one_by_one_entities.push(key);
                 continue;
             }
-            let decision = decide(&stream.spec, state.as_ref(), it.ev, |_: &[Cell]| mismatches(it, row.as_ref()));
-            match decision {
-                Decision::Done { outcome, conflict, write, state: next } => {
-                    decided.push((it.index, Applied::Done { outcome, conflict }));
-                    match write {
-                        Write::Nothing => {}
-                        Write::Upsert { cells, children } => {
-                            if !children.is_empty() {
-                                // The write's child sets are the event's own.
-                                fin.children = Some(&it.children);
-                            }
-                            let upsert = fin.upsert.get_or_insert_with(BTreeMap::new);
-                            if spec.shape.is_snapshot() {
-                                upsert.clear();
-                            }
-                            for c in &cells {
-                                upsert.insert(c.column, it.cells[c.column]);
-                            }
-                            if track_row {
-                                if row.is_none() {
-                                    created_with = Some(HashSet::new());
-                                }
-                                let r = row.get_or_insert_with(|| vec![None; table.columns.len()]);
-                                if let Some(written) = created_with.as_mut() {
-                                    written.extend(cells.iter().map(|c| c.column));
-                                }
-                                for c in &cells {
-                                    r[c.column] = it.cells[c.column].map(|d| table.columns[c.column].ty.output(d));
-                                }
-                            }
-                        }
-                        Write::Clear { .. } => needs_one_by_one = true,
-                        Write::Delete => {
-                            fin = Final { delete: true, ..Final::default() };
-                            row = None;
-                            created_with = None;
-                        }
-                    }
-                    if let Some(n) = next {
-                        state = Some(n);
-                        changed = true;
-                    }
-                }
-                Decision::DeadLetter(r) => {
-                    if let Some(id) = &it.ev.event_id {
-                        // Not applied: a later event with this id is not its duplicate.
-                        fresh_ids.insert(id.clone());
-                        if let Some(taken) = taken_ids.last_mut() {
-                            taken.1 = false;
-                        }
-                        unapplied_ids.push(id.clone());
-                    }
-                    decided.push((it.index, rejected(r, true)));
-                }
-                Decision::Raise(message) => return Err(Fallback::Raise(message)),
-            }
+            Folded::Raise(message) => return Err(Fallback::Raise(message)),
+        };
+        for (it, fate) in items.iter().zip(plan.fates) {
+            results[it.index] = Some(applied(fate));
         }
-        if needs_one_by_one {
-            // A delete older than surviving delta fields resets columns to DEFAULT, which a
-            // set-based write cannot express, or an oldState names a column whose DEFAULT the
-            // simulated row does not know: this entity goes event by event.
-            one_by_one_entities.push(key);
-            // Only the ids this run recorded for it (a duplicate's id was recorded before and
-            // stays): the per-event path records them again.
-            unapplied_ids.extend(taken_ids.into_iter().map(|(id, _)| id));
-            continue;
-        }
-        kept_ids.extend(taken_ids.into_iter().filter(|(_, kept)| *kept).map(|(id, _)| id));
-        for (index, applied) in decided {
-            results[index] = Some(applied);
-        }
-        let state = state.filter(|_| changed);
         // Row mode: an entity without a state row and without a tombstone to remember keeps its
         // version in the replica row only.
-        fin.guarded = row_mode && !existed && state.as_ref().is_some_and(|s| s.tomb.is_none());
-        if let (Some(state), false) = (state, fin.guarded) {
+        let guarded = row_mode && !existed && plan.state.as_ref().is_some_and(|s| s.tomb.is_none());
+        if let (Some(state), false) = (plan.state, guarded) {
             new_states.push((key.clone(), state, existed));
         }
-        if fin.delete || fin.upsert.is_some() {
+        let write = plan.write;
+        if !write.is_nothing() {
+            let upsert = write.upsert.map(|cells| cells.into_iter().map(|(c, i)| (c, items[i].cells[c])).collect());
+            let children = write.children.map(|i| items[i].children.as_slice());
+            let fin = Final { delete: write.delete, clear: write.clear, upsert, guarded, children };
             finals.push((key, items[0].key, fin));
         }
     }
-
     // 6. Write, in the lock order every path follows: version states first (existing ones are
     //    locked already; new ones are inserted in key order), then replica rows in key order.
     save_states(client, stream.id, &new_states, state_rows.take().map(|rows| (rows, &state_ids)))?;
@@ -459,6 +381,16 @@ fn run_set_based(
         }
         let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", table.qualified, key_col.quoted);
         writer::run_once(client, &sql, &[key_col.ty.array(&deletes)]);
+    }
+    // Resets to DEFAULT (a delta's delete that newer fields survive), one statement per column set.
+    let mut clears: BTreeMap<&BTreeSet<usize>, Vec<Option<pg_sys::Datum>>> = BTreeMap::new();
+    for (_, key, fin) in finals.iter().filter(|(_, _, f)| !f.clear.is_empty()) {
+        clears.entry(&fin.clear).or_default().push(Some(*key));
+    }
+    for (columns, keys) in clears {
+        let sets: Vec<String> = columns.iter().map(|&c| format!("{} = DEFAULT", table.columns[c].quoted)).collect();
+        let sql = format!("UPDATE {} SET {} WHERE {} = ANY ($1)", table.qualified, sets.join(", "), key_col.quoted);
+        writer::run_once(client, &sql, &[key_col.ty.array(&keys)]);
     }
     let mut groups: BTreeMap<(Vec<usize>, bool), UpsertGroup> = BTreeMap::new();
     for (name, key, fin) in &finals {
@@ -550,8 +482,9 @@ fn run_set_based(
             refold(spec, &entities[key], version, false, &mut results)?;
         }
     }
-    // An id dead-lettered on one event and then taken by a later one stays recorded.
-    unapplied_ids.retain(|id| !kept_ids.contains(id));
+    // Ids taken by events not applied here (dead letters; entities gone one by one), unless an
+    // event of the run went on with them.
+    let unapplied_ids = ids.unrecorded();
     if !unapplied_ids.is_empty() {
         security::internal(|| {
             writer::run_once(
@@ -582,23 +515,27 @@ fn refold(
     wrote: bool,
     results: &mut [Option<Applied>],
 ) -> Result<(), Fallback> {
-    let mut state = apply::state_from_text(Some(version), None, None);
-    let mut writes = false;
-    for it in items {
-        match decide(spec, Some(&state), it.ev, |_: &[Cell]| Vec::new()) {
-            Decision::Done { outcome, conflict: false, write, state: next } => {
-                writes |= write != Write::Nothing;
-                results[it.index] = Some(Applied::Done { outcome, conflict: false });
-                if let Some(next) = next {
-                    state = next;
-                }
-            }
-            _ => return Err(Fallback::Race),
-        }
+    let state = apply::state_from_text(Some(version), None, None);
+    let evs: Vec<&Event> = items.iter().map(|it| it.ev).collect();
+    // Optimistic entities' events carry no oldState and no event id: nothing to compare or record.
+    let none = |_: usize, _: usize| -> Option<String> { None };
+    let Folded::Plan(plan) = fold(spec, Some(state), None, &evs, none, none, &mut Ids::default()) else {
+        return Err(Fallback::Race);
+    };
+    if plan.write.is_nothing() == wrote || plan.fates.iter().any(|f| !matches!(f, Fate::Done { conflict: false, .. })) {
+        return Err(Fallback::Race);
     }
-    match writes == wrote {
-        true => Ok(()),
-        false => Err(Fallback::Race),
+    for (it, fate) in items.iter().zip(plan.fates) {
+        results[it.index] = Some(applied(fate));
+    }
+    Ok(())
+}
+
+/// An event's result from its fate in the fold.
+fn applied(fate: Fate) -> Applied {
+    match fate {
+        Fate::Done { outcome, conflict } => Applied::Done { outcome, conflict },
+        Fate::DeadLetter(rejection) => rejected(rejection, true),
     }
 }
 
@@ -736,18 +673,6 @@ fn insert_arrays<'c>(
     );
     let args: Vec<_> = columns.iter().zip(values).map(|(c, v)| c.ty.array(v)).collect();
     writer::run(client, &sql, &args)
-}
-
-/// Which `oldState` fields of `it` differ from the entity's current row (none without a row).
-fn mismatches(it: &Item, row: Option<&Vec<Option<String>>>) -> Vec<String> {
-    let Some(row) = row else { return Vec::new() };
-    it.ev
-        .old
-        .iter()
-        .zip(&it.old)
-        .filter(|(_, (column, text))| &row[*column] != text)
-        .map(|(cell, _)| cell.field.clone())
-        .collect()
 }
 
 /// `INSERT ... SELECT * FROM unnest(keys, col1, ...) ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col`,

@@ -217,17 +217,14 @@ pub fn prune_children(client: &mut SpiClient, child: &ChildInfo, parent: &[Bound
     run(client, &sql, &args);
 }
 
-/// For each `old` cell: does the replica's current value differ? `None` if the row is absent.
-pub fn differs(client: &mut SpiClient, table: &TableInfo, keys: &[Bound], old: &[Bound]) -> Option<Vec<bool>> {
-    let n = keys.len();
-    let tests: Vec<String> = old
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("{}::text IS DISTINCT FROM ${}::text", b.column.quoted, n + 1 + i))
-        .collect();
-    let sql = format!("SELECT {} FROM {} WHERE {}", tests.join(", "), table.qualified, where_keys(keys, 1));
-    let args: Vec<_> = keys.iter().chain(old.iter()).map(Bound::arg).collect();
-    let rows = run(client, &sql, &args);
-    let row = rows.into_iter().next()?;
-    Some((1..=old.len()).map(|i| row.get::<bool>(i).unwrap().unwrap_or(true)).collect())
+/// The replica row matching `keys`, each column as its type's output text (how the engine compares
+/// `oldState` with the row), or `None` if the row is absent.
+pub fn row_texts(client: &mut SpiClient, table: &TableInfo, keys: &[Bound]) -> Option<Vec<Option<String>>> {
+    // A leading 1: a table with no column but its key still has a row to find.
+    let cols: String = table.columns.iter().map(|c| format!(", {}", output_text(&c.quoted))).collect();
+    let sql = format!("SELECT 1{cols} FROM {} WHERE {}", table.qualified, where_keys(keys, 1));
+    let args: Vec<_> = keys.iter().map(Bound::arg).collect();
+    let mut rows = run(client, &sql, &args);
+    let row = rows.next()?;
+    Some((2..=table.columns.len() + 1).map(|i| row.get::<String>(i).unwrap()).collect())
 }

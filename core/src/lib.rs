@@ -6,11 +6,14 @@
 //! - [`version`]: entity versions (JSON numbers or RFC 3339 timestamps) and their order.
 //! - [`merge`]: the per-entity state and the decision an event makes against it (idempotence,
 //!   staleness, per-field merge for deltas, tombstones, conflicts).
+//! - [`fold`]: a run of events of one entity folded into one plan: each event's outcome, the one
+//!   write they amount to and the new state (every entrance decides through it).
 //! - [`reject`]: the stable dead-letter codes.
 //! - [`sim`]: an in-memory replica and the in-order reference, for property tests and fuzzing.
 
 pub mod event;
 pub mod examples;
+pub mod fold;
 pub mod merge;
 pub mod reject;
 pub mod sim;

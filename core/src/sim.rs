@@ -2,7 +2,8 @@
 //! in-order reference semantics of the version rules (docs/concepts.md). The property tests and the fuzz target check that
 //! any delivery order through [`Replica::apply`] equals [`reference`].
 
-use crate::event::{Event, Op, Value};
+use crate::event::{Cell, Event, Op, Value};
+use crate::fold::RowWrite;
 use crate::merge::{decide, Decision, EntityState, Outcome, Write};
 use crate::spec::{Shape, StreamSpec};
 use std::collections::BTreeMap;
@@ -31,6 +32,59 @@ impl Replica {
                 outcome
             }
             other => panic!("unexpected decision {other:?}"),
+        }
+    }
+
+    /// Decides one event as the engine does, comparing its `oldState` with this replica's row
+    /// (an absent column reads as NULL), and executes the decision.
+    pub fn apply_checked<'e>(&mut self, spec: &StreamSpec, ev: &'e Event) -> Decision<'e> {
+        let row = self.rows.get(&ev.key);
+        let mismatches = |cells: &[Cell]| -> Vec<String> {
+            let Some(row) = row else { return Vec::new() };
+            let value = |c: &Cell| row.get(&c.column).cloned().unwrap_or(Value::Null);
+            cells.iter().filter(|c| value(c) != c.value).map(|c| c.field.clone()).collect()
+        };
+        let decision = decide(spec, self.states.get(&ev.key), ev, mismatches);
+        if let Decision::Done { write, state, .. } = &decision {
+            self.write(&ev.key, write.clone());
+            if let Some(s) = state {
+                self.states.insert(ev.key.clone(), s.clone());
+            }
+        }
+        decision
+    }
+
+    /// The row of `key` as compared values per column (NULL where absent), if it exists.
+    pub fn row_values(&self, spec: &StreamSpec, key: &[String]) -> Option<Vec<Value>> {
+        let row = self.rows.get(key)?;
+        Some((0..spec.table.columns.len()).map(|c| row.get(&c).cloned().unwrap_or(Value::Null)).collect())
+    }
+
+    /// Executes the write a run of `events` of the entity `key` folded into (`crate::fold`), as
+    /// the engine's executors do: delete, reset to DEFAULT, upsert, child sets.
+    pub fn execute(&mut self, key: &[String], events: &[&Event], write: &RowWrite, state: Option<EntityState>) {
+        if write.delete {
+            self.write(key, Write::Delete);
+        }
+        if let Some(row) = self.rows.get_mut(key) {
+            for c in &write.clear {
+                row.remove(c);
+            }
+        }
+        if let Some(upsert) = &write.upsert {
+            let row = self.rows.entry(key.to_vec()).or_default();
+            for (&column, &i) in upsert {
+                let Op::Upsert { cells, .. } = &events[i].op else { panic!("an upsert's cell comes from an upsert") };
+                let cell = cells.iter().find(|c| c.column == column).expect("the event writes this column");
+                set(row, column, cell.value.clone());
+            }
+        }
+        if let Some(i) = write.children {
+            let Op::Upsert { children, .. } = &events[i].op else { panic!("child sets come from an upsert") };
+            self.write(key, Write::Upsert { cells: Vec::new(), children });
+        }
+        if let Some(s) = state {
+            self.states.insert(key.to_vec(), s);
         }
     }
 
