@@ -6,26 +6,17 @@
 
 use pgrx::prelude::*;
 
-mod api;
-mod apply;
-mod bulk;
-mod catalog;
-mod convert;
-mod copy_in;
-mod counters;
-mod dead_letters;
-mod direct;
-mod errors;
-mod gucs;
-mod inbox;
-mod locks;
-mod parallel;
-mod retention;
-mod security;
-mod snapshot;
-mod subxact;
-mod worker;
-mod writer;
+// The layers, bottom up; each imports only the ones above it here (checked by
+// scripts/check-layers). The pure core, `ecst_core`, is below them all.
+mod pg;
+
+mod stream;
+
+mod engine;
+
+mod features;
+
+mod entry;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
@@ -37,10 +28,10 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    gucs::init();
-    worker::init();
-    catalog::register_invalidation();
-    counters::register_flush();
+    pg::gucs::init();
+    entry::worker::init();
+    stream::catalog::register_invalidation();
+    engine::counters::register_flush();
 }
 
 /// Used by `cargo pgrx test`.

@@ -457,7 +457,7 @@ mod tests {
         };
         assert_eq!(stored(), r#"7|-|{"line1": "7", "address_purpose": "5"}"#);
 
-        let mut rows = crate::direct::StateRows::open().expect("the row API is built for every major");
+        let mut rows = crate::engine::direct::StateRows::open().expect("the row API is built for every major");
         assert!(rows.lock(id, "nobody").is_none(), "an entity without a state row");
         assert!(rows.lock(id + 1, "a").is_none(), "another stream's entity");
         let (locked, (live, tomb, fields)) = rows.lock(id, "a").expect("the state row");

@@ -1,15 +1,18 @@
 //! The SQL functions of schema `ecst` (the wrappers with `regclass`/`jsonb` signatures and the
 //! `ecst.stats` view are in `sql/finalize.sql`).
 
-use crate::apply::{self, Applied, ErrorPolicy};
-use crate::bulk;
-use crate::catalog;
-use crate::counters;
-use crate::gucs;
-use crate::inbox;
-use crate::retention;
-use crate::security;
-use crate::snapshot;
+use crate::engine::apply;
+use crate::engine::bulk;
+use crate::engine::counters;
+use crate::engine::outcome::{Applied, ErrorPolicy};
+use crate::engine::record;
+use crate::features::inbox;
+use crate::features::retention;
+use crate::features::snapshot;
+use crate::pg::gucs;
+use crate::pg::owner;
+use crate::stream::catalog;
+use crate::stream::security;
 use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB};
@@ -28,7 +31,7 @@ fn outcome(a: &Applied) -> &'static str {
 /// An argument that must not be NULL (22004 names it, instead of pgrx's internal error).
 fn required<T>(value: Option<T>, argument: &str) -> T {
     value.unwrap_or_else(|| {
-        crate::errors::raise(
+        crate::pg::errors::raise(
             pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
             format!("{argument} must not be NULL"),
             None,
@@ -84,7 +87,7 @@ fn apply_text(stream: Option<&str>, event: Option<&str>) -> &'static str {
         Spi::connect_mut(|client| {
             let result = apply::apply_payload(client, &s, event, ErrorPolicy::Caller);
             let mut retained = Vec::new();
-            apply::record(client, Some(&s), Some(stream), event, &result, None, &mut retained);
+            record::record(client, Some(&s), Some(stream), event, &result, None, &mut retained);
             retention::append(client, &s, retained);
             outcome(&result)
         })
@@ -115,7 +118,7 @@ fn apply_batch_text(
         let results = s.styled(|| bulk::apply_run(client, &s, &parsed, ErrorPolicy::Caller));
         let mut retained = Vec::new();
         for (event, result) in events.iter().zip(&results) {
-            apply::record(client, Some(&s), Some(stream), event.as_deref(), result, None, &mut retained);
+            record::record(client, Some(&s), Some(stream), event.as_deref(), result, None, &mut retained);
             *counts.entry(outcome(result)).or_insert(0) += 1;
         }
         retention::append(client, &s, retained);
@@ -136,7 +139,7 @@ fn retry_dead_letters(
         security::require_apply(&s);
         security::require_trusted_code(&s);
     }
-    let admin = security::is_admin();
+    let admin = owner::is_admin();
     let mut counts = BTreeMap::new();
     let mut untrusted = 0i64;
     Spi::connect_mut(|client| {
@@ -144,7 +147,7 @@ fn retry_dead_letters(
         // the same name, or events for a name nobody had created yet — are not the new stream's
         // owner's to read: only an administrator retries them.
         type Letter = (i64, Option<String>, Option<String>, bool, Option<pg_sys::Oid>);
-        let letters: Vec<Letter> = security::internal(|| {
+        let letters: Vec<Letter> = owner::internal(|| {
             client
                 .update(
                     "SELECT d.id, d.stream, d.payload, coalesce(d.received_at < s.created_at, false), s.target::oid
@@ -204,7 +207,7 @@ fn retry_dead_letters(
                 }
             }
             // Taken one by one, so a concurrent retry of the same letter waits and then skips it.
-            let locked = security::internal(|| {
+            let locked = owner::internal(|| {
                 !client
                     .update("SELECT 1 FROM ecst.dead_letters WHERE id = $1 FOR UPDATE", None, &[id.into()])
                     .expect("locking a dead letter")
@@ -225,7 +228,7 @@ fn retry_dead_letters(
                 },
             };
             match &result {
-                Applied::Rejected { rejection, sqlstate, .. } => security::internal(|| {
+                Applied::Rejected { rejection, sqlstate, .. } => owner::internal(|| {
                     client
                         .update(
                             "UPDATE ecst.dead_letters SET error_code = $2, message = $3, sqlstate = $4,
@@ -242,14 +245,14 @@ fn retry_dead_letters(
                         .expect("updating ecst.dead_letters");
                 }),
                 Applied::Done { .. } => {
-                    security::internal(|| {
+                    owner::internal(|| {
                         client
                             .update("DELETE FROM ecst.dead_letters WHERE id = $1", None, &[id.into()])
                             .expect("deleting a dead letter");
                     });
                     if let Some(s) = &target {
                         let mut retained = Vec::new();
-                        apply::record(
+                        record::record(
                             client,
                             Some(s),
                             name.as_deref(),
@@ -290,7 +293,7 @@ fn discard_dead_letters(
     error_code: Option<&str>,
     older_than: Option<pgrx::datum::Interval>,
 ) -> i64 {
-    crate::dead_letters::discard(stream, error_code, older_than)
+    crate::features::dead_letters::discard(stream, error_code, older_than)
 }
 
 /// This backend's counters not yet written to `ecst.stream_counters` (used by `ecst.stats`).
@@ -333,7 +336,7 @@ fn _unflushed_counters() -> TableIterator<
 fn process_inbox(max_events: default!(Option<i64>, "NULL")) -> i64 {
     if let Some(m) = max_events {
         if m < 0 {
-            crate::errors::raise(
+            crate::pg::errors::raise(
                 pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                 "max_events must not be negative",
                 None,

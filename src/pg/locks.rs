@@ -70,7 +70,7 @@ pub fn lock_entities(client: &mut SpiClient, stream_id: i32, keys: Vec<String>) 
     if whole {
         return;
     }
-    crate::writer::run(
+    crate::pg::spi::run(
         client,
         "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(u.k, $1))
          FROM pg_catalog.unnest($2::text[]) WITH ORDINALITY AS u (k, n) ORDER BY u.n",
@@ -108,4 +108,13 @@ pub fn lock_stripes(stream_id: i32, stripes: &Stripes) {
     for (&stripe, &exclusive) in stripes {
         acquire(&advisory_tag(stream_id as u32, stripe, STRIPE_TAG), exclusive);
     }
+}
+
+/// Takes the replica's `ROW EXCLUSIVE` lock (which every writer takes anyway) before the state of
+/// an entity without a state row is read from its replica row: a bulk load in flight holds
+/// `SHARE ROW EXCLUSIVE` until it commits, so the read that follows (with a new snapshot) sees
+/// the loaded rows rather than deciding on the empty table.
+pub fn wait_for_bulk_load(table: pg_sys::Oid) {
+    // SAFETY: an ordinary relation lock, held to the end of the transaction like any writer's.
+    unsafe { pg_sys::LockRelationOid(table, pg_sys::RowExclusiveLock as i32) };
 }

@@ -11,15 +11,17 @@
 //! rolled back and the run is applied event by event instead, which isolates the bad event exactly
 //! as before. Composite entity keys always take the per-event path.
 
-use crate::apply::ChildRowBound;
-use crate::apply::{self, Applied, ErrorPolicy};
-use crate::catalog::{ChildInfo, Column, Stream, TableInfo};
-use crate::direct;
-use crate::errors::{self, raise};
-use crate::locks;
-use crate::security;
-use crate::subxact::{self, SubResult};
-use crate::writer::{self, Bound};
+use crate::engine::apply;
+use crate::engine::apply::ChildRowBound;
+use crate::engine::direct;
+use crate::engine::outcome::{Applied, ErrorPolicy};
+use crate::engine::writer::{self, Bound};
+use crate::pg::errors::{self, raise};
+use crate::pg::locks;
+use crate::pg::owner;
+use crate::pg::spi;
+use crate::pg::subxact::{self, SubResult};
+use crate::stream::catalog::{ChildInfo, Column, Stream, TableInfo};
 use ecst_core::event::{Event, Op};
 use ecst_core::fold::{fold, Fate, Folded, Ids};
 use ecst_core::merge::EntityState;
@@ -213,8 +215,8 @@ fn run_set_based(
             }
         }
         if !ids.is_empty() {
-            let rows = security::internal(|| {
-                writer::run(
+            let rows = owner::internal(|| {
+                spi::run(
                     client,
                     "INSERT INTO ecst.applied_events (stream_id, event_id) SELECT $1, pg_catalog.unnest($2::text[])
                  ON CONFLICT DO NOTHING RETURNING event_id",
@@ -246,8 +248,8 @@ fn run_set_based(
             }
         }
     } else if versioned_run {
-        let rows = security::internal(|| {
-            writer::run_once(
+        let rows = owner::internal(|| {
+            spi::run_once(
                 client,
                 "SELECT entity_key, live_version::text, tomb_version::text, field_versions::text
              FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2::text[])
@@ -295,7 +297,7 @@ fn run_set_based(
             .map(|(_, items)| Some(items[0].key))
             .collect();
         if !missing.is_empty() {
-            crate::snapshot::wait_for_bulk_load(stream);
+            crate::pg::locks::wait_for_bulk_load(stream.table.oid);
             for (key, version) in row_versions(client, stream, version_column, &missing) {
                 states.insert(key, apply::state_from_text(Some(version), None, None));
             }
@@ -309,16 +311,16 @@ fn run_set_based(
     if !needs_row.is_empty() {
         let datums: Vec<Option<pg_sys::Datum>> = needs_row.iter().map(|k| Some(entities[*k][0].key)).collect();
         // Printed as `mismatches` compares them: by each type's output function.
-        let cols: Vec<String> = table.columns.iter().map(|c| writer::output_text(&c.quoted)).collect();
+        let cols: Vec<String> = table.columns.iter().map(|c| spi::output_text(&c.quoted)).collect();
         let sql = format!(
             "SELECT {}{}{} FROM {} WHERE {} = ANY ($1)",
-            writer::output_text(&key_col.quoted),
+            spi::output_text(&key_col.quoted),
             if cols.is_empty() { "" } else { ", " },
             cols.join(", "),
             table.qualified,
             key_col.quoted
         );
-        for r in writer::run_once(client, &sql, &[key_col.ty.array(&datums)]) {
+        for r in spi::run_once(client, &sql, &[key_col.ty.array(&datums)]) {
             let key: String = r.get(1).unwrap().unwrap();
             let values = (0..table.columns.len()).map(|i| r.get::<String>(i + 2).unwrap()).collect();
             rows.insert(key, values);
@@ -377,10 +379,10 @@ fn run_set_based(
         for child in &stream.children {
             let parent = &child.parent[0];
             let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", child.table.qualified, parent.quoted);
-            writer::run_once(client, &sql, &[parent.ty.array(&deletes)]);
+            spi::run_once(client, &sql, &[parent.ty.array(&deletes)]);
         }
         let sql = format!("DELETE FROM {} WHERE {} = ANY ($1)", table.qualified, key_col.quoted);
-        writer::run_once(client, &sql, &[key_col.ty.array(&deletes)]);
+        spi::run_once(client, &sql, &[key_col.ty.array(&deletes)]);
     }
     // Resets to DEFAULT (a delta's delete that newer fields survive), one statement per column set.
     let mut clears: BTreeMap<&BTreeSet<usize>, Vec<Option<pg_sys::Datum>>> = BTreeMap::new();
@@ -390,7 +392,7 @@ fn run_set_based(
     for (columns, keys) in clears {
         let sets: Vec<String> = columns.iter().map(|&c| format!("{} = DEFAULT", table.columns[c].quoted)).collect();
         let sql = format!("UPDATE {} SET {} WHERE {} = ANY ($1)", table.qualified, sets.join(", "), key_col.quoted);
-        writer::run_once(client, &sql, &[key_col.ty.array(&keys)]);
+        spi::run_once(client, &sql, &[key_col.ty.array(&keys)]);
     }
     let mut groups: BTreeMap<(Vec<usize>, bool), UpsertGroup> = BTreeMap::new();
     for (name, key, fin) in &finals {
@@ -486,8 +488,8 @@ fn run_set_based(
     // event of the run went on with them.
     let unapplied_ids = ids.unrecorded();
     if !unapplied_ids.is_empty() {
-        security::internal(|| {
-            writer::run_once(
+        owner::internal(|| {
+            spi::run_once(
                 client,
                 "DELETE FROM ecst.applied_events WHERE stream_id = $1 AND event_id = ANY ($2::text[])",
                 &[stream.id.into(), unapplied_ids.into()],
@@ -554,9 +556,9 @@ fn row_versions(
         key_col.quoted,
         version,
         table.qualified,
-        writer::output_text(&key_col.quoted)
+        spi::output_text(&key_col.quoted)
     );
-    writer::run_once(client, &sql, &[key_col.ty.array(keys)])
+    spi::run_once(client, &sql, &[key_col.ty.array(keys)])
         .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
         .collect()
 }
@@ -631,20 +633,20 @@ fn write_children(client: &mut SpiClient, index: usize, child: &ChildInfo, final
         let matches: Vec<String> = key_cols
             .iter()
             .zip(&aliases)
-            .map(|(c, k)| format!(" AND {} = k.{k}", writer::output_text(&format!("c.{}", c.quoted))))
+            .map(|(c, k)| format!(" AND {} = k.{k}", spi::output_text(&format!("c.{}", c.quoted))))
             .collect();
         let sql = format!(
             "DELETE FROM {} AS c WHERE c.{p} = ANY ($1) AND NOT EXISTS
              (SELECT 1 FROM {} AS k (p, {}) WHERE k.p = c.{p}{})",
             child.table.qualified,
-            writer::zipped(&std::iter::once("$2".to_string()).chain(arrays).collect::<Vec<_>>()),
+            spi::zipped(&std::iter::once("$2".to_string()).chain(arrays).collect::<Vec<_>>()),
             aliases.join(", "),
             matches.concat(),
             p = parent_col.quoted,
         );
         let mut args = vec![parent_col.ty.array(&pruned), parent_col.ty.array(&keep_parents)];
         args.extend(keep_keys.into_iter().map(Into::into));
-        writer::run_once(client, &sql, &args);
+        spi::run_once(client, &sql, &args);
     }
     for (columns, values) in groups.into_values() {
         let update: Vec<&str> =
@@ -669,10 +671,10 @@ fn insert_arrays<'c>(
     let sql = format!(
         "INSERT INTO {table} AS t ({}) SELECT * FROM {} ON CONFLICT ({conflict}) DO {action}",
         names.join(", "),
-        writer::zipped(&params),
+        spi::zipped(&params),
     );
     let args: Vec<_> = columns.iter().zip(values).map(|(c, v)| c.ty.array(v)).collect();
-    writer::run(client, &sql, &args)
+    spi::run(client, &sql, &args)
 }
 
 /// `INSERT ... SELECT * FROM unnest(keys, col1, ...) ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col`,
@@ -691,7 +693,7 @@ fn upsert_many(
     let cols: Vec<&Column> = std::iter::once(key_col).chain(columns.iter().map(|&i| &table.columns[i])).collect();
     let update: Vec<&str> =
         if insert_only { Vec::new() } else { cols[1..].iter().map(|c| c.quoted.as_str()).collect() };
-    let action = writer::conflict_action(&update, guard, &writer::output_text(&format!("t.{}", key_col.quoted)));
+    let action = writer::conflict_action(&update, guard, &spi::output_text(&format!("t.{}", key_col.quoted)));
     let mut values: ColumnValues = vec![rows.iter().map(|(k, _)| Some(*k)).collect()];
     values.extend((0..columns.len()).map(|i| rows.iter().map(|(_, v)| v[i]).collect()));
     let written = insert_arrays(client, &table.qualified, &cols, &values, &key_col.quoted, &action);
@@ -731,8 +733,8 @@ fn save_states(
         let fields: Vec<Option<String>> = chosen.iter().map(|s| apply::fields_to_text(&s.1)).collect();
         let args = [stream_id.into(), keys.into(), live.into(), tomb.into(), fields.into()];
         if existed {
-            security::internal(|| {
-                writer::run_once(
+            owner::internal(|| {
+                spi::run_once(
                     client,
                     "UPDATE ecst.entity_state s SET live_version = u.l::numeric, tomb_version = u.t::numeric,
                         field_versions = u.f::jsonb
@@ -742,8 +744,8 @@ fn save_states(
                 )
             });
         } else {
-            let inserted = security::internal(|| {
-                writer::run(
+            let inserted = owner::internal(|| {
+                spi::run(
                     client,
                     "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
                  SELECT $1, u.k, u.l::numeric, u.t::numeric, u.f::jsonb

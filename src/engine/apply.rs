@@ -3,13 +3,15 @@
 //! the new state. Each event runs in its own subtransaction, so a bad event is rolled back
 //! alone and dead-lettered while the rest of a batch goes on.
 
-use crate::catalog::{Column, Stream};
-use crate::direct;
-use crate::errors::{self, raise};
-use crate::locks;
-use crate::security;
-use crate::subxact::{self, SubResult};
-use crate::writer::{self, Bound};
+use crate::engine::direct;
+use crate::engine::outcome::{Applied, ErrorPolicy, LAST_TRY_AFTER};
+use crate::engine::writer::{self, Bound};
+use crate::pg::errors::{self, raise};
+use crate::pg::locks;
+use crate::pg::owner;
+use crate::pg::spi;
+use crate::pg::subxact::{self, SubResult};
+use crate::stream::catalog::{Column, Stream};
 use ecst_core::event::{check_unique_child_keys, parse, ChildSet, Event, Op, Value};
 use ecst_core::fold::{fold, Fate, Folded, Ids, Plan};
 use ecst_core::merge::{EntityState, Outcome};
@@ -21,21 +23,6 @@ use pgrx::spi::SpiClient;
 use pgrx::PgSqlErrorCode as Code;
 use std::collections::BTreeMap;
 
-/// What happened to one event.
-#[derive(Debug, Clone)]
-pub enum Applied {
-    Done {
-        outcome: Outcome,
-        conflict: bool,
-    },
-    /// The event goes to the dead letters (with the SQLSTATE when PostgreSQL refused it).
-    Rejected {
-        rejection: Rejection,
-        sqlstate: Option<String>,
-        conflict: bool,
-    },
-}
-
 /// Why an attempt stopped; its subtransaction is rolled back.
 enum Stop {
     Reject(Rejection, bool),
@@ -46,53 +33,6 @@ enum Stop {
 }
 
 const ATTEMPTS: usize = 50;
-
-/// Which PostgreSQL errors raised while applying one event make it a dead letter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorPolicy {
-    /// A SQL caller: data errors are dead letters; anything else (permissions, cancel...) is raised.
-    Caller,
-    /// The background worker has nobody to raise to: every error that is not about the session or
-    /// server (cancel, out of memory, deadlock, internal) is a dead letter, so one poison event
-    /// never stops the worker.
-    Worker,
-}
-
-thread_local! {
-    /// The worker's batch has failed [`LAST_TRY_AFTER`] times in a row on an error about the
-    /// session (a serialization failure, a deadlock...): this time such an error is the event's,
-    /// and makes it a dead letter, so that one event that always fails that way (a replica trigger
-    /// raising 40001) cannot hold up the inbox forever. Only operator intervention (57: cancel,
-    /// shutdown) still ends the batch.
-    static LAST_TRY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Failed attempts of one worker batch (from the same inbox row) before the next is its last try.
-pub const LAST_TRY_AFTER: u32 = 3;
-
-/// Runs `work` as a batch's last try (see [`LAST_TRY`]) when `last` is true.
-pub fn last_try<R>(last: bool, work: impl FnOnce() -> R) -> R {
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            LAST_TRY.with(|l| l.set(false));
-        }
-    }
-    LAST_TRY.with(|l| l.set(last));
-    let _reset = Reset;
-    work()
-}
-
-impl ErrorPolicy {
-    pub fn dead_letters(self, sqlstate: &str) -> bool {
-        match self {
-            ErrorPolicy::Caller => errors::is_event_error(sqlstate),
-            ErrorPolicy::Worker => {
-                !errors::is_session_error(sqlstate) || (LAST_TRY.with(|l| l.get()) && !sqlstate.starts_with("57"))
-            }
-        }
-    }
-}
 
 /// Parses a payload as received (a NULL payload is rejected). Pure Rust: it may run on a helper
 /// thread (`snapshot::parse_chunk`).
@@ -187,7 +127,7 @@ pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: 
 /// particular a state row created before this session took its stripe lock (`locks::lock_stripes`).
 pub(crate) fn row_mode(stream: &Stream) -> bool {
     // SAFETY: a plain read of the transaction's isolation level.
-    stream.row_version.is_some() && crate::subxact::read_committed()
+    stream.row_version.is_some() && crate::pg::subxact::read_committed()
 }
 
 /// Whether applying `ev` may create a version-state row for an entity of a row-version stream
@@ -299,8 +239,8 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
         ev.old.iter().map(|c| bind_compared(&table.columns[c.column], &c.field, &c.value)).collect::<Result<_, _>>()?;
 
     if let Some(id) = &ev.event_id {
-        let fresh = security::internal(|| {
-            writer::run(
+        let fresh = owner::internal(|| {
+            spi::run(
                 client,
                 "INSERT INTO ecst.applied_events (stream_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
                 &[stream.id.into(), id.as_str().into()],
@@ -496,8 +436,8 @@ fn write_children(
 /// `FOR UPDATE`: a row lock taken in one event's subtransaction and re-taken in the next turns
 /// into a growing MultiXact when one transaction applies many events of an entity.
 fn load_state(client: &mut SpiClient, stream_id: i32, key: &str) -> Result<Option<EntityState>, Stop> {
-    let rows = security::internal(|| {
-        writer::run(
+    let rows = owner::internal(|| {
+        spi::run(
             client,
             "SELECT live_version::text, tomb_version::text, field_versions::text
          FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = $2",
@@ -514,12 +454,12 @@ fn load_state(client: &mut SpiClient, stream_id: i32, key: &str) -> Result<Optio
 /// (an entity bulk-loaded into an empty replica; see `Stream::row_version`).
 fn row_state(client: &mut SpiClient, stream: &Stream, keys: &[Bound]) -> Option<EntityState> {
     let column = &stream.table.columns[stream.row_version?];
-    crate::snapshot::wait_for_bulk_load(stream);
+    crate::pg::locks::wait_for_bulk_load(stream.table.oid);
     let matches: Vec<String> =
         keys.iter().enumerate().map(|(i, k)| format!("{} = ${}", k.column.quoted, i + 1)).collect();
     let sql = format!("SELECT {}::text FROM {} WHERE {}", column.quoted, stream.table.qualified, matches.join(" AND "));
     let args: Vec<_> = keys.iter().map(Bound::arg).collect();
-    let rows = writer::run(client, &sql, &args);
+    let rows = spi::run(client, &sql, &args);
     let text: Option<String> = rows.into_iter().next()?.get(1).unwrap();
     Some(state_from_text(Some(text?), None, None))
 }
@@ -568,8 +508,8 @@ fn save_state(
 ) -> Result<(), Stop> {
     let text = |v: &Option<Version>| v.as_ref().map(Version::to_numeric_string);
     let Some(old) = read else {
-        let inserted = security::internal(|| {
-            writer::run(
+        let inserted = owner::internal(|| {
+            spi::run(
                 client,
                 "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
              VALUES ($1, $2, $3::numeric, $4::numeric, $5::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
@@ -578,8 +518,8 @@ fn save_state(
         });
         return if inserted.is_empty() { Err(Stop::Retry) } else { Ok(()) };
     };
-    let updated = security::internal(|| {
-        writer::run(
+    let updated = owner::internal(|| {
+        spi::run(
             client,
             "UPDATE ecst.entity_state SET live_version = $3::numeric, tomb_version = $4::numeric,
                 field_versions = $5::jsonb
@@ -604,60 +544,6 @@ fn save_state(
     } else {
         Ok(())
     }
-}
-
-/// Records what happened to one event: a dead letter (payload verbatim) if it was rejected, the
-/// stream's counters, and — for streams that retain events — the payload for the event log
-/// (collected in `retained`, written once per batch by `retention::append`). The log keeps every
-/// event but duplicates, dead letters and events skipped for a conflict (replayed after a
-/// compaction, with nothing left to conflict with, a skipped event would be applied): an event
-/// stale under today's mapping (a delta whose fields are all unmapped) may write a column a later
-/// mapping adds.
-pub fn record(
-    client: &mut SpiClient,
-    stream: Option<&Stream>,
-    stream_name: Option<&str>,
-    payload: Option<&str>,
-    result: &Applied,
-    received_at: Option<pgrx::datum::TimestampWithTimeZone>,
-    retained: &mut Vec<String>,
-) {
-    if let Applied::Rejected { rejection, sqlstate, .. } = result {
-        dead_letter(client, stream_name, payload, rejection, sqlstate.as_deref(), received_at);
-    }
-    if let Some(s) = stream {
-        crate::counters::count(s.id, result);
-        let kept = matches!(result, Applied::Done { outcome, .. } if !matches!(outcome, Outcome::Duplicate | Outcome::Skipped));
-        if let (true, true, Some(p)) = (s.retain_events, kept, payload) {
-            retained.push(p.to_string());
-        }
-    }
-}
-
-/// Records a dead letter that arrived at `received_at` (an inbox row), or now.
-pub fn dead_letter(
-    client: &mut SpiClient,
-    stream: Option<&str>,
-    payload: Option<&str>,
-    r: &Rejection,
-    sqlstate: Option<&str>,
-    received_at: Option<pgrx::datum::TimestampWithTimeZone>,
-) {
-    security::internal(|| {
-        writer::run(
-            client,
-            "INSERT INTO ecst.dead_letters (stream, payload, error_code, message, sqlstate, received_at)
-         VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))",
-            &[
-                stream.into(),
-                payload.into(),
-                r.code.as_str().into(),
-                r.message.as_str().into(),
-                sqlstate.into(),
-                received_at.into(),
-            ],
-        )
-    });
 }
 
 /// The canonical entity key of an event with this key (`Event::key`: what version state is kept

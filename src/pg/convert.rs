@@ -2,7 +2,7 @@
 //! function (with the column's typmod, so `varchar(10)` or `numeric(5,2)` are enforced), and
 //! key values are canonicalised through input + output (`"042"` and `42` are the same bigint).
 
-use crate::errors;
+use crate::pg::errors;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgTryBuilder;
@@ -51,8 +51,8 @@ const FIXED_STYLE: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
 ];
 
 /// `FIXED_STYLE` in effect until dropped.
-pub fn fixed_style() -> crate::gucs::Override {
-    crate::gucs::Override::enter(&FIXED_STYLE)
+pub fn fixed_style() -> crate::pg::gucs::Override {
+    crate::pg::gucs::Override::enter(&FIXED_STYLE)
 }
 
 /// Runs `work` (a type's input function or constraint check): a data error it raises (SQLSTATE

@@ -6,8 +6,9 @@
 //! extension owner's (or a member of its role). Letters the caller may not discard are left and
 //! counted in a notice.
 
-use crate::errors;
-use crate::security;
+use crate::pg::errors;
+use crate::pg::owner;
+use crate::stream::security;
 use ecst_core::reject::RejectCode;
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
@@ -41,13 +42,13 @@ pub fn discard(stream: Option<&str>, error_code: Option<&str>, older_than: Optio
             );
         }
     }
-    if let Some(s) = stream.and_then(crate::catalog::try_stream) {
+    if let Some(s) = stream.and_then(crate::stream::catalog::try_stream) {
         security::require_apply(&s);
     }
     let args = || [stream.into(), error_code.into(), older_than.into()];
     Spi::connect_mut(|client| {
-        if security::is_admin() {
-            return security::internal(|| {
+        if owner::is_admin() {
+            return owner::internal(|| {
                 client
                     .update(&format!("DELETE FROM ecst.dead_letters d WHERE {FILTER}"), None, &args())
                     .expect("deleting dead letters")
@@ -57,7 +58,7 @@ pub fn discard(stream: Option<&str>, error_code: Option<&str>, older_than: Optio
         // Per stream name: the stream's tables (none: no such stream), and how many of the selected
         // letters arrived before the stream was created.
         type Group = (String, Vec<pgrx::pg_sys::Oid>, i64, i64);
-        let groups: Vec<Group> = security::internal(|| {
+        let groups: Vec<Group> = owner::internal(|| {
             client
                 .update(
                     &format!(
@@ -95,7 +96,7 @@ pub fn discard(stream: Option<&str>, error_code: Option<&str>, older_than: Optio
                 continue;
             }
             skipped += not_theirs;
-            removed += security::internal(|| {
+            removed += owner::internal(|| {
                 client
                     .update(
                         &format!(

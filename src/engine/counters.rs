@@ -40,15 +40,15 @@ fn add(stream_id: i32, outcome: Option<Outcome>, conflict: bool, n: i64) {
 }
 
 /// Counts what happened to one event.
-pub fn count(stream_id: i32, applied: &crate::apply::Applied) {
+pub fn count(stream_id: i32, applied: &crate::engine::outcome::Applied) {
     count_many(stream_id, applied, 1);
 }
 
 /// Counts `n` events with the same outcome.
-pub fn count_many(stream_id: i32, applied: &crate::apply::Applied, n: i64) {
+pub fn count_many(stream_id: i32, applied: &crate::engine::outcome::Applied, n: i64) {
     match applied {
-        crate::apply::Applied::Done { outcome, conflict } => add(stream_id, Some(*outcome), *conflict, n),
-        crate::apply::Applied::Rejected { conflict, .. } => add(stream_id, None, *conflict, n),
+        crate::engine::outcome::Applied::Done { outcome, conflict } => add(stream_id, Some(*outcome), *conflict, n),
+        crate::engine::outcome::Applied::Rejected { conflict, .. } => add(stream_id, None, *conflict, n),
     }
 }
 
@@ -72,7 +72,7 @@ fn flush() {
     // SAFETY: balanced push/pop around the statement, inside a live transaction.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     // A stream dropped in this same transaction has no row left to count against.
-    crate::security::internal(|| {
+    crate::pg::owner::internal(|| {
         Spi::run_with_args(
             "INSERT INTO ecst.stream_counters
          SELECT (r->>0)::int, (r->>1)::bigint, (r->>2)::bigint, (r->>3)::bigint, (r->>4)::bigint,

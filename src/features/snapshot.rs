@@ -5,17 +5,20 @@
 //! the set-based path, so version rules decide per entity exactly as for events: an older
 //! snapshot row never overwrites newer state, and events applied meanwhile stay correct.
 
-use crate::apply::{self, Applied, ErrorPolicy};
-use crate::bulk;
-use crate::catalog::{self, Column, Stream};
-use crate::copy_in;
-use crate::counters;
-use crate::errors;
-use crate::errors::raise;
-use crate::parallel;
-use crate::retention;
-use crate::security;
-use crate::subxact::{self, SubResult};
+use crate::engine::apply;
+use crate::engine::bulk;
+use crate::engine::copy_in;
+use crate::engine::counters;
+use crate::engine::outcome::{Applied, ErrorPolicy};
+use crate::engine::record;
+use crate::features::retention;
+use crate::pg::errors;
+use crate::pg::errors::raise;
+use crate::pg::owner;
+use crate::pg::parallel;
+use crate::pg::subxact::{self, SubResult};
+use crate::stream::catalog::{self, Column, Stream};
+use crate::stream::security;
 use ecst_core::event::{parse_key, Op, Value as CellValue};
 use ecst_core::merge::Outcome;
 use ecst_core::reject::Rejection;
@@ -83,7 +86,7 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
     if replace {
         // The deletions of absent entities decide on versions read up front: no writer of the
         // stream may move them meanwhile.
-        crate::locks::lock_stream(stream.id, true);
+        crate::pg::locks::lock_stream(stream.id, true);
     }
     if let Some(counts) = load_into_empty(&stream, &source_name) {
         return counts;
@@ -124,7 +127,7 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
                     Applied::Done { .. } => counts.stale += 1,
                     Applied::Rejected { .. } => counts.dead_lettered += 1,
                 }
-                apply::record(
+                record::record(
                     client,
                     Some(&stream),
                     Some(stream_name),
@@ -175,7 +178,7 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         && spec.event_id.is_none()
         && !stream.retain_events
         && stream.children.is_empty()
-        && crate::subxact::read_committed()
+        && crate::pg::subxact::read_committed()
         && !copy_in::has_row_security(&stream.table);
     if !applicable {
         return None;
@@ -184,7 +187,7 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         let empty = |client: &mut SpiClient| {
             let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {})", stream.table.qualified);
             let replica: bool = client.select(&sql, None, &[]).expect("reading the replica").first().get(1).unwrap()?;
-            let state: bool = security::internal(|| {
+            let state: bool = owner::internal(|| {
                 client
                     .select(
                         "SELECT NOT EXISTS (SELECT 1 FROM ecst.entity_state WHERE stream_id = $1)",
@@ -227,19 +230,10 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         for (payload, rejection) in copied.rejected {
             counts.dead_lettered += 1;
             let result = Applied::Rejected { rejection, sqlstate: None, conflict: false };
-            apply::record(client, Some(stream), Some(&spec.name), payload.as_deref(), &result, None, &mut retained);
+            record::record(client, Some(stream), Some(&spec.name), payload.as_deref(), &result, None, &mut retained);
         }
         Some(counts)
     })
-}
-
-/// Takes the replica's `ROW EXCLUSIVE` lock (which every writer takes anyway) before the state of
-/// an entity without a state row is read from its replica row: a bulk load in flight holds
-/// `SHARE ROW EXCLUSIVE` until it commits, so the read that follows (with a new snapshot) sees
-/// the loaded rows rather than deciding on the empty table.
-pub fn wait_for_bulk_load(stream: &Stream) {
-    // SAFETY: an ordinary relation lock, held to the end of the transaction like any writer's.
-    unsafe { pg_sys::LockRelationOid(stream.table.oid, pg_sys::RowExclusiveLock as i32) };
 }
 
 /// Reads the source and `COPY`s its rows into the (empty, locked) replica. `Err(())`: an event the
@@ -250,7 +244,7 @@ pub fn wait_for_bulk_load(stream: &Stream) {
 /// text; the parsing is pure Rust and about a third of the work.
 fn copy_snapshot(client: &mut SpiClient, stream: &Stream, source_name: &str) -> Result<Copied, ()> {
     let table = &stream.table;
-    let columns: Vec<&crate::catalog::Column> = table.keys.iter().chain(&table.columns).collect();
+    let columns: Vec<&crate::stream::catalog::Column> = table.keys.iter().chain(&table.columns).collect();
     let mut copied = Copied { loaded: 0, rejected: Vec::new() };
     let mut cursor = open_source(client, source_name);
     let spec = stream.spec.clone();
@@ -357,7 +351,7 @@ impl<'a> Progress<'a> {
 
 /// SQL for an entity's canonical key text from a table's key columns (see `apply::entity_key`).
 fn key_expr(alias: &str, columns: &[&str]) -> String {
-    let text = |c: &str| crate::writer::output_text(&format!("{alias}.{c}"));
+    let text = |c: &str| crate::pg::spi::output_text(&format!("{alias}.{c}"));
     match columns {
         [one] => text(one),
         many => {
@@ -381,7 +375,7 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
     let mut unstored: BTreeMap<String, String> = BTreeMap::new();
     let candidates: Vec<String> = match as_of {
         Some(v) => {
-            let mut candidates: Vec<String> = security::internal(|| {
+            let mut candidates: Vec<String> = owner::internal(|| {
                 client
                     .update(
                         // Locked: a concurrent event of a state-row stream (whose writers do
@@ -413,7 +407,7 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
                     .collect();
                 if !rows.is_empty() {
                     let all: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-                    let with_state: HashSet<String> = security::internal(|| {
+                    let with_state: HashSet<String> = owner::internal(|| {
                         client
                             .select(
                                 "SELECT entity_key FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2)",
@@ -462,7 +456,7 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
     let sql = format!("DELETE FROM {} t WHERE {} = ANY ($1::text[])", table.qualified, key_expr("t", &keys));
     client.update(&sql, None, &[gone.clone().into()]).expect("deleting replica rows");
     if let Some(v) = as_of {
-        security::internal(|| {
+        owner::internal(|| {
             client
                 .update(
                     "UPDATE ecst.entity_state SET tomb_version = $3::numeric, field_versions = NULL
@@ -499,7 +493,7 @@ pub fn export(stream_name: &str) -> Vec<Value> {
     Spi::connect(|client| {
         let mut versions: HashMap<String, String> = HashMap::new();
         if spec.version.is_some() {
-            security::internal(|| {
+            owner::internal(|| {
                 let rows = client
                     .select(
                         "SELECT entity_key, live_version::text FROM ecst.entity_state

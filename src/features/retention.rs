@@ -3,10 +3,12 @@
 //! tables (e.g. after a column was added to the mapping); `ecst.compact_events` flattens the log
 //! so it does not grow without bound, keeping what a rebuild needs to reproduce the replica.
 
-use crate::apply::{self, ErrorPolicy};
-use crate::bulk;
-use crate::catalog::{self, Stream};
-use crate::security;
+use crate::engine::apply;
+use crate::engine::bulk;
+use crate::engine::outcome::{self, ErrorPolicy};
+use crate::engine::record;
+use crate::pg::owner;
+use crate::stream::catalog::{self, Stream};
 use ecst_core::event::{parse, Op};
 use ecst_core::spec::Shape;
 use ecst_core::version::Version;
@@ -22,8 +24,8 @@ pub fn append(client: &mut SpiClient, stream: &Stream, payloads: Vec<String>) {
     if payloads.is_empty() {
         return;
     }
-    security::internal(|| {
-        crate::writer::run(
+    owner::internal(|| {
+        crate::pg::spi::run(
             client,
             "INSERT INTO ecst.event_log (stream_id, payload) SELECT $1, pg_catalog.unnest($2::text[])",
             &[stream.id.into(), payloads.into()],
@@ -34,9 +36,9 @@ pub fn append(client: &mut SpiClient, stream: &Stream, payloads: Vec<String>) {
 /// A stream that retains events, which the caller owns (`action` names the operation).
 fn retaining(name: &str, action: &str) -> std::rc::Rc<Stream> {
     let stream = catalog::stream(name);
-    security::require_owner(name, stream.table.oid, action);
+    owner::require_owner(name, stream.table.oid, action);
     if !stream.retain_events {
-        crate::errors::raise(
+        crate::pg::errors::raise(
             pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("stream \"{name}\" does not retain events"),
             Some("Create the stream with retain_events => true to keep an event log."),
@@ -49,10 +51,10 @@ fn retaining(name: &str, action: &str) -> std::rc::Rc<Stream> {
 /// Returns (replayed, applied, dead_lettered).
 pub fn rebuild(name: &str) -> (i64, i64, i64) {
     let stream = retaining(name, "rebuild");
-    crate::security::require_trusted_code(&stream);
+    crate::stream::security::require_trusted_code(&stream);
     let (mut replayed, mut applied, mut dead) = (0, 0, 0);
     // No writer of the stream may keep a version it read before the state is cleared.
-    crate::locks::lock_stream(stream.id, true);
+    crate::pg::locks::lock_stream(stream.id, true);
     Spi::connect_mut(|client| {
         let tables: Vec<&str> = stream
             .children
@@ -61,7 +63,7 @@ pub fn rebuild(name: &str) -> (i64, i64, i64) {
             .chain(std::iter::once(stream.table.qualified.as_str()))
             .collect();
         client.update(&format!("TRUNCATE {}", tables.join(", ")), None, &[]).expect("truncating the replica");
-        let mut cursor = security::internal(|| {
+        let mut cursor = owner::internal(|| {
             for sql in [
                 "DELETE FROM ecst.entity_state WHERE stream_id = $1",
                 "DELETE FROM ecst.applied_events WHERE stream_id = $1",
@@ -74,7 +76,7 @@ pub fn rebuild(name: &str) -> (i64, i64, i64) {
             )
         });
         loop {
-            let payloads: Vec<String> = security::internal(|| {
+            let payloads: Vec<String> = owner::internal(|| {
                 cursor.fetch(CHUNK as _).expect("reading ecst.event_log").map(|r| r.get(1).unwrap().unwrap()).collect()
             });
             if payloads.is_empty() {
@@ -86,12 +88,12 @@ pub fn rebuild(name: &str) -> (i64, i64, i64) {
             for (p, r) in payloads.iter().zip(&results) {
                 replayed += 1;
                 match r {
-                    apply::Applied::Done { outcome: ecst_core::merge::Outcome::Applied, .. } => applied += 1,
-                    apply::Applied::Rejected { .. } => dead += 1,
+                    outcome::Applied::Done { outcome: ecst_core::merge::Outcome::Applied, .. } => applied += 1,
+                    outcome::Applied::Rejected { .. } => dead += 1,
                     _ => {}
                 }
                 // The log already holds these events: count and dead-letter, do not log again.
-                apply::record(client, Some(&stream), Some(name), Some(p), r, None, &mut ignored);
+                record::record(client, Some(&stream), Some(name), Some(p), r, None, &mut ignored);
             }
         }
     });
@@ -124,7 +126,7 @@ pub fn compact(name: &str) -> (i64, i64) {
     let stream = retaining(name, "compact the event log of");
     let spec = &stream.spec;
     Spi::connect_mut(|client| {
-        let rows: Vec<(i64, String)> = security::internal(|| {
+        let rows: Vec<(i64, String)> = owner::internal(|| {
             client
                 .update(
                     "SELECT seq, payload FROM ecst.event_log WHERE stream_id = $1 ORDER BY seq FOR UPDATE",
@@ -219,7 +221,7 @@ pub fn compact(name: &str) -> (i64, i64) {
                 out.push(event.to_string());
             }
         }
-        security::internal(|| {
+        owner::internal(|| {
             client
                 .update(
                     // Exactly the rows read (and locked): one committed since is not among them.
@@ -233,7 +235,7 @@ pub fn compact(name: &str) -> (i64, i64) {
         // positions, so they still replay before anything appended meanwhile.
         let after = out.len() as i64;
         let seqs: Vec<i64> = rows.iter().map(|r| r.0).take(out.len()).collect();
-        security::internal(|| {
+        owner::internal(|| {
             client
                 .update(
                     "INSERT INTO ecst.event_log (stream_id, seq, payload)

@@ -5,15 +5,20 @@
 //! Several workers split the inbox by entity: worker `i` of `n` only claims rows whose entity key
 //! hashes to `i`, so the events of one entity are always applied by one worker, in inbox order.
 
-use crate::apply::{self, Applied, ErrorPolicy};
-use crate::bulk;
-use crate::catalog::{self, Stream};
-use crate::direct;
-use crate::retention;
-use crate::security;
-use crate::writer;
+use crate::engine::apply;
+use crate::engine::bulk;
+use crate::engine::direct;
+use crate::engine::outcome::{self, Applied, ErrorPolicy};
+use crate::engine::record;
+use crate::features::retention;
+use crate::pg::owner;
+use crate::pg::spi;
+use crate::stream::catalog::{self, Stream};
+use crate::stream::security;
 use ecst_core::event::parse_key;
 use ecst_core::reject::{RejectCode, Rejection};
+pub mod commits;
+
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -26,13 +31,7 @@ use std::time::{Duration, Instant};
 /// Which part of the inbox a drainer owns: `(index, of)`; `None` owns everything.
 pub type Part = Option<(i32, i32)>;
 
-/// A claimed inbox row.
-pub struct Row {
-    pub seq: i64,
-    pub stream: Option<String>,
-    pub payload: Option<String>,
-    pub received_at: pgrx::datum::TimestampWithTimeZone,
-}
+pub use crate::engine::direct::InboxRow as Row;
 
 /// What one batch drained.
 pub struct Drained {
@@ -53,12 +52,21 @@ struct Claimed {
 }
 
 /// Claims up to `limit` rows of `part` (where `cursor` says) and applies them.
-pub fn drain_batch(limit: i64, part: Part, policy: ErrorPolicy, cursor: &mut Cursor) -> Drained {
+///
+/// `last_try(first)`: whether the batch that claimed inbox row `first` first is on its last try
+/// (`outcome::last_try`; the worker keeps count).
+pub fn drain_batch(
+    limit: i64,
+    part: Part,
+    policy: ErrorPolicy,
+    cursor: &mut Cursor,
+    last_try: impl FnOnce(Option<i64>) -> bool,
+) -> Drained {
     Spi::connect_mut(|client| {
         let Claimed { mut rows, all, newest } = claim(client, limit, part, cursor);
         rows.sort_by_key(|r| r.seq);
-        let last_try = policy == ErrorPolicy::Worker && crate::worker::attempting(rows.first().map(|r| r.seq));
-        apply::last_try(last_try, || apply_claimed(client, &rows, policy));
+        let last_try = policy == ErrorPolicy::Worker && last_try(rows.first().map(|r| r.seq));
+        outcome::last_try(last_try, || apply_claimed(client, &rows, policy));
         Drained { rows: rows.len() as i64, all, newest }
     })
 }
@@ -95,7 +103,7 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
             None if let Some((message, sqlstate)) = &broken => write_failed(run.len(), message, sqlstate),
             Some(s) if let Some(message) = security::apply_denied(s) => {
                 if policy == ErrorPolicy::Caller {
-                    crate::errors::raise(
+                    crate::pg::errors::raise(
                         pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                         message,
                         Some(security::apply_hint()),
@@ -124,7 +132,7 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
                     run.iter().map(|r| apply::parse_payload(&s.spec, r.payload.as_deref())).collect();
                 // The worker's session runs many owners' replica triggers: what one sets
                 // must not reach the next stream's statements (nor pg_ecst's own).
-                let _isolated = (policy == ErrorPolicy::Worker).then(crate::gucs::Override::isolated);
+                let _isolated = (policy == ErrorPolicy::Worker).then(crate::pg::gucs::Override::isolated);
                 s.styled(|| bulk::apply_run(client, s, &events, policy))
             }
             None => run
@@ -139,7 +147,7 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
         };
         let mut retained = Vec::new();
         for (row, result) in run.iter().zip(&results) {
-            apply::record(
+            record::record(
                 client,
                 stream.as_deref(),
                 row.stream.as_deref(),
@@ -154,15 +162,15 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
         }
         // A stream that no longer builds still has its id: its dead letters count in ecst.stats.
         if let (None, Some(_), Some(name)) = (&stream, &broken, run[0].stream.as_deref()) {
-            let id = security::internal(|| {
-                writer::run_once(client, "SELECT id FROM ecst.streams WHERE name = $1", &[name.into()])
+            let id = owner::internal(|| {
+                spi::run_once(client, "SELECT id FROM ecst.streams WHERE name = $1", &[name.into()])
                     .first()
                     .get::<i32>(1)
                     .ok()
                     .flatten()
             });
             if let (Some(id), Some(result)) = (id, results.first()) {
-                crate::counters::count_many(id, result, results.len() as i64);
+                crate::engine::counters::count_many(id, result, results.len() as i64);
             }
         }
     }
@@ -215,8 +223,8 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) ->
             if mine.is_empty() {
                 return counted(Vec::new());
             }
-            security::internal(|| {
-                writer::run_once(
+            owner::internal(|| {
+                spi::run_once(
                 client,
                 "DELETE FROM ecst.inbox WHERE ctid = ANY ($1::text[]::tid[]) RETURNING seq, stream, payload, received_at",
                 &[mine.into()],
@@ -230,8 +238,8 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) ->
             }
             // The statement takes its snapshot after `seq > $2` is decided: from the oldest row.
             cursor.start_over();
-            security::internal(|| {
-                writer::run_once(
+            owner::internal(|| {
+                spi::run_once(
                     client,
                     "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
              RETURNING seq, stream, payload, received_at",
@@ -278,7 +286,7 @@ impl Owners {
 /// Runs `f` with this worker's owner cache, emptied first if it was kept for another inbox table
 /// or worker count.
 fn with_owners<R>(of: i32, f: impl FnOnce(&mut Owners) -> R) -> R {
-    let inbox = catalog::own_relation(c"inbox");
+    let inbox = crate::pg::syscache::own_relation(c"inbox");
     OWNERS.with(|owners| {
         let mut owners = owners.borrow_mut();
         if owners.inbox != inbox || owners.of != of {
@@ -296,7 +304,7 @@ const MAX_WINDOWS: usize = 8;
 /// `None` where that is not available. Rows seen before need no payload: their owner is known.
 fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
     forget_partition_streams();
-    let _style = crate::convert::fixed_style();
+    let _style = crate::pg::convert::fixed_style();
     let mut inbox_rows = direct::InboxRows::open()?;
     let window = limit.saturating_mul(of as i64 * 2);
     let mine = with_owners(of, |owners| {
@@ -341,15 +349,15 @@ fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
 /// need none.
 fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<String> {
     forget_partition_streams();
-    let _style = crate::convert::fixed_style();
+    let _style = crate::pg::convert::fixed_style();
     let window = limit.saturating_mul(of as i64 * 2);
     with_owners(of, |owners| {
         let seen_up_to = owners.by_seq.keys().copied().max().unwrap_or(i64::MIN);
         let mut mine = Vec::new();
         let mut after = i64::MIN;
         for turn in 0..MAX_WINDOWS {
-            let rows: Vec<(String, i64, Option<String>, Option<String>)> = security::internal(|| {
-                writer::run_once(
+            let rows: Vec<(String, i64, Option<String>, Option<String>)> = owner::internal(|| {
+                spi::run_once(
                     client,
                     "SELECT ctid::text, seq, CASE WHEN seq > $2 THEN stream END, CASE WHEN seq > $2 THEN payload END
                      FROM ecst.inbox WHERE seq > $3 ORDER BY seq LIMIT $1",
@@ -374,8 +382,8 @@ fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<St
                 }
             }
             if !late.is_empty() {
-                for r in security::internal(|| {
-                    writer::run_once(
+                for r in owner::internal(|| {
+                    spi::run_once(
                         client,
                         "SELECT seq, stream, payload FROM ecst.inbox WHERE ctid = ANY ($1::text[]::tid[])",
                         &[late.into()],
@@ -461,7 +469,7 @@ pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
 /// starts after the last one only if no row can have become visible in between: this backend ran
 /// no insert into the inbox, and either no other transaction ended (the two claims' snapshots
 /// agree on the transactions in progress) or none that ended had inserted into the inbox
-/// (`worker::InboxCommits`, read around the two snapshots; needs pg_ecst preloaded); otherwise it
+/// (`commits::InboxCommits`, read around the two snapshots; needs pg_ecst preloaded); otherwise it
 /// starts from the oldest row. An idle worker's claims walk nothing. (Inserts with the inbox's
 /// triggers disabled, `session_replication_role = replica`, are not counted.)
 pub struct Cursor {
@@ -495,7 +503,7 @@ impl Cursor {
 
     /// Read before the claim's snapshot is taken.
     fn before_snapshot(&self) -> Option<u64> {
-        crate::worker::inbox_commits_ended()
+        commits::ended()
     }
 
     /// Where the claim starts (`i64::MIN`: from the oldest row), decided once its snapshot was
@@ -503,9 +511,9 @@ impl Cursor {
     fn start(&mut self, ended: Option<u64>, snapshot: Vec<u32>) -> i64 {
         // Outside READ COMMITTED the snapshot was taken when the transaction began, before
         // `ended` was read.
-        let read_committed = crate::subxact::read_committed();
-        let own = crate::worker::own_inbox_inserts();
-        let begun = crate::worker::inbox_commits_begun();
+        let read_committed = crate::pg::subxact::read_committed();
+        let own = commits::own_inserts();
+        let begun = commits::begun();
         let due = self.rewind_every.is_some_and(|every| self.rewound.elapsed() >= every);
         let quiet = !due
             && self.mark.as_ref().is_some_and(|then| {
@@ -558,14 +566,14 @@ pub fn process(max: Option<i64>, batch: i64) -> i64 {
             Some(m) => batch.min(m - total),
             None => batch,
         };
-        let drained = drain_batch(want, None, ErrorPolicy::Caller, &mut cursor);
+        let drained = drain_batch(want, None, ErrorPolicy::Caller, &mut cursor, |_| false);
         total += drained.rows;
         if cursor.claimed(&drained) {
             // Drained: and, in READ COMMITTED, once more from the oldest row, for rows that
             // became visible below the cursor without their insert being counted. (With one
             // snapshot for the whole transaction nothing can have; a claim from the oldest row
             // would also see again the rows other drainers deleted since, and never end.)
-            if cursor.started_from_oldest() || !crate::subxact::read_committed() {
+            if cursor.started_from_oldest() || !crate::pg::subxact::read_committed() {
                 break;
             }
             cursor.rewind();

@@ -3,7 +3,7 @@
 //! same multi-row heap inserts, index maintenance, defaults, constraints and triggers as `COPY`.
 //! `COPY` checks no privileges at this level: callers check them first (`security`).
 
-use crate::catalog::{self, Column, TableInfo};
+use crate::stream::catalog::{Column, TableInfo};
 use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::ffi::CString;
@@ -116,7 +116,7 @@ pub fn copy_rows(table: &TableInfo, columns: &[&Column], rows: Rows) -> u64 {
 /// Whether row-level security is enabled on the table (`COPY FROM` does not apply policies, so
 /// such tables never take this path).
 pub fn has_row_security(table: &TableInfo) -> bool {
-    catalog::with_pg_class(table.oid, |c| c.relrowsecurity).unwrap_or(true)
+    crate::pg::syscache::with_pg_class(table.oid, |c| c.relrowsecurity).unwrap_or(true)
 }
 
 #[cfg(test)]

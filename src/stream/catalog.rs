@@ -3,10 +3,10 @@
 //! type — cached per backend. The cache is dropped whenever a relcache invalidation touches
 //! the catalog tables or a replica table (`ALTER TABLE`, `create_stream`, `drop_stream`).
 
-use crate::convert::ColumnType;
-use crate::errors::{self, raise};
-use crate::security;
-use crate::subxact::{self, SubResult};
+use crate::pg::convert::ColumnType;
+use crate::pg::errors::{self, raise};
+use crate::pg::owner;
+use crate::pg::subxact::{self, SubResult};
 use ecst_core::spec::{ChildSpec, OnConflict, Path, Shape, StreamSpec, Table};
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
@@ -69,7 +69,7 @@ impl Stream {
     /// date/time and number styles where its keys need them, so that every session and the worker
     /// know an entity by the same key text (and read its values alike).
     pub fn styled<R>(&self, work: impl FnOnce() -> R) -> R {
-        let _style = self.fixed_style.then(crate::convert::fixed_style);
+        let _style = self.fixed_style.then(crate::pg::convert::fixed_style);
         work()
     }
 }
@@ -136,22 +136,9 @@ fn invalidate_everywhere() {
     STALE.with(|s| s.set(true));
 }
 
-/// One of pg_ecst's own relations in schema `ecst`, by name (syscache lookups), if it exists.
-pub fn own_relation(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
-    // SAFETY: catalog lookups through the syscache, inside a transaction.
-    let oid = unsafe {
-        let schema = pg_sys::get_namespace_oid(c"ecst".as_ptr(), true);
-        if schema == pg_sys::Oid::INVALID {
-            return None;
-        }
-        pg_sys::get_relname_relid(name.as_ptr(), schema)
-    };
-    (oid != pg_sys::Oid::INVALID).then_some(oid)
-}
-
 /// The OIDs of `ecst.streams` and `ecst.stream_children` (one query).
 fn catalog_oids() -> [pg_sys::Oid; 2] {
-    let (streams, children) = security::pinned(|| {
+    let (streams, children) = owner::pinned(|| {
         Spi::get_two::<pg_sys::Oid, pg_sys::Oid>(
             "SELECT 'ecst.streams'::regclass::oid, 'ecst.stream_children'::regclass::oid",
         )
@@ -250,7 +237,7 @@ fn cached_stream(name: &str) -> Option<Rc<Stream>> {
 // Reading, validating and storing definitions.
 
 fn read_definition(name: &str) -> Option<Definition> {
-    security::internal(|| {
+    owner::internal(|| {
         Spi::connect(|client| {
             let rows = client
             .select(
@@ -320,7 +307,7 @@ struct Relation {
 fn relation(oid: pg_sys::Oid) -> Result<Relation, Invalid> {
     // Pinned: the caller must not be able to answer these queries (ownership included) with a
     // function or operator of its own, nor run one as the worker or a superuser who applies.
-    security::pinned(|| relation_pinned(oid))
+    owner::pinned(|| relation_pinned(oid))
 }
 
 fn relation_pinned(oid: pg_sys::Oid) -> Result<Relation, Invalid> {
@@ -383,23 +370,9 @@ pub fn payload_source(oid: pg_sys::Oid) -> String {
     rel.qualified
 }
 
-/// Reads a relation's `pg_class` row through the syscache (`None`: no such relation).
-pub fn with_pg_class<T>(relid: pg_sys::Oid, read: impl FnOnce(&pg_sys::FormData_pg_class) -> T) -> Option<T> {
-    // SAFETY: a syscache lookup; the tuple is only read inside `read` and released before returning.
-    unsafe {
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as _, relid.into());
-        if tuple.is_null() {
-            return None;
-        }
-        let value = read(&*(pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_class));
-        pg_sys::ReleaseSysCache(tuple);
-        Some(value)
-    }
-}
-
 /// Whether a valid, non-partial unique index (or primary key) has exactly these key columns.
 fn has_unique_index(oid: pg_sys::Oid, columns: &[String]) -> bool {
-    security::pinned(|| has_unique_index_pinned(oid, columns))
+    owner::pinned(|| has_unique_index_pinned(oid, columns))
 }
 
 fn has_unique_index_pinned(oid: pg_sys::Oid, columns: &[String]) -> bool {
@@ -693,7 +666,7 @@ pub fn create_stream(
     if name.is_empty() {
         raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, "a stream name must not be empty", None);
     }
-    let exists = security::internal(|| {
+    let exists = owner::internal(|| {
         Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM ecst.streams WHERE name = $1)", &[name.into()])
     });
     if exists.unwrap().unwrap_or(false) {
@@ -729,7 +702,7 @@ pub fn create_stream(
         }
     }
     build(&def).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
-    security::internal(|| store(&def));
+    owner::internal(|| store(&def));
     invalidate_everywhere();
 }
 
@@ -828,7 +801,7 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
 /// Drops a stream's definition, version state, event ids and counters. Never drops the
 /// replica tables; dead letters stay for inspection. Returns false if there was none.
 pub fn drop_stream(name: &str) -> bool {
-    let target = security::internal(|| {
+    let target = owner::internal(|| {
         Spi::connect(|client| {
             client
                 .select("SELECT target::oid FROM ecst.streams WHERE name = $1", None, &[name.into()])
@@ -838,8 +811,8 @@ pub fn drop_stream(name: &str) -> bool {
         })
     });
     let Some(target) = target else { return false };
-    security::require_owner(name, target, "drop");
-    let dropped = security::internal(|| {
+    owner::require_owner(name, target, "drop");
+    let dropped = owner::internal(|| {
         Spi::connect_mut(|client| {
             let deleted = client.update("DELETE FROM ecst.streams WHERE name = $1", None, &[name.into()]);
             !deleted.expect("deleting the stream").is_empty()

@@ -18,9 +18,16 @@
 //! index maintenance and HOT updates are the executor's own. Built for every supported major
 //! (14-18); the calls whose signatures differ between majors are in `imp::compat`.
 
-use crate::catalog::{Column, TableInfo};
-use crate::inbox::Row;
-use crate::writer::Bound;
+use crate::engine::writer::Bound;
+use crate::stream::catalog::{Column, TableInfo};
+
+/// An inbox row claimed (`claim_inbox`, `InboxRows`; the inbox feature's `Row`).
+pub struct InboxRow {
+    pub seq: i64,
+    pub stream: Option<String>,
+    pub payload: Option<String>,
+    pub received_at: pgrx::datum::TimestampWithTimeZone,
+}
 
 /// What a guarded write did.
 pub enum Update {
@@ -133,7 +140,7 @@ pub fn insert_lost_race() -> bool {
 /// would: a row another session is deleting is waited for and skipped once that commits. Also
 /// whether it looked at every row there was (fewer than `limit`), and the newest `seq` it looked
 /// at. `None` where `InboxRows::open` is.
-pub fn claim_inbox(limit: i64, after: impl FnOnce(Vec<u32>) -> i64) -> Option<(Vec<Row>, bool, Option<i64>)> {
+pub fn claim_inbox(limit: i64, after: impl FnOnce(Vec<u32>) -> i64) -> Option<(Vec<InboxRow>, bool, Option<i64>)> {
     let mut inbox = InboxRows::open()?;
     let after = after(inbox.snapshot_mark());
     let seen = inbox.look(after, limit, |_| true);
@@ -154,7 +161,7 @@ pub struct InboxRows(imp::Inbox);
 /// An inbox row `InboxRows::look` saw: its `seq`, and the whole row where it was asked for.
 pub struct Seen {
     pub seq: i64,
-    pub row: Option<Row>,
+    pub row: Option<InboxRow>,
     at: imp::Tid,
 }
 
@@ -178,7 +185,7 @@ impl InboxRows {
 
     /// Deletes a row `look` saw, read in full, and returns it; `None` if another session deleted
     /// it first (waited for if it is still deleting it).
-    pub fn take(&mut self, seen: Seen) -> Option<Row> {
+    pub fn take(&mut self, seen: Seen) -> Option<InboxRow> {
         let row = seen.row.expect("only rows read in full are taken");
         self.0.delete(seen.at).then_some(row)
     }
@@ -198,7 +205,7 @@ pub fn state_row_exists(stream_id: i32, entity_key: &str) -> Option<bool> {
 
 mod imp {
     use super::*;
-    use crate::catalog::own_relation;
+    use crate::pg::syscache::own_relation;
 
     /// The executor calls whose signatures differ between PostgreSQL majors.
     mod compat {
@@ -310,7 +317,7 @@ mod imp {
     // REPEATABLE READ or SERIALIZABLE a statement raises a serialization failure (40001) where a
     // row it would write was changed after the transaction's snapshot; the row API would silently
     // write over it, so there SQL does the writing.
-    use crate::subxact::read_committed;
+    use crate::pg::subxact::read_committed;
 
     /// Whether the row API may write in this transaction: READ COMMITTED (above), and not READ
     /// ONLY — `ExecSimpleRelation*` skip the executor's read-only check, so a row written here
@@ -940,7 +947,7 @@ mod imp {
                     let seq = i64::from_datum(values[seq_at - 1], nulls[seq_at - 1]).expect("seq is NOT NULL");
                     let row = read(seq).then(|| {
                         let text = |at: usize| String::from_datum(values[at - 1], nulls[at - 1]);
-                        Row {
+                        InboxRow {
                             seq,
                             stream: text(stream_at),
                             payload: text(payload_at),

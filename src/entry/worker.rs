@@ -13,10 +13,9 @@
 //! into `ecst.inbox` sets the latches of the database's workers when the inserting transaction
 //! commits, so events are applied within milliseconds.
 
-use crate::apply::ErrorPolicy;
-use crate::gucs;
-use crate::inbox;
-use pgrx::atomics::PgAtomic;
+use crate::engine::outcome::ErrorPolicy;
+use crate::features::inbox;
+use crate::pg::gucs;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags,
 };
@@ -25,7 +24,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory};
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::{Duration, Instant};
 
 /// Worker processes the registry can hold (all databases together; `max_worker_processes`
@@ -148,31 +147,7 @@ fn wake_launcher() {
     }
 }
 
-/// Transactions that inserted into the inbox, server-wide: `begun` counts those about to commit
-/// (before their rows become visible), `ended` those that have committed or aborted since (after
-/// their rows became visible, if they did). A drainer whose claim's snapshot came after `begun`
-/// read `n`, and whose previous claim's snapshot came before `ended` read `n`, knows that no
-/// inbox row became visible in between (`inbox::Cursor`). A prepared transaction is counted as
-/// begun and never as ended: its `COMMIT PREPARED` runs in another session.
-#[derive(Default)]
-pub struct InboxCommits {
-    begun: AtomicU64,
-    ended: AtomicU64,
-}
-
-unsafe impl PGRXSharedMemory for InboxCommits {}
-
-static INBOX_COMMITS: PgAtomic<InboxCommits> = unsafe { PgAtomic::new(c"pg_ecst_inbox_commits") };
-
 thread_local! {
-    static PRELOADED: Cell<bool> = const { Cell::new(false) };
-    /// This transaction inserted into the inbox (its statement trigger ran).
-    static INSERTED: Cell<bool> = const { Cell::new(false) };
-    /// ... and was counted in `InboxCommits::begun`.
-    static COUNTED: Cell<bool> = const { Cell::new(false) };
-    /// Inbox insert statements of this backend, counted as they end (their rows visible to the
-    /// transaction's later commands).
-    static OWN_INSERTS: Cell<u64> = const { Cell::new(0) };
     /// This transaction ran `CREATE EXTENSION pg_ecst`: the launcher probes the database when it
     /// commits.
     static CREATED: Cell<bool> = const { Cell::new(false) };
@@ -181,8 +156,8 @@ thread_local! {
 }
 
 /// A worker's batch starts with the inbox row `first`: whether this is the batch's last try (the
-/// batches from that row failed `apply::LAST_TRY_AFTER` times in a row), in which errors about
-/// the session become the failing event's dead letter (`apply::last_try`).
+/// batches from that row failed `outcome::LAST_TRY_AFTER` times in a row), in which errors about
+/// the session become the failing event's dead letter (`outcome::last_try`).
 pub fn attempting(first: Option<i64>) -> bool {
     let (Some(index), Some(first)) = (WORKER_INDEX.with(|i| i.get()), first) else { return false };
     let db = unsafe { pg_sys::MyDatabaseId };
@@ -197,7 +172,7 @@ pub fn attempting(first: Option<i64>) -> bool {
         }
         attempt.failed
     };
-    let last = failed >= crate::apply::LAST_TRY_AFTER;
+    let last = failed >= crate::engine::outcome::LAST_TRY_AFTER;
     if last {
         log!(
             "pg_ecst worker {index}: the batch from inbox row {first} failed {failed} times in a row; this time an event that fails on the same kind of error becomes a dead letter"
@@ -251,8 +226,7 @@ pub fn init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if preloading {
         pg_shmem_init!(REGISTRY);
-        pg_shmem_init!(INBOX_COMMITS);
-        PRELOADED.with(|p| p.set(true));
+        inbox::commits::init_shared_memory();
         // SAFETY: hooks are installed while the library loads, chaining the previous one.
         unsafe {
             PREVIOUS_UTILITY_HOOK = pg_sys::ProcessUtility_hook;
@@ -273,52 +247,13 @@ pub fn init() {
     unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
 }
 
-/// Whether shared memory (and so the workers) exists in this server.
-fn preloaded() -> bool {
-    // In backends forked from a postmaster that preloaded us, the flag was set before fork.
-    PRELOADED.with(|p| p.get())
-}
-
-/// Notes that the current transaction inserted into the inbox: it wakes the workers when it
-/// commits, and it is counted in `InboxCommits`.
-pub fn inserted_into_inbox() {
-    OWN_INSERTS.with(|n| n.set(n.get() + 1));
-    if preloaded() {
-        INSERTED.with(|w| w.set(true));
-    }
-}
-
-/// `InboxCommits::begun` (`None` without shared memory: pg_ecst is not preloaded).
-pub fn inbox_commits_begun() -> Option<u64> {
-    preloaded().then(|| INBOX_COMMITS.get().begun.load(Ordering::SeqCst))
-}
-
-/// `InboxCommits::ended` (`None` without shared memory).
-pub fn inbox_commits_ended() -> Option<u64> {
-    preloaded().then(|| INBOX_COMMITS.get().ended.load(Ordering::SeqCst))
-}
-
-/// Inbox insert statements this backend has run.
-pub fn own_inbox_inserts() -> u64 {
-    OWN_INSERTS.with(|n| n.get())
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
-    let count = |counter: fn(&InboxCommits) -> &AtomicU64| {
-        counter(INBOX_COMMITS.get()).fetch_add(1, Ordering::SeqCst);
-    };
+    let inserted = inbox::commits::on_xact_event(event);
     match event {
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE if INSERTED.with(|i| i.get()) => {
-            count(|c| &c.begun);
-            COUNTED.with(|c| c.set(event == XACT_EVENT_PRE_COMMIT));
-        }
         XACT_EVENT_COMMIT => {
-            if COUNTED.with(|c| c.replace(false)) {
-                count(|c| &c.ended);
-            }
-            if INSERTED.with(|i| i.replace(false)) {
+            if inserted {
                 wake_database();
             }
             if CREATED.with(|c| c.replace(false)) {
@@ -326,13 +261,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
                 wake_launcher();
             }
         }
-        XACT_EVENT_ABORT | XACT_EVENT_PREPARE => {
-            if COUNTED.with(|c| c.replace(false)) {
-                count(|c| &c.ended);
-            }
-            INSERTED.with(|i| i.set(false));
-            CREATED.with(|c| c.set(false));
-        }
+        XACT_EVENT_ABORT | XACT_EVENT_PREPARE => CREATED.with(|c| c.set(false)),
         _ => {}
     }
 }
@@ -350,7 +279,7 @@ fn wake_database() {
 /// Called by the extension's install script (`ecst._extension_created()`): when the
 /// transaction commits, the launcher learns that this database now has the extension.
 pub fn extension_created() {
-    if preloaded() {
+    if inbox::commits::preloaded() {
         CREATED.with(|c| c.set(true));
     }
 }
@@ -749,7 +678,7 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
             // whole batch that every retry would repeat.
             Spi::run("SET CONSTRAINTS ALL IMMEDIATE").expect("SET CONSTRAINTS");
             let cursor = claiming; // the whole wrapper, not its field (closures capture fields)
-            Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker, cursor.0))
+            Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker, cursor.0, attempting))
         });
         // Report table statistics, or autovacuum never sees the inbox deletes and state updates.
         unsafe { pg_sys::pgstat_report_stat(false) };
@@ -825,6 +754,6 @@ fn _extension_created() {
 fn _inbox_wake<'a>(
     _trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    inserted_into_inbox();
+    inbox::commits::inserted();
     Ok(None)
 }
