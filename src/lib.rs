@@ -19,7 +19,7 @@ mod features;
 mod entry;
 
 #[cfg(any(test, feature = "pg_test"))]
-mod tests;
+mod testing;
 
 pgrx::pg_module_magic!();
 

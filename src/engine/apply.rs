@@ -8,7 +8,6 @@ use crate::engine::outcome::{Applied, ErrorPolicy, LAST_TRY_AFTER};
 use crate::engine::writer::{self, Bound};
 use crate::pg::errors::{self, raise};
 use crate::pg::locks;
-use crate::pg::owner;
 use crate::pg::spi;
 use crate::pg::subxact::{self, SubResult};
 use crate::stream::catalog::{Column, Stream};
@@ -43,16 +42,8 @@ pub fn parse_payload(spec: &StreamSpec, payload: Option<&str>) -> Result<Event, 
     }
 }
 
-/// Parses and applies one payload as received.
-pub fn apply_payload(client: &mut SpiClient, stream: &Stream, payload: Option<&str>, policy: ErrorPolicy) -> Applied {
-    match parse_payload(&stream.spec, payload) {
-        Ok(ev) => apply_event(client, stream, &ev, policy),
-        Err(rejection) => Applied::Rejected { rejection, sqlstate: None, conflict: false },
-    }
-}
-
 /// Applies one parsed event in its own subtransaction.
-pub fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: ErrorPolicy) -> Applied {
+pub(super) fn apply_event(client: &mut SpiClient, stream: &Stream, ev: &Event, policy: ErrorPolicy) -> Applied {
     // After a row insert lost a race (`direct`), the event is retried with SQL's `ON CONFLICT`.
     let mut sql_only = false;
     for _ in 0..ATTEMPTS {
@@ -239,13 +230,11 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
         ev.old.iter().map(|c| bind_compared(&table.columns[c.column], &c.field, &c.value)).collect::<Result<_, _>>()?;
 
     if let Some(id) = &ev.event_id {
-        let fresh = owner::internal(|| {
-            spi::run(
-                client,
-                "INSERT INTO ecst.applied_events (stream_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
-                &[stream.id.into(), id.as_str().into()],
-            )
-        });
+        let fresh = spi::internal::run(
+            client,
+            "INSERT INTO ecst.applied_events (stream_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
+            &[stream.id.into(), id.as_str().into()],
+        );
         if fresh.is_empty() {
             // Recorded before: the fold calls the event a duplicate whatever the entity's state.
             return decided(fold_one(spec, None, None, ev, &[], false)).map(|(fate, _)| fate);
@@ -436,14 +425,12 @@ fn write_children(
 /// `FOR UPDATE`: a row lock taken in one event's subtransaction and re-taken in the next turns
 /// into a growing MultiXact when one transaction applies many events of an entity.
 fn load_state(client: &mut SpiClient, stream_id: i32, key: &str) -> Result<Option<EntityState>, Stop> {
-    let rows = owner::internal(|| {
-        spi::run(
-            client,
-            "SELECT live_version::text, tomb_version::text, field_versions::text
+    let rows = spi::internal::run(
+        client,
+        "SELECT live_version::text, tomb_version::text, field_versions::text
          FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = $2",
-            &[stream_id.into(), key.into()],
-        )
-    });
+        &[stream_id.into(), key.into()],
+    );
     Ok(rows
         .into_iter()
         .next()
@@ -508,37 +495,33 @@ fn save_state(
 ) -> Result<(), Stop> {
     let text = |v: &Option<Version>| v.as_ref().map(Version::to_numeric_string);
     let Some(old) = read else {
-        let inserted = owner::internal(|| {
-            spi::run(
-                client,
-                "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
+        let inserted = spi::internal::run(
+            client,
+            "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
              VALUES ($1, $2, $3::numeric, $4::numeric, $5::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
-                &[stream_id.into(), key.into(), text(&s.live).into(), text(&s.tomb).into(), fields_to_text(s).into()],
-            )
-        });
+            &[stream_id.into(), key.into(), text(&s.live).into(), text(&s.tomb).into(), fields_to_text(s).into()],
+        );
         return if inserted.is_empty() { Err(Stop::Retry) } else { Ok(()) };
     };
-    let updated = owner::internal(|| {
-        spi::run(
-            client,
-            "UPDATE ecst.entity_state SET live_version = $3::numeric, tomb_version = $4::numeric,
+    let updated = spi::internal::run(
+        client,
+        "UPDATE ecst.entity_state SET live_version = $3::numeric, tomb_version = $4::numeric,
                 field_versions = $5::jsonb
          WHERE stream_id = $1 AND entity_key = $2
            AND live_version IS NOT DISTINCT FROM $6::numeric AND tomb_version IS NOT DISTINCT FROM $7::numeric
            AND field_versions IS NOT DISTINCT FROM $8::jsonb
          RETURNING 1",
-            &[
-                stream_id.into(),
-                key.into(),
-                text(&s.live).into(),
-                text(&s.tomb).into(),
-                fields_to_text(s).into(),
-                text(&old.live).into(),
-                text(&old.tomb).into(),
-                fields_to_text(old).into(),
-            ],
-        )
-    });
+        &[
+            stream_id.into(),
+            key.into(),
+            text(&s.live).into(),
+            text(&s.tomb).into(),
+            fields_to_text(s).into(),
+            text(&old.live).into(),
+            text(&old.tomb).into(),
+            fields_to_text(old).into(),
+        ],
+    );
     if updated.is_empty() {
         Err(Stop::Retry)
     } else {

@@ -18,7 +18,6 @@ use crate::engine::outcome::{Applied, ErrorPolicy};
 use crate::engine::writer::{self, Bound};
 use crate::pg::errors::{self, raise};
 use crate::pg::locks;
-use crate::pg::owner;
 use crate::pg::spi;
 use crate::pg::subxact::{self, SubResult};
 use crate::stream::catalog::{ChildInfo, Column, Stream, TableInfo};
@@ -43,8 +42,8 @@ pub fn eligible(stream: &Stream) -> bool {
         && stream.children.iter().all(|c| c.parent.len() == 1 && table(&c.table) && arrays(&c.parent))
 }
 
-/// Applies `events` (in order) and returns one result per event.
-pub fn apply_run(
+/// Applies `events` (in order) and returns one result per event (see [`crate::engine::apply`]).
+pub(super) fn apply_run(
     client: &mut SpiClient,
     stream: &Stream,
     events: &[Result<Event, Rejection>],
@@ -104,11 +103,13 @@ fn one_by_one(
     let mut order: Vec<usize> = (0..events.len()).collect();
     order.sort_by(|&a, &b| apply::batch_order(&events[a]).cmp(&apply::batch_order(&events[b])));
     // The stripes every event will take, all at once in stripe order (not entity by entity in key
-    // order, which could deadlock with another session doing the same).
-    apply::lock_row_stripes(
-        stream,
-        events.iter().flatten().filter_map(|ev| Some((apply::entity_key(stream, &ev.key)?, ev))),
-    );
+    // order, which could deadlock with another session doing the same). One event takes its own.
+    if events.len() > 1 {
+        apply::lock_row_stripes(
+            stream,
+            events.iter().flatten().filter_map(|ev| Some((apply::entity_key(stream, &ev.key)?, ev))),
+        );
+    }
     let mut results: Vec<Option<Applied>> = vec![None; events.len()];
     for i in order {
         results[i] = Some(match &events[i] {
@@ -215,14 +216,12 @@ fn run_set_based(
             }
         }
         if !ids.is_empty() {
-            let rows = owner::internal(|| {
-                spi::run(
-                    client,
-                    "INSERT INTO ecst.applied_events (stream_id, event_id) SELECT $1, pg_catalog.unnest($2::text[])
+            let rows = spi::internal::run(
+                client,
+                "INSERT INTO ecst.applied_events (stream_id, event_id) SELECT $1, pg_catalog.unnest($2::text[])
                  ON CONFLICT DO NOTHING RETURNING event_id",
-                    &[stream.id.into(), ids.into()],
-                )
-            });
+                &[stream.id.into(), ids.into()],
+            );
             fresh_ids = rows.map(|r| r.get::<String>(1).unwrap().unwrap()).collect();
         }
     }
@@ -248,15 +247,13 @@ fn run_set_based(
             }
         }
     } else if versioned_run {
-        let rows = owner::internal(|| {
-            spi::run_once(
-                client,
-                "SELECT entity_key, live_version::text, tomb_version::text, field_versions::text
+        let rows = spi::internal::run_once(
+            client,
+            "SELECT entity_key, live_version::text, tomb_version::text, field_versions::text
              FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2::text[])
              ORDER BY entity_key COLLATE \"C\" FOR UPDATE",
-                &[stream.id.into(), keys.clone().into()],
-            )
-        });
+            &[stream.id.into(), keys.clone().into()],
+        );
         for r in rows {
             let key: String = r.get(1).unwrap().unwrap();
             let state = apply::state_from_text(r.get(2).unwrap(), r.get(3).unwrap(), r.get(4).unwrap());
@@ -488,13 +485,11 @@ fn run_set_based(
     // event of the run went on with them.
     let unapplied_ids = ids.unrecorded();
     if !unapplied_ids.is_empty() {
-        owner::internal(|| {
-            spi::run_once(
-                client,
-                "DELETE FROM ecst.applied_events WHERE stream_id = $1 AND event_id = ANY ($2::text[])",
-                &[stream.id.into(), unapplied_ids.into()],
-            )
-        });
+        spi::internal::run_once(
+            client,
+            "DELETE FROM ecst.applied_events WHERE stream_id = $1 AND event_id = ANY ($2::text[])",
+            &[stream.id.into(), unapplied_ids.into()],
+        );
     }
 
     // 7. Entities that need the per-event path, in order.
@@ -733,27 +728,23 @@ fn save_states(
         let fields: Vec<Option<String>> = chosen.iter().map(|s| apply::fields_to_text(&s.1)).collect();
         let args = [stream_id.into(), keys.into(), live.into(), tomb.into(), fields.into()];
         if existed {
-            owner::internal(|| {
-                spi::run_once(
-                    client,
-                    "UPDATE ecst.entity_state s SET live_version = u.l::numeric, tomb_version = u.t::numeric,
+            spi::internal::run_once(
+                client,
+                "UPDATE ecst.entity_state s SET live_version = u.l::numeric, tomb_version = u.t::numeric,
                         field_versions = u.f::jsonb
                  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u (k, l, t, f)
                  WHERE s.stream_id = $1 AND s.entity_key = u.k",
-                    &args,
-                )
-            });
+                &args,
+            );
         } else {
-            let inserted = owner::internal(|| {
-                spi::run(
-                    client,
-                    "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
+            let inserted = spi::internal::run(
+                client,
+                "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
                  SELECT $1, u.k, u.l::numeric, u.t::numeric, u.f::jsonb
                  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u (k, l, t, f)
                  ON CONFLICT DO NOTHING RETURNING 1",
-                    &args,
-                )
-            });
+                &args,
+            );
             if inserted.len() < chosen.len() {
                 return Err(Fallback::Race);
             }

@@ -72,8 +72,9 @@ fn flush() {
     // SAFETY: balanced push/pop around the statement, inside a live transaction.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     // A stream dropped in this same transaction has no row left to count against.
-    crate::pg::owner::internal(|| {
-        Spi::run_with_args(
+    Spi::connect_mut(|client| {
+        crate::pg::spi::internal::run_once(
+            client,
             "INSERT INTO ecst.stream_counters
          SELECT (r->>0)::int, (r->>1)::bigint, (r->>2)::bigint, (r->>3)::bigint, (r->>4)::bigint,
                 (r->>5)::bigint, (r->>6)::bigint,
@@ -81,8 +82,7 @@ fn flush() {
          FROM jsonb_array_elements($1) r
          WHERE EXISTS (SELECT 1 FROM ecst.streams s WHERE s.id = (r->>0)::int)",
             &[JsonB(serde_json::Value::Array(rows)).into()],
-        )
-        .expect("writing ecst.stream_counters")
+        );
     });
     unsafe { pg_sys::PopActiveSnapshot() };
 }

@@ -5,6 +5,12 @@
 //!
 //! Imports: `ecst_core`, [`crate::pg`], [`crate::stream`] and this layer.
 
+use crate::engine::outcome::{Applied, ErrorPolicy};
+use crate::stream::catalog::Styled;
+use ecst_core::event::Event;
+use ecst_core::reject::Rejection;
+use pgrx::spi::SpiClient;
+
 pub mod apply;
 pub mod bulk;
 pub mod copy_in;
@@ -13,3 +19,20 @@ pub mod direct;
 pub mod outcome;
 pub mod record;
 pub mod writer;
+
+/// The engine's entrance: applies `events` of one stream (parsed, or rejected by the parser) and
+/// returns one result per event. Events of one entity keep their order; entities are visited in
+/// key order. Every entrance of pg_ecst — `ecst.apply` (a run of one), `apply_batch`, the inbox,
+/// retry, `load_snapshot`'s general path and `rebuild` — comes through here; [`bulk`] chooses the
+/// executor (set-based, or one event at a time) in one place.
+pub fn apply(
+    client: &mut SpiClient,
+    stream: &Styled,
+    events: &[Result<Event, Rejection>],
+    policy: ErrorPolicy,
+) -> Vec<Applied> {
+    bulk::apply_run(client, stream, events, policy)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;

@@ -2,7 +2,6 @@
 //! stream's counters, and the payload kept for the event log of a stream that retains events.
 
 use crate::engine::outcome::Applied;
-use crate::pg::owner;
 use crate::pg::spi;
 use crate::stream::catalog::Stream;
 use ecst_core::merge::Outcome;
@@ -46,19 +45,17 @@ pub fn dead_letter(
     sqlstate: Option<&str>,
     received_at: Option<pgrx::datum::TimestampWithTimeZone>,
 ) {
-    owner::internal(|| {
-        spi::run(
-            client,
-            "INSERT INTO ecst.dead_letters (stream, payload, error_code, message, sqlstate, received_at)
+    spi::internal::run(
+        client,
+        "INSERT INTO ecst.dead_letters (stream, payload, error_code, message, sqlstate, received_at)
          VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))",
-            &[
-                stream.into(),
-                payload.into(),
-                r.code.as_str().into(),
-                r.message.as_str().into(),
-                sqlstate.into(),
-                received_at.into(),
-            ],
-        )
-    });
+        &[
+            stream.into(),
+            payload.into(),
+            r.code.as_str().into(),
+            r.message.as_str().into(),
+            sqlstate.into(),
+            received_at.into(),
+        ],
+    );
 }

@@ -1,8 +1,8 @@
 //! The SQL functions of schema `ecst` (the wrappers with `regclass`/`jsonb` signatures and the
 //! `ecst.stats` view are in `sql/finalize.sql`).
 
+use crate::engine;
 use crate::engine::apply;
-use crate::engine::bulk;
 use crate::engine::counters;
 use crate::engine::outcome::{Applied, ErrorPolicy};
 use crate::engine::record;
@@ -11,6 +11,7 @@ use crate::features::retention;
 use crate::features::snapshot;
 use crate::pg::gucs;
 use crate::pg::owner;
+use crate::pg::spi;
 use crate::stream::catalog;
 use crate::stream::security;
 use ecst_core::reject::{RejectCode, Rejection};
@@ -83,14 +84,14 @@ fn apply_text(stream: Option<&str>, event: Option<&str>) -> &'static str {
     let stream = required(stream, "stream");
     let s = catalog::stream(stream);
     security::require_apply(&s);
-    s.styled(|| {
-        Spi::connect_mut(|client| {
-            let result = apply::apply_payload(client, &s, event, ErrorPolicy::Caller);
-            let mut retained = Vec::new();
-            record::record(client, Some(&s), Some(stream), event, &result, None, &mut retained);
-            retention::append(client, &s, retained);
-            outcome(&result)
-        })
+    let s = s.styled();
+    Spi::connect_mut(|client| {
+        let parsed = [apply::parse_payload(&s.spec, event)];
+        let result = engine::apply(client, &s, &parsed, ErrorPolicy::Caller).pop().expect("one result");
+        let mut retained = Vec::new();
+        record::record(client, Some(&s), Some(stream), event, &result, None, &mut retained);
+        retention::append(client, &s, retained);
+        outcome(&result)
     })
 }
 
@@ -115,7 +116,7 @@ fn apply_batch_text(
         events.iter().map(|e| apply::parse_payload(&s.spec, e.as_deref())).collect();
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
-        let results = s.styled(|| bulk::apply_run(client, &s, &parsed, ErrorPolicy::Caller));
+        let results = engine::apply(client, &s.styled(), &parsed, ErrorPolicy::Caller);
         let mut retained = Vec::new();
         for (event, result) in events.iter().zip(&results) {
             record::record(client, Some(&s), Some(stream), event.as_deref(), result, None, &mut retained);
@@ -147,27 +148,23 @@ fn retry_dead_letters(
         // the same name, or events for a name nobody had created yet — are not the new stream's
         // owner's to read: only an administrator retries them.
         type Letter = (i64, Option<String>, Option<String>, bool, Option<pg_sys::Oid>);
-        let letters: Vec<Letter> = owner::internal(|| {
-            client
-                .update(
-                    "SELECT d.id, d.stream, d.payload, coalesce(d.received_at < s.created_at, false), s.target::oid
-                     FROM ecst.dead_letters d LEFT JOIN ecst.streams s ON s.name = d.stream
-                     WHERE $1::text IS NULL OR d.stream = $1 ORDER BY d.id",
-                    None,
-                    &[stream.into()],
-                )
-                .expect("reading ecst.dead_letters")
-                .map(|r| {
-                    (
-                        r.get(1).unwrap().unwrap(),
-                        r.get(2).unwrap(),
-                        r.get(3).unwrap(),
-                        r.get(4).unwrap().unwrap(),
-                        r.get(5).unwrap(),
-                    )
-                })
-                .collect()
-        });
+        let letters: Vec<Letter> = spi::internal::run_once(
+            client,
+            "SELECT d.id, d.stream, d.payload, coalesce(d.received_at < s.created_at, false), s.target::oid
+             FROM ecst.dead_letters d LEFT JOIN ecst.streams s ON s.name = d.stream
+             WHERE $1::text IS NULL OR d.stream = $1 ORDER BY d.id",
+            &[stream.into()],
+        )
+        .map(|r| {
+            (
+                r.get(1).unwrap().unwrap(),
+                r.get(2).unwrap(),
+                r.get(3).unwrap(),
+                r.get(4).unwrap().unwrap(),
+                r.get(5).unwrap(),
+            )
+        })
+        .collect();
         let mut allowed: HashMap<String, bool> = HashMap::new();
         let mut trusted: HashMap<String, bool> = HashMap::new();
         let mut skipped = 0i64;
@@ -207,17 +204,17 @@ fn retry_dead_letters(
                 }
             }
             // Taken one by one, so a concurrent retry of the same letter waits and then skips it.
-            let locked = owner::internal(|| {
-                !client
-                    .update("SELECT 1 FROM ecst.dead_letters WHERE id = $1 FOR UPDATE", None, &[id.into()])
-                    .expect("locking a dead letter")
-                    .is_empty()
-            });
+            let locked =
+                !spi::internal::run(client, "SELECT 1 FROM ecst.dead_letters WHERE id = $1 FOR UPDATE", &[id.into()])
+                    .is_empty();
             if !locked {
                 continue;
             }
             let result = match (&target, &payload) {
-                (Some(s), p) => s.styled(|| apply::apply_payload(client, s, p.as_deref(), ErrorPolicy::Caller)),
+                (Some(s), p) => {
+                    let parsed = [apply::parse_payload(&s.spec, p.as_deref())];
+                    engine::apply(client, &s.styled(), &parsed, ErrorPolicy::Caller).pop().expect("one result")
+                }
                 (None, _) => Applied::Rejected {
                     rejection: Rejection::new(
                         RejectCode::UnknownStream,
@@ -228,28 +225,22 @@ fn retry_dead_letters(
                 },
             };
             match &result {
-                Applied::Rejected { rejection, sqlstate, .. } => owner::internal(|| {
-                    client
-                        .update(
-                            "UPDATE ecst.dead_letters SET error_code = $2, message = $3, sqlstate = $4,
-                                    failed_at = clock_timestamp(), attempts = attempts + 1
-                             WHERE id = $1",
-                            None,
-                            &[
-                                id.into(),
-                                rejection.code.as_str().into(),
-                                rejection.message.as_str().into(),
-                                sqlstate.as_deref().into(),
-                            ],
-                        )
-                        .expect("updating ecst.dead_letters");
-                }),
+                Applied::Rejected { rejection, sqlstate, .. } => {
+                    spi::internal::run(
+                        client,
+                        "UPDATE ecst.dead_letters SET error_code = $2, message = $3, sqlstate = $4,
+                                failed_at = clock_timestamp(), attempts = attempts + 1
+                         WHERE id = $1",
+                        &[
+                            id.into(),
+                            rejection.code.as_str().into(),
+                            rejection.message.as_str().into(),
+                            sqlstate.as_deref().into(),
+                        ],
+                    );
+                }
                 Applied::Done { .. } => {
-                    owner::internal(|| {
-                        client
-                            .update("DELETE FROM ecst.dead_letters WHERE id = $1", None, &[id.into()])
-                            .expect("deleting a dead letter");
-                    });
+                    spi::internal::run(client, "DELETE FROM ecst.dead_letters WHERE id = $1", &[id.into()]);
                     if let Some(s) = &target {
                         let mut retained = Vec::new();
                         record::record(
@@ -356,14 +347,14 @@ fn load_snapshot(
 ) -> TableIterator<'static, (name!(loaded, i64), name!(stale, i64), name!(deleted, i64), name!(dead_lettered, i64))> {
     let stream = required(stream, "stream");
     let source = required(source, "source");
-    let c = catalog::stream(stream).styled(|| snapshot::load(stream, source, mode.unwrap_or("merge"), as_of));
+    let c = snapshot::load(stream, source, mode.unwrap_or("merge"), as_of);
     TableIterator::once((c.loaded, c.stale, c.deleted, c.dead_lettered))
 }
 
 /// The replica as create events in the stream's own format, with versions.
 #[pg_extern]
 fn export_snapshot(stream: &str) -> SetOfIterator<'static, JsonB> {
-    SetOfIterator::new(catalog::stream(stream).styled(|| snapshot::export(stream)).into_iter().map(JsonB))
+    SetOfIterator::new(snapshot::export(stream).into_iter().map(JsonB))
 }
 
 /// Empties the stream's replica tables and version state and replays its event log
@@ -372,11 +363,11 @@ fn export_snapshot(stream: &str) -> SetOfIterator<'static, JsonB> {
 fn rebuild(
     stream: &str,
 ) -> TableIterator<'static, (name!(replayed, i64), name!(applied, i64), name!(dead_lettered, i64))> {
-    TableIterator::once(catalog::stream(stream).styled(|| retention::rebuild(stream)))
+    TableIterator::once(retention::rebuild(stream))
 }
 
 /// Flattens the stream's event log; a rebuild afterwards gives the same replica.
 #[pg_extern]
 fn compact_events(stream: &str) -> TableIterator<'static, (name!(events_before, i64), name!(events_after, i64))> {
-    TableIterator::once(catalog::stream(stream).styled(|| retention::compact(stream)))
+    TableIterator::once(retention::compact(stream))
 }

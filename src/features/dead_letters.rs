@@ -8,6 +8,7 @@
 
 use crate::pg::errors;
 use crate::pg::owner;
+use crate::pg::spi;
 use crate::stream::security;
 use ecst_core::reject::RejectCode;
 use pgrx::datum::Interval;
@@ -15,10 +16,15 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
 /// The letters a filter selects: `$1` stream, `$2` error code, `$3` older than (by `failed_at`,
-/// the last attempt: a letter someone retried a minute ago is not old).
-const FILTER: &str = "($1::text IS NULL OR d.stream = $1)
-     AND ($2::text IS NULL OR d.error_code = $2)
-     AND ($3::interval IS NULL OR d.failed_at < pg_catalog.now() - $3)";
+/// the last attempt: a letter someone retried a minute ago is not old). A macro: statements are
+/// literals (`spi::internal`).
+macro_rules! filter {
+    () => {
+        "($1::text IS NULL OR d.stream = $1)
+         AND ($2::text IS NULL OR d.error_code = $2)
+         AND ($3::interval IS NULL OR d.failed_at < pg_catalog.now() - $3)"
+    };
+}
 
 /// Removes the dead letters matching every given filter that the caller may discard; returns how
 /// many were removed.
@@ -48,45 +54,43 @@ pub fn discard(stream: Option<&str>, error_code: Option<&str>, older_than: Optio
     let args = || [stream.into(), error_code.into(), older_than.into()];
     Spi::connect_mut(|client| {
         if owner::is_admin() {
-            return owner::internal(|| {
-                client
-                    .update(&format!("DELETE FROM ecst.dead_letters d WHERE {FILTER}"), None, &args())
-                    .expect("deleting dead letters")
-                    .len() as i64
-            });
+            return spi::internal::run_once(
+                client,
+                concat!("DELETE FROM ecst.dead_letters d WHERE ", filter!()),
+                &args(),
+            )
+            .len() as i64;
         }
         // Per stream name: the stream's tables (none: no such stream), and how many of the selected
         // letters arrived before the stream was created.
         type Group = (String, Vec<pgrx::pg_sys::Oid>, i64, i64);
-        let groups: Vec<Group> = owner::internal(|| {
-            client
-                .update(
-                    &format!(
-                        "SELECT d.stream,
-                                CASE WHEN s.id IS NULL THEN '{{}}'::oid[] ELSE
+        let groups: Vec<Group> = spi::internal::run_once(
+            client,
+            concat!(
+                "SELECT d.stream,
+                                CASE WHEN s.id IS NULL THEN '{}'::oid[] ELSE
                                     pg_catalog.array_prepend(s.target::oid, ARRAY(
                                         SELECT c.target::oid FROM ecst.stream_children c WHERE c.stream_id = s.id))
                                 END,
                                 count(*) FILTER (WHERE s.id IS NULL OR d.received_at < s.created_at),
                                 count(*)
                          FROM ecst.dead_letters d LEFT JOIN ecst.streams s ON s.name = d.stream
-                         WHERE {FILTER}
+                         WHERE ",
+                filter!(),
+                "
                          GROUP BY d.stream, s.id, s.target"
-                    ),
-                    None,
-                    &args(),
-                )
-                .expect("reading ecst.dead_letters")
-                .map(|r| {
-                    (
-                        r.get(1).unwrap().unwrap(),
-                        r.get(2).unwrap().unwrap(),
-                        r.get(3).unwrap().unwrap(),
-                        r.get(4).unwrap().unwrap(),
-                    )
-                })
-                .collect()
-        });
+            ),
+            &args(),
+        )
+        .map(|r| {
+            (
+                r.get(1).unwrap().unwrap(),
+                r.get(2).unwrap().unwrap(),
+                r.get(3).unwrap().unwrap(),
+                r.get(4).unwrap().unwrap(),
+            )
+        })
+        .collect();
         let mut removed = 0i64;
         let mut skipped = 0i64;
         for (name, tables, not_theirs, total) in groups {
@@ -96,19 +100,16 @@ pub fn discard(stream: Option<&str>, error_code: Option<&str>, older_than: Optio
                 continue;
             }
             skipped += not_theirs;
-            removed += owner::internal(|| {
-                client
-                    .update(
-                        &format!(
-                            "DELETE FROM ecst.dead_letters d USING ecst.streams s
-                             WHERE {FILTER} AND d.stream = $4 AND s.name = $4 AND d.received_at >= s.created_at"
-                        ),
-                        None,
-                        &[stream.into(), error_code.into(), older_than.into(), name.as_str().into()],
-                    )
-                    .expect("deleting dead letters")
-                    .len() as i64
-            });
+            removed += spi::internal::run_once(
+                client,
+                concat!(
+                    "DELETE FROM ecst.dead_letters d USING ecst.streams s WHERE ",
+                    filter!(),
+                    " AND d.stream = $4 AND s.name = $4 AND d.received_at >= s.created_at"
+                ),
+                &[stream.into(), error_code.into(), older_than.into(), name.as_str().into()],
+            )
+            .len() as i64;
         }
         if skipped > 0 {
             notice!(

@@ -7,3 +7,6 @@ pub mod dead_letters;
 pub mod inbox;
 pub mod retention;
 pub mod snapshot;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;

@@ -3,11 +3,12 @@
 //! tables (e.g. after a column was added to the mapping); `ecst.compact_events` flattens the log
 //! so it does not grow without bound, keeping what a rebuild needs to reproduce the replica.
 
+use crate::engine;
 use crate::engine::apply;
-use crate::engine::bulk;
 use crate::engine::outcome::{self, ErrorPolicy};
 use crate::engine::record;
 use crate::pg::owner;
+use crate::pg::spi;
 use crate::stream::catalog::{self, Stream};
 use ecst_core::event::{parse, Op};
 use ecst_core::spec::Shape;
@@ -24,13 +25,11 @@ pub fn append(client: &mut SpiClient, stream: &Stream, payloads: Vec<String>) {
     if payloads.is_empty() {
         return;
     }
-    owner::internal(|| {
-        crate::pg::spi::run(
-            client,
-            "INSERT INTO ecst.event_log (stream_id, payload) SELECT $1, pg_catalog.unnest($2::text[])",
-            &[stream.id.into(), payloads.into()],
-        )
-    });
+    spi::internal::run(
+        client,
+        "INSERT INTO ecst.event_log (stream_id, payload) SELECT $1, pg_catalog.unnest($2::text[])",
+        &[stream.id.into(), payloads.into()],
+    );
 }
 
 /// A stream that retains events, which the caller owns (`action` names the operation).
@@ -51,6 +50,7 @@ fn retaining(name: &str, action: &str) -> std::rc::Rc<Stream> {
 /// Returns (replayed, applied, dead_lettered).
 pub fn rebuild(name: &str) -> (i64, i64, i64) {
     let stream = retaining(name, "rebuild");
+    let stream = stream.styled();
     crate::stream::security::require_trusted_code(&stream);
     let (mut replayed, mut applied, mut dead) = (0, 0, 0);
     // No writer of the stream may keep a version it read before the state is cleared.
@@ -63,27 +63,24 @@ pub fn rebuild(name: &str) -> (i64, i64, i64) {
             .chain(std::iter::once(stream.table.qualified.as_str()))
             .collect();
         client.update(&format!("TRUNCATE {}", tables.join(", ")), None, &[]).expect("truncating the replica");
-        let mut cursor = owner::internal(|| {
-            for sql in [
-                "DELETE FROM ecst.entity_state WHERE stream_id = $1",
-                "DELETE FROM ecst.applied_events WHERE stream_id = $1",
-            ] {
-                client.update(sql, None, &[stream.id.into()]).expect("clearing the version state");
-            }
-            client.open_cursor(
-                "SELECT payload FROM ecst.event_log WHERE stream_id = $1 ORDER BY seq",
-                &[stream.id.into()],
-            )
-        });
+        for sql in [
+            "DELETE FROM ecst.entity_state WHERE stream_id = $1",
+            "DELETE FROM ecst.applied_events WHERE stream_id = $1",
+        ] {
+            spi::internal::run_once(client, sql, &[stream.id.into()]);
+        }
+        let mut cursor = spi::internal::open(
+            client,
+            "SELECT payload FROM ecst.event_log WHERE stream_id = $1 ORDER BY seq",
+            &[stream.id.into()],
+        );
         loop {
-            let payloads: Vec<String> = owner::internal(|| {
-                cursor.fetch(CHUNK as _).expect("reading ecst.event_log").map(|r| r.get(1).unwrap().unwrap()).collect()
-            });
+            let payloads: Vec<String> = cursor.fetch(CHUNK as _).map(|r| r.get(1).unwrap().unwrap()).collect();
             if payloads.is_empty() {
                 break;
             }
             let events: Vec<_> = payloads.iter().map(|p| parse(&stream.spec, p)).collect();
-            let results = bulk::apply_run(client, &stream, &events, ErrorPolicy::Caller);
+            let results = engine::apply(client, &stream, &events, ErrorPolicy::Caller);
             let mut ignored = Vec::new();
             for (p, r) in payloads.iter().zip(&results) {
                 replayed += 1;
@@ -124,19 +121,16 @@ type Order = (Option<Version>, i64);
 /// Returns (events before, events after).
 pub fn compact(name: &str) -> (i64, i64) {
     let stream = retaining(name, "compact the event log of");
+    let stream = stream.styled();
     let spec = &stream.spec;
     Spi::connect_mut(|client| {
-        let rows: Vec<(i64, String)> = owner::internal(|| {
-            client
-                .update(
-                    "SELECT seq, payload FROM ecst.event_log WHERE stream_id = $1 ORDER BY seq FOR UPDATE",
-                    None,
-                    &[stream.id.into()],
-                )
-                .expect("reading ecst.event_log")
-                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
-                .collect()
-        });
+        let rows: Vec<(i64, String)> = spi::internal::run_once(
+            client,
+            "SELECT seq, payload FROM ecst.event_log WHERE stream_id = $1 ORDER BY seq FOR UPDATE",
+            &[stream.id.into()],
+        )
+        .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap()))
+        .collect();
         let before = rows.len() as i64;
         if rows.is_empty() {
             return (0, 0);
@@ -221,30 +215,22 @@ pub fn compact(name: &str) -> (i64, i64) {
                 out.push(event.to_string());
             }
         }
-        owner::internal(|| {
-            client
-                .update(
-                    // Exactly the rows read (and locked): one committed since is not among them.
-                    "DELETE FROM ecst.event_log WHERE stream_id = $1 AND seq = ANY ($2::bigint[])",
-                    None,
-                    &[stream.id.into(), rows.iter().map(|r| r.0).collect::<Vec<i64>>().into()],
-                )
-                .expect("compacting ecst.event_log");
-        });
+        spi::internal::run_once(
+            client,
+            // Exactly the rows read (and locked): one committed since is not among them.
+            "DELETE FROM ecst.event_log WHERE stream_id = $1 AND seq = ANY ($2::bigint[])",
+            &[stream.id.into(), rows.iter().map(|r| r.0).collect::<Vec<i64>>().into()],
+        );
         // Never more events than were read: the compacted ones take the lowest of the replaced
         // positions, so they still replay before anything appended meanwhile.
         let after = out.len() as i64;
         let seqs: Vec<i64> = rows.iter().map(|r| r.0).take(out.len()).collect();
-        owner::internal(|| {
-            client
-                .update(
-                    "INSERT INTO ecst.event_log (stream_id, seq, payload)
-                 SELECT $1, u.s, u.p FROM unnest($2::bigint[], $3::text[]) AS u (s, p)",
-                    None,
-                    &[stream.id.into(), seqs.into(), out.into()],
-                )
-                .expect("writing the compacted log");
-        });
+        spi::internal::run_once(
+            client,
+            "INSERT INTO ecst.event_log (stream_id, seq, payload)
+             SELECT $1, u.s, u.p FROM unnest($2::bigint[], $3::text[]) AS u (s, p)",
+            &[stream.id.into(), seqs.into(), out.into()],
+        );
         (before, after)
     })
 }

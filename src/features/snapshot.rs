@@ -5,8 +5,8 @@
 //! the set-based path, so version rules decide per entity exactly as for events: an older
 //! snapshot row never overwrites newer state, and events applied meanwhile stay correct.
 
+use crate::engine;
 use crate::engine::apply;
-use crate::engine::bulk;
 use crate::engine::copy_in;
 use crate::engine::counters;
 use crate::engine::outcome::{Applied, ErrorPolicy};
@@ -14,8 +14,8 @@ use crate::engine::record;
 use crate::features::retention;
 use crate::pg::errors;
 use crate::pg::errors::raise;
-use crate::pg::owner;
 use crate::pg::parallel;
+use crate::pg::spi;
 use crate::pg::subxact::{self, SubResult};
 use crate::stream::catalog::{self, Column, Stream};
 use crate::stream::security;
@@ -48,6 +48,7 @@ pub struct LoadCounts {
 /// `ecst.load_snapshot(stream, source, mode, as_of)`.
 pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&str>) -> LoadCounts {
     let stream = catalog::stream(stream_name);
+    let stream = stream.styled();
     security::require_apply(&stream);
     security::require_trusted_code(&stream);
     let replace = match mode {
@@ -119,7 +120,7 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
                     }
                 }
             }
-            let results = bulk::apply_run(client, &stream, &events, ErrorPolicy::Caller);
+            let results = engine::apply(client, &stream, &events, ErrorPolicy::Caller);
             let mut retained = Vec::new();
             for (payload, result) in payloads.iter().zip(&results) {
                 match result {
@@ -187,18 +188,14 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         let empty = |client: &mut SpiClient| {
             let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {})", stream.table.qualified);
             let replica: bool = client.select(&sql, None, &[]).expect("reading the replica").first().get(1).unwrap()?;
-            let state: bool = owner::internal(|| {
-                client
-                    .select(
-                        "SELECT NOT EXISTS (SELECT 1 FROM ecst.entity_state WHERE stream_id = $1)",
-                        None,
-                        &[stream.id.into()],
-                    )
-                    .expect("reading ecst.entity_state")
-                    .first()
-                    .get(1)
-                    .unwrap()
-            })?;
+            let state: bool = spi::internal::run(
+                client,
+                "SELECT NOT EXISTS (SELECT 1 FROM ecst.entity_state WHERE stream_id = $1)",
+                &[stream.id.into()],
+            )
+            .first()
+            .get(1)
+            .unwrap()?;
             Some(replica && state)
         };
         if empty(client) != Some(true) {
@@ -375,23 +372,19 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
     let mut unstored: BTreeMap<String, String> = BTreeMap::new();
     let candidates: Vec<String> = match as_of {
         Some(v) => {
-            let mut candidates: Vec<String> = owner::internal(|| {
-                client
-                    .update(
-                        // Locked: a concurrent event of a state-row stream (whose writers do
-                        // not take the stream lock) waits, or has made its entity newer, which
-                        // the lock's re-check of the newest row version then sees.
-                        "SELECT entity_key FROM ecst.entity_state
-                         WHERE stream_id = $1 AND live_version IS NOT NULL
-                           AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric
-                         ORDER BY entity_key COLLATE \"C\" FOR UPDATE",
-                        None,
-                        &[stream.id.into(), v.to_numeric_string().into()],
-                    )
-                    .expect("reading ecst.entity_state")
-                    .map(|r| r.get::<String>(1).unwrap().unwrap())
-                    .collect()
-            });
+            let mut candidates: Vec<String> = spi::internal::run_once(
+                client,
+                // Locked: a concurrent event of a state-row stream (whose writers do not take the
+                // stream lock) waits, or has made its entity newer, which the lock's re-check of
+                // the newest row version then sees.
+                "SELECT entity_key FROM ecst.entity_state
+                 WHERE stream_id = $1 AND live_version IS NOT NULL
+                   AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric
+                 ORDER BY entity_key COLLATE \"C\" FOR UPDATE",
+                &[stream.id.into(), v.to_numeric_string().into()],
+            )
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect();
             if let Some(column) = stream.row_version {
                 let column = &table.columns[column].quoted;
                 let sql = format!(
@@ -407,17 +400,13 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
                     .collect();
                 if !rows.is_empty() {
                     let all: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-                    let with_state: HashSet<String> = owner::internal(|| {
-                        client
-                            .select(
-                                "SELECT entity_key FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2)",
-                                None,
-                                &[stream.id.into(), all.into()],
-                            )
-                            .expect("reading ecst.entity_state")
-                            .map(|r| r.get::<String>(1).unwrap().unwrap())
-                            .collect()
-                    });
+                    let with_state: HashSet<String> = spi::internal::run_once(
+                        client,
+                        "SELECT entity_key FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2)",
+                        &[stream.id.into(), all.into()],
+                    )
+                    .map(|r| r.get::<String>(1).unwrap().unwrap())
+                    .collect();
                     for (key, version) in rows {
                         if !with_state.contains(&key) {
                             candidates.push(key.clone());
@@ -456,30 +445,24 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
     let sql = format!("DELETE FROM {} t WHERE {} = ANY ($1::text[])", table.qualified, key_expr("t", &keys));
     client.update(&sql, None, &[gone.clone().into()]).expect("deleting replica rows");
     if let Some(v) = as_of {
-        owner::internal(|| {
-            client
-                .update(
-                    "UPDATE ecst.entity_state SET tomb_version = $3::numeric, field_versions = NULL
-                     WHERE stream_id = $1 AND entity_key = ANY ($2::text[])",
-                    None,
-                    &[stream.id.into(), gone.clone().into(), v.to_numeric_string().into()],
-                )
-                .expect("writing tombstones");
-            let (keys, versions): (Vec<String>, Vec<String>) =
-                unstored.into_iter().filter(|(k, _)| !seen.contains(k)).unzip();
-            if !keys.is_empty() {
-                client
-                    .update(
-                        "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version)
-                         SELECT $1, u.k, u.l::numeric, $4::numeric FROM unnest($2::text[], $3::text[]) AS u (k, l)
-                         ON CONFLICT (stream_id, entity_key)
-                         DO UPDATE SET tomb_version = EXCLUDED.tomb_version, field_versions = NULL",
-                        None,
-                        &[stream.id.into(), keys.into(), versions.into(), v.to_numeric_string().into()],
-                    )
-                    .expect("writing tombstones");
-            }
-        });
+        spi::internal::run_once(
+            client,
+            "UPDATE ecst.entity_state SET tomb_version = $3::numeric, field_versions = NULL
+             WHERE stream_id = $1 AND entity_key = ANY ($2::text[])",
+            &[stream.id.into(), gone.clone().into(), v.to_numeric_string().into()],
+        );
+        let (keys, versions): (Vec<String>, Vec<String>) =
+            unstored.into_iter().filter(|(k, _)| !seen.contains(k)).unzip();
+        if !keys.is_empty() {
+            spi::internal::run_once(
+                client,
+                "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version)
+                 SELECT $1, u.k, u.l::numeric, $4::numeric FROM unnest($2::text[], $3::text[]) AS u (k, l)
+                 ON CONFLICT (stream_id, entity_key)
+                 DO UPDATE SET tomb_version = EXCLUDED.tomb_version, field_versions = NULL",
+                &[stream.id.into(), keys.into(), versions.into(), v.to_numeric_string().into()],
+            );
+        }
     }
     gone.len() as i64
 }
@@ -487,23 +470,21 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
 /// `ecst.export_snapshot(stream)`: every replica entity as a create event in the stream's format.
 pub fn export(stream_name: &str) -> Vec<Value> {
     let stream = catalog::stream(stream_name);
+    // The keys are printed as every session reads them.
+    let stream = stream.styled();
     security::require_select(&stream);
     let spec = &stream.spec;
     let table = &stream.table;
-    Spi::connect(|client| {
+    Spi::connect_mut(|client| {
         let mut versions: HashMap<String, String> = HashMap::new();
         if spec.version.is_some() {
-            owner::internal(|| {
-                let rows = client
-                    .select(
-                        "SELECT entity_key, live_version::text FROM ecst.entity_state
-                         WHERE stream_id = $1 AND live_version IS NOT NULL",
-                        None,
-                        &[stream.id.into()],
-                    )
-                    .expect("reading ecst.entity_state");
-                versions.extend(rows.map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap())));
-            });
+            let rows = spi::internal::run_once(
+                client,
+                "SELECT entity_key, live_version::text FROM ecst.entity_state
+                 WHERE stream_id = $1 AND live_version IS NOT NULL",
+                &[stream.id.into()],
+            );
+            versions.extend(rows.map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap())));
         }
         let keys: Vec<&str> = table.keys.iter().map(|k| k.quoted.as_str()).collect();
         let mut select: Vec<String> = vec![key_expr("t", &keys)];

@@ -89,7 +89,7 @@ pub fn pinned<R>(work: impl FnOnce() -> R) -> R {
 
 /// Runs `work` — statements on pg_ecst's own tables only, never on replica tables or anything the
 /// caller names — as the extension's owner with `search_path = pg_catalog, pg_temp`.
-pub fn internal<R>(work: impl FnOnce() -> R) -> R {
+pub(in crate::pg) fn as_owner<R>(work: impl FnOnce() -> R) -> R {
     let _owner = AsOwner::enter();
     work()
 }

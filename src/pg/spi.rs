@@ -94,3 +94,39 @@ pub fn zipped(arrays: &[String]) -> String {
     let each: Vec<String> = arrays.iter().map(|a| format!("pg_catalog.unnest({a})")).collect();
     format!("ROWS FROM ({})", each.join(", "))
 }
+
+/// pg_ecst's own statements — on its tables in schema `ecst`, never on a replica or anything a
+/// caller names — run as the extension's owner with `search_path = pg_catalog, pg_temp`
+/// ([`crate::pg::owner`]). This is the only way into that context: the owner switch is private
+/// to this layer, and a statement's text must be a `&'static str`, so no value and no caller's
+/// identifier can be part of it (values travel as parameters).
+pub mod internal {
+    use crate::pg::owner::as_owner;
+    use pgrx::datum::DatumWithOid;
+    use pgrx::spi::{SpiClient, SpiCursor, SpiTupleTable};
+
+    /// [`super::run`] (a cached plan) as the extension's owner.
+    pub fn run<'c>(client: &mut SpiClient<'c>, sql: &'static str, args: &[DatumWithOid<'_>]) -> SpiTupleTable<'c> {
+        as_owner(|| super::run(client, sql, args))
+    }
+
+    /// [`super::run_once`] (planned for these arguments) as the extension's owner.
+    pub fn run_once<'c>(client: &mut SpiClient<'c>, sql: &'static str, args: &[DatumWithOid<'_>]) -> SpiTupleTable<'c> {
+        as_owner(|| super::run_once(client, sql, args))
+    }
+
+    /// A cursor over an internal query; each fetch runs as the extension's owner.
+    pub struct Cursor<'c>(SpiCursor<'c>);
+
+    /// Opens a cursor over the query `sql` as the extension's owner.
+    pub fn open<'c>(client: &SpiClient<'c>, sql: &'static str, args: &[DatumWithOid<'_>]) -> Cursor<'c> {
+        Cursor(as_owner(|| client.open_cursor(sql, args)))
+    }
+
+    impl Cursor<'_> {
+        /// The next `count` rows (none at the end).
+        pub fn fetch(&mut self, count: i64) -> SpiTupleTable<'_> {
+            as_owner(|| self.0.fetch(count as _).unwrap_or_else(|e| panic!("fetching from a cursor: {e}")))
+        }
+    }
+}

@@ -6,6 +6,7 @@
 use crate::pg::convert::ColumnType;
 use crate::pg::errors::{self, raise};
 use crate::pg::owner;
+use crate::pg::spi;
 use crate::pg::subxact::{self, SubResult};
 use ecst_core::spec::{ChildSpec, OnConflict, Path, Shape, StreamSpec, Table};
 use pgrx::pg_sys::panic::CaughtError;
@@ -65,12 +66,26 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// Runs `work` — anything that reads, prints or compares this stream's keys — under fixed
-    /// date/time and number styles where its keys need them, so that every session and the worker
-    /// know an entity by the same key text (and read its values alike).
-    pub fn styled<R>(&self, work: impl FnOnce() -> R) -> R {
-        let _style = self.fixed_style.then(crate::pg::convert::fixed_style);
-        work()
+    /// The stream ready to be applied or read: under fixed date/time and number styles where its
+    /// keys need them (until the returned guard is dropped), so that every session and the worker
+    /// know an entity by the same key text (and read its values alike). The engine's entrance
+    /// takes a [`Styled`], so nothing applies a stream without them.
+    pub fn styled(&self) -> Styled<'_> {
+        Styled { stream: self, _style: self.fixed_style.then(crate::pg::convert::fixed_style) }
+    }
+}
+
+/// A stream whose fixed styles are in effect (see [`Stream::styled`]).
+pub struct Styled<'s> {
+    stream: &'s Stream,
+    _style: Option<crate::pg::gucs::Override>,
+}
+
+impl std::ops::Deref for Styled<'_> {
+    type Target = Stream;
+
+    fn deref(&self) -> &Stream {
+        self.stream
     }
 }
 
@@ -237,18 +252,16 @@ fn cached_stream(name: &str) -> Option<Rc<Stream>> {
 // Reading, validating and storing definitions.
 
 fn read_definition(name: &str) -> Option<Definition> {
-    owner::internal(|| {
-        Spi::connect(|client| {
-            let rows = client
-            .select(
-                "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
-                        retain_events
-                 FROM ecst.streams WHERE name = $1",
-                None,
-                &[name.into()],
-            )
-            .expect("reading ecst.streams");
-            let row = rows.into_iter().next()?;
+    Spi::connect_mut(|client| {
+        let mut rows = spi::internal::run_once(
+            client,
+            "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
+                    retain_events
+             FROM ecst.streams WHERE name = $1",
+            &[name.into()],
+        );
+        {
+            let row = rows.next()?;
             let id: i32 = row.get(1).unwrap().unwrap();
             let json = |i: usize| -> Value { serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap() };
             let mut def = Definition {
@@ -265,14 +278,12 @@ fn read_definition(name: &str) -> Option<Definition> {
                 retain_events: row.get(10).unwrap().unwrap(),
                 children: Vec::new(),
             };
-            let children = client
-                .select(
-                    "SELECT name, path, target::oid, key::text, parent_key::text, columns::text
+            let children = spi::internal::run_once(
+                client,
+                "SELECT name, path, target::oid, key::text, parent_key::text, columns::text
                  FROM ecst.stream_children WHERE stream_id = $1 ORDER BY name",
-                    None,
-                    &[id.into()],
-                )
-                .expect("reading ecst.stream_children");
+                &[id.into()],
+            );
             for row in children {
                 let json =
                     |i: usize| -> Value { serde_json::from_str(&row.get::<String>(i).unwrap().unwrap()).unwrap() };
@@ -286,7 +297,7 @@ fn read_definition(name: &str) -> Option<Definition> {
                 });
             }
             Some(def)
-        })
+        }
     })
 }
 
@@ -666,8 +677,10 @@ pub fn create_stream(
     if name.is_empty() {
         raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, "a stream name must not be empty", None);
     }
-    let exists = owner::internal(|| {
-        Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM ecst.streams WHERE name = $1)", &[name.into()])
+    let exists = Spi::connect_mut(|client| {
+        spi::internal::run_once(client, "SELECT EXISTS (SELECT 1 FROM ecst.streams WHERE name = $1)", &[name.into()])
+            .first()
+            .get::<bool>(1)
     });
     if exists.unwrap().unwrap_or(false) {
         raise(
@@ -702,13 +715,18 @@ pub fn create_stream(
         }
     }
     build(&def).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
-    owner::internal(|| store(&def));
+    store(&def);
     invalidate_everywhere();
 }
 
 /// Writes a validated definition to `ecst.streams` / `ecst.stream_children`.
 fn store(def: &Definition) {
-    let id = Spi::get_one_with_args::<i32>(
+    Spi::connect_mut(|client| store_with(client, def));
+}
+
+fn store_with(client: &mut pgrx::spi::SpiClient, def: &Definition) {
+    let id = spi::internal::run_once(
+        client,
         "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
                                    retain_events)
          VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
@@ -725,10 +743,13 @@ fn store(def: &Definition) {
             def.retain_events.into(),
         ],
     )
+    .first()
+    .get::<i32>(1)
     .unwrap()
     .unwrap();
     for c in &def.children {
-        Spi::run_with_args(
+        spi::internal::run_once(
+            client,
             "INSERT INTO ecst.stream_children (stream_id, name, path, target, key, parent_key, columns)
              VALUES ($1, $2, $3, $4::oid::regclass, $5, $6, $7)",
             &[
@@ -740,8 +761,7 @@ fn store(def: &Definition) {
                 JsonB(c.parent_key.clone()).into(),
                 JsonB(c.columns.clone()).into(),
             ],
-        )
-        .unwrap();
+        );
     }
 }
 
@@ -801,22 +821,16 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
 /// Drops a stream's definition, version state, event ids and counters. Never drops the
 /// replica tables; dead letters stay for inspection. Returns false if there was none.
 pub fn drop_stream(name: &str) -> bool {
-    let target = owner::internal(|| {
-        Spi::connect(|client| {
-            client
-                .select("SELECT target::oid FROM ecst.streams WHERE name = $1", None, &[name.into()])
-                .expect("reading ecst.streams")
-                .next()
-                .and_then(|row| row.get::<pg_sys::Oid>(1).expect("an oid"))
-        })
+    let target = Spi::connect_mut(|client| {
+        spi::internal::run_once(client, "SELECT target::oid FROM ecst.streams WHERE name = $1", &[name.into()])
+            .next()
+            .and_then(|row| row.get::<pg_sys::Oid>(1).expect("an oid"))
     });
     let Some(target) = target else { return false };
     owner::require_owner(name, target, "drop");
-    let dropped = owner::internal(|| {
-        Spi::connect_mut(|client| {
-            let deleted = client.update("DELETE FROM ecst.streams WHERE name = $1", None, &[name.into()]);
-            !deleted.expect("deleting the stream").is_empty()
-        })
+    let dropped = Spi::connect_mut(|client| {
+        !spi::internal::run_once(client, "DELETE FROM ecst.streams WHERE name = $1 RETURNING 1", &[name.into()])
+            .is_empty()
     });
     if dropped {
         invalidate_everywhere();

@@ -6,3 +6,6 @@
 
 pub mod catalog;
 pub mod security;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;

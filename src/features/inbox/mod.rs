@@ -5,13 +5,12 @@
 //! Several workers split the inbox by entity: worker `i` of `n` only claims rows whose entity key
 //! hashes to `i`, so the events of one entity are always applied by one worker, in inbox order.
 
+use crate::engine;
 use crate::engine::apply;
-use crate::engine::bulk;
 use crate::engine::direct;
 use crate::engine::outcome::{self, Applied, ErrorPolicy};
 use crate::engine::record;
 use crate::features::retention;
-use crate::pg::owner;
 use crate::pg::spi;
 use crate::stream::catalog::{self, Stream};
 use crate::stream::security;
@@ -133,7 +132,7 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
                 // The worker's session runs many owners' replica triggers: what one sets
                 // must not reach the next stream's statements (nor pg_ecst's own).
                 let _isolated = (policy == ErrorPolicy::Worker).then(crate::pg::gucs::Override::isolated);
-                s.styled(|| bulk::apply_run(client, s, &events, policy))
+                engine::apply(client, &s.styled(), &events, policy)
             }
             None => run
                 .iter()
@@ -162,13 +161,11 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
         }
         // A stream that no longer builds still has its id: its dead letters count in ecst.stats.
         if let (None, Some(_), Some(name)) = (&stream, &broken, run[0].stream.as_deref()) {
-            let id = owner::internal(|| {
-                spi::run_once(client, "SELECT id FROM ecst.streams WHERE name = $1", &[name.into()])
-                    .first()
-                    .get::<i32>(1)
-                    .ok()
-                    .flatten()
-            });
+            let id = spi::internal::run_once(client, "SELECT id FROM ecst.streams WHERE name = $1", &[name.into()])
+                .first()
+                .get::<i32>(1)
+                .ok()
+                .flatten();
             if let (Some(id), Some(result)) = (id, results.first()) {
                 crate::engine::counters::count_many(id, result, results.len() as i64);
             }
@@ -223,13 +220,11 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) ->
             if mine.is_empty() {
                 return counted(Vec::new());
             }
-            owner::internal(|| {
-                spi::run_once(
+            spi::internal::run_once(
                 client,
                 "DELETE FROM ecst.inbox WHERE ctid = ANY ($1::text[]::tid[]) RETURNING seq, stream, payload, received_at",
                 &[mine.into()],
             )
-            })
         }
         _ => {
             let ended = cursor.before_snapshot();
@@ -238,14 +233,12 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) ->
             }
             // The statement takes its snapshot after `seq > $2` is decided: from the oldest row.
             cursor.start_over();
-            owner::internal(|| {
-                spi::run_once(
-                    client,
-                    "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
+            spi::internal::run_once(
+                client,
+                "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
              RETURNING seq, stream, payload, received_at",
-                    &[limit.into()],
-                )
-            })
+                &[limit.into()],
+            )
         }
     };
     counted(
@@ -356,14 +349,12 @@ fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<St
         let mut mine = Vec::new();
         let mut after = i64::MIN;
         for turn in 0..MAX_WINDOWS {
-            let rows: Vec<(String, i64, Option<String>, Option<String>)> = owner::internal(|| {
-                spi::run_once(
-                    client,
-                    "SELECT ctid::text, seq, CASE WHEN seq > $2 THEN stream END, CASE WHEN seq > $2 THEN payload END
+            let rows: Vec<(String, i64, Option<String>, Option<String>)> = spi::internal::run_once(
+                client,
+                "SELECT ctid::text, seq, CASE WHEN seq > $2 THEN stream END, CASE WHEN seq > $2 THEN payload END
                      FROM ecst.inbox WHERE seq > $3 ORDER BY seq LIMIT $1",
-                    &[window.into(), seen_up_to.into(), after.into()],
-                )
-            })
+                &[window.into(), seen_up_to.into(), after.into()],
+            )
             .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap(), r.get(4).unwrap()))
             .collect();
             if turn == 0 {
@@ -382,13 +373,11 @@ fn owned_rows(client: &mut SpiClient, limit: i64, index: i32, of: i32) -> Vec<St
                 }
             }
             if !late.is_empty() {
-                for r in owner::internal(|| {
-                    spi::run_once(
-                        client,
-                        "SELECT seq, stream, payload FROM ecst.inbox WHERE ctid = ANY ($1::text[]::tid[])",
-                        &[late.into()],
-                    )
-                }) {
+                for r in spi::internal::run_once(
+                    client,
+                    "SELECT seq, stream, payload FROM ecst.inbox WHERE ctid = ANY ($1::text[]::tid[])",
+                    &[late.into()],
+                ) {
                     let (stream, payload) = (r.get::<String>(2).unwrap(), r.get::<String>(3).unwrap());
                     owners.by_seq.insert(r.get(1).unwrap().unwrap(), owner(stream.as_deref(), payload.as_deref(), of));
                 }

@@ -1,0 +1,268 @@
+//! `#[pg_test]`s of the features: dead letters (retry, discard), snapshots (load, export, replace
+//! mode), the inbox drain's order, and event-log compaction.
+
+#[pgrx::pg_schema]
+mod tests {
+    #[allow(unused_imports)]
+    use crate::testing::*;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn write_failures_are_dead_letters_and_retry_puts_them_back() {
+        run("CREATE TABLE t (id text PRIMARY KEY, v text NOT NULL CHECK (v <> 'bad'))");
+        run(r#"SELECT ecst.create_stream('t', 't', 'entity_snapshot', '{"id": "id"}')"#);
+        assert_eq!(apply("t", r#"{"id": "1", "newState": {}}"#), "dead_lettered");
+        assert_eq!(text("SELECT sqlstate FROM ecst.dead_letters"), "23502");
+        assert_eq!(last_dead_letter().0, "write_failed");
+        assert_eq!(apply("t", r#"{"id": "2", "newState": {"v": "bad"}}"#), "dead_lettered");
+        assert_eq!(apply("t", r#"{"id": "3", "newState": {"v": "good"}}"#), "applied");
+        assert_eq!(text("SELECT string_agg(id, ',' ORDER BY id) FROM t"), "3");
+        run("ALTER TABLE t ALTER COLUMN v DROP NOT NULL");
+        assert_eq!(
+            text("SELECT string_agg(outcome || '=' || count, ',' ORDER BY outcome) FROM ecst.retry_dead_letters('t')"),
+            "applied=1,dead_lettered=1"
+        );
+        assert_eq!(text("SELECT string_agg(id, ',' ORDER BY id) FROM t"), "1,3");
+        assert_eq!(text("SELECT attempts::text || ':' || error_code FROM ecst.dead_letters"), "2:write_failed");
+        assert_eq!(count("SELECT * FROM ecst.retry_dead_letters('nope')"), 0, "no letters of that stream");
+    }
+
+    #[pg_test]
+    fn discard_dead_letters_filters_counts_and_checks_privileges() {
+        run("CREATE TABLE t (id text PRIMARY KEY, v text NOT NULL)");
+        run(r#"SELECT ecst.create_stream('t', 't', 'entity_snapshot', '{"id": "id"}')"#);
+        run("CREATE TABLE u (id text PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('u', 'u', 'entity_snapshot', '{"id": "id"}')"#);
+        assert_eq!(apply("t", "not json"), "dead_lettered");
+        assert_eq!(apply("t", r#"{"id": "1", "newState": {}}"#), "dead_lettered"); // write_failed
+        assert_eq!(apply("u", "[1]"), "dead_lettered");
+        run("INSERT INTO ecst.inbox (stream, payload) VALUES ('nobody', '{}'), ('nobody', '{}')");
+        assert_eq!(one::<i64>("SELECT ecst.process_inbox()"), Some(2));
+        assert_eq!(
+            text("SELECT string_agg(stream || ':' || error_code || '=' || letters || ':' || stream_exists, ',' ORDER BY stream, error_code)
+                  FROM ecst.dead_letter_summary"),
+            "nobody:unknown_stream=2:false,t:invalid_json=1:true,t:write_failed=1:true,u:not_an_object=1:true",
+            "letters of a stream nobody created are visible"
+        );
+        assert_eq!(
+            sqlstate("SELECT ecst.discard_dead_letters(error_code => 'no_such_code')").as_deref(),
+            Some("22023")
+        );
+        assert_eq!(sqlstate("SELECT ecst.discard_dead_letters(older_than => '-1 day')").as_deref(), Some("22023"));
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters(older_than => '1 day')"), Some(0), "none is that old");
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters('t', 'invalid_json')"), Some(1));
+        assert_eq!(
+            text("SELECT string_agg(error_code, ',') FROM ecst.dead_letters WHERE stream = 't'"),
+            "write_failed"
+        );
+        // A role that may apply u but not t discards u's letters only; not those of t, nor of
+        // the stream nobody created (the extension owner's).
+        run("CREATE ROLE ecst_test_discard");
+        run("GRANT SELECT, INSERT, UPDATE, DELETE ON u TO ecst_test_discard");
+        run("SET LOCAL ROLE ecst_test_discard");
+        assert_eq!(sqlstate("SELECT ecst.discard_dead_letters('t')").as_deref(), Some("42501"));
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters()"), Some(1));
+        run("RESET ROLE");
+        assert_eq!(
+            text("SELECT string_agg(stream || ':' || error_code, ',' ORDER BY id) FROM ecst.dead_letters"),
+            "t:write_failed,nobody:unknown_stream,nobody:unknown_stream"
+        );
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters('nobody')"), Some(2), "the owner discards them");
+        assert_eq!(one::<i64>("SELECT ecst.discard_dead_letters()"), Some(1));
+        assert_eq!(count("SELECT * FROM ecst.dead_letters"), 0);
+    }
+
+    #[pg_test]
+    fn load_snapshot_takes_as_of_as_text_number_or_timestamp() {
+        run("CREATE TABLE s (id text PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('s', 's', 'entity_snapshot', '{"id": "id"}', version => 'ts')"#);
+        run(r#"CREATE TABLE snap (payload text)"#);
+        for (id, ts) in [("a", "5"), ("b", "20"), ("c", "\"2024-05-01T12:00:00Z\"")] {
+            assert_eq!(apply("s", &format!(r#"{{"id": "{id}", "ts": {ts}, "newState": {{"v": "x"}}}}"#)), "applied");
+        }
+        // Replace mode with an empty snapshot deletes the entities not newer than as_of.
+        assert_eq!(
+            text("SELECT deleted::text FROM ecst.load_snapshot('s', 'snap', mode => 'replace', as_of => 10)"),
+            "1",
+            "a number (integer literal)"
+        );
+        assert_eq!(text("SELECT string_agg(id, ',' ORDER BY id) FROM s"), "b,c");
+        assert_eq!(
+            text("SELECT deleted::text FROM ecst.load_snapshot('s', 'snap', as_of => 20.5, mode => 'replace')"),
+            "1",
+            "a numeric"
+        );
+        assert_eq!(
+            text("SELECT deleted::text FROM ecst.load_snapshot('s', 'snap', mode => 'replace', as_of => timestamptz '2024-05-01 14:00:00+02')"),
+            "1",
+            "a timestamptz (the same instant as the version)"
+        );
+        assert_eq!(count("SELECT * FROM s"), 0);
+        assert_eq!(text("SELECT loaded::text FROM ecst.load_snapshot('s', 'snap')"), "0", "no as_of: the text version");
+        assert_eq!(
+            text("SELECT loaded::text FROM ecst.load_snapshot('s', 'snap', 'replace', '30')"),
+            "0",
+            "positional text as before"
+        );
+    }
+
+    #[pg_test]
+    fn process_inbox_applies_a_row_that_appears_with_an_older_seq_before_newer_ones() {
+        // ecst.batch_size is 1000 here: 10,000 rows are ten claims in one transaction. The stream
+        // is unversioned: inbox order decides.
+        run("CREATE TABLE pi (id text PRIMARY KEY, v text)");
+        run(r#"SELECT ecst.create_stream('pi', 'pi', 'entity_snapshot', '{"id": "id"}')"#);
+        run(r#"INSERT INTO ecst.inbox (stream, payload)
+               SELECT 'pi', format('{"id": "e%s", "newState": {"v": "in order"}}', i) FROM generate_series(1, 10000) i"#);
+        // While the second claim is applied, a row for e5000 appears with an older seq than any
+        // (as another session's cached sequence values would): it comes before the e5000 row of
+        // the fifth claim, which must win.
+        run(r#"CREATE FUNCTION pi_late() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                 IF NEW.id = 'e2000' THEN
+                   INSERT INTO ecst.inbox (stream, payload, seq) VALUES ('pi', '{"id": "e5000", "newState": {"v": "late"}}', 0);
+                 END IF;
+                 RETURN NULL;
+               END $$"#);
+        run("CREATE TRIGGER pi_late AFTER INSERT ON pi FOR EACH ROW EXECUTE FUNCTION pi_late()");
+        assert_eq!(one::<i64>("SELECT ecst.process_inbox()"), Some(10_001));
+        assert_eq!(count("SELECT * FROM ecst.inbox"), 0);
+        assert_eq!(text("SELECT v FROM pi WHERE id = 'e5000'"), "in order", "the late row was applied first");
+        assert_eq!(text("SELECT applied::text FROM ecst.stats WHERE stream = 'pi'"), "10001");
+    }
+
+    #[pg_test]
+    fn compaction_keeps_what_a_rebuild_needs() {
+        // A skipped (conflicting) event is not kept: after compaction it would replay as applied.
+        run("CREATE TABLE ck (id text PRIMARY KEY, line1 text, ts bigint)");
+        run(r#"SELECT ecst.create_stream('ck', 'ck', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts',
+               on_conflict => 'skip', retain_events => true)"#);
+        assert_eq!(apply("ck", r#"{"id": "a", "newState": {"line1": "a1", "ts": 1}}"#), "applied");
+        assert_eq!(
+            apply("ck", r#"{"id": "a", "oldState": {"line1": "zzz"}, "newState": {"line1": "a2", "ts": 2}}"#),
+            "skipped"
+        );
+        run("SELECT ecst.compact_events('ck')");
+        run("SELECT ecst.rebuild('ck')");
+        assert_eq!(text("SELECT line1 FROM ck WHERE id = 'a'"), "a1");
+        // Deltas without fields still make their entity live at their version.
+        run("CREATE TABLE cd (id text PRIMARY KEY, a text, b text, v bigint)");
+        run(r#"SELECT ecst.create_stream('cd', 'cd', 'delta', '{"id": "id"}', version => 'v', retain_events => true)"#);
+        for e in [
+            r#"{"id": "x", "v": 1, "newState": {}}"#,
+            r#"{"id": "y", "v": 1, "newState": {"a": "a", "b": "b"}}"#,
+            r#"{"id": "y", "v": 3, "newState": {}}"#,
+        ] {
+            assert_eq!(apply("cd", e), "applied");
+        }
+        run("SELECT ecst.compact_events('cd')");
+        run("SELECT ecst.rebuild('cd')");
+        assert_eq!(
+            text("SELECT string_agg(id || ':' || coalesce(a, '-') || coalesce(b, '-'), ',' ORDER BY id) FROM cd"),
+            "x:--,y:ab"
+        );
+        // A late delete older than the empty update leaves y live, as without compaction.
+        apply("cd", r#"{"id": "y", "v": 2, "oldState": {}}"#);
+        assert_eq!(count("SELECT * FROM cd WHERE id = 'y'"), 1);
+    }
+
+    #[pg_test]
+    fn export_then_load_reproduces_the_quickstart_replica_and_odd_values() {
+        address_stream();
+        apply("address", SNAPSHOT);
+        address_table("address2");
+        run(
+            r#"SELECT ecst.create_stream(name => 'address2', target => 'address2'::regclass, shape => 'entity_snapshot',
+                key => '{"addressId": "address_id"}', state_path => 'addressContent',
+                columns => '{"addressLine1": "line1"}', version => 'newState.addressContent.addressTS')"#,
+        );
+        run("CREATE TABLE address_export AS SELECT p AS payload FROM ecst.export_snapshot('address') p");
+        assert_eq!(
+            text("SELECT loaded || '/' || dead_lettered FROM ecst.load_snapshot('address2', 'address_export')"),
+            "1/0"
+        );
+        assert_eq!(count("(SELECT * FROM address EXCEPT SELECT * FROM address2) UNION ALL (SELECT * FROM address2 EXCEPT SELECT * FROM address)"), 0);
+
+        // Arrays, json strings and nulls, timestamps as versions.
+        for t in ["ov", "ov2"] {
+            run(&format!("CREATE TABLE {t} (id int PRIMARY KEY, tags int[], meta jsonb, doc json, at timestamptz)"));
+            run(&format!(
+                r#"SELECT ecst.create_stream('{t}', '{t}', 'entity_snapshot', '{{"id": "id"}}', version => 'newState.at')"#
+            ));
+        }
+        for e in [
+            r#"{"id": 1, "newState": {"tags": "{1,2}", "meta": "\"quoted\"", "doc": "null", "at": "2024-01-01T00:00:00.1234567Z"}}"#,
+            r#"{"id": 2, "newState": {"tags": "{}", "meta": {"a": [1, "x"]}, "doc": 5, "at": "2024-01-02T10:00:00+02:00"}}"#,
+        ] {
+            assert_eq!(apply("ov", e), "applied");
+        }
+        run("CREATE TABLE ov_export AS SELECT p AS payload FROM ecst.export_snapshot('ov') p");
+        assert_eq!(text("SELECT loaded || '/' || dead_lettered FROM ecst.load_snapshot('ov2', 'ov_export')"), "2/0");
+        assert_eq!(
+            count("(SELECT id, tags, meta, doc::text, at FROM ov EXCEPT SELECT id, tags, meta, doc::text, at FROM ov2)
+                   UNION ALL (SELECT id, tags, meta, doc::text, at FROM ov2 EXCEPT SELECT id, tags, meta, doc::text, at FROM ov)"),
+            0
+        );
+        // A text version column keeps its own spelling; a domain over timestamptz is a timestamp.
+        run("CREATE DOMAIN ts_dom AS timestamptz");
+        for t in ["tv", "tv2"] {
+            run(&format!("CREATE TABLE {t} (id int PRIMARY KEY, at text, d ts_dom)"));
+            run(&format!(
+                r#"SELECT ecst.create_stream('{t}', '{t}', 'entity_snapshot', '{{"id": "id"}}', version => 'newState.at')"#
+            ));
+        }
+        assert_eq!(
+            apply("tv", r#"{"id": 1, "newState": {"at": "2019-10-26T23:56:45+02:00", "d": "2020-01-01T00:00:00Z"}}"#),
+            "applied"
+        );
+        assert_eq!(apply("tv", r#"{"id": 2, "newState": {"at": 1572134205}}"#), "applied");
+        run("CREATE TABLE tv_export AS SELECT p AS payload FROM ecst.export_snapshot('tv') p");
+        assert_eq!(text("SELECT loaded || '/' || dead_lettered FROM ecst.load_snapshot('tv2', 'tv_export')"), "2/0");
+        assert_eq!(
+            count("(SELECT * FROM tv EXCEPT SELECT * FROM tv2) UNION ALL (SELECT * FROM tv2 EXCEPT SELECT * FROM tv)"),
+            0
+        );
+        // The versions came along exactly: an event between the two is stale on both.
+        for t in ["ov", "ov2"] {
+            assert_eq!(apply(t, r#"{"id": 1, "newState": {"at": "2024-01-01T00:00:00.1234566Z"}}"#), "stale", "{t}");
+            assert_eq!(apply(t, r#"{"id": 1, "newState": {"at": "2024-01-01T00:00:00.1234568Z"}}"#), "applied", "{t}");
+        }
+    }
+
+    #[pg_test]
+    fn a_replica_row_with_a_null_key_is_neither_exported_nor_deleted() {
+        run("CREATE TABLE uk (id text UNIQUE, a text)");
+        run(r#"SELECT ecst.create_stream('uk', 'uk', 'entity_snapshot', '{"id": "id"}')"#);
+        assert_eq!(apply("uk", r#"{"id": "k", "newState": {"a": "x"}}"#), "applied");
+        run("INSERT INTO uk VALUES (NULL, 'manual')");
+        assert_eq!(count("SELECT * FROM ecst.export_snapshot('uk')"), 1);
+        run(r#"CREATE TABLE uk_src AS SELECT '{"id": "j", "newState": {"a": "y"}}'::text AS payload"#);
+        assert_eq!(text("SELECT deleted::text FROM ecst.load_snapshot('uk', 'uk_src', 'replace')"), "1");
+        assert_eq!(
+            text("SELECT string_agg(coalesce(id, 'NULL') || '=' || a, ',' ORDER BY id) FROM uk"),
+            "j=y,NULL=manual"
+        );
+    }
+
+    #[pg_test]
+    fn replace_mode_keeps_the_entity_of_a_snapshot_row_that_failed() {
+        run("CREATE TABLE rp (id text PRIMARY KEY, n int, v bigint)");
+        run(r#"SELECT ecst.create_stream('rp', 'rp', 'entity_snapshot', '{"id": "id"}', version => 'v')"#);
+        for id in ["a", "b", "c"] {
+            assert_eq!(apply("rp", &format!(r#"{{"id": "{id}", "v": 1, "newState": {{"n": 1}}}}"#)), "applied");
+        }
+        run(r#"CREATE TABLE rp_src (payload text)"#);
+        run(r#"INSERT INTO rp_src VALUES ('{"id": "a", "v": 4, "newState": {"n": 4}}'),
+                                         ('{"id": "b", "newState": {"n": 4}}'),
+                                         ('{"id": "c", "v": 4, "newState": {"n": "not a number"}}')"#);
+        assert_eq!(
+            text("SELECT loaded || '/' || deleted || '/' || dead_lettered FROM ecst.load_snapshot('rp', 'rp_src', 'replace', '5')"),
+            "1/0/2"
+        );
+        assert_eq!(text("SELECT string_agg(id || '=' || n, ',' ORDER BY id) FROM rp"), "a=4,b=1,c=1");
+        // A row that names no entity at all stops the deletions (with a warning).
+        run(r#"INSERT INTO rp_src VALUES ('not json')"#);
+        run(r#"DELETE FROM rp_src WHERE payload LIKE '%"b"%' OR payload LIKE '%"c"%'"#);
+        assert_eq!(text("SELECT deleted::text FROM ecst.load_snapshot('rp', 'rp_src', 'replace', '5')"), "0");
+        assert_eq!(count("SELECT * FROM rp"), 3);
+    }
+}
