@@ -291,6 +291,12 @@ fn state_object<'a>(obj: &'a Map<String, Json>, name: &str) -> Result<Option<&'a
 
 /// The entity's fields: the state itself, or the object at `state_path` inside it
 /// (`None` when the state lacks that path).
+/// The entity object of a raw event's `newState` (at the stream's `state_path`), if there is one.
+pub fn new_state_object<'a>(spec: &StreamSpec, raw: &'a Json) -> Option<&'a Map<String, Json>> {
+    let state = raw.get("newState")?.as_object()?;
+    entity_state(spec, state, "newState").ok().flatten()
+}
+
 fn entity_state<'a>(
     spec: &StreamSpec,
     state: &'a Map<String, Json>,

@@ -8,11 +8,15 @@
 //!   staleness, per-field merge for deltas, tombstones, conflicts).
 //! - [`fold`]: a run of events of one entity folded into one plan: each event's outcome, the one
 //!   write they amount to and the new state (every entrance decides through it).
+//! - [`compact`]: the event log flattened to what a replay needs.
+//! - [`export`]: a replica entity rendered as the create event that would write it.
 //! - [`reject`]: the stable dead-letter codes.
 //! - [`sim`]: an in-memory replica and the in-order reference, for property tests and fuzzing.
 
+pub mod compact;
 pub mod event;
 pub mod examples;
+pub mod export;
 pub mod fold;
 pub mod merge;
 pub mod reject;

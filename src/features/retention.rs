@@ -10,13 +10,9 @@ use crate::engine::record;
 use crate::pg::owner;
 use crate::pg::spi;
 use crate::stream::catalog::{self, Stream};
-use ecst_core::event::{parse, Op};
-use ecst_core::spec::Shape;
-use ecst_core::version::Version;
+use ecst_core::event::parse;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use serde_json::{Map, Value};
-use std::collections::BTreeMap;
 
 const CHUNK: i64 = 10_000;
 
@@ -97,23 +93,6 @@ pub fn rebuild(name: &str) -> (i64, i64, i64) {
     (replayed, applied, dead)
 }
 
-/// What the compacted log keeps of one entity.
-#[derive(Default)]
-struct Entity {
-    /// The newest delete (the tombstone), as (order, payload).
-    delete: Option<(Order, Value)>,
-    /// Snapshot shapes: the newest create/update.
-    latest: Option<(Order, Value)>,
-    /// Delta: per field, its last write after the tombstone: (order, raw value, template event).
-    fields: BTreeMap<String, (Order, Value)>,
-    /// Delta: every create/update by order (the newest, even one with no field, still makes the
-    /// entity live at its version).
-    templates: BTreeMap<Order, Value>,
-}
-
-/// Events order by version, or by log position in unversioned streams.
-type Order = (Option<Version>, i64);
-
 /// Flattens the stream's event log so a rebuild still reproduces the replica: per entity the
 /// newest delete (a tombstone) and, for snapshot shapes, the newest create/update; for deltas,
 /// every field's last write since that delete, grouped into one event per version (so per-field
@@ -135,86 +114,8 @@ pub fn compact(name: &str) -> (i64, i64) {
         if rows.is_empty() {
             return (0, 0);
         }
-        let mut entities: BTreeMap<String, Entity> = BTreeMap::new();
-        let mut out: Vec<String> = Vec::new();
-        for (seq, payload) in &rows {
-            // An event that no longer parses (the mapping changed) stays as it is: a rebuild
-            // dead-letters it as applying it now would.
-            let Ok(ev) = parse(spec, payload) else {
-                out.push(payload.clone());
-                continue;
-            };
-            let Some(key) = apply::entity_key(&stream, &ev.key) else {
-                out.push(payload.clone());
-                continue;
-            };
-            let raw: Value = serde_json::from_str(payload).expect("parsed once already");
-            let order: Order = (ev.version.clone(), *seq);
-            let e = entities.entry(key).or_default();
-            match ev.op {
-                Op::Delete => {
-                    if e.delete.as_ref().is_none_or(|(o, _)| *o < order) {
-                        e.delete = Some((order.clone(), raw));
-                    }
-                }
-                Op::Upsert { .. } if spec.shape != Shape::Delta => {
-                    if e.latest.as_ref().is_none_or(|(o, _)| *o < order) {
-                        e.latest = Some((order, raw));
-                    }
-                }
-                Op::Upsert { .. } => {
-                    e.templates.insert(order.clone(), raw.clone());
-                    let Some(state) = entity_object(spec, &raw) else { continue };
-                    for (field, value) in state {
-                        if e.fields.get(field).is_none_or(|(o, _)| *o < order) {
-                            e.fields.insert(field.clone(), (order.clone(), value.clone()));
-                        }
-                    }
-                }
-            }
-        }
-        for e in entities.into_values() {
-            let tomb = e.delete.as_ref().map(|(o, _)| o.clone());
-            let after_tomb = |o: &Order| tomb.as_ref().is_none_or(|t| o > t);
-            if let Some((_, d)) = &e.delete {
-                out.push(d.to_string());
-            }
-            if let Some((o, raw)) = &e.latest {
-                if after_tomb(o) {
-                    out.push(raw.to_string());
-                }
-            }
-            let mut by_order: BTreeMap<Order, Map<String, Value>> = BTreeMap::new();
-            for (field, (o, value)) in e.fields {
-                if after_tomb(&o) {
-                    by_order.entry(o).or_default().insert(field, value);
-                }
-            }
-            if let Some(o) = e.templates.keys().next_back().filter(|o| after_tomb(o)) {
-                by_order.entry(o.clone()).or_default();
-            }
-            for (o, fields) in by_order {
-                let mut event = e.templates[&o].clone();
-                if let Some(obj) = event.as_object_mut() {
-                    obj.remove("oldState");
-                    obj.insert("newState".into(), Value::Object(Map::new()));
-                }
-                let target = match &spec.state_path {
-                    Some(p) => p.object_mut(event.get_mut("newState").expect("just set")),
-                    None => event.get_mut("newState").and_then(Value::as_object_mut),
-                };
-                if let Some(t) = target {
-                    t.extend(fields);
-                }
-                // The version may sit inside newState: put the template's value back.
-                if let Some(path) = &spec.version {
-                    if let Some(v) = path.lookup(&e.templates[&o]).cloned() {
-                        path.set_default(&mut event, v);
-                    }
-                }
-                out.push(event.to_string());
-            }
-        }
+        let log: Vec<(i64, &str)> = rows.iter().map(|(seq, payload)| (*seq, payload.as_str())).collect();
+        let out = ecst_core::compact::compact(spec, &log, |key| apply::entity_key(&stream, key));
         spi::internal::run_once(
             client,
             // Exactly the rows read (and locked): one committed since is not among them.
@@ -233,13 +134,4 @@ pub fn compact(name: &str) -> (i64, i64) {
         );
         (before, after)
     })
-}
-
-/// The entity object of an event's newState (at `state_path`).
-fn entity_object<'v>(spec: &ecst_core::spec::StreamSpec, raw: &'v Value) -> Option<&'v Map<String, Value>> {
-    let state = raw.get("newState")?;
-    match &spec.state_path {
-        Some(p) => p.lookup(state)?.as_object(),
-        None => state.as_object(),
-    }
 }

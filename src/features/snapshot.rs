@@ -20,6 +20,7 @@ use crate::pg::subxact::{self, SubResult};
 use crate::stream::catalog::{self, Column, Stream};
 use crate::stream::security;
 use ecst_core::event::{parse_key, Op, Value as CellValue};
+use ecst_core::export;
 use ecst_core::merge::Outcome;
 use ecst_core::reject::Rejection;
 use ecst_core::spec::StreamSpec;
@@ -28,7 +29,7 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiCursor};
 use pgrx::{pg_sys, PgSqlErrorCode as Code};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::ControlFlow;
 
@@ -496,15 +497,11 @@ pub fn export(stream_name: &str) -> Vec<Value> {
         let keyed_at = select.len();
         let sql = format!("SELECT {} FROM {} t ORDER BY 1", select.join(", "), table.qualified);
         let children = export_children(client, &stream);
-        // An entity snapshot's version that is also a state field (`newState.<state>.<field>`,
-        // written to a column) is exported once, under the version path's own spelling, with the
-        // entity's version: a timestamp for a date/time column, else a number.
-        let version_column = spec.version_column().and_then(|i| {
-            let field = spec.version.as_ref()?.segments().last()?.clone();
+        // A date/time version column's version is rendered as a timestamp (`export::event`).
+        let temporal_version = spec.version_column().is_some_and(|i| {
             // SAFETY: a catalog lookup for the column's existing type (a domain's base type).
             let base = unsafe { pg_sys::getBaseType(table.columns[i].ty.oid) };
-            let temporal = [pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPOID, pg_sys::DATEOID].contains(&base);
-            Some((i, field, temporal))
+            [pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPOID, pg_sys::DATEOID].contains(&base)
         });
         let mut unkeyed = 0i64;
         let events = client
@@ -517,54 +514,21 @@ pub fn export(stream_name: &str) -> Vec<Value> {
             })
             .map(|r| {
                 let entity_key: String = r.get(1).unwrap().unwrap();
+                let first = 2 + table.keys.len();
                 // Bulk-loaded entities without a state row carry their version in the row.
                 let version: Option<String> = versions
                     .get(&entity_key)
                     .cloned()
-                    .or_else(|| stream.row_version.and_then(|i| r.get::<String>(2 + table.keys.len() + i).unwrap()));
-                let mut event = Value::Object(Map::new());
-                for (i, field) in spec.key_fields.iter().enumerate() {
-                    event[field] = parse_json(r.get(2 + i).unwrap());
-                }
-                let first = 2 + table.keys.len();
-                let mut entity = Value::Object(
-                    (0..table.columns.len())
-                        .map(|i| match &version_column {
-                            Some((column, field, temporal)) if *column == i => {
-                                // The column's own value where it names the version exactly (a
-                                // text column keeps its original spelling); else the version: a
-                                // timestamp for a date/time column, else a number.
-                                let own = parse_json(r.get(first + i).unwrap());
-                                let stored = version.as_deref().and_then(|v| Version::parse_decimal(v).ok());
-                                let value = match stored {
-                                    Some(v) if Version::from_json(&own).ok().flatten().as_ref() == Some(&v) => None,
-                                    Some(v) if *temporal => v.to_rfc3339().map(Value::String),
-                                    Some(v) => serde_json::from_str(&v.to_numeric_string()).ok(),
-                                    None => None,
-                                };
-                                (field.clone(), value.unwrap_or(own))
-                            }
-                            _ => (spec.table.field_name(i), parse_json(r.get(first + i).unwrap())),
-                        })
+                    .or_else(|| stream.row_version.and_then(|i| r.get::<String>(first + i).unwrap()));
+                let row = export::Row {
+                    keys: (0..table.keys.len()).map(|i| parse_json(r.get(2 + i).unwrap())).collect(),
+                    columns: (0..table.columns.len()).map(|i| parse_json(r.get(first + i).unwrap())).collect(),
+                    version: version.and_then(|v| Version::parse_decimal(&v).ok()),
+                    children: (0..spec.children.len())
+                        .map(|ci| children.get(&(ci, entity_key.clone())).cloned().unwrap_or_default())
                         .collect(),
-                );
-                for (ci, child) in spec.children.iter().enumerate() {
-                    let rows = children.get(&(ci, entity_key.clone())).cloned().unwrap_or_default();
-                    child.path.set_default(&mut entity, Value::Array(rows));
-                }
-                let new_state = match &spec.state_path {
-                    Some(path) => {
-                        let mut root = Value::Object(Map::new());
-                        path.set_default(&mut root, entity);
-                        root
-                    }
-                    None => entity,
                 };
-                event["newState"] = new_state;
-                if let (Some(path), Some(v)) = (&spec.version, version) {
-                    path.set_default(&mut event, serde_json::from_str(&v).expect("numeric text is a JSON number"));
-                }
-                event
+                export::event(spec, row, temporal_version)
             })
             .collect();
         if unkeyed > 0 {
@@ -590,15 +554,10 @@ fn export_children(client: &SpiClient, stream: &Stream) -> BTreeMap<(usize, Stri
             format!("SELECT {} FROM {} c ORDER BY 1, {}", select.join(", "), info.table.qualified, order.join(", "));
         for r in client.select(&sql, None, &[]).expect("reading child rows") {
             let parent_key: String = r.get(1).unwrap().unwrap();
-            let mut element = Map::new();
-            for (i, field) in spec.key_fields.iter().enumerate() {
-                element.insert(field.clone(), parse_json(r.get(2 + i).unwrap()));
-            }
             let first = 2 + info.table.keys.len();
-            for i in 0..info.table.columns.len() {
-                element.insert(spec.table.field_name(i), parse_json(r.get(first + i).unwrap()));
-            }
-            out.entry((ci, parent_key)).or_default().push(Value::Object(element));
+            let keys = (0..info.table.keys.len()).map(|i| parse_json(r.get(2 + i).unwrap())).collect();
+            let columns = (0..info.table.columns.len()).map(|i| parse_json(r.get(first + i).unwrap())).collect();
+            out.entry((ci, parent_key)).or_default().push(export::child(spec, keys, columns));
         }
     }
     out
