@@ -371,3 +371,14 @@ mod tests {
         assert!("ignore".parse::<OnConflict>().is_err());
     }
 }
+
+/// The text an entity's version state is kept under, from its key columns' canonical texts (each
+/// type's output of its input): a single column's text, or the JSON array of a composite key's.
+/// The SQL that reads keys back from replica rows (`snapshot::key_expr`) computes the same.
+pub fn entity_key(mut canonical: Vec<String>) -> String {
+    if canonical.len() == 1 {
+        canonical.pop().expect("one key")
+    } else {
+        serde_json::to_string(&canonical).expect("strings serialise")
+    }
+}

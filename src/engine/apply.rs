@@ -213,7 +213,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
     let spec = &stream.spec;
     let table = &stream.table;
     let (keys, canonical) = bind_keys(&table.keys, &spec.key_fields, &ev.key)?;
-    let entity_key = join_key(canonical);
+    let entity_key = ecst_core::spec::entity_key(canonical);
 
     // Convert every value up front: a value that does not fit is a dead letter, stale or not.
     let mut new_cells: BTreeMap<usize, Bound> = BTreeMap::new();
@@ -533,15 +533,7 @@ fn save_state(
 /// under), if the key fits the key columns' types.
 pub fn entity_key(stream: &Stream, key: &[String]) -> Option<String> {
     let (_, canonical) = bind_keys(&stream.table.keys, &stream.spec.key_fields, key).ok()?;
-    Some(join_key(canonical))
-}
-
-fn join_key(mut canonical: Vec<String>) -> String {
-    if canonical.len() == 1 {
-        canonical.pop().expect("one key")
-    } else {
-        serde_json::to_string(&canonical).expect("strings serialise")
-    }
+    Some(ecst_core::spec::entity_key(canonical))
 }
 
 /// The canonical order key of an event for batch application: events of one entity keep

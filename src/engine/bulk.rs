@@ -114,14 +114,10 @@ fn one_by_one(
     for i in order {
         results[i] = Some(match &events[i] {
             Ok(ev) => apply::apply_event(client, stream, ev, policy),
-            Err(r) => rejected(r.clone(), false),
+            Err(r) => Applied::rejected(r.clone()),
         });
     }
     results.into_iter().map(|r| r.expect("every event applied")).collect()
-}
-
-fn rejected(rejection: Rejection, conflict: bool) -> Applied {
-    Applied::Rejected { rejection, sqlstate: None, conflict }
 }
 
 /// A key and the values of the written columns, for one row of an upsert.
@@ -191,13 +187,13 @@ fn run_set_based(
         let ev = match e {
             Ok(ev) => ev,
             Err(r) => {
-                results[index] = Some(rejected(r.clone(), false));
+                results[index] = Some(Applied::rejected(r.clone()));
                 continue;
             }
         };
         match convert(stream, index, ev) {
             Ok((key, item)) => entities.entry(key).or_default().push(item),
-            Err(r) => results[index] = Some(rejected(r, false)),
+            Err(r) => results[index] = Some(Applied::rejected(r)),
         }
     }
 
@@ -532,7 +528,7 @@ fn refold(
 fn applied(fate: Fate) -> Applied {
     match fate {
         Fate::Done { outcome, conflict } => Applied::Done { outcome, conflict },
-        Fate::DeadLetter(rejection) => rejected(rejection, true),
+        Fate::DeadLetter(rejection) => Applied::Rejected { rejection, sqlstate: None, conflict: true },
     }
 }
 

@@ -66,3 +66,10 @@ impl ErrorPolicy {
         }
     }
 }
+
+impl Applied {
+    /// An event pg_ecst refused before PostgreSQL saw it (it goes to the dead letters).
+    pub fn rejected(rejection: Rejection) -> Applied {
+        Applied::Rejected { rejection, sqlstate: None, conflict: false }
+    }
+}

@@ -8,14 +8,44 @@ use ecst_core::merge::Outcome;
 use ecst_core::reject::Rejection;
 use pgrx::spi::SpiClient;
 
-/// Records what happened to one event: a dead letter (payload verbatim) if it was rejected, the
-/// stream's counters, and — for streams that retain events — the payload for the event log
-/// (collected in `retained`, written once per batch by `retention::append`). The log keeps every
-/// event but duplicates, dead letters and events skipped for a conflict (replayed after a
-/// compaction, with nothing left to conflict with, a skipped event would be applied): an event
-/// stale under today's mapping (a delta whose fields are all unmapped) may write a column a later
-/// mapping adds.
-pub fn record(
+/// Whether the applied payloads of a stream that retains events go to its event log: not while the
+/// log itself is replayed (`rebuild`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum EventLog {
+    Append,
+    Replaying,
+}
+
+/// Records what happened to a run of events of one stream (`stream`: `None` when there is no such
+/// stream; `stream_name` as the events named it), one result per event, each given as (payload as
+/// received, when it was received: an inbox row's time, else now): the dead letters (payloads
+/// verbatim), the stream's counters, and — for streams that retain events — the payloads for the
+/// event log, appended in one statement. The log keeps every event but duplicates, dead letters
+/// and events skipped for a conflict (replayed after a compaction, with nothing left to conflict
+/// with, a skipped event would be applied): an event stale under today's mapping (a delta whose
+/// fields are all unmapped) may write a column a later mapping adds.
+pub fn record_all<'p>(
+    client: &mut SpiClient,
+    stream: Option<&Stream>,
+    stream_name: Option<&str>,
+    events: impl IntoIterator<Item = (Option<&'p str>, Option<pgrx::datum::TimestampWithTimeZone>)>,
+    results: &[Applied],
+    log: EventLog,
+) {
+    let mut retained = Vec::new();
+    for ((payload, received_at), result) in events.into_iter().zip(results) {
+        record(client, stream, stream_name, payload, result, received_at, &mut retained);
+    }
+    if let (Some(s), EventLog::Append, false) = (stream, log, retained.is_empty()) {
+        spi::internal::run(
+            client,
+            "INSERT INTO ecst.event_log (stream_id, payload) SELECT $1, pg_catalog.unnest($2::text[])",
+            &[s.id.into(), retained.into()],
+        );
+    }
+}
+
+fn record(
     client: &mut SpiClient,
     stream: Option<&Stream>,
     stream_name: Option<&str>,

@@ -5,7 +5,7 @@ use crate::engine;
 use crate::engine::apply;
 use crate::engine::counters;
 use crate::engine::outcome::{Applied, ErrorPolicy};
-use crate::engine::record;
+use crate::engine::record::{self, EventLog};
 use crate::features::inbox;
 use crate::features::retention;
 use crate::features::snapshot;
@@ -88,10 +88,9 @@ fn apply_text(stream: Option<&str>, event: Option<&str>) -> &'static str {
     Spi::connect_mut(|client| {
         let parsed = [apply::parse_payload(&s.spec, event)];
         let result = engine::apply(client, &s, &parsed, ErrorPolicy::Caller).pop().expect("one result");
-        let mut retained = Vec::new();
-        record::record(client, Some(&s), Some(stream), event, &result, None, &mut retained);
-        retention::append(client, &s, retained);
-        outcome(&result)
+        let result = [result];
+        record::record_all(client, Some(&s), Some(stream), [(event, None)], &result, EventLog::Append);
+        outcome(&result[0])
     })
 }
 
@@ -117,12 +116,11 @@ fn apply_batch_text(
     let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
         let results = engine::apply(client, &s.styled(), &parsed, ErrorPolicy::Caller);
-        let mut retained = Vec::new();
-        for (event, result) in events.iter().zip(&results) {
-            record::record(client, Some(&s), Some(stream), event.as_deref(), result, None, &mut retained);
+        for result in &results {
             *counts.entry(outcome(result)).or_insert(0) += 1;
         }
-        retention::append(client, &s, retained);
+        let received = events.iter().map(|e| (e.as_deref(), None));
+        record::record_all(client, Some(&s), Some(stream), received, &results, EventLog::Append);
     });
     counts_table(counts)
 }
@@ -242,17 +240,9 @@ fn retry_dead_letters(
                 Applied::Done { .. } => {
                     spi::internal::run(client, "DELETE FROM ecst.dead_letters WHERE id = $1", &[id.into()]);
                     if let Some(s) = &target {
-                        let mut retained = Vec::new();
-                        record::record(
-                            client,
-                            Some(s),
-                            name.as_deref(),
-                            payload.as_deref(),
-                            &result,
-                            None,
-                            &mut retained,
-                        );
-                        retention::append(client, s, retained);
+                        let applied = std::slice::from_ref(&result);
+                        let events = [(payload.as_deref(), None)];
+                        record::record_all(client, Some(s), name.as_deref(), events, applied, EventLog::Append);
                     }
                 }
             }

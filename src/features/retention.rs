@@ -6,27 +6,14 @@
 use crate::engine;
 use crate::engine::apply;
 use crate::engine::outcome::{self, ErrorPolicy};
-use crate::engine::record;
+use crate::engine::record::{self, EventLog};
 use crate::pg::owner;
 use crate::pg::spi;
 use crate::stream::catalog::{self, Stream};
 use ecst_core::event::parse;
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
 
 const CHUNK: i64 = 10_000;
-
-/// Appends applied payloads to the stream's event log (no-op for an empty list).
-pub fn append(client: &mut SpiClient, stream: &Stream, payloads: Vec<String>) {
-    if payloads.is_empty() {
-        return;
-    }
-    spi::internal::run(
-        client,
-        "INSERT INTO ecst.event_log (stream_id, payload) SELECT $1, pg_catalog.unnest($2::text[])",
-        &[stream.id.into(), payloads.into()],
-    );
-}
 
 /// A stream that retains events, which the caller owns (`action` names the operation).
 fn retaining(name: &str, action: &str) -> std::rc::Rc<Stream> {
@@ -77,17 +64,17 @@ pub fn rebuild(name: &str) -> (i64, i64, i64) {
             }
             let events: Vec<_> = payloads.iter().map(|p| parse(&stream.spec, p)).collect();
             let results = engine::apply(client, &stream, &events, ErrorPolicy::Caller);
-            let mut ignored = Vec::new();
-            for (p, r) in payloads.iter().zip(&results) {
+            for r in &results {
                 replayed += 1;
                 match r {
                     outcome::Applied::Done { outcome: ecst_core::merge::Outcome::Applied, .. } => applied += 1,
                     outcome::Applied::Rejected { .. } => dead += 1,
                     _ => {}
                 }
-                // The log already holds these events: count and dead-letter, do not log again.
-                record::record(client, Some(&stream), Some(name), Some(p), r, None, &mut ignored);
             }
+            // The log already holds these events: count and dead-letter, do not log again.
+            let events = payloads.iter().map(|p| (Some(p.as_str()), None));
+            record::record_all(client, Some(&stream), Some(name), events, &results, EventLog::Replaying);
         }
     });
     (replayed, applied, dead)

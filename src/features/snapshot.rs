@@ -10,8 +10,7 @@ use crate::engine::apply;
 use crate::engine::copy_in;
 use crate::engine::counters;
 use crate::engine::outcome::{Applied, ErrorPolicy};
-use crate::engine::record;
-use crate::features::retention;
+use crate::engine::record::{self, EventLog};
 use crate::pg::errors;
 use crate::pg::errors::raise;
 use crate::pg::parallel;
@@ -122,24 +121,15 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
                 }
             }
             let results = engine::apply(client, &stream, &events, ErrorPolicy::Caller);
-            let mut retained = Vec::new();
-            for (payload, result) in payloads.iter().zip(&results) {
+            for result in &results {
                 match result {
                     Applied::Done { outcome: Outcome::Applied, .. } => counts.loaded += 1,
                     Applied::Done { .. } => counts.stale += 1,
                     Applied::Rejected { .. } => counts.dead_lettered += 1,
                 }
-                record::record(
-                    client,
-                    Some(&stream),
-                    Some(stream_name),
-                    payload.as_deref(),
-                    result,
-                    None,
-                    &mut retained,
-                );
             }
-            retention::append(client, &stream, retained);
+            let events = payloads.iter().map(|p| (p.as_deref(), None));
+            record::record_all(client, Some(&stream), Some(stream_name), events, &results, EventLog::Append);
             progress.advance(payloads.len(), &counts);
         }
         if replace && unkeyed > 0 {
@@ -224,12 +214,14 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         };
         let mut counts = LoadCounts { loaded: copied.loaded, ..LoadCounts::default() };
         counters::count_many(stream.id, &Applied::Done { outcome: Outcome::Applied, conflict: false }, copied.loaded);
-        let mut retained = Vec::new();
-        for (payload, rejection) in copied.rejected {
-            counts.dead_lettered += 1;
-            let result = Applied::Rejected { rejection, sqlstate: None, conflict: false };
-            record::record(client, Some(stream), Some(&spec.name), payload.as_deref(), &result, None, &mut retained);
-        }
+        counts.dead_lettered = copied.rejected.len() as i64;
+        let (payloads, results): (Vec<Option<String>>, Vec<Applied>) = copied
+            .rejected
+            .into_iter()
+            .map(|(payload, rejection)| (payload, Applied::Rejected { rejection, sqlstate: None, conflict: false }))
+            .unzip();
+        let events = payloads.iter().map(|p| (p.as_deref(), None));
+        record::record_all(client, Some(stream), Some(&spec.name), events, &results, EventLog::Append);
         Some(counts)
     })
 }

@@ -9,8 +9,7 @@ use crate::engine;
 use crate::engine::apply;
 use crate::engine::direct;
 use crate::engine::outcome::{self, Applied, ErrorPolicy};
-use crate::engine::record;
-use crate::features::retention;
+use crate::engine::record::{self, EventLog};
 use crate::pg::spi;
 use crate::stream::catalog::{self, Stream};
 use crate::stream::security;
@@ -137,28 +136,15 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
             None => run
                 .iter()
                 .map(|r| {
-                    rejected(Rejection::new(
+                    Applied::rejected(Rejection::new(
                         RejectCode::UnknownStream,
                         format!("stream {:?} does not exist", r.stream.as_deref().unwrap_or("")),
                     ))
                 })
                 .collect(),
         };
-        let mut retained = Vec::new();
-        for (row, result) in run.iter().zip(&results) {
-            record::record(
-                client,
-                stream.as_deref(),
-                row.stream.as_deref(),
-                row.payload.as_deref(),
-                result,
-                Some(row.received_at),
-                &mut retained,
-            );
-        }
-        if let Some(s) = &stream {
-            retention::append(client, s, retained);
-        }
+        let events = run.iter().map(|row| (row.payload.as_deref(), Some(row.received_at)));
+        record::record_all(client, stream.as_deref(), run[0].stream.as_deref(), events, &results, EventLog::Append);
         // A stream that no longer builds still has its id: its dead letters count in ecst.stats.
         if let (None, Some(_), Some(name)) = (&stream, &broken, run[0].stream.as_deref()) {
             let id = spi::internal::run_once(client, "SELECT id FROM ecst.streams WHERE name = $1", &[name.into()])
@@ -182,10 +168,6 @@ fn write_failed(n: usize, message: &str, sqlstate: &str) -> Vec<Applied> {
             conflict: false,
         })
         .collect()
-}
-
-fn rejected(rejection: Rejection) -> Applied {
-    Applied::Rejected { rejection, sqlstate: None, conflict: false }
 }
 
 type Lookup = catalog::Lookup;
