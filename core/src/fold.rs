@@ -219,12 +219,11 @@ pub fn fold<V: PartialEq>(
         }
     }
     if one_by_one {
-        // Every id this run took is handed back: the one-by-one path records them again. (A
+        // Every id this run took is unrecorded: the one-by-one path, which runs after the batch's
+        // other entities, records them again. They stay taken for the batch's later entities,
+        // which come after this one in the order one call at a time would apply them. (A
         // duplicate's id was recorded before the batch and stays.)
-        for (id, _) in taken {
-            ids.fresh.insert(id.clone());
-            ids.unapplied.push(id);
-        }
+        ids.unapplied.extend(taken.into_iter().map(|(id, _)| id));
         return Folded::OneByOne;
     }
     ids.kept.extend(taken.into_iter().filter(|(_, kept)| *kept).map(|(id, _)| id));

@@ -1079,4 +1079,28 @@ mod tests {
         );
         assert_eq!(text("SELECT a || b FROM cdf WHERE id = 1"), "xy");
     }
+
+    #[pg_test]
+    fn an_id_shared_with_an_entity_that_goes_one_by_one_stays_with_the_first_in_key_order() {
+        // Entity 1's second event compares a column its first event left at a DEFAULT the batch
+        // cannot know, so entity 1 goes one event at a time, after the batch's other entities
+        // are written; entity 2's event carries the id of entity 1's second event. In key order,
+        // one call at a time: entity 1's event takes the id, entity 2's is its duplicate.
+        run("CREATE TABLE sid (id int PRIMARY KEY, a text, b text DEFAULT 'dflt', v bigint)");
+        run(r#"SELECT ecst.create_stream('sid', 'sid', 'delta', '{"id": "id"}', version => 'v', event_id => 'eid')"#);
+        assert_eq!(
+            batch(
+                "sid",
+                &[
+                    r#"{"id": 2, "v": 1, "eid": "shared", "newState": {"a": "two"}}"#,
+                    r#"{"id": 1, "v": 1, "eid": "e1", "newState": {"a": "x"}}"#,
+                    r#"{"id": 1, "v": 2, "eid": "shared", "oldState": {"b": "dflt"}, "newState": {"b": "y"}}"#,
+                ]
+            ),
+            "applied=2,duplicate=1"
+        );
+        assert_eq!(text("SELECT a || b FROM sid WHERE id = 1"), "xy");
+        assert_eq!(count("SELECT * FROM sid WHERE id = 2"), 0);
+        assert_eq!(count("SELECT * FROM ecst.applied_events WHERE event_id IN ('e1', 'shared')"), 2);
+    }
 }

@@ -20,6 +20,7 @@ use crate::stream::catalog::{self, Column, Stream};
 use crate::stream::security;
 use ecst_core::event::{parse_key, Op, Value as CellValue};
 use ecst_core::export;
+use ecst_core::fold::{fold, Fate, Folded, Ids, RowWrite};
 use ecst_core::merge::Outcome;
 use ecst_core::reject::Rejection;
 use ecst_core::spec::StreamSpec;
@@ -278,7 +279,6 @@ fn parse_chunk(spec: &StreamSpec, keys: usize, width: usize, payloads: Vec<Optio
     let mut events = Vec::with_capacity(payloads.len());
     for payload in payloads {
         match apply::parse_payload(spec, payload.as_deref()) {
-            Ok(ev) if ev.op == Op::Delete => return None,
             Ok(ev) => events.push(ev),
             Err(rejection) => chunk.rejected.push((payload, rejection)),
         }
@@ -287,10 +287,22 @@ fn parse_chunk(spec: &StreamSpec, keys: usize, width: usize, payloads: Vec<Optio
     // instead of at random (far fewer cache misses); the heap order of a bulk load is immaterial.
     events.sort_unstable_by(|a, b| a.key.cmp(&b.key));
     for ev in &events {
-        let Op::Upsert { cells, .. } = &ev.op else { unreachable!("deletes returned above") };
+        // The plan of the event for an entity that does not exist yet (the replica is empty; an
+        // entity named twice makes the COPY fail on the key and the load go the general way):
+        // this path executes it only where it is a plain insert of the event's cells.
+        let none = |_: usize, _: usize| ();
+        let Folded::Plan(plan) = fold(spec, None, None, &[ev], none, none, &mut Ids::new(None)) else { return None };
+        let insert = match (&plan.fates[..], &plan.write) {
+            (
+                [Fate::Done { outcome: Outcome::Applied, .. }],
+                RowWrite { delete: false, upsert: Some(cells), children: None, .. },
+            ) => cells,
+            _ => return None,
+        };
+        let Op::Upsert { cells, .. } = &ev.op else { return None };
         let mut values: Vec<Option<&str>> = ev.key.iter().map(|k| Some(k.as_str())).collect();
         values.resize(width, None);
-        for c in cells {
+        for c in cells.iter().filter(|c| insert.contains_key(&c.column)) {
             if let CellValue::Text(t) = &c.value {
                 values[keys + c.column] = Some(t.as_str());
             }
