@@ -4,7 +4,7 @@
 //! per-field versions survive). Unmapped fields are kept, so a later mapping can still fill them.
 //! `tests/compact.rs` checks that replaying the compacted log gives the replica the whole log gives.
 
-use crate::event::{new_state_object, parse, Op};
+use crate::event::{event_object, new_state_object, parse, Op};
 use crate::spec::{Shape, StreamSpec};
 use crate::version::Version;
 use serde_json::{Map, Value};
@@ -65,7 +65,8 @@ pub fn compact(
             }
             Op::Upsert { .. } => {
                 e.templates.insert(order.clone(), raw.clone());
-                let Some(state) = new_state_object(spec, &raw) else { continue };
+                let Ok(event) = event_object(spec, &raw) else { continue };
+                let Some(state) = new_state_object(spec, &event) else { continue };
                 for (field, value) in state {
                     if e.fields.get(field).is_none_or(|(o, _)| *o < order) {
                         e.fields.insert(field.clone(), (order.clone(), value.clone()));
@@ -96,16 +97,17 @@ pub fn compact(
         }
         for (o, fields) in by_order {
             let mut event = e.templates[&o].clone();
-            if let Some(obj) = event.as_object_mut() {
+            if let Some(obj) = event_mut(spec, &mut event) {
                 obj.remove("oldState");
                 obj.insert("newState".into(), Value::Object(Map::new()));
-            }
-            let target = match &spec.state_path {
-                Some(p) => p.object_mut(event.get_mut("newState").expect("just set")),
-                None => event.get_mut("newState").and_then(Value::as_object_mut),
-            };
-            if let Some(t) = target {
-                t.extend(fields);
+                let state = obj.get_mut("newState").expect("just set");
+                let target = match &spec.state_path {
+                    Some(p) => p.object_mut(state),
+                    None => state.as_object_mut(),
+                };
+                if let Some(t) = target {
+                    t.extend(fields);
+                }
             }
             // The version may sit inside newState: put the template's value back.
             if let Some(path) = &spec.version {
@@ -117,4 +119,18 @@ pub fn compact(
         }
     }
     out
+}
+
+/// The event object of a payload, to change (an envelope's event held as a JSON string is put back
+/// as an object).
+fn event_mut<'v>(spec: &StreamSpec, raw: &'v mut Value) -> Option<&'v mut Map<String, Value>> {
+    let Some(path) = &spec.event_path else { return raw.as_object_mut() };
+    if let Some(Value::String(text)) = path.lookup(raw) {
+        let decoded: Value = serde_json::from_str(text).ok()?;
+        path.set(raw, decoded);
+    }
+    match path.lookup(raw) {
+        Some(Value::Object(_)) => path.object_mut(raw),
+        _ => None,
+    }
 }

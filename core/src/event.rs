@@ -113,6 +113,17 @@ fn not_json(text: &str, e: &serde_json::Error) -> Rejection {
 /// of the key or of the JSON syntax are `parse`'s own. For routing an event to the worker that
 /// owns its entity: every worker looks at every inbox row.
 pub fn parse_key(spec: &StreamSpec, text: &str) -> Result<Vec<String>, Rejection> {
+    if spec.event_path.is_some() {
+        // The key sits inside the envelope (perhaps in a JSON string): decode the payload.
+        let root: Json = serde_json::from_str(text).map_err(|e| not_json(text, &e))?;
+        let event = event_object(spec, &root)?;
+        let obj = event.as_object().expect("event_object returns objects");
+        return spec
+            .key_fields
+            .iter()
+            .map(|field| key_text(obj.get(field), || format!("key field {field:?}")))
+            .collect();
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let found = match KeyFields(&spec.key_fields).deserialize(&mut de).and_then(|found| de.end().map(|_| found)) {
         Ok(found) => found,
@@ -184,9 +195,14 @@ impl<'de> Visitor<'de> for FieldIndex<'_> {
 
 /// Parses an already-decoded event for `spec`.
 pub fn parse_value(spec: &StreamSpec, root: &Json) -> Result<Event, Rejection> {
-    let obj = root.as_object().ok_or_else(|| {
-        Rejection::new(RejectCode::NotAnObject, format!("an event must be a JSON object, not {}", json_type(root)))
-    })?;
+    if !root.is_object() {
+        return Err(Rejection::new(
+            RejectCode::NotAnObject,
+            format!("an event must be a JSON object, not {}", json_type(root)),
+        ));
+    }
+    let event = event_object(spec, root)?;
+    let obj = event.as_object().expect("event_object returns objects");
 
     let key = spec
         .key_fields
@@ -289,14 +305,47 @@ fn state_object<'a>(obj: &'a Map<String, Json>, name: &str) -> Result<Option<&'a
     }
 }
 
-/// The entity's fields: the state itself, or the object at `state_path` inside it
-/// (`None` when the state lacks that path).
 /// The entity object of a raw event's `newState` (at the stream's `state_path`), if there is one.
+/// `raw` is the event object itself (see [`event_object`] for an envelope's).
 pub fn new_state_object<'a>(spec: &StreamSpec, raw: &'a Json) -> Option<&'a Map<String, Json>> {
     let state = raw.get("newState")?.as_object()?;
     entity_state(spec, state, "newState").ok().flatten()
 }
 
+/// The ECST event inside a payload: the payload itself, or the object at the stream's
+/// `event_path` — also when the envelope holds it as a JSON string (double encoding).
+pub fn event_object<'a>(spec: &StreamSpec, root: &'a Json) -> Result<std::borrow::Cow<'a, Json>, Rejection> {
+    use std::borrow::Cow;
+    let Some(path) = &spec.event_path else { return Ok(Cow::Borrowed(root)) };
+    match path.lookup(root) {
+        Some(event @ Json::Object(_)) => Ok(Cow::Borrowed(event)),
+        Some(Json::String(text)) => match serde_json::from_str::<Json>(text) {
+            Ok(event @ Json::Object(_)) => Ok(Cow::Owned(event)),
+            Ok(other) => Err(Rejection::new(
+                RejectCode::NotAnObject,
+                format!("the event at {path} (a JSON string) must hold a JSON object, not {}", json_type(&other)),
+            )),
+            Err(e) => {
+                let inner = not_json(text, &e);
+                Err(Rejection::new(
+                    RejectCode::InvalidJson,
+                    format!("the event at {path} is a string that is not JSON: {}", inner.message),
+                ))
+            }
+        },
+        None | Some(Json::Null) => Err(Rejection::new(
+            RejectCode::NotAnObject,
+            format!("the envelope has no event at {path} (the stream's event_path)"),
+        )),
+        Some(other) => Err(Rejection::new(
+            RejectCode::NotAnObject,
+            format!("the event at {path} (the stream's event_path) must be a JSON object, not {}", json_type(other)),
+        )),
+    }
+}
+
+/// The entity's fields: the state itself, or the object at `state_path` inside it
+/// (`None` when the state lacks that path).
 fn entity_state<'a>(
     spec: &StreamSpec,
     state: &'a Map<String, Json>,

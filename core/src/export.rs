@@ -1,5 +1,5 @@
 //! Rendering a replica entity as the create event that would write it, in the stream's own format
-//! (`ecst.export_snapshot`): key fields at the root, the state under `newState` (at `state_path`),
+//! (`ecst.export_snapshot`): key fields at the event's root (in the envelope at `event_path`), the state under `newState` (at `state_path`),
 //! child arrays at their paths, and the entity's version at the version path. Parsing the rendered
 //! event gives back the row's values and version (`tests/export.rs`).
 
@@ -62,7 +62,15 @@ pub fn event(spec: &StreamSpec, row: Row, temporal_version: bool) -> Value {
         None => entity,
     };
     event.insert("newState".into(), new_state);
-    let mut event = Value::Object(event);
+    // An envelope stream's event goes under its `event_path`; the version path is the payload's.
+    let mut event = match &spec.event_path {
+        Some(path) => {
+            let mut root = Value::Object(Map::new());
+            path.set_default(&mut root, Value::Object(event));
+            root
+        }
+        None => Value::Object(event),
+    };
     if let (Some(path), Some(v)) = (&spec.version, &row.version) {
         path.set_default(&mut event, number(v));
     }

@@ -121,6 +121,15 @@ impl Path {
         cur.as_object_mut()
     }
 
+    /// Sets the value at this path (creating objects on the way; nothing if something on the way
+    /// is not an object).
+    pub fn set(&self, root: &mut Value, value: Value) {
+        let Some((last, parents)) = self.0.split_last() else { return };
+        if let Some(obj) = Path(parents.to_vec()).object_mut(root) {
+            obj.insert(last.clone(), value);
+        }
+    }
+
     /// Sets the value at this path unless one is there already (creating objects on the way).
     pub fn set_default(&self, root: &mut Value, value: Value) {
         let Some((last, parents)) = self.0.split_last() else { return };
@@ -250,11 +259,16 @@ pub struct ChildSpec {
 pub struct StreamSpec {
     pub name: String,
     pub shape: Shape,
-    /// Root JSON fields forming the entity key, aligned with `table.key_columns`.
+    /// Fields of the event object forming the entity key, aligned with `table.key_columns`.
     pub key_fields: Vec<String>,
     pub table: Table,
+    /// Where the ECST event (key fields, `oldState`/`newState`) sits inside an envelope (`data`
+    /// for CloudEvents, `payload` for Kafka Connect JSON); `None`: the payload is the event.
+    pub event_path: Option<Path>,
     pub state_path: Option<Path>,
+    /// Relative to the payload's root (an envelope's attribute, or a path into the event).
     pub version: Option<Path>,
+    /// Relative to the payload's root, like `version`.
     pub event_id: Option<Path>,
     pub on_conflict: OnConflict,
     pub children: Vec<ChildSpec>,
@@ -273,7 +287,11 @@ impl StreamSpec {
             return None;
         }
         let version = self.version.as_ref()?.segments();
-        let state: Vec<&str> = std::iter::once("newState")
+        let state: Vec<&str> = self
+            .event_path
+            .iter()
+            .flat_map(|p| p.segments().iter().map(String::as_str))
+            .chain(std::iter::once("newState"))
             .chain(self.state_path.iter().flat_map(|p| p.segments().iter().map(String::as_str)))
             .collect();
         let (field, prefix) = version.split_last()?;
@@ -340,6 +358,7 @@ mod tests {
     #[test]
     fn the_version_column_is_the_mapped_version_field() {
         let spec = |shape: Shape, state_path: Option<&str>, version: &str| StreamSpec {
+            event_path: None,
             name: "s".into(),
             shape,
             key_fields: vec!["addressId".into()],

@@ -122,6 +122,7 @@ proptest! {
     fn an_exported_row_parses_back_to_itself(
         shape in 0u8..3,
         with_version in prop::bool::ANY,
+        enveloped in prop::bool::ANY,
         key in "[a-z0-9]{1,4}",
         columns in prop::collection::vec(value(), 4),
         version in prop::option::of(1u32..1_000_000),
@@ -129,6 +130,8 @@ proptest! {
     ) {
         let spec = match shape { 0 => address_snapshot(), 1 => address_delta(), _ => customer_aggregate() };
         let spec = if with_version { versioned(spec) } else { StreamSpec { version: None, ..spec } };
+        // An envelope stream: the event under `data` (the version path stays the payload's).
+        let spec = if enveloped { StreamSpec { event_path: Some(ecst_core::spec::Path::parse("data").unwrap()), ..spec } } else { spec };
         check(spec, key, columns, version, children)?;
     }
 }

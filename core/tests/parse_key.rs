@@ -4,6 +4,7 @@
 use ecst_core::event::{parse, parse_key};
 use ecst_core::examples::{address_delta, address_snapshot, customer_aggregate};
 use ecst_core::reject::RejectCode;
+use ecst_core::spec::{Path, StreamSpec};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -79,8 +80,15 @@ fn key_related(code: RejectCode) -> bool {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2_000))]
     #[test]
-    fn parse_key_agrees_with_parse(text in event_text()) {
+    fn parse_key_agrees_with_parse(text in event_text(), envelope in 0u8..3) {
+        // The same event bare, or as an envelope's `data` (an object, or a JSON string).
+        let (text, event_path) = match envelope {
+            0 => (text, None),
+            1 => (format!(r#"{{"id":"e","data":{text}}}"#), Some(Path::parse("data").unwrap())),
+            _ => (serde_json::json!({"id": "e", "data": text}).to_string(), Some(Path::parse("data").unwrap())),
+        };
         for spec in [address_snapshot(), address_delta(), customer_aggregate()] {
+            let spec = StreamSpec { event_path: event_path.clone(), ..spec };
             match parse(&spec, &text) {
                 Ok(ev) => prop_assert_eq!(parse_key(&spec, &text).unwrap(), ev.key),
                 Err(r) if r.code == RejectCode::MissingKey || r.code == RejectCode::InvalidKey => {

@@ -248,3 +248,63 @@ fn parse_key_of_json_nested_deeper_than_parse_takes() {
     // dead-lettered by the worker that owns entity "1".
     assert_eq!(parse_key(&spec, &deep).unwrap(), vec!["1".to_string()]);
 }
+
+/// The stream of the envelope example: CloudEvents structured mode, the ECST event under `data`,
+/// the version and the event id the envelope's `time` and `id`.
+fn cloudevents() -> StreamSpec {
+    StreamSpec {
+        event_path: Some(Path::parse("data").unwrap()),
+        version: Some(Path::parse("time").unwrap()),
+        event_id: Some(Path::parse("id").unwrap()),
+        ..address_snapshot()
+    }
+}
+
+const CLOUDEVENT: &str = r#"{"specversion":"1.0","id":"e1","type":"com.acme.address.changed","source":"/addresses",
+    "time":"2024-05-01T12:00:00Z","data":{"addressId":"12366","newState":{"addressContent":{"addressLine1":"48 Baker Street"}}}}"#;
+
+#[test]
+fn an_envelope_event_is_read_at_its_event_path_and_the_envelope_gives_version_and_id() {
+    let spec = cloudevents();
+    let ev = parse(&spec, CLOUDEVENT).unwrap();
+    assert_eq!(ev.key, vec!["12366"]);
+    assert_eq!(ev.version, Some(Version::parse_timestamp("2024-05-01T12:00:00Z").unwrap()));
+    assert_eq!(ev.event_id.as_deref(), Some("e1"));
+    let Op::Upsert { cells, .. } = &ev.op else { panic!("expected an upsert") };
+    assert!(cells.iter().any(|c| c.field == "addressLine1" && c.value == text("48 Baker Street")));
+    assert_eq!(parse_key(&spec, CLOUDEVENT).unwrap(), ev.key);
+    // A version path may reach into the event too.
+    let inner =
+        StreamSpec { version: Some(Path::parse("data.newState.addressContent.addressTS").unwrap()), ..cloudevents() };
+    let payload = r#"{"id":"e2","data":{"addressId":"1","newState":{"addressContent":{"addressTS":7}}}}"#;
+    assert_eq!(parse(&inner, payload).unwrap().version, Some(Version::from_i64(7)));
+    assert_eq!(inner.version_column(), Some(3));
+}
+
+#[test]
+fn an_event_held_as_a_json_string_in_the_envelope_is_accepted() {
+    let spec = cloudevents();
+    let event = r#"{"addressId":"12366","newState":{"addressContent":{"addressLine1":"x"}}}"#;
+    let payload = serde_json::json!({"id": "e1", "time": "2024-05-01T12:00:00Z", "data": event}).to_string();
+    let ev = parse(&spec, &payload).unwrap();
+    assert_eq!(ev.key, vec!["12366"]);
+    assert_eq!(parse_key(&spec, &payload).unwrap(), ev.key);
+}
+
+#[test]
+fn an_envelope_without_its_event_is_a_dead_letter_naming_the_path() {
+    let spec = cloudevents();
+    for (payload, code_, words) in [
+        (r#"{"id":"e1","time":"2024-05-01T12:00:00Z"}"#, RejectCode::NotAnObject, "no event at data"),
+        (r#"{"id":"e1","time":"2024-05-01T12:00:00Z","data":null}"#, RejectCode::NotAnObject, "no event at data"),
+        (r#"{"id":"e1","time":"2024-05-01T12:00:00Z","data":[1]}"#, RejectCode::NotAnObject, "at data"),
+        (r#"{"id":"e1","time":"2024-05-01T12:00:00Z","data":"{not json"}"#, RejectCode::InvalidJson, "at data"),
+        (r#"{"id":"e1","time":"2024-05-01T12:00:00Z","data":"[1]"}"#, RejectCode::NotAnObject, "at data"),
+    ] {
+        let r = parse(&spec, payload).unwrap_err();
+        assert_eq!(r.code, code_, "{payload}");
+        assert!(r.message.contains(words), "{payload}: {}", r.message);
+    }
+    // The bare event, without its envelope, is missing it too.
+    assert_eq!(code(&spec, SNAPSHOT), RejectCode::NotAnObject);
+}
