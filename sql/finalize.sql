@@ -11,11 +11,12 @@ CREATE FUNCTION ecst.create_stream(
     event_id    text DEFAULT NULL,
     children    jsonb DEFAULT NULL,
     on_conflict text DEFAULT 'apply',
-    retain_events boolean DEFAULT false
+    retain_events boolean DEFAULT false,
+    event_path  text DEFAULT NULL
 ) RETURNS void
 LANGUAGE sql VOLATILE
-AS $$ SELECT ecst._create_stream(name, target::oid, shape, key, state_path, columns, version, event_id, children, on_conflict, retain_events) $$;
-COMMENT ON FUNCTION ecst.create_stream(text, regclass, text, jsonb, text, jsonb, text, text, jsonb, text, boolean)
+AS $$ SELECT ecst._create_stream(name, target::oid, shape, key, state_path, columns, version, event_id, children, on_conflict, retain_events, event_path) $$;
+COMMENT ON FUNCTION ecst.create_stream(text, regclass, text, jsonb, text, jsonb, text, text, jsonb, text, boolean, text)
     IS 'Binds one kind of ECST event to a replica table (see docs/reference.md)';
 
 CREATE FUNCTION ecst.apply(stream text, event text) RETURNS ecst.outcome

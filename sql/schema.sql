@@ -22,7 +22,9 @@ CREATE TABLE ecst.streams (
                 CHECK (on_conflict IN ('apply', 'skip', 'dead_letter', 'error')),
     retain_events boolean NOT NULL DEFAULT false,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    created_by  name NOT NULL DEFAULT current_user
+    created_by  name NOT NULL DEFAULT current_user,
+    -- Where the ECST event sits inside an envelope (0.3.0; last, as ALTER TABLE ADD COLUMN put it).
+    event_path  text
 );
 ALTER SEQUENCE ecst.streams_id_seq OWNED BY ecst.streams.id;
 COMMENT ON TABLE ecst.streams IS 'pg_ecst stream definitions (managed by ecst.create_stream / ecst.drop_stream)';

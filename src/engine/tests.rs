@@ -1103,4 +1103,63 @@ mod tests {
         assert_eq!(count("SELECT * FROM sid WHERE id = 2"), 0);
         assert_eq!(count("SELECT * FROM ecst.applied_events WHERE event_id IN ('e1', 'shared')"), 2);
     }
+
+    #[pg_test]
+    fn cloudevents_envelopes_apply_with_event_path() {
+        // The example of the envelope issue, as written.
+        run("CREATE TABLE address (address_id text PRIMARY KEY, address_line1 text, address_ts bigint)");
+        run(r#"SELECT ecst.create_stream(name => 'address', target => 'address', shape => 'entity_snapshot',
+                 key => '{"addressId": "address_id"}', event_path => 'data', state_path => 'addressContent',
+                 version => 'time', event_id => 'id')"#);
+        let event = r#"{"specversion":"1.0","id":"e1","type":"com.acme.address.changed","source":"/addresses",
+            "time":"2024-05-01T12:00:00Z","data":{"addressId":"12366","newState":{"addressContent":{"addressLine1":"48 Baker Street"}}}}"#;
+        assert_eq!(apply("address", event), "applied");
+        assert_eq!(text("SELECT address_line1 FROM address WHERE address_id = '12366'"), "48 Baker Street");
+        // The envelope's id deduplicates; its time orders.
+        assert_eq!(apply("address", event), "duplicate");
+        let older = r#"{"id":"e0","time":"2024-04-01T00:00:00Z","data":{"addressId":"12366","newState":{"addressContent":{"addressLine1":"old"}}}}"#;
+        assert_eq!(apply("address", older), "stale");
+        // The event as a JSON string inside the envelope (double encoding).
+        let encoded = serde_json::json!({
+            "id": "e2", "time": "2024-06-01T00:00:00Z",
+            "data": r#"{"addressId":"12366","newState":{"addressContent":{"addressLine1":"221B Baker Street"}}}"#
+        })
+        .to_string();
+        assert_eq!(apply("address", &encoded), "applied");
+        assert_eq!(text("SELECT address_line1 FROM address WHERE address_id = '12366'"), "221B Baker Street");
+        // An envelope without its event is a dead letter naming the path.
+        assert_eq!(apply("address", r#"{"id":"e3","time":"2024-07-01T00:00:00Z"}"#), "dead_lettered");
+        let (code, message) = last_dead_letter();
+        assert_eq!(code, "not_an_object");
+        assert!(message.contains("no event at data"), "{message}");
+        // Batches, snapshots' export and load: the same envelopes.
+        assert_eq!(
+            batch(
+                "address",
+                &[
+                    r#"{"id":"b1","time":"2024-08-01T00:00:00Z","data":{"addressId":"7","newState":{"addressContent":{"addressLine1":"a"}}}}"#,
+                    r#"{"id":"b2","time":"2024-08-02T00:00:00Z","data":{"addressId":"7","newState":{"addressContent":{"addressLine1":"b"}}}}"#,
+                ]
+            ),
+            "applied=2"
+        );
+        assert_eq!(text("SELECT address_line1 FROM address WHERE address_id = '7'"), "b");
+        run("CREATE TABLE address_copy (LIKE address INCLUDING ALL)");
+        run(r#"SELECT ecst.create_stream(name => 'address_copy', target => 'address_copy', shape => 'entity_snapshot',
+                 key => '{"addressId": "address_id"}', event_path => 'data', state_path => 'addressContent',
+                 version => 'time', event_id => 'id')"#);
+        run("CREATE TABLE exported AS SELECT e AS payload FROM ecst.export_snapshot('address') e");
+        assert_eq!(text("SELECT loaded::text FROM ecst.load_snapshot('address_copy', 'exported')"), "2");
+        assert_eq!(count("SELECT * FROM (TABLE address EXCEPT TABLE address_copy) d"), 0);
+        assert_eq!(count("SELECT * FROM (TABLE address_copy EXCEPT TABLE address) d"), 0);
+        // A bad event_path is refused up front.
+        assert_eq!(
+            sqlstate(
+                r#"SELECT ecst.create_stream(name => 'bad', target => 'address', shape => 'entity_snapshot',
+                     key => '{"addressId": "address_id"}', event_path => 'data..x')"#
+            )
+            .as_deref(),
+            Some("22023")
+        );
+    }
 }

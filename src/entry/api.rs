@@ -54,6 +54,7 @@ fn create_stream(
     children: Option<JsonB>,
     on_conflict: Option<String>,
     retain_events: Option<bool>,
+    event_path: Option<String>,
 ) {
     catalog::create_stream(
         required(name, "name"),
@@ -67,6 +68,7 @@ fn create_stream(
         children.map(|c| c.0),
         on_conflict.as_deref().unwrap_or("apply"),
         retain_events.unwrap_or(false),
+        event_path,
     )
 }
 

@@ -102,6 +102,7 @@ struct Definition {
     event_id: Option<String>,
     on_conflict: String,
     retain_events: bool,
+    event_path: Option<String>,
     children: Vec<ChildDefinition>,
 }
 
@@ -256,7 +257,7 @@ fn read_definition(name: &str) -> Option<Definition> {
         let mut rows = spi::internal::run_once(
             client,
             "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
-                    retain_events
+                    retain_events, event_path
              FROM ecst.streams WHERE name = $1",
             &[name.into()],
         );
@@ -276,6 +277,7 @@ fn read_definition(name: &str) -> Option<Definition> {
                 event_id: row.get(8).unwrap(),
                 on_conflict: row.get(9).unwrap().unwrap(),
                 retain_events: row.get(10).unwrap().unwrap(),
+                event_path: row.get(11).unwrap(),
                 children: Vec::new(),
             };
             let children = spi::internal::run_once(
@@ -570,6 +572,7 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         shape,
         key_fields,
         table,
+        event_path: parse_path(&def.event_path, "event_path")?,
         state_path: parse_path(&def.state_path, "state_path")?,
         version: parse_path(&def.version, "version")?,
         event_id: parse_path(&def.event_id, "event_id")?,
@@ -673,6 +676,7 @@ pub fn create_stream(
     children: Option<Value>,
     on_conflict: &str,
     retain_events: bool,
+    event_path: Option<String>,
 ) {
     if name.is_empty() {
         raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, "a stream name must not be empty", None);
@@ -702,6 +706,7 @@ pub fn create_stream(
         event_id: event_id.clone(),
         on_conflict: on_conflict.to_string(),
         retain_events,
+        event_path,
         children,
     };
     for oid in std::iter::once(def.target).chain(def.children.iter().map(|c| c.target)) {
@@ -728,8 +733,8 @@ fn store_with(client: &mut pgrx::spi::SpiClient, def: &Definition) {
     let id = spi::internal::run_once(
         client,
         "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
-                                   retain_events)
-         VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+                                   retain_events, event_path)
+         VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
         &[
             def.name.as_str().into(),
             def.target.into(),
@@ -741,6 +746,7 @@ fn store_with(client: &mut pgrx::spi::SpiClient, def: &Definition) {
             def.event_id.as_deref().into(),
             def.on_conflict.as_str().into(),
             def.retain_events.into(),
+            def.event_path.as_deref().into(),
         ],
     )
     .first()
