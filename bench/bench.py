@@ -710,8 +710,45 @@ def run_set_workload(name, meta):
                   st["stale"] == meta["stale"] and st["duplicate"] == 0, f"(stats {st})", fatal=False)
         psql(f"SELECT ecst.drop_stream('{spec['stream']}');")
     if name == "entity_snapshot":
+        run_envelope(name, meta, a, b_total)
         run_floors(name, meta, a, b_total)
     set_workers(1)
+
+
+def run_envelope(name, meta, a, b_total):
+    """The same events wrapped in CloudEvents envelopes (the event under `data`, with specversion,
+    id, type and source around it), into a stream with event_path => 'data': what an envelope
+    costs, against the bare 1-worker run."""
+    spec = SPECS[name]
+    tsv = f"{DATA}/{name}.cloudevents.tsv"
+    with open(meta["tsv"]) as src, open(tsv, "w") as dst:
+        for i, line in enumerate(src):
+            _, payload = line.rstrip("\n").split("\t", 1)
+            dst.write(f'address_ce\t{{"specversion":"1.0","id":"{i}","type":"com.acme.address.changed",'
+                      f'"source":"/addresses","data":{payload}}}\n')
+    n = meta["events"]
+    set_workers(0)
+    set_workers(1)
+    sch = "ce"
+    create = ("SELECT ecst.create_stream('address_ce', '{s}.address', 'entity_snapshot', '{{\"addressId\": \"address_id\"}}', "
+              "state_path => 'addressContent', columns => '{{\"addressLine1\": \"line1\"}}', "
+              "version => 'data.newState.addressContent.addressTS', event_path => 'data');")
+    psql(f"CREATE SCHEMA {sch};" + spec["ddl"].format(s=sch) + create.format(s=sch))
+    settle()
+    t0 = time.perf_counter()
+    psql(f"\\copy ecst.inbox (stream, payload) FROM '{tsv}'\n")
+    t_copy = time.perf_counter()
+    t_end, _ = wait_drained(t0, n)
+    st = stats("address_ce")
+    dead = int(q1("SELECT count(*) FROM ecst.dead_letters WHERE stream = 'address_ce'"))
+    notes = (f"COPY {t_copy - t0:.2f} s + drain {t_end - t_copy:.2f} s; applied {st['applied']:,}, "
+             f"stale {st['stale']:,}, dead {st['dead_lettered']:,}; same events as C, 1 worker, in envelopes")
+    result(name, "C  pg_ecst, 1 worker, CloudEvents envelopes", t_end - t0, n, a, b_total, notes)
+    verify(name, sch, spec)
+    check(f"{name} {sch}: every event counted once, none dead-lettered",
+          st["applied"] + st["stale"] + st["duplicate"] + st["skipped"] == n and dead == 0,
+          f"(stats {st}, {dead} dead letters)", fatal=False)
+    psql("SELECT ecst.drop_stream('address_ce');")
 
 
 def parse_seconds(shape, ndjson):

@@ -23,7 +23,7 @@ CREATE FUNCTION ecst."_create_stream"(
 	"event_path" TEXT
 ) RETURNS void
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'create_stream_wrapper';
+AS 'MODULE_PATHNAME', 'create_stream_with_event_path_wrapper';
 
 CREATE FUNCTION ecst.create_stream(
     name        text,

@@ -1162,4 +1162,21 @@ mod tests {
             Some("22023")
         );
     }
+
+    #[pg_test]
+    fn kafka_connect_json_envelopes_apply_with_event_path() {
+        // docs/guides/kafka.md's Kafka Connect example: a delta inside `payload`, its version too.
+        run("CREATE TABLE kc (address_id text PRIMARY KEY, address_line1 text, address_line2 text)");
+        run(r#"SELECT ecst.create_stream(name => 'address_changes', target => 'kc', shape => 'delta',
+                 key => '{"addressId": "address_id"}', event_path => 'payload', version => 'payload.ts')"#);
+        let event = |ts: u32, field: &str, value: &str| {
+            format!(
+                r#"{{"schema": {{"type": "struct", "fields": []}}, "payload": {{"addressId": "12366", "ts": {ts}, "newState": {{"{field}": "{value}"}}}}}}"#
+            )
+        };
+        assert_eq!(apply("address_changes", &event(17, "addressLine1", "48 Baker Street")), "applied");
+        assert_eq!(apply("address_changes", &event(18, "addressLine2", "London")), "applied");
+        assert_eq!(apply("address_changes", &event(16, "addressLine1", "older")), "stale");
+        assert_eq!(text("SELECT address_line1 || ', ' || address_line2 FROM kc"), "48 Baker Street, London");
+    }
 }

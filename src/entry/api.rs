@@ -40,9 +40,43 @@ fn required<T>(value: Option<T>, argument: &str) -> T {
     })
 }
 
+/// `_create_stream` as 0.1.0 and 0.2.0 declared it (without `event_path`), under its own symbol, so
+/// that a database not updated yet (`ALTER EXTENSION pg_ecst UPDATE`) keeps working with this
+/// library. Not in the install script.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(name = "_create_stream", sql = false)]
+fn create_stream(
+    name: Option<&str>,
+    target: Option<pg_sys::Oid>,
+    shape: Option<&str>,
+    key: Option<JsonB>,
+    state_path: Option<String>,
+    columns: Option<JsonB>,
+    version: Option<String>,
+    event_id: Option<String>,
+    children: Option<JsonB>,
+    on_conflict: Option<String>,
+    retain_events: Option<bool>,
+) {
+    create_stream_with_event_path(
+        name,
+        target,
+        shape,
+        key,
+        state_path,
+        columns,
+        version,
+        event_id,
+        children,
+        on_conflict,
+        retain_events,
+        None,
+    )
+}
+
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(name = "_create_stream")]
-fn create_stream(
+fn create_stream_with_event_path(
     name: Option<&str>,
     target: Option<pg_sys::Oid>,
     shape: Option<&str>,

@@ -89,6 +89,14 @@ impl std::ops::Deref for Styled<'_> {
     }
 }
 
+/// Whether `ecst.streams` has the `event_path` column (0.3.0): a database keeps the catalog of its
+/// installed version until `ALTER EXTENSION pg_ecst UPDATE`, while this library is already in use.
+fn catalog_has_event_path() -> bool {
+    let Some(streams) = crate::pg::syscache::own_relation(c"streams") else { return false };
+    // SAFETY: a syscache lookup of an attribute by name.
+    unsafe { pg_sys::get_attnum(streams, c"event_path".as_ptr()) != pg_sys::InvalidAttrNumber as i16 }
+}
+
 /// A stream definition as stored in `ecst.streams` / `ecst.stream_children`.
 struct Definition {
     id: i32,
@@ -254,13 +262,17 @@ fn cached_stream(name: &str) -> Option<Rc<Stream>> {
 
 fn read_definition(name: &str) -> Option<Definition> {
     Spi::connect_mut(|client| {
-        let mut rows = spi::internal::run_once(
-            client,
+        // A database whose extension is not updated yet (0.2.0 and before) has no event_path.
+        let sql = if catalog_has_event_path() {
             "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
                     retain_events, event_path
-             FROM ecst.streams WHERE name = $1",
-            &[name.into()],
-        );
+             FROM ecst.streams WHERE name = $1"
+        } else {
+            "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
+                    retain_events, NULL::text
+             FROM ecst.streams WHERE name = $1"
+        };
+        let mut rows = spi::internal::run_once(client, sql, &[name.into()]);
         {
             let row = rows.next()?;
             let id: i32 = row.get(1).unwrap().unwrap();
@@ -730,11 +742,25 @@ fn store(def: &Definition) {
 }
 
 fn store_with(client: &mut pgrx::spi::SpiClient, def: &Definition) {
-    let id = spi::internal::run_once(
-        client,
+    let sql = if catalog_has_event_path() {
         "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
                                    retain_events, event_path)
-         VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
+         VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id"
+    } else if def.event_path.is_some() {
+        raise(
+            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "event_path needs pg_ecst 0.3.0's catalog in this database",
+            Some("Run ALTER EXTENSION pg_ecst UPDATE first."),
+        )
+    } else {
+        // Before ALTER EXTENSION pg_ecst UPDATE: the catalog of 0.2.0 and before ($11 is NULL).
+        "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
+                                   retain_events)
+         SELECT $1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10 WHERE $11::text IS NULL RETURNING id"
+    };
+    let id = spi::internal::run_once(
+        client,
+        sql,
         &[
             def.name.as_str().into(),
             def.target.into(),

@@ -62,6 +62,10 @@ check "the delta's merged fields" "billing|new|London" \
 check "a new view works on the old letters" "address:invalid_json:true,nobody:unknown_stream:false" \
     "$(q "SELECT string_agg(stream || ':' || error_code || ':' || stream_exists, ',' ORDER BY stream) FROM ecst.dead_letter_summary")"
 check "a new function works on the old letters" "1" "$(q "SELECT ecst.discard_dead_letters(error_code => 'invalid_json')")"
+q "CREATE TABLE enveloped (address_id text PRIMARY KEY, line1 text)" >/dev/null
+q "SELECT ecst.create_stream('enveloped', 'enveloped', 'entity_snapshot', '{\"addressId\": \"address_id\"}', event_path => 'data', version => 'time')" >/dev/null
+check "a stream with an event_path (0.3.0) applies envelopes" "applied" \
+    "$(q "SELECT ecst.apply('enveloped', '{\"time\": 5, \"data\": {\"addressId\": \"1\", \"newState\": {\"line1\": \"x\"}}}')")"
 q "CREATE TABLE snap (payload text)" >/dev/null
 check "load_snapshot takes a numeric as_of" "0|0|0|0" \
     "$(q "SELECT loaded || '|' || stale || '|' || deleted || '|' || dead_lettered FROM ecst.load_snapshot('address', 'snap', as_of => 1)")"
