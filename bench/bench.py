@@ -718,37 +718,51 @@ def run_set_workload(name, meta):
 def run_envelope(name, meta, a, b_total):
     """The same events wrapped in CloudEvents envelopes (the event under `data`, with specversion,
     id, type and source around it), into a stream with event_path => 'data': what an envelope
-    costs, against the bare 1-worker run."""
+    costs, against the bare 1-worker run; then the same envelopes fed under a route's name (a
+    route with three types, as one topic of several event types would have)."""
     spec = SPECS[name]
-    tsv = f"{DATA}/{name}.cloudevents.tsv"
-    with open(meta["tsv"]) as src, open(tsv, "w") as dst:
-        for i, line in enumerate(src):
-            _, payload = line.rstrip("\n").split("\t", 1)
-            dst.write(f'address_ce\t{{"specversion":"1.0","id":"{i}","type":"com.acme.address.changed",'
-                      f'"source":"/addresses","data":{payload}}}\n')
-    n = meta["events"]
-    set_workers(0)
-    set_workers(1)
-    sch = "ce"
-    create = ("SELECT ecst.create_stream('address_ce', '{s}.address', 'entity_snapshot', '{{\"addressId\": \"address_id\"}}', "
-              "state_path => 'addressContent', columns => '{{\"addressLine1\": \"line1\"}}', "
-              "version => 'data.newState.addressContent.addressTS', event_path => 'data');")
-    psql(f"CREATE SCHEMA {sch};" + spec["ddl"].format(s=sch) + create.format(s=sch))
-    settle()
-    t0 = time.perf_counter()
-    psql(f"\\copy ecst.inbox (stream, payload) FROM '{tsv}'\n")
-    t_copy = time.perf_counter()
-    t_end, _ = wait_drained(t0, n)
-    st = stats("address_ce")
-    dead = int(q1("SELECT count(*) FROM ecst.dead_letters WHERE stream = 'address_ce'"))
-    notes = (f"COPY {t_copy - t0:.2f} s + drain {t_end - t_copy:.2f} s; applied {st['applied']:,}, "
-             f"stale {st['stale']:,}, dead {st['dead_lettered']:,}; same events as C, 1 worker, in envelopes")
-    result(name, "C  pg_ecst, 1 worker, CloudEvents envelopes", t_end - t0, n, a, b_total, notes)
-    verify(name, sch, spec)
-    check(f"{name} {sch}: every event counted once, none dead-lettered",
-          st["applied"] + st["stale"] + st["duplicate"] + st["skipped"] == n and dead == 0,
-          f"(stats {st}, {dead} dead letters)", fatal=False)
-    psql("SELECT ecst.drop_stream('address_ce');")
+    for routed in (False, True):
+        feed = "acme" if routed else "address_ce"
+        tsv = f"{DATA}/{name}.cloudevents{'.routed' if routed else ''}.tsv"
+        with open(meta["tsv"]) as src, open(tsv, "w") as dst:
+            for i, line in enumerate(src):
+                _, payload = line.rstrip("\n").split("\t", 1)
+                dst.write(f'{feed}\t{{"specversion":"1.0","id":"{i}","type":"com.acme.address.changed",'
+                          f'"source":"/addresses","data":{payload}}}\n')
+        n = meta["events"]
+        set_workers(0)
+        set_workers(1)
+        sch = "cer" if routed else "ce"
+        create = ("SELECT ecst.create_stream('address_ce', '{s}.address', 'entity_snapshot', '{{\"addressId\": \"address_id\"}}', "
+                  "state_path => 'addressContent', columns => '{{\"addressLine1\": \"line1\"}}', "
+                  "version => 'data.newState.addressContent.addressTS', event_path => 'data');")
+        if routed:
+            # Three types, two of them for streams that get no events here.
+            create += ("CREATE TABLE {s}.other (id text PRIMARY KEY);"
+                       "SELECT ecst.create_stream('other1', '{s}.other', 'entity_snapshot', '{{\"id\": \"id\"}}', event_path => 'data');"
+                       "SELECT ecst.create_stream('other2', '{s}.other', 'entity_snapshot', '{{\"id\": \"id\"}}', event_path => 'data');"
+                       "SELECT ecst.create_route('acme', 'type', '{{\"com.acme.address.changed\": \"address_ce\", "
+                       "\"com.acme.customer.snapshot\": \"other1\", \"com.acme.order.placed\": \"other2\"}}');")
+        psql(f"CREATE SCHEMA {sch};" + spec["ddl"].format(s=sch) + create.format(s=sch))
+        settle()
+        t0 = time.perf_counter()
+        psql(f"\\copy ecst.inbox (stream, payload) FROM '{tsv}'\n")
+        t_copy = time.perf_counter()
+        t_end, _ = wait_drained(t0, n)
+        st = stats("address_ce")
+        dead = int(q1("SELECT count(*) FROM ecst.dead_letters WHERE stream IN ('address_ce', 'acme')"))
+        notes = (f"COPY {t_copy - t0:.2f} s + drain {t_end - t_copy:.2f} s; applied {st['applied']:,}, "
+                 f"stale {st['stale']:,}, dead {dead:,}; same events as C, 1 worker, in envelopes"
+                 + (", fed through a route of three types" if routed else ""))
+        label = "C  pg_ecst, 1 worker, CloudEvents envelopes" + (" through a route" if routed else "")
+        result(name, label, t_end - t0, n, a, b_total, notes)
+        verify(name, sch, spec)
+        check(f"{name} {sch}: every event counted once, none dead-lettered",
+              st["applied"] + st["stale"] + st["duplicate"] + st["skipped"] == n and dead == 0,
+              f"(stats {st}, {dead} dead letters)", fatal=False)
+        if routed:
+            psql("SELECT ecst.drop_route('acme'); SELECT ecst.drop_stream('other1'); SELECT ecst.drop_stream('other2');")
+        psql("SELECT ecst.drop_stream('address_ce');")
 
 
 def parse_seconds(shape, ndjson):

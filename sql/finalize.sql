@@ -110,6 +110,25 @@ LEFT JOIN (
 ) i ON i.stream = s.name;
 COMMENT ON VIEW ecst.stats IS 'pg_ecst per-stream counters, inbox backlog and worker status';
 
+COMMENT ON FUNCTION ecst.create_route(text, text, jsonb)
+    IS 'Creates (or replaces) a route: events fed under its name go to the stream that the value at field selects (see docs/reference.md)';
+COMMENT ON FUNCTION ecst.drop_route(text) IS 'Drops a route (its dead letters stay); false if there was none';
+
+CREATE VIEW ecst.route_stats AS
+SELECT r.name AS route,
+       r.field,
+       v.value,
+       coalesce(v.unrouted, 0)::bigint AS unrouted,
+       (SELECT count(*) FROM ecst.inbox i WHERE i.stream = r.name)::bigint AS pending
+FROM ecst.routes r
+LEFT JOIN LATERAL (
+    SELECT ecst._route_value(d.payload, r.field) AS value, count(*) AS unrouted
+    FROM ecst.dead_letters d
+    WHERE d.stream = r.name AND d.error_code = 'unrouted'
+    GROUP BY 1
+) v ON true;
+COMMENT ON VIEW ecst.route_stats IS 'pg_ecst routes: per route and value, the events no stream is mapped for (dead letters unrouted), and the inbox rows waiting under the route name';
+
 -- Wake the background workers when rows arrive in the inbox (at commit).
 CREATE TRIGGER inbox_wake AFTER INSERT ON ecst.inbox
     FOR EACH STATEMENT EXECUTE FUNCTION ecst._inbox_wake();
@@ -199,7 +218,7 @@ $roles$;
 GRANT INSERT (stream, payload) ON ecst.inbox TO ecst_writer;
 GRANT USAGE ON SEQUENCE ecst.inbox_seq TO ecst_writer;
 GRANT SELECT ON ecst.streams, ecst.stream_children, ecst.dead_letters, ecst.stream_counters, ecst.inbox,
-    ecst.stats, ecst.workers, ecst.dead_letter_summary TO ecst_reader;
+    ecst.stats, ecst.workers, ecst.dead_letter_summary, ecst.routes, ecst.route_stats TO ecst_reader;
 REVOKE EXECUTE ON FUNCTION ecst.compact_counters() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ecst.compact_counters() TO ecst_reader;
 

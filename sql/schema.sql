@@ -136,3 +136,15 @@ SELECT pg_catalog.pg_extension_config_dump('ecst.dead_letters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ecst.stream_counters', '');
 SELECT pg_catalog.pg_extension_config_dump('ecst.event_log', '');
 SELECT pg_catalog.pg_extension_config_dump('ecst.event_log_seq', '');
+
+-- Routes (0.3.0): a name that stands for several streams; each event fed under it goes to the
+-- stream that the value at `field` selects (`streams`: value -> stream name).
+CREATE TABLE ecst.routes (
+    name       text PRIMARY KEY CHECK (name <> ''),
+    field      text NOT NULL,
+    streams    jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    created_by name NOT NULL DEFAULT current_user
+);
+COMMENT ON TABLE ecst.routes IS 'pg_ecst routes (managed by ecst.create_route / ecst.drop_route)';
+SELECT pg_catalog.pg_extension_config_dump('ecst.routes', '');

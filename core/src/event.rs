@@ -72,7 +72,7 @@ pub fn parse(spec: &StreamSpec, text: &str) -> Result<Event, Rejection> {
 
 /// `invalid_json`, in words a person reading the dead letter understands: what is wrong, where
 /// (serde's line and column), and the text around that place.
-fn not_json(text: &str, e: &serde_json::Error) -> Rejection {
+pub(crate) fn not_json(text: &str, e: &serde_json::Error) -> Rejection {
     use serde_json::error::Category;
     let (line, column) = (e.line(), e.column());
     let serde_says = e.to_string();

@@ -11,6 +11,7 @@
 //! - [`compact`]: the event log flattened to what a replay needs.
 //! - [`export`]: a replica entity rendered as the create event that would write it.
 //! - [`reject`]: the stable dead-letter codes.
+//! - [`route`]: which stream an event of a feed with several event types goes to.
 //! - [`sim`]: an in-memory replica and the in-order reference, for property tests and fuzzing.
 
 pub mod compact;
@@ -20,6 +21,7 @@ pub mod export;
 pub mod fold;
 pub mod merge;
 pub mod reject;
+pub mod route;
 pub mod sim;
 pub mod spec;
 pub mod version;

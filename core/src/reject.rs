@@ -37,10 +37,12 @@ pub enum RejectCode {
     WriteFailed,
     /// The inbox row names a stream that does not exist.
     UnknownStream,
+    /// A route has no stream for the event's value (or the event has none).
+    Unrouted,
 }
 
 impl RejectCode {
-    pub const ALL: [RejectCode; 16] = [
+    pub const ALL: [RejectCode; 17] = [
         RejectCode::InvalidJson,
         RejectCode::NotAnObject,
         RejectCode::MissingKey,
@@ -57,6 +59,7 @@ impl RejectCode {
         RejectCode::Conflict,
         RejectCode::WriteFailed,
         RejectCode::UnknownStream,
+        RejectCode::Unrouted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +80,7 @@ impl RejectCode {
             RejectCode::Conflict => "conflict",
             RejectCode::WriteFailed => "write_failed",
             RejectCode::UnknownStream => "unknown_stream",
+            RejectCode::Unrouted => "unrouted",
         }
     }
 }

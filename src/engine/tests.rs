@@ -1152,6 +1152,21 @@ mod tests {
         assert_eq!(text("SELECT loaded::text FROM ecst.load_snapshot('address_copy', 'exported')"), "2");
         assert_eq!(count("SELECT * FROM (TABLE address EXCEPT TABLE address_copy) d"), 0);
         assert_eq!(count("SELECT * FROM (TABLE address_copy EXCEPT TABLE address) d"), 0);
+        // Retention: an envelope stream's log rebuilds (and compacts to) the same replica.
+        run("CREATE TABLE address_log (address_id text PRIMARY KEY, address_line1 text, address_ts bigint)");
+        run(r#"SELECT ecst.create_stream(name => 'address_log', target => 'address_log', shape => 'entity_snapshot',
+                 key => '{"addressId": "address_id"}', event_path => 'data', state_path => 'addressContent',
+                 version => 'time', event_id => 'id', retain_events => true)"#);
+        for e in [event, older, encoded.as_str()] {
+            apply("address_log", e);
+        }
+        let before = text("SELECT string_agg(address_id || '=' || address_line1, ',' ORDER BY 1) FROM address_log");
+        run("SELECT * FROM ecst.compact_events('address_log')");
+        assert_eq!(text("SELECT replayed::text FROM ecst.rebuild('address_log')"), "1");
+        assert_eq!(
+            text("SELECT string_agg(address_id || '=' || address_line1, ',' ORDER BY 1) FROM address_log"),
+            before
+        );
         // A bad event_path is refused up front.
         assert_eq!(
             sqlstate(

@@ -13,6 +13,7 @@ use crate::pg::gucs;
 use crate::pg::owner;
 use crate::pg::spi;
 use crate::stream::catalog;
+use crate::stream::routes;
 use crate::stream::security;
 use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::prelude::*;
@@ -90,6 +91,13 @@ fn create_stream_with_event_path(
     retain_events: Option<bool>,
     event_path: Option<String>,
 ) {
+    if let Some(name) = name.filter(|n| routes::exists(n)) {
+        crate::pg::errors::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("\"{name}\" is the name of a route"),
+            Some("Streams and routes share one namespace: choose another name."),
+        );
+    }
     catalog::create_stream(
         required(name, "name"),
         required(target, "target"),
@@ -118,8 +126,26 @@ fn drop_stream(name: &str) -> bool {
 #[pg_extern(name = "_apply")]
 fn apply_text(stream: Option<&str>, event: Option<&str>) -> &'static str {
     let stream = required(stream, "stream");
-    let s = catalog::stream(stream);
+    let s = match catalog::try_stream(stream) {
+        Some(s) => s,
+        // A route's name: the event goes to the stream the route selects for it.
+        None => match routes::route(stream) {
+            Some(route) => match route.select(event) {
+                Ok(target) => catalog::stream(target),
+                Err(rejection) => {
+                    let result = [Applied::rejected(rejection)];
+                    Spi::connect_mut(|client| {
+                        record::record_all(client, None, Some(stream), [(event, None)], &result, EventLog::Append)
+                    });
+                    return outcome(&result[0]);
+                }
+            },
+            None => catalog::stream(stream),
+        },
+    };
     security::require_apply(&s);
+    let stream = s.spec.name.clone();
+    let stream = stream.as_str();
     let s = s.styled();
     Spi::connect_mut(|client| {
         let parsed = [apply::parse_payload(&s.spec, event)];
@@ -143,22 +169,51 @@ fn apply_batch_text(
     stream: &str,
     events: Vec<Option<String>>,
 ) -> TableIterator<'static, (name!(outcome, &'static str), name!(count, i64))> {
-    let s = catalog::stream(stream);
-    security::require_apply(&s);
+    let mut counts = BTreeMap::new();
+    if catalog::try_stream(stream).is_none() {
+        if let Some(route) = routes::route(stream) {
+            // A route's name: each stream's events as one batch (in array order), streams in name
+            // order; the events the route sends nowhere are dead letters under the route's name.
+            let (by_stream, unrouted) = routes::split(&route, events.iter().map(|e| e.as_deref()));
+            for (target, positions) in by_stream {
+                let subset: Vec<Option<String>> = positions.iter().map(|&i| events[i].clone()).collect();
+                apply_batch_to(&catalog::stream(&target), &subset, &mut counts);
+            }
+            Spi::connect_mut(|client| {
+                for (i, rejection) in unrouted {
+                    let result = [Applied::rejected(rejection)];
+                    *counts.entry(outcome(&result[0])).or_insert(0) += 1;
+                    let event = [(events[i].as_deref(), None)];
+                    record::record_all(client, None, Some(stream), event, &result, EventLog::Append);
+                }
+            });
+            return counts_table(counts);
+        }
+    }
+    apply_batch_to(&catalog::stream(stream), &events, &mut counts);
+    counts_table(counts)
+}
+
+/// Applies a batch of one stream, adding its outcomes to `counts`.
+fn apply_batch_to(
+    s: &std::rc::Rc<catalog::Stream>,
+    events: &[Option<String>],
+    counts: &mut BTreeMap<&'static str, i64>,
+) {
+    let stream = s.spec.name.as_str();
+    security::require_apply(s);
     // bulk::apply_run visits entities in key order (the lock order); each entity's events keep
     // their array order.
     let parsed: Vec<Result<_, Rejection>> =
         events.iter().map(|e| apply::parse_payload(&s.spec, e.as_deref())).collect();
-    let mut counts = BTreeMap::new();
     Spi::connect_mut(|client| {
         let results = engine::apply(client, &s.styled(), &parsed, ErrorPolicy::Caller);
         for result in &results {
             *counts.entry(outcome(result)).or_insert(0) += 1;
         }
         let received = events.iter().map(|e| (e.as_deref(), None));
-        record::record_all(client, Some(&s), Some(stream), received, &results, EventLog::Append);
+        record::record_all(client, Some(s), Some(stream), received, &results, EventLog::Append);
     });
-    counts_table(counts)
 }
 
 /// Puts dead letters (of one stream, or all) back through the pipeline. Those that apply now
@@ -203,7 +258,26 @@ fn retry_dead_letters(
         let mut trusted: HashMap<String, bool> = HashMap::new();
         let mut skipped = 0i64;
         let mut broken: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut route_of: HashMap<String, Option<ecst_core::route::Route>> = HashMap::new();
         for (id, name, payload, before_stream, table) in letters {
+            // A letter kept under a route's name goes where the route sends it now (for the
+            // privileges too); one it still sends nowhere stays, for an administrator to retry.
+            let mut unrouted: Option<Rejection> = None;
+            let route = match (&name, table) {
+                (Some(n), None) => route_of.entry(n.clone()).or_insert_with(|| routes::route(n)).clone(),
+                _ => None,
+            };
+            let (name, before_stream, table) = match route.as_ref().map(|r| r.select(payload.as_deref())) {
+                Some(Ok(target)) => {
+                    let table = catalog::try_stream(target).map(|s| s.table.oid);
+                    (Some(target.to_string()), false, table)
+                }
+                Some(Err(rejection)) => {
+                    unrouted = Some(rejection);
+                    (name, before_stream, table)
+                }
+                None => (name, before_stream, table),
+            };
             // Streams the caller may not apply are not even looked up: looking one up locks its
             // tables until the caller's transaction ends.
             if !admin && (before_stream || !table.is_some_and(security::may_apply_table)) {
@@ -249,14 +323,12 @@ fn retry_dead_letters(
                     let parsed = [apply::parse_payload(&s.spec, p.as_deref())];
                     engine::apply(client, &s.styled(), &parsed, ErrorPolicy::Caller).pop().expect("one result")
                 }
-                (None, _) => Applied::Rejected {
-                    rejection: Rejection::new(
+                (None, _) => Applied::rejected(unrouted.take().unwrap_or_else(|| {
+                    Rejection::new(
                         RejectCode::UnknownStream,
                         format!("stream {:?} does not exist", name.as_deref().unwrap_or("")),
-                    ),
-                    sqlstate: None,
-                    conflict: false,
-                },
+                    )
+                })),
             };
             match &result {
                 Applied::Rejected { rejection, sqlstate, .. } => {
@@ -396,4 +468,29 @@ fn rebuild(
 #[pg_extern]
 fn compact_events(stream: &str) -> TableIterator<'static, (name!(events_before, i64), name!(events_after, i64))> {
     TableIterator::once(retention::compact(stream))
+}
+
+/// Creates a route, or replaces one the caller's role created: `field` (a dotted path in the
+/// payload) selects, by `streams` (value → stream name), the stream each event fed under the
+/// route's name goes to.
+#[pg_extern]
+fn create_route(name: &str, field: &str, streams: JsonB) {
+    routes::create_route(name, field, streams.0)
+}
+
+/// Drops a route (its dead letters stay). Returns false when there was none.
+#[pg_extern]
+fn drop_route(name: &str) -> bool {
+    routes::drop_route(name)
+}
+
+/// The value a route's `field` has in a payload (NULL where it has none), for `ecst.route_stats`.
+#[pg_extern(immutable, parallel_safe, name = "_route_value")]
+fn route_value(payload: &str, field: &str) -> Option<String> {
+    let root: serde_json::Value = serde_json::from_str(payload).ok()?;
+    match ecst_core::spec::Path::parse(field).ok()?.lookup(&root)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    }
 }

@@ -265,4 +265,87 @@ mod tests {
         assert_eq!(text("SELECT deleted::text FROM ecst.load_snapshot('rp', 'rp_src', 'replace', '5')"), "0");
         assert_eq!(count("SELECT * FROM rp"), 3);
     }
+
+    /// One feed of three event types through a route: each event lands in its type's stream as if
+    /// sent there bare; a type with no stream is a dead letter `unrouted` under the route's name,
+    /// counted per value in `ecst.route_stats`, and retried once the route is extended.
+    #[pg_test]
+    fn a_route_sends_each_event_to_the_stream_of_its_type() {
+        run("CREATE TABLE r_address (address_id text PRIMARY KEY, address_line1 text)");
+        run("CREATE TABLE r_customer (customer_id text PRIMARY KEY, name text)");
+        run("CREATE TABLE r_order (order_id text PRIMARY KEY, total numeric)");
+        run(r#"SELECT ecst.create_stream(name => 'r_address', target => 'r_address', shape => 'entity_snapshot',
+                 key => '{"addressId": "address_id"}', event_path => 'data', version => 'time', event_id => 'id')"#);
+        run(r#"SELECT ecst.create_stream(name => 'r_customer', target => 'r_customer', shape => 'entity_snapshot',
+                 key => '{"customerId": "customer_id"}', event_path => 'data', version => 'time')"#);
+        run(r#"SELECT ecst.create_stream(name => 'r_order', target => 'r_order', shape => 'entity_snapshot',
+                 key => '{"orderId": "order_id"}', event_path => 'data', version => 'time')"#);
+        run(r#"SELECT ecst.create_route('acme', 'type', '{"com.acme.address.changed": "r_address",
+                 "com.acme.customer.snapshot": "r_customer"}')"#);
+        let address = |id: &str, t: u32, line: &str| {
+            format!(
+                r#"{{"type": "com.acme.address.changed", "id": "{id}", "time": {t}, "data": {{"addressId": "a1", "newState": {{"addressLine1": "{line}"}}}}}}"#
+            )
+        };
+        let customer = r#"{"type": "com.acme.customer.snapshot", "time": 1, "data": {"customerId": "c1", "newState": {"name": "Ada"}}}"#;
+        let order =
+            r#"{"type": "com.acme.order.placed", "time": 1, "data": {"orderId": "o1", "newState": {"total": 12.5}}}"#;
+        // ecst.apply with the route's name.
+        assert_eq!(apply("acme", &address("e1", 1, "first")), "applied");
+        assert_eq!(apply("acme", &address("e1", 1, "first")), "duplicate");
+        assert_eq!(apply("acme", customer), "applied");
+        assert_eq!(apply("acme", order), "dead_lettered");
+        let (code, message) = last_dead_letter();
+        assert_eq!(code, "unrouted");
+        assert!(message.contains("com.acme.order.placed"), "{message}");
+        assert_eq!(text("SELECT stream FROM ecst.dead_letters ORDER BY id DESC LIMIT 1"), "acme");
+        // apply_batch: per stream in array order (a1 ends at "third"), unrouted counted.
+        assert_eq!(
+            batch("acme", &[&address("e2", 3, "third"), order, &address("e3", 2, "second"), customer]),
+            "applied=1,duplicate=1,stale=1,dead_lettered=1"
+        );
+        assert_eq!(text("SELECT address_line1 FROM r_address WHERE address_id = 'a1'"), "third");
+        assert_eq!(text("SELECT name FROM r_customer WHERE customer_id = 'c1'"), "Ada");
+        // Trigger mode with the route's name.
+        run("CREATE TABLE r_feed (payload jsonb)");
+        run("CREATE TRIGGER r_feed AFTER INSERT ON r_feed FOR EACH ROW EXECUTE FUNCTION ecst.apply_trigger('acme')");
+        run(&format!("INSERT INTO r_feed VALUES ('{}')", address("e4", 4, "fourth")));
+        assert_eq!(text("SELECT address_line1 FROM r_address WHERE address_id = 'a1'"), "fourth");
+        // The inbox, under the route's name.
+        run(&format!(
+            "INSERT INTO ecst.inbox (stream, payload) VALUES ('acme', '{}'), ('acme', '{}')",
+            address("e5", 5, "fifth"),
+            order
+        ));
+        assert_eq!(one::<i64>("SELECT ecst.process_inbox()"), Some(2));
+        assert_eq!(text("SELECT address_line1 FROM r_address WHERE address_id = 'a1'"), "fifth");
+        // Unrouted events counted per value; extend the route, retry, and they apply.
+        assert_eq!(
+            text("SELECT value || '=' || unrouted FROM ecst.route_stats WHERE route = 'acme'"),
+            "com.acme.order.placed=3"
+        );
+        run(r#"SELECT ecst.create_route('acme', 'type', '{"com.acme.address.changed": "r_address",
+                 "com.acme.customer.snapshot": "r_customer", "com.acme.order.placed": "r_order"}')"#);
+        assert_eq!(
+            text("SELECT string_agg(outcome || '=' || count, ',') FROM ecst.retry_dead_letters('acme')"),
+            "applied=1,duplicate=2"
+        );
+        assert_eq!(text("SELECT total::text FROM r_order WHERE order_id = 'o1'"), "12.5");
+        assert_eq!(count("SELECT * FROM ecst.dead_letters WHERE stream = 'acme'"), 0);
+        // Streams and routes share one namespace; bad definitions are refused up front.
+        assert_eq!(
+            sqlstate("SELECT ecst.create_route('r_order', 'type', '{\"x\": \"r_order\"}')").as_deref(),
+            Some("42710")
+        );
+        assert_eq!(
+            sqlstate("SELECT ecst.create_stream('acme', 'r_order', 'entity_snapshot', '{\"orderId\": \"order_id\"}')")
+                .as_deref(),
+            Some("42710")
+        );
+        assert_eq!(sqlstate("SELECT ecst.create_route('x', 'type', '{\"v\": \"nope\"}')").as_deref(), Some("42704"));
+        assert_eq!(sqlstate("SELECT ecst.create_route('x', 'a..b', '{\"v\": \"r_order\"}')").as_deref(), Some("22023"));
+        assert_eq!(sqlstate("SELECT ecst.create_route('x', 'type', '[]')").as_deref(), Some("22023"));
+        assert_eq!(one::<bool>("SELECT ecst.drop_route('acme')"), Some(true));
+        assert_eq!(one::<bool>("SELECT ecst.drop_route('acme')"), Some(false));
+    }
 }

@@ -66,6 +66,9 @@ q "CREATE TABLE enveloped (address_id text PRIMARY KEY, line1 text)" >/dev/null
 q "SELECT ecst.create_stream('enveloped', 'enveloped', 'entity_snapshot', '{\"addressId\": \"address_id\"}', event_path => 'data', version => 'time')" >/dev/null
 check "a stream with an event_path (0.3.0) applies envelopes" "applied" \
     "$(q "SELECT ecst.apply('enveloped', '{\"time\": 5, \"data\": {\"addressId\": \"1\", \"newState\": {\"line1\": \"x\"}}}')")"
+q "SELECT ecst.create_route('feed', 'type', '{\"address\": \"enveloped\"}')" >/dev/null
+check "a route (0.3.0) sends events to its stream" "applied" \
+    "$(q "SELECT ecst.apply('feed', '{\"type\": \"address\", \"time\": 6, \"data\": {\"addressId\": \"1\", \"newState\": {\"line1\": \"y\"}}}')")"
 q "CREATE TABLE snap (payload text)" >/dev/null
 check "load_snapshot takes a numeric as_of" "0|0|0|0" \
     "$(q "SELECT loaded || '|' || stale || '|' || deleted || '|' || dead_lettered FROM ecst.load_snapshot('address', 'snap', as_of => 1)")"

@@ -12,9 +12,11 @@ use crate::engine::outcome::{self, Applied, ErrorPolicy};
 use crate::engine::record::{self, EventLog};
 use crate::pg::spi;
 use crate::stream::catalog::{self, Stream};
+use crate::stream::routes;
 use crate::stream::security;
 use ecst_core::event::parse_key;
 use ecst_core::reject::{RejectCode, Rejection};
+use ecst_core::route::Route;
 pub mod commits;
 
 use pgrx::pg_sys;
@@ -72,24 +74,47 @@ pub fn drain_batch(
 /// Applies claimed inbox rows, stream by stream, and records each outcome.
 fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
     let mut streams: HashMap<String, Lookup> = HashMap::new();
+    // A row fed under a route's name goes to the stream the route selects for it; one it selects
+    // none for is a dead letter `unrouted` under the route's name (retried by route).
+    let mut route_of: HashMap<String, Option<Route>> = HashMap::new();
+    let mut unrouted: Vec<(&Row, Rejection)> = Vec::new();
     // The rows of each stream are applied together (set-based), in inbox order. One run per
     // stream per batch: several runs of one stream would lock its entities out of key order.
     // (Two streams writing one replica table are therefore not ordered within a batch.)
-    let mut by_stream: Vec<Vec<&Row>> = Vec::new();
+    let mut by_stream: Vec<(Option<String>, Vec<&Row>)> = Vec::new();
     for row in rows {
-        match by_stream.iter_mut().find(|run| run[0].stream == row.stream) {
-            Some(run) => run.push(row),
-            None => by_stream.push(vec![row]),
+        let mut name = row.stream.clone();
+        if let Some(n) = &row.stream {
+            let is_stream =
+                matches!(streams.entry(n.clone()).or_insert_with(|| lookup(n, policy)), Ok(Some(_)) | Err(_));
+            let route =
+                if is_stream { None } else { route_of.entry(n.clone()).or_insert_with(|| routes::route(n)).as_ref() };
+            if let Some(route) = route {
+                match route.select(row.payload.as_deref()) {
+                    Ok(target) => name = Some(target.to_string()),
+                    Err(rejection) => {
+                        unrouted.push((row, rejection));
+                        continue;
+                    }
+                }
+            }
         }
+        match by_stream.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, run)) => run.push(row),
+            None => by_stream.push((name, vec![row])),
+        }
+    }
+    for (row, rejection) in unrouted {
+        let event = [(row.payload.as_deref(), Some(row.received_at))];
+        let result = [Applied::rejected(rejection)];
+        record::record_all(client, None, row.stream.as_deref(), event, &result, EventLog::Append);
     }
     // Streams in name order: with entities in key order within each run, every session takes
     // its locks in one global (stream, key) order.
-    by_stream.sort_by(|a, b| a[0].stream.cmp(&b[0].stream));
-    for run in &by_stream {
-        let found = run[0]
-            .stream
-            .as_ref()
-            .map(|name| streams.entry(name.clone()).or_insert_with(|| lookup(name, policy)).clone());
+    by_stream.sort_by(|a, b| a.0.cmp(&b.0));
+    for (run_name, run) in &by_stream {
+        let found =
+            run_name.as_ref().map(|name| streams.entry(name.clone()).or_insert_with(|| lookup(name, policy)).clone());
         let (stream, broken) = match found {
             None | Some(Ok(None)) => (None, None),
             Some(Ok(Some(s))) => (Some(s), None),
@@ -135,18 +160,18 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
             }
             None => run
                 .iter()
-                .map(|r| {
+                .map(|_| {
                     Applied::rejected(Rejection::new(
                         RejectCode::UnknownStream,
-                        format!("stream {:?} does not exist", r.stream.as_deref().unwrap_or("")),
+                        format!("stream {:?} does not exist", run_name.as_deref().unwrap_or("")),
                     ))
                 })
                 .collect(),
         };
         let events = run.iter().map(|row| (row.payload.as_deref(), Some(row.received_at)));
-        record::record_all(client, stream.as_deref(), run[0].stream.as_deref(), events, &results, EventLog::Append);
+        record::record_all(client, stream.as_deref(), run_name.as_deref(), events, &results, EventLog::Append);
         // A stream that no longer builds still has its id: its dead letters count in ecst.stats.
-        if let (None, Some(_), Some(name)) = (&stream, &broken, run[0].stream.as_deref()) {
+        if let (None, Some(_), Some(name)) = (&stream, &broken, run_name.as_deref()) {
             let id = spi::internal::run_once(client, "SELECT id FROM ecst.streams WHERE name = $1", &[name.into()])
                 .first()
                 .get::<i32>(1)
@@ -383,10 +408,13 @@ fn owner(stream: Option<&str>, payload: Option<&str>, of: i32) -> i32 {
     }
 }
 
+/// What `partition` found under a name: a stream (not one the worker refuses), or a route.
+type Feed = (Option<Rc<Stream>>, Option<Route>);
+
 thread_local! {
     /// The streams `partition` looked up for the claim under way (`None`: no such stream, or one
     /// whose definition no longer builds), each once per claim.
-    static PARTITION_STREAMS: RefCell<HashMap<String, Option<Rc<Stream>>>> = RefCell::new(HashMap::new());
+    static PARTITION_STREAMS: RefCell<HashMap<String, Feed>> = RefCell::new(HashMap::new());
     /// Streams the worker refused for their code's owners (`security::untrusted_code`): logged
     /// once per stream, not per event.
     static REPORTED_UNTRUSTED: RefCell<std::collections::HashSet<String>> = RefCell::new(Default::default());
@@ -403,6 +431,12 @@ fn forget_partition_streams() {
 /// key. Rows without a parseable key, or of a stream that does not exist or no longer builds, go
 /// to worker 0 (they become dead letters there; raising here would stop every worker's claims).
 pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
+    partition_as(stream, payload, of, true)
+}
+
+/// [`partition`]; `follow_route`: a route's name is followed to the stream it selects (once:
+/// routes do not nest).
+fn partition_as(stream: &str, payload: &str, of: i32, follow_route: bool) -> i32 {
     if of <= 1 {
         return 0;
     }
@@ -410,12 +444,24 @@ pub fn partition(stream: &str, payload: &str, of: i32) -> i32 {
     let found = known.unwrap_or_else(|| {
         // A stream whose code the worker must not run: its keys are not read through their
         // types (a key column's domain check is code too); worker 0 dead-letters its events.
-        let found =
-            catalog::try_stream_quietly(stream).ok().flatten().filter(|s| security::untrusted_code(s).is_none());
-        PARTITION_STREAMS.with(|m| m.borrow_mut().insert(stream.to_string(), found.clone()));
-        found
+        let lookup = catalog::try_stream_quietly(stream);
+        let found = lookup.as_ref().ok().cloned().flatten().filter(|s| security::untrusted_code(s).is_none());
+        // A route's name (no stream, not a broken one): its rows are partitioned as the stream
+        // the route selects for each, which is where they are applied.
+        let route = matches!(lookup, Ok(None)).then(|| routes::route(stream)).flatten();
+        PARTITION_STREAMS.with(|m| m.borrow_mut().insert(stream.to_string(), (found.clone(), route.clone())));
+        (found, route)
     });
-    let Some(s) = found else { return 0 };
+    let s = match found {
+        (Some(s), _) => s,
+        (None, Some(route)) => {
+            return match route.select(Some(payload)) {
+                Ok(target) if follow_route => partition_as(target, payload, of, false),
+                _ => 0,
+            }
+        }
+        (None, None) => return 0,
+    };
     // Only the key: every worker looks at every row, and parses in full only its own.
     let Ok(key) = parse_key(&s.spec, payload) else { return 0 };
     // Under the claim's fixed styles (`forget_partition_streams`' caller enters them once).
