@@ -10,7 +10,7 @@ use crate::pg::errors::{self, raise};
 use crate::pg::locks;
 use crate::pg::spi;
 use crate::pg::subxact::{self, SubResult};
-use crate::stream::catalog::{Column, Stream};
+use crate::stream::catalog::{Column, Stream, TableInfo};
 use ecst_core::event::{check_unique_child_keys, parse, ChildSet, Event, Op, Value};
 use ecst_core::fold::{fold, Fate, Folded, Ids, Plan};
 use ecst_core::merge::{EntityState, Outcome};
@@ -148,10 +148,17 @@ pub(crate) fn bind<'a>(column: &'a Column, field: &str, value: &Value) -> Result
     bind_value(column, field, value, true)
 }
 
-/// Converts an `oldState` cell: only compared, never written, so a NULL need not be a value of a
-/// domain that refuses it.
-pub(crate) fn bind_compared<'a>(column: &'a Column, field: &str, value: &Value) -> Result<Bound<'a>, Rejection> {
-    bind_value(column, field, value, false)
+/// An event's `oldState` cells as the fold compares them with the replica row: converted through
+/// their columns' types and printed back by each type's output function (aligned with `ev.old`).
+/// Only compared, never written, so a NULL need not be a value of a domain that refuses it.
+pub(crate) fn old_texts(table: &TableInfo, ev: &Event) -> Result<Vec<Option<String>>, Rejection> {
+    ev.old
+        .iter()
+        .map(|c| {
+            let column = &table.columns[c.column];
+            Ok(bind_value(column, &c.field, &c.value, false)?.value.map(|d| column.ty.output(d)))
+        })
+        .collect()
 }
 
 fn bind_value<'a>(column: &'a Column, field: &str, value: &Value, written: bool) -> Result<Bound<'a>, Rejection> {
@@ -226,8 +233,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
             children.push(bind_children(stream, set)?);
         }
     }
-    let old: Vec<Bound> =
-        ev.old.iter().map(|c| bind_compared(&table.columns[c.column], &c.field, &c.value)).collect::<Result<_, _>>()?;
+    let old = old_texts(table, ev)?;
 
     if let Some(id) = &ev.event_id {
         let fresh = spi::internal::run(
@@ -267,8 +273,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
     };
     // The replica row, for the oldState check.
     let row = if ev.old.is_empty() { None } else { writer::row_texts(client, table, &keys) };
-    let old_texts: Vec<Option<String>> = old.iter().map(|b| b.value.map(|d| b.column.ty.output(d))).collect();
-    let ((outcome, conflict), plan) = decided(fold_one(spec, state.clone(), row, ev, &old_texts, true))?;
+    let ((outcome, conflict), plan) = decided(fold_one(spec, state.clone(), row, ev, &old, true))?;
 
     // An entity without a state row in row mode keeps its version in the replica row alone,
     // written only if that does not lower the row's version.

@@ -147,8 +147,8 @@ struct Item<'e> {
     key: pg_sys::Datum,
     /// New cells by column index (NULL where the event has none; only its own cells are read).
     cells: Vec<Option<pg_sys::Datum>>,
-    /// `oldState` cells, converted and printed back (canonical text) for the conflict check.
-    old: Vec<(usize, Option<String>)>,
+    /// `oldState` cells as the conflict check compares them (`apply::old_texts`).
+    old: Vec<Option<String>>,
     /// An aggregate's child sets, converted: (child index, rows).
     children: Vec<(usize, Vec<ChildRowBound<'e>>)>,
 }
@@ -333,7 +333,7 @@ fn run_set_based(
             states.remove(key),
             rows.remove(key),
             &evs,
-            |i, k| items[i].old[k].1.clone(),
+            |i, k| items[i].old[k].clone(),
             |i, column| items[i].cells[column].map(|d| table.columns[column].ty.output(d)),
             &mut ids,
         );
@@ -571,12 +571,7 @@ fn convert<'e>(stream: &'e Stream, index: usize, ev: &'e Event) -> Result<(Strin
             children.push((set.child, apply::bind_children(stream, set)?));
         }
     }
-    let mut old = Vec::with_capacity(ev.old.len());
-    for c in &ev.old {
-        let column: &Column = &table.columns[c.column];
-        let bound = apply::bind_compared(column, &c.field, &c.value)?;
-        old.push((c.column, bound.value.map(|d| column.ty.output(d))));
-    }
+    let old = apply::old_texts(table, ev)?;
     Ok((canonical.pop().expect("one key"), Item { index, ev, key, cells, old, children }))
 }
 

@@ -91,7 +91,7 @@ fn create_stream_with_event_path(
     retain_events: Option<bool>,
     event_path: Option<String>,
 ) {
-    if let Some(name) = name.filter(|n| routes::exists(n)) {
+    if let Some(name) = name.filter(|n| routes::route(n).is_some()) {
         crate::pg::errors::raise(
             pgrx::PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             format!("\"{name}\" is the name of a route"),

@@ -34,14 +34,6 @@ pub fn route(name: &str) -> Option<Route> {
     Some(Route { name: name.to_string(), field: Path::parse(&field).expect("stored paths parse"), streams })
 }
 
-/// Whether a route of this name exists.
-pub fn exists(name: &str) -> bool {
-    own_relation(c"routes").is_some()
-        && Spi::connect_mut(|client| {
-            !spi::internal::run_once(client, "SELECT 1 FROM ecst.routes WHERE name = $1", &[name.into()]).is_empty()
-        })
-}
-
 /// Events of one feed, split by the stream each goes to: per stream (in name order) the events'
 /// positions, in feed order; and the positions of the events the route sends nowhere.
 pub type Split = (BTreeMap<String, Vec<usize>>, Vec<(usize, Rejection)>);

@@ -75,27 +75,32 @@ pub fn drain_batch(
 fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
     let mut streams: HashMap<String, Lookup> = HashMap::new();
     // A row fed under a route's name goes to the stream the route selects for it; one it selects
-    // none for is a dead letter `unrouted` under the route's name (retried by route).
-    let mut route_of: HashMap<String, Option<Route>> = HashMap::new();
+    // none for is a dead letter `unrouted` under the route's name (retried by route). Each name is
+    // looked up once, in name order (looking a stream up locks its tables).
+    let names: std::collections::BTreeSet<&str> = rows.iter().filter_map(|r| r.stream.as_deref()).collect();
+    let mut route_of: HashMap<&str, Route> = HashMap::new();
+    for name in names {
+        let found = lookup(name, policy);
+        if matches!(found, Ok(None)) {
+            if let Some(route) = routes::route(name) {
+                route_of.insert(name, route);
+            }
+        }
+        streams.insert(name.to_string(), found);
+    }
     let mut unrouted: Vec<(&Row, Rejection)> = Vec::new();
     // The rows of each stream are applied together (set-based), in inbox order. One run per
     // stream per batch: several runs of one stream would lock its entities out of key order.
     // (Two streams writing one replica table are therefore not ordered within a batch.)
-    let mut by_stream: Vec<(Option<String>, Vec<&Row>)> = Vec::new();
+    let mut by_stream: Vec<(Option<&str>, Vec<&Row>)> = Vec::new();
     for row in rows {
-        let mut name = row.stream.clone();
-        if let Some(n) = &row.stream {
-            let is_stream =
-                matches!(streams.entry(n.clone()).or_insert_with(|| lookup(n, policy)), Ok(Some(_)) | Err(_));
-            let route =
-                if is_stream { None } else { route_of.entry(n.clone()).or_insert_with(|| routes::route(n)).as_ref() };
-            if let Some(route) = route {
-                match route.select(row.payload.as_deref()) {
-                    Ok(target) => name = Some(target.to_string()),
-                    Err(rejection) => {
-                        unrouted.push((row, rejection));
-                        continue;
-                    }
+        let mut name = row.stream.as_deref();
+        if let Some(route) = name.and_then(|n| route_of.get(n)) {
+            match route.select(row.payload.as_deref()) {
+                Ok(target) => name = Some(target),
+                Err(rejection) => {
+                    unrouted.push((row, rejection));
+                    continue;
                 }
             }
         }
@@ -114,7 +119,7 @@ fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
     by_stream.sort_by(|a, b| a.0.cmp(&b.0));
     for (run_name, run) in &by_stream {
         let found =
-            run_name.as_ref().map(|name| streams.entry(name.clone()).or_insert_with(|| lookup(name, policy)).clone());
+            run_name.map(|name| streams.entry(name.to_string()).or_insert_with(|| lookup(name, policy)).clone());
         let (stream, broken) = match found {
             None | Some(Ok(None)) => (None, None),
             Some(Ok(Some(s))) => (Some(s), None),
