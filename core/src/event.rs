@@ -201,6 +201,9 @@ pub fn parse_value(spec: &StreamSpec, root: &Json) -> Result<Event, Rejection> {
             format!("an event must be a JSON object, not {}", json_type(root)),
         ));
     }
+    if let Some(schema) = &spec.schema {
+        schema.check(root)?;
+    }
     let event = event_object(spec, root)?;
     let obj = event.as_object().expect("event_object returns objects");
 

@@ -24,6 +24,7 @@ pub fn address_snapshot() -> StreamSpec {
         event_id: None,
         on_conflict: OnConflict::Apply,
         children: Vec::new(),
+        schema: None,
     }
 }
 
@@ -62,5 +63,6 @@ pub fn customer_aggregate() -> StreamSpec {
             key_fields: vec!["addressId".into()],
             parent_columns: vec!["customer_id".into()],
         }],
+        schema: None,
     }
 }

@@ -1,6 +1,7 @@
 //! The pure core of pg_ecst: everything that decides *what* to write, with no PostgreSQL
 //! types. The pgrx shell moves data between PostgreSQL and these functions.
 //!
+//! - [`asyncapi`]: an AsyncAPI 3.x document's received messages → shapes, keys and replica DDL.
 //! - [`spec`]: a stream's definition (shape, key, mappings, children) and field→column resolution.
 //! - [`event`]: parsing one raw event into keys, version, id and mapped cells, or a [`reject::Rejection`].
 //! - [`version`]: entity versions (JSON numbers or RFC 3339 timestamps) and their order.
@@ -11,9 +12,11 @@
 //! - [`compact`]: the event log flattened to what a replay needs.
 //! - [`export`]: a replica entity rendered as the create event that would write it.
 //! - [`reject`]: the stable dead-letter codes.
+//! - [`schema`]: a stream's JSON Schema, checked against each event (`schema_violation`).
 //! - [`route`]: which stream an event of a feed with several event types goes to.
 //! - [`sim`]: an in-memory replica and the in-order reference, for property tests and fuzzing.
 
+pub mod asyncapi;
 pub mod compact;
 pub mod event;
 pub mod examples;
@@ -22,6 +25,7 @@ pub mod fold;
 pub mod merge;
 pub mod reject;
 pub mod route;
+pub mod schema;
 pub mod sim;
 pub mod spec;
 pub mod version;

@@ -39,10 +39,12 @@ pub enum RejectCode {
     UnknownStream,
     /// A route has no stream for the event's value (or the event has none).
     Unrouted,
+    /// The event does not match the stream's JSON Schema (`create_stream(..., schema)`).
+    SchemaViolation,
 }
 
 impl RejectCode {
-    pub const ALL: [RejectCode; 17] = [
+    pub const ALL: [RejectCode; 18] = [
         RejectCode::InvalidJson,
         RejectCode::NotAnObject,
         RejectCode::MissingKey,
@@ -60,6 +62,7 @@ impl RejectCode {
         RejectCode::WriteFailed,
         RejectCode::UnknownStream,
         RejectCode::Unrouted,
+        RejectCode::SchemaViolation,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +84,7 @@ impl RejectCode {
             RejectCode::WriteFailed => "write_failed",
             RejectCode::UnknownStream => "unknown_stream",
             RejectCode::Unrouted => "unrouted",
+            RejectCode::SchemaViolation => "schema_violation",
         }
     }
 }

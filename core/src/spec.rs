@@ -145,6 +145,12 @@ impl fmt::Display for Path {
     }
 }
 
+/// The column a JSON field lands in when nothing maps it explicitly and no column has its exact
+/// name: its snake_case (`addressLine1` → `address_line1`, `addressTS` → `address_ts`).
+pub fn column_name(field: &str) -> String {
+    field.to_snake_case()
+}
+
 /// Where a JSON field lands in a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -204,7 +210,7 @@ impl Table {
             return self.target_of(col);
         }
         match self.target_of(field) {
-            Target::Unmapped => self.target_of(&field.to_snake_case()),
+            Target::Unmapped => self.target_of(&column_name(field)),
             found => found,
         }
     }
@@ -272,6 +278,8 @@ pub struct StreamSpec {
     pub event_id: Option<Path>,
     pub on_conflict: OnConflict,
     pub children: Vec<ChildSpec>,
+    /// Checked against each payload (envelope and all) before anything else is read.
+    pub schema: Option<crate::schema::Schema>,
 }
 
 impl StreamSpec {
@@ -368,6 +376,7 @@ mod tests {
             event_id: None,
             on_conflict: OnConflict::Apply,
             children: vec![],
+            schema: None,
         };
         let s = spec(Shape::EntitySnapshot, Some("content"), "newState.content.addressLine1");
         assert_eq!(s.version_column(), Some(1));
