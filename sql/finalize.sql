@@ -12,12 +12,18 @@ CREATE FUNCTION ecst.create_stream(
     children    jsonb DEFAULT NULL,
     on_conflict text DEFAULT 'apply',
     retain_events boolean DEFAULT false,
-    event_path  text DEFAULT NULL
+    event_path  text DEFAULT NULL,
+    schema      jsonb DEFAULT NULL
 ) RETURNS void
 LANGUAGE sql VOLATILE
-AS $$ SELECT ecst._create_stream(name, target::oid, shape, key, state_path, columns, version, event_id, children, on_conflict, retain_events, event_path) $$;
-COMMENT ON FUNCTION ecst.create_stream(text, regclass, text, jsonb, text, jsonb, text, text, jsonb, text, boolean, text)
+AS $$ SELECT ecst._create_stream(name, target::oid, shape, key, state_path, columns, version, event_id, children, on_conflict, retain_events, event_path, schema) $$;
+COMMENT ON FUNCTION ecst.create_stream(text, regclass, text, jsonb, text, jsonb, text, text, jsonb, text, boolean, text, jsonb)
     IS 'Binds one kind of ECST event to a replica table (see docs/reference.md)';
+
+COMMENT ON FUNCTION ecst.asyncapi_plan(jsonb, text)
+    IS 'The replica tables and streams an AsyncAPI 3.x document''s received messages need, as SQL to review and run';
+COMMENT ON FUNCTION ecst.asyncapi_message_schema(jsonb, text)
+    IS 'One message''s payload schema from an AsyncAPI 3.x document, $refs inlined (for create_stream''s schema)';
 
 CREATE FUNCTION ecst.apply(stream text, event text) RETURNS ecst.outcome
 LANGUAGE sql VOLATILE

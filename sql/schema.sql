@@ -24,7 +24,9 @@ CREATE TABLE ecst.streams (
     created_at  timestamptz NOT NULL DEFAULT now(),
     created_by  name NOT NULL DEFAULT current_user,
     -- Where the ECST event sits inside an envelope (0.3.0; last, as ALTER TABLE ADD COLUMN put it).
-    event_path  text
+    event_path  text,
+    -- The JSON Schema every payload is checked against (0.4.0).
+    schema      jsonb
 );
 ALTER SEQUENCE ecst.streams_id_seq OWNED BY ecst.streams.id;
 COMMENT ON TABLE ecst.streams IS 'pg_ecst stream definitions (managed by ecst.create_stream / ecst.drop_stream)';

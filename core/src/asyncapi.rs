@@ -757,6 +757,10 @@ fn plan_message(r: &Received, taken: &mut BTreeMap<String, String>, quote: &dyn 
         sql.push('\n');
     }
     sql.push_str(&create_table(&table, &columns, &key_columns, quote));
+    let described = ["description", "summary"].iter().find_map(|k| r.message.get(*k).and_then(Value::as_str));
+    if let Some(description) = described {
+        sql.push_str(&format!("COMMENT ON TABLE {} IS {};\n", quote(&table), literal(description)));
+    }
 
     let mut child_defs = Map::new();
     for child in &children {

@@ -59,7 +59,7 @@ fn create_stream(
     on_conflict: Option<String>,
     retain_events: Option<bool>,
 ) {
-    create_stream_with_event_path(
+    create_stream_with_schema(
         name,
         target,
         shape,
@@ -72,11 +72,13 @@ fn create_stream(
         on_conflict,
         retain_events,
         None,
+        None,
     )
 }
 
+/// `_create_stream` as 0.3.0 declared it (without `schema`), kept for databases not updated yet.
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(name = "_create_stream")]
+#[pg_extern(name = "_create_stream", sql = false)]
 fn create_stream_with_event_path(
     name: Option<&str>,
     target: Option<pg_sys::Oid>,
@@ -90,6 +92,40 @@ fn create_stream_with_event_path(
     on_conflict: Option<String>,
     retain_events: Option<bool>,
     event_path: Option<String>,
+) {
+    create_stream_with_schema(
+        name,
+        target,
+        shape,
+        key,
+        state_path,
+        columns,
+        version,
+        event_id,
+        children,
+        on_conflict,
+        retain_events,
+        event_path,
+        None,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(name = "_create_stream")]
+fn create_stream_with_schema(
+    name: Option<&str>,
+    target: Option<pg_sys::Oid>,
+    shape: Option<&str>,
+    key: Option<JsonB>,
+    state_path: Option<String>,
+    columns: Option<JsonB>,
+    version: Option<String>,
+    event_id: Option<String>,
+    children: Option<JsonB>,
+    on_conflict: Option<String>,
+    retain_events: Option<bool>,
+    event_path: Option<String>,
+    schema: Option<JsonB>,
 ) {
     if let Some(name) = name.filter(|n| routes::route(n).is_some()) {
         crate::pg::errors::raise(
@@ -111,6 +147,7 @@ fn create_stream_with_event_path(
         on_conflict.as_deref().unwrap_or("apply"),
         retain_events.unwrap_or(false),
         event_path,
+        schema.map(|s| s.0),
     )
 }
 

@@ -4,4 +4,8 @@
 //! Imports: anything below.
 
 pub mod api;
+pub mod asyncapi;
 pub mod worker;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;

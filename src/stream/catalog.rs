@@ -8,6 +8,7 @@ use crate::pg::errors::{self, raise};
 use crate::pg::owner;
 use crate::pg::spi;
 use crate::pg::subxact::{self, SubResult};
+use ecst_core::schema::Schema;
 use ecst_core::spec::{ChildSpec, OnConflict, Path, Shape, StreamSpec, Table};
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
@@ -89,12 +90,31 @@ impl std::ops::Deref for Styled<'_> {
     }
 }
 
-/// Whether `ecst.streams` has the `event_path` column (0.3.0): a database keeps the catalog of its
-/// installed version until `ALTER EXTENSION pg_ecst UPDATE`, while this library is already in use.
-fn catalog_has_event_path() -> bool {
-    let Some(streams) = crate::pg::syscache::own_relation(c"streams") else { return false };
-    // SAFETY: a syscache lookup of an attribute by name.
-    unsafe { pg_sys::get_attnum(streams, c"event_path".as_ptr()) != pg_sys::InvalidAttrNumber as i16 }
+/// Which version's `ecst.streams` this database has: a database keeps the catalog of its installed
+/// version until `ALTER EXTENSION pg_ecst UPDATE`, while this library is already in use.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Catalog {
+    /// 0.1.0 and 0.2.0.
+    V2,
+    /// 0.3.0: `event_path`.
+    V3,
+    /// 0.4.0: `schema`.
+    V4,
+}
+
+fn catalog() -> Catalog {
+    let Some(streams) = crate::pg::syscache::own_relation(c"streams") else { return Catalog::V2 };
+    // SAFETY: syscache lookups of attributes by name.
+    let has = |column: &std::ffi::CStr| unsafe {
+        pg_sys::get_attnum(streams, column.as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    };
+    if has(c"schema") {
+        Catalog::V4
+    } else if has(c"event_path") {
+        Catalog::V3
+    } else {
+        Catalog::V2
+    }
 }
 
 /// A stream definition as stored in `ecst.streams` / `ecst.stream_children`.
@@ -111,6 +131,8 @@ struct Definition {
     on_conflict: String,
     retain_events: bool,
     event_path: Option<String>,
+    /// The JSON Schema every payload is checked against (0.4.0).
+    schema: Option<Value>,
     children: Vec<ChildDefinition>,
 }
 
@@ -262,15 +284,23 @@ fn cached_stream(name: &str) -> Option<Rc<Stream>> {
 
 fn read_definition(name: &str) -> Option<Definition> {
     Spi::connect_mut(|client| {
-        // A database whose extension is not updated yet (0.2.0 and before) has no event_path.
-        let sql = if catalog_has_event_path() {
-            "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
-                    retain_events, event_path
-             FROM ecst.streams WHERE name = $1"
-        } else {
-            "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
-                    retain_events, NULL::text
-             FROM ecst.streams WHERE name = $1"
+        // A database whose extension is not updated yet has no event_path (0.2.0) or schema (0.3.0).
+        let sql = match catalog() {
+            Catalog::V4 => {
+                "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
+                        retain_events, event_path, schema::text
+                 FROM ecst.streams WHERE name = $1"
+            }
+            Catalog::V3 => {
+                "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
+                        retain_events, event_path, NULL::text
+                 FROM ecst.streams WHERE name = $1"
+            }
+            Catalog::V2 => {
+                "SELECT id, target::oid, shape, key::text, state_path, columns::text, version, event_id, on_conflict,
+                        retain_events, NULL::text, NULL::text
+                 FROM ecst.streams WHERE name = $1"
+            }
         };
         let mut rows = spi::internal::run_once(client, sql, &[name.into()]);
         {
@@ -290,6 +320,7 @@ fn read_definition(name: &str) -> Option<Definition> {
                 on_conflict: row.get(9).unwrap().unwrap(),
                 retain_events: row.get(10).unwrap().unwrap(),
                 event_path: row.get(11).unwrap(),
+                schema: row.get::<String>(12).unwrap().map(|s| serde_json::from_str(&s).unwrap()),
                 children: Vec::new(),
             };
             let children = spi::internal::run_once(
@@ -590,6 +621,12 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         event_id: parse_path(&def.event_id, "event_id")?,
         on_conflict,
         children,
+        schema: match &def.schema {
+            None => None,
+            Some(schema) => Some(Schema::compile(schema).map_err(|e| {
+                (Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("schema: {}", e.message), e.hint)
+            })?),
+        },
     };
     // Integer and unconstrained numeric columns hold any version exactly (a typmod would round).
     let row_version = spec.version_column().filter(|&i| {
@@ -689,6 +726,7 @@ pub fn create_stream(
     on_conflict: &str,
     retain_events: bool,
     event_path: Option<String>,
+    schema: Option<Value>,
 ) {
     if name.is_empty() {
         raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, "a stream name must not be empty", None);
@@ -719,6 +757,7 @@ pub fn create_stream(
         on_conflict: on_conflict.to_string(),
         retain_events,
         event_path,
+        schema,
         children,
     };
     for oid in std::iter::once(def.target).chain(def.children.iter().map(|c| c.target)) {
@@ -742,21 +781,37 @@ fn store(def: &Definition) {
 }
 
 fn store_with(client: &mut pgrx::spi::SpiClient, def: &Definition) {
-    let sql = if catalog_has_event_path() {
-        "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
-                                   retain_events, event_path)
-         VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id"
-    } else if def.event_path.is_some() {
-        raise(
-            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "event_path needs pg_ecst 0.3.0's catalog in this database",
-            Some("Run ALTER EXTENSION pg_ecst UPDATE first."),
-        )
-    } else {
-        // Before ALTER EXTENSION pg_ecst UPDATE: the catalog of 0.2.0 and before ($11 is NULL).
-        "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
-                                   retain_events)
-         SELECT $1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10 WHERE $11::text IS NULL RETURNING id"
+    let catalog = catalog();
+    for (needs, what, version) in [
+        (def.event_path.is_some() && catalog < Catalog::V3, "event_path", "0.3.0"),
+        (def.schema.is_some() && catalog < Catalog::V4, "schema", "0.4.0"),
+    ] {
+        if needs {
+            raise(
+                Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("{what} needs pg_ecst {version}'s catalog in this database"),
+                Some("Run ALTER EXTENSION pg_ecst UPDATE first."),
+            )
+        }
+    }
+    // Before ALTER EXTENSION pg_ecst UPDATE, the parameters of absent columns are NULL.
+    let sql = match catalog {
+        Catalog::V4 => {
+            "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
+                                       retain_events, event_path, schema)
+             VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id"
+        }
+        Catalog::V3 => {
+            "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
+                                       retain_events, event_path)
+             SELECT $1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10, $11 WHERE $12::jsonb IS NULL RETURNING id"
+        }
+        Catalog::V2 => {
+            "INSERT INTO ecst.streams (name, target, shape, key, state_path, columns, version, event_id, on_conflict,
+                                       retain_events)
+             SELECT $1, $2::oid::regclass, $3, $4, $5, $6, $7, $8, $9, $10
+             WHERE $11::text IS NULL AND $12::jsonb IS NULL RETURNING id"
+        }
     };
     let id = spi::internal::run_once(
         client,
@@ -773,6 +828,7 @@ fn store_with(client: &mut pgrx::spi::SpiClient, def: &Definition) {
             def.on_conflict.as_str().into(),
             def.retain_events.into(),
             def.event_path.as_deref().into(),
+            def.schema.clone().map(JsonB).into(),
         ],
     )
     .first()

@@ -61,6 +61,10 @@ fn the_fixture_gives_three_shapes() {
         ),
         "{delta}"
     );
+    assert!(
+        delta.contains("COMMENT ON TABLE fine_grained IS 'Fine grained ESCT pattern, notice the optional properties for the states';\n"),
+        "{delta}"
+    );
     assert!(delta.contains("name => 'fine_grained',\n    target => 'fine_grained',\n    shape => 'delta',\n    key => '{\"addressId\":\"address_id\"}'"), "{delta}");
     assert!(delta.contains("schema => '{"), "{delta}");
     let snapshot = &rows[1].sql;
