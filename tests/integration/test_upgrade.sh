@@ -72,6 +72,10 @@ check "a route (0.3.0) sends events to its stream" "applied" \
 q "CREATE TABLE snap (payload text)" >/dev/null
 check "load_snapshot takes a numeric as_of" "0|0|0|0" \
     "$(q "SELECT loaded || '|' || stale || '|' || deleted || '|' || dead_lettered FROM ecst.load_snapshot('address', 'snap', as_of => 1)")"
+plan_sql=$(q "SELECT string_agg(sql, '') FROM ecst.asyncapi_plan('$(sed "s/'/''/g" "$FIXTURES/asyncapi.json")') WHERE message = 'FineGrainedSnapshots'")
+psql_it -d up -c "$plan_sql" >/dev/null
+check "an AsyncAPI plan (0.4.0) creates a stream whose schema checks events" "dead_lettered schema_violation" \
+    "$(q "SELECT ecst.apply('fine_grained_snapshots', '{\"addressId\": \"1\", \"newState\": {\"addressTS\": 1}}')") $(q "SELECT error_code FROM ecst.dead_letters ORDER BY id DESC LIMIT 1")"
 feed_worker() {
     q "INSERT INTO ecst.inbox (stream, payload) VALUES ('customer', '{\"customerId\": \"c2\", \"v\": 1, \"newState\": {\"addresses\": []}}')" >/dev/null
 }
