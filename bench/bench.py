@@ -710,9 +710,71 @@ def run_set_workload(name, meta):
                   st["stale"] == meta["stale"] and st["duplicate"] == 0, f"(stats {st})", fatal=False)
         psql(f"SELECT ecst.drop_stream('{spec['stream']}');")
     if name == "entity_snapshot":
+        run_schema(name, meta, a, b_total)
         run_envelope(name, meta, a, b_total)
         run_floors(name, meta, a, b_total)
     set_workers(1)
+
+
+# What the bench's entity snapshots promise (addressPurpose is sometimes absent, addressLine2
+# sometimes null): the schema a contract would give their stream.
+ENTITY_SCHEMA = {
+    "type": "object",
+    "required": ["addressId", "newState"],
+    "properties": {
+        "addressId": {"type": "string"},
+        "newState": {
+            "type": "object",
+            "required": ["addressContent"],
+            "properties": {"addressContent": {
+                "type": "object",
+                "required": ["addressLine1", "addressLine2", "addressTS"],
+                "properties": {
+                    "addressPurpose": {"type": "string", "enum": list(PURPOSES)},
+                    "addressLine1": {"type": "string", "minLength": 1},
+                    "addressLine2": {"type": ["string", "null"]},
+                    "addressTS": {"type": "integer", "minimum": 0},
+                },
+            }},
+        },
+    },
+}
+
+
+def run_schema(name, meta, a, b_total):
+    """The same events into a stream with a JSON Schema (create_stream(..., schema)), 1 worker:
+    what checking every event costs end to end, and in the core alone (parse with and without)."""
+    spec = SPECS[name]
+    schema = json.dumps(ENTITY_SCHEMA)
+    schema_file = f"{DATA}/{name}.schema.json"
+    with open(schema_file, "w") as f:
+        f.write(schema)
+    bare = parse_seconds("entity_snapshot", meta["ndjson"])
+    checked = parse_seconds("entity_snapshot", meta["ndjson"], schema_file)
+    n = meta["events"]
+    result(name, "P  core parse, 1 core (no schema)", bare, n, a, b_total, "the parse floor, in Rust alone")
+    result(name, "P  core parse + JSON Schema check, 1 core", checked, n, a, b_total,
+           f"the check adds {(checked - bare) / n * 1e6:.2f} µs per event ({checked / bare:.2f}× the parse)")
+    set_workers(0)
+    set_workers(1)
+    sch = "cs"
+    create = spec["create"].format(s=sch).rstrip(";")[:-1] + ", schema => " + "'" + schema.replace("'", "''") + "');"
+    psql(f"CREATE SCHEMA {sch};" + spec["ddl"].format(s=sch) + create)
+    settle()
+    t0 = time.perf_counter()
+    psql(f"\\copy ecst.inbox (stream, payload) FROM '{meta['tsv']}'\n")
+    t_copy = time.perf_counter()
+    t_end, _ = wait_drained(t0, n)
+    st = stats(spec["stream"])
+    dead = int(q1(f"SELECT count(*) FROM ecst.dead_letters WHERE stream = '{spec['stream']}'"))
+    notes = (f"COPY {t_copy - t0:.2f} s + drain {t_end - t_copy:.2f} s; applied {st['applied']:,}, "
+             f"stale {st['stale']:,}, dead {dead:,}; same events as C, 1 worker, each checked against a JSON Schema")
+    result(name, "C  pg_ecst, 1 worker, with a JSON Schema", t_end - t0, n, a, b_total, notes)
+    verify(name, sch, spec)
+    check(f"{name} {sch}: every event counted once, none dead-lettered",
+          st["applied"] + st["stale"] + st["duplicate"] + st["skipped"] == n and dead == 0,
+          f"(stats {st}, {dead} dead letters)", fatal=False)
+    psql(f"SELECT ecst.drop_stream('{spec['stream']}');")
 
 
 def run_envelope(name, meta, a, b_total):
@@ -765,10 +827,12 @@ def run_envelope(name, meta, a, b_total):
         psql("SELECT ecst.drop_stream('address_ce');")
 
 
-def parse_seconds(shape, ndjson):
-    """The core's parse of every event of `ndjson`, in Rust on one core (the fastest of 3 passes)."""
+def parse_seconds(shape, ndjson, schema_file=None):
+    """The core's parse of every event of `ndjson`, in Rust on one core (the fastest of 3 passes),
+    each event checked against the JSON Schema in `schema_file` if given."""
+    extra = ["3", schema_file] if schema_file else []
     out = subprocess.run(["cargo", "run", "--release", "-q", "-p", "ecst_core", "--example", "parse_rate", "--",
-                          shape, ndjson], cwd=ROOT, capture_output=True, text=True)
+                          shape, ndjson] + extra, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise BenchError(f"parse_rate failed: {out.stderr.strip()}")
     got = json.loads(out.stdout.strip().splitlines()[-1])
