@@ -20,6 +20,8 @@ AS $$ SELECT ecst._create_stream(name, target::oid, shape, key, state_path, colu
 COMMENT ON FUNCTION ecst.create_stream(text, regclass, text, jsonb, text, jsonb, text, text, jsonb, text, boolean, text, jsonb)
     IS 'Binds one kind of ECST event to a replica table (see docs/reference.md)';
 
+COMMENT ON FUNCTION ecst.set_stream_schema(text, jsonb)
+    IS 'Replaces (NULL: removes) the JSON Schema a stream checks every payload against';
 COMMENT ON FUNCTION ecst.asyncapi_plan(jsonb, text)
     IS 'The replica tables and streams an AsyncAPI 3.x document''s received messages need, as SQL to review and run';
 COMMENT ON FUNCTION ecst.asyncapi_message_schema(jsonb, text)

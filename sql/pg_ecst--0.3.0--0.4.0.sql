@@ -46,6 +46,15 @@ AS $$ SELECT ecst._create_stream(name, target::oid, shape, key, state_path, colu
 COMMENT ON FUNCTION ecst.create_stream(text, regclass, text, jsonb, text, jsonb, text, text, jsonb, text, boolean, text, jsonb)
     IS 'Binds one kind of ECST event to a replica table (see docs/reference.md)';
 
+CREATE FUNCTION ecst."set_stream_schema"(
+	"stream" TEXT,
+	"schema" jsonb
+) RETURNS void
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'set_stream_schema_wrapper';
+COMMENT ON FUNCTION ecst.set_stream_schema(text, jsonb)
+    IS 'Replaces (NULL: removes) the JSON Schema a stream checks every payload against';
+
 -- AsyncAPI: plans of replicas and streams, and one message's schema.
 CREATE FUNCTION ecst."asyncapi_plan"(
 	"doc" jsonb,

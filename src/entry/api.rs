@@ -151,6 +151,12 @@ fn create_stream_with_schema(
     )
 }
 
+/// Replaces (or, with NULL, removes) the JSON Schema a stream checks every payload against.
+#[pg_extern]
+fn set_stream_schema(stream: Option<&str>, schema: Option<JsonB>) {
+    catalog::set_schema(required(stream, "stream"), schema.map(|s| s.0))
+}
+
 /// Drops a stream (its definition, version state and counters); the replica tables and
 /// dead letters stay. Returns false when no such stream existed.
 #[pg_extern]

@@ -158,6 +158,19 @@ mod tests {
         assert_eq!(apply("addr", r#"{"addressId": "1", "newState": {"addressLine1": "x"}}"#), "applied");
         assert_eq!(apply("addr", text_ts), "dead_lettered");
         assert_eq!(last_dead_letter().0, "invalid_value", "without a schema the column refuses it");
+
+        // A schema set on a live stream: its version state stays, the next event is checked.
+        run(r#"SELECT ecst.set_stream_schema('addr', '{"required": ["v"]}')"#);
+        assert_eq!(apply("addr", r#"{"addressId": "1", "newState": {"addressLine1": "y"}}"#), "dead_lettered");
+        assert_eq!(last_dead_letter().1, "the event does not match the stream's schema (1 violation): v: required, missing");
+        run("SELECT ecst.set_stream_schema('addr', NULL)");
+        assert_eq!(apply("addr", r#"{"addressId": "1", "newState": {"addressLine1": "y"}}"#), "applied");
+        assert_eq!(sqlstate("SELECT ecst.set_stream_schema('nope', NULL)").as_deref(), Some("42704"));
+        assert_eq!(sqlstate(r#"SELECT ecst.set_stream_schema('addr', '{"type": 5}')"#).as_deref(), Some("22023"));
+        run("CREATE ROLE stranger");
+        run("SET LOCAL ROLE stranger");
+        assert_eq!(sqlstate("SELECT ecst.set_stream_schema('addr', NULL)").as_deref(), Some("42501"));
+        run("RESET ROLE");
     }
 
     #[pg_test]

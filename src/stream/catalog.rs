@@ -908,6 +908,42 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
 
 /// Drops a stream's definition, version state, event ids and counters. Never drops the
 /// replica tables; dead letters stay for inspection. Returns false if there was none.
+/// Replaces the JSON Schema a stream checks payloads against (`None`: no check). The stream's
+/// version state, event ids and counters stay; events already applied are not checked again.
+pub fn set_schema(name: &str, schema: Option<Value>) {
+    let target = Spi::connect_mut(|client| {
+        spi::internal::run_once(client, "SELECT target::oid FROM ecst.streams WHERE name = $1", &[name.into()])
+            .next()
+            .and_then(|row| row.get::<pg_sys::Oid>(1).expect("an oid"))
+    });
+    let Some(target) = target else {
+        raise(
+            Code::ERRCODE_UNDEFINED_OBJECT,
+            format!("stream \"{name}\" does not exist"),
+            Some("SELECT name FROM ecst.streams lists the streams."),
+        )
+    };
+    owner::require_owner(name, target, "change the schema of");
+    if catalog() < Catalog::V4 {
+        raise(
+            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "schema needs pg_ecst 0.4.0's catalog in this database",
+            Some("Run ALTER EXTENSION pg_ecst UPDATE first."),
+        )
+    }
+    if let Some(Err(e)) = schema.as_ref().map(Schema::compile) {
+        raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("schema: {}", e.message), e.hint.as_deref());
+    }
+    Spi::connect_mut(|client| {
+        spi::internal::run_once(
+            client,
+            "UPDATE ecst.streams SET schema = $2 WHERE name = $1",
+            &[name.into(), schema.map(JsonB).into()],
+        );
+    });
+    invalidate_everywhere();
+}
+
 pub fn drop_stream(name: &str) -> bool {
     let target = Spi::connect_mut(|client| {
         spi::internal::run_once(client, "SELECT target::oid FROM ecst.streams WHERE name = $1", &[name.into()])
