@@ -506,6 +506,13 @@ fn columns_of(
             continue;
         }
         let name = column_name(field);
+        if name.is_empty() {
+            return Err(error(
+                ErrorKind::CannotInfer,
+                format!("message {message:?}: the state field {field:?} has no letter or digit to name a column after"),
+                Some("Rename it in the document, or create the table by hand with a \"columns\" mapping."),
+            ));
+        }
         if skip_columns.contains(&name) {
             continue;
         }
@@ -743,7 +750,12 @@ fn plan_message(r: &Received, taken: &mut BTreeMap<String, String>, quote: &dyn 
 
     // Tables.
     let mut notes = Vec::new();
-    let table = unique_name(&column_name(name), &format!("message {name}"), taken, &mut notes);
+    let mut snake = column_name(name);
+    if snake.is_empty() {
+        notes.push(format!("-- message {name:?} has no letter or digit to name a table after."));
+        snake = "message".into();
+    }
+    let table = unique_name(&snake, &format!("message {name}"), taken, &mut notes);
     let key_schema = |f: &str| event.properties.get(f).cloned().unwrap_or(Value::Null);
     let mut columns: Vec<Column> = key_fields
         .iter()

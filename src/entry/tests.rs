@@ -174,6 +174,34 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_hostile_document_yields_only_its_own_tables() {
+        run("CREATE TABLE victim (id int)");
+        let doc = doc_with(|d| {
+            let m = d["components"]["messages"]["FineGrained"].clone();
+            let mut evil = m.clone();
+            evil["description"] = json!("x'); DROP TABLE victim; --");
+            evil["payload"]["properties"]["newState"]["properties"] = json!({
+                "a\"); DROP TABLE victim; --": {"type": "string"},
+                "back\\slash'": {"type": "string"}
+            });
+            d["components"]["messages"]["Order\"; DROP TABLE victim; --"] = evil;
+            d["channels"]["addressChanged"]["messages"] = json!({
+                "Order\"; DROP TABLE victim; --": {"$ref": "#/components/messages/Order\"; DROP TABLE victim; --"}
+            });
+        });
+        let rows = plan_rows(&doc);
+        assert_eq!(rows.len(), 1);
+        Spi::run(&rows[0].3).unwrap_or_else(|e| panic!("{}: {e}", rows[0].3));
+        assert_eq!(count("SELECT * FROM victim"), 0, "the victim table is still there");
+        assert_eq!(count("SELECT * FROM ecst.streams"), 1);
+        let table = text("SELECT target::text FROM ecst.streams");
+        assert_eq!(
+            text(&format!("SELECT obj_description('{}'::regclass, 'pg_class')", table.replace('\'', "''"))),
+            "x'); DROP TABLE victim; --"
+        );
+    }
+
+    #[pg_test]
     fn contract_errors_have_sqlstates() {
         let plan = "ecst.asyncapi_plan($1::jsonb)";
         assert_eq!(sqlstate_with(plan, r#"{"asyncapi": "2.6.0"}"#).as_deref(), Some("0A000"));

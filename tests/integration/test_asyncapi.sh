@@ -15,8 +15,10 @@ q "CREATE EXTENSION pg_ecst" >/dev/null
 
 check "the plan: three messages, three shapes" \
     "FineGrained|delta|addressId,FineGrainedSnapshots|entity_snapshot|addressId,Snapshots|aggregate_snapshot|customerId" \
-    "$(psql_it -d contracts -v doc="$(cat "$FIXTURES/asyncapi.json")" \
-        -c "SELECT string_agg(concat_ws('|', message, shape, key), ',') FROM ecst.asyncapi_plan(:'doc', 'addressChanged')")"
+    "$(psql_it -d contracts -v doc="$(cat "$FIXTURES/asyncapi.json")" <<'SQL'
+SELECT string_agg(concat_ws('|', message, shape, key), ',') FROM ecst.asyncapi_plan(:'doc', 'addressChanged')
+SQL
+)"
 psql_it -d contracts -v doc="$(cat "$FIXTURES/asyncapi.json")" >/dev/null <<'SQL'
 SELECT sql FROM ecst.asyncapi_plan(:'doc') \gexec
 SQL

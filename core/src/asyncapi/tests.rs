@@ -307,3 +307,12 @@ fn literals_are_quoted_as_postgresql_does() {
     assert_eq!(literal("it's"), "'it''s'");
     assert_eq!(literal(r"a\b"), r"E'a\\b'");
 }
+
+#[test]
+fn names_without_letters_are_handled() {
+    let rows = plan(&doc_with(json!({"---": message(json!({"properties": {"a": {}}}))})), None).unwrap();
+    assert!(rows[0].sql.starts_with("-- message \"---\" has no letter or digit"), "{}", rows[0].sql);
+    assert!(rows[0].sql.contains("CREATE TABLE message ("), "{}", rows[0].sql);
+    let e = plan(&doc_with(json!({"M": message(json!({"properties": {"--": {}}}))})), None).unwrap_err();
+    assert!(e.message.contains("no letter or digit"), "{e}");
+}
