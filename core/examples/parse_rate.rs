@@ -39,10 +39,8 @@ fn main() {
         }
     };
     if let Some(path) = args.get(3) {
-        let schema: serde_json::Value = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_else(|| {
+        let schema: serde_json::Value =
+            std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_else(|| {
                 eprintln!("parse_rate: {path} is not a readable JSON file");
                 std::process::exit(2);
             });

@@ -76,7 +76,9 @@ impl<'a> Document<'a> {
         };
         let version = match obj.get("asyncapi") {
             Some(Value::String(v)) => v,
-            Some(_) => return Err(error(ErrorKind::NotAsyncApi, "the document's \"asyncapi\" is not a version string", hint)),
+            Some(_) => {
+                return Err(error(ErrorKind::NotAsyncApi, "the document's \"asyncapi\" is not a version string", hint))
+            }
             None if obj.contains_key("openapi") || obj.contains_key("swagger") => {
                 return Err(error(ErrorKind::NotAsyncApi, "this is an OpenAPI document, not an AsyncAPI one", hint))
             }
@@ -104,7 +106,9 @@ impl<'a> Document<'a> {
         if !reference.starts_with('#') {
             return Err(error(
                 ErrorKind::Unsupported,
-                format!("{at} refers to {reference:?}, outside the document: pg_ecst reads one self-contained document"),
+                format!(
+                    "{at} refers to {reference:?}, outside the document: pg_ecst reads one self-contained document"
+                ),
                 Some("Bundle the document first (asyncapi bundle), so that every $ref starts with \"#/\"."),
             ));
         }
@@ -175,7 +179,9 @@ impl<'a> Document<'a> {
         self.lookup(r, at)?;
         match r.strip_prefix("#/channels/") {
             Some(key) if !key.contains('/') => Ok(unescape(&percent_decode(key))),
-            _ => Err(error(ErrorKind::NotAsyncApi, format!("{at}: \"channel\" refers to {r:?}, not to a channel"), None)),
+            _ => {
+                Err(error(ErrorKind::NotAsyncApi, format!("{at}: \"channel\" refers to {r:?}, not to a channel"), None))
+            }
         }
     }
 
@@ -196,7 +202,10 @@ impl<'a> Document<'a> {
                     error(
                         ErrorKind::NotFound,
                         format!("the document has no channel {name:?}"),
-                        Some(&format!("Its channels: {}.", if known.is_empty() { "none".into() } else { known.join(", ") })),
+                        Some(&format!(
+                            "Its channels: {}.",
+                            if known.is_empty() { "none".into() } else { known.join(", ") }
+                        )),
                     )
                 })?)
             }
@@ -280,14 +289,15 @@ impl<'a> Document<'a> {
             }
         }
         let components = self.root.pointer("/components/messages").and_then(Value::as_object);
-        candidates.extend(components.into_iter().flatten().map(|(k, m)| (format!("message {k:?} of components"), k, m)));
+        candidates
+            .extend(components.into_iter().flatten().map(|(k, m)| (format!("message {k:?} of components"), k, m)));
         let mut known = BTreeSet::new();
         for (at, key, m) in candidates {
             let key = key.clone();
             let message = self.inline(m, &at)?;
             let named = message.get("name").and_then(Value::as_str);
             if key == name || named == Some(name) {
-                return payload_of(&message, name).map(|p| p.clone());
+                return payload_of(&message, name).cloned();
             }
             known.insert(named.map(str::to_string).unwrap_or(key));
         }
@@ -321,9 +331,9 @@ pub struct Plan {
 
 /// A message's payload: the JSON Schema, also inside a multi-format schema object.
 fn payload_of<'v>(message: &'v Value, name: &str) -> Result<&'v Value, Error> {
-    let payload = message.get("payload").ok_or_else(|| {
-        error(ErrorKind::CannotInfer, format!("message {name:?} has no payload schema"), None)
-    })?;
+    let payload = message
+        .get("payload")
+        .ok_or_else(|| error(ErrorKind::CannotInfer, format!("message {name:?} has no payload schema"), None))?;
     match (payload.get("schemaFormat").and_then(Value::as_str), payload.get("schema")) {
         (Some(format), Some(schema)) => {
             let json_schema = format.starts_with("application/vnd.aai.asyncapi")
@@ -334,7 +344,9 @@ fn payload_of<'v>(message: &'v Value, name: &str) -> Result<&'v Value, Error> {
             } else {
                 Err(error(
                     ErrorKind::Unsupported,
-                    format!("message {name:?}'s payload is in schema format {format:?}; pg_ecst reads JSON Schema payloads"),
+                    format!(
+                        "message {name:?}'s payload is in schema format {format:?}; pg_ecst reads JSON Schema payloads"
+                    ),
                     None,
                 ))
             }
@@ -519,12 +531,18 @@ fn columns_of(
         if let Some(other) = seen.insert(name.clone(), field.clone()) {
             return Err(error(
                 ErrorKind::CannotInfer,
-                format!("message {message:?}: the state fields {other:?} and {field:?} would both land in column {name:?}"),
+                format!(
+                    "message {message:?}: the state fields {other:?} and {field:?} would both land in column {name:?}"
+                ),
                 Some("Rename one of them in the document, or create the table by hand with a \"columns\" mapping."),
             ));
         }
         let (_, nullable) = types_of(schema);
-        out.push(Column { name, ty: sql_type(schema), not_null: not_null && state.required.contains(field) && !nullable });
+        out.push(Column {
+            name,
+            ty: sql_type(schema),
+            not_null: not_null && state.required.contains(field) && !nullable,
+        });
     }
     Ok(out)
 }
@@ -560,7 +578,8 @@ fn children_of(state: &Object, message: &str) -> Result<Vec<Child>, Error> {
             None => {
                 let ids: Vec<&String> = item.properties.keys().filter(|k| is_id_name(k)).collect();
                 // `addresses` → `addressId` first, when several ids are there.
-                let singular = field.strip_suffix("es").filter(|s| s.ends_with("ss")).or_else(|| field.strip_suffix('s'));
+                let singular =
+                    field.strip_suffix("es").filter(|s| s.ends_with("ss")).or_else(|| field.strip_suffix('s'));
                 let preferred = singular.map(|s| format!("{s}Id"));
                 match (ids.as_slice(), preferred) {
                     ([], _) => continue,
@@ -630,12 +649,7 @@ pub fn literal(s: &str) -> String {
     }
 }
 
-fn create_table(
-    name: &str,
-    columns: &[Column],
-    primary_key: &[String],
-    quote: &dyn Fn(&str) -> String,
-) -> String {
+fn create_table(name: &str, columns: &[Column], primary_key: &[String], quote: &dyn Fn(&str) -> String) -> String {
     let mut lines: Vec<String> = columns
         .iter()
         .map(|c| format!("    {} {}{}", quote(&c.name), c.ty, if c.not_null { " NOT NULL" } else { "" }))
@@ -645,7 +659,11 @@ fn create_table(
     format!("CREATE TABLE {} (\n{}\n);\n", quote(name), lines.join(",\n"))
 }
 
-fn plan_message(r: &Received, taken: &mut BTreeMap<String, String>, quote: &dyn Fn(&str) -> String) -> Result<Plan, Error> {
+fn plan_message(
+    r: &Received,
+    taken: &mut BTreeMap<String, String>,
+    quote: &dyn Fn(&str) -> String,
+) -> Result<Plan, Error> {
     let name = r.name.as_str();
     let payload = payload_of(&r.message, name)?;
     let sources = [&r.message, payload];
@@ -653,7 +671,11 @@ fn plan_message(r: &Received, taken: &mut BTreeMap<String, String>, quote: &dyn 
     let event_schema = match &event_path {
         None => payload,
         Some(p) => descend(payload, p).ok_or_else(|| {
-            error(ErrorKind::CannotInfer, format!("message {name:?}: its payload has no property at x-ecst-event-path {p:?}"), None)
+            error(
+                ErrorKind::CannotInfer,
+                format!("message {name:?}: its payload has no property at x-ecst-event-path {p:?}"),
+                None,
+            )
         })?,
     };
     let event = object_of(event_schema);
@@ -668,7 +690,11 @@ fn plan_message(r: &Received, taken: &mut BTreeMap<String, String>, quote: &dyn 
     let entity_schema = match &state_path {
         None => state_schema,
         Some(p) => descend(state_schema, p).ok_or_else(|| {
-            error(ErrorKind::CannotInfer, format!("message {name:?}: its state has no property at x-ecst-state-path {p:?}"), None)
+            error(
+                ErrorKind::CannotInfer,
+                format!("message {name:?}: its state has no property at x-ecst-state-path {p:?}"),
+                None,
+            )
         })?,
     };
     let entity = object_of(entity_schema);
@@ -680,7 +706,11 @@ fn plan_message(r: &Received, taken: &mut BTreeMap<String, String>, quote: &dyn 
             ks.iter().filter_map(Value::as_str).map(str::to_string).collect()
         }
         Some(_) => {
-            return Err(error(ErrorKind::CannotInfer, format!("message {name:?}: x-ecst-key must be a field name or an array of them"), None))
+            return Err(error(
+                ErrorKind::CannotInfer,
+                format!("message {name:?}: x-ecst-key must be a field name or an array of them"),
+                None,
+            ))
         }
         None => {
             let ids: Vec<&String> = event
@@ -693,7 +723,9 @@ fn plan_message(r: &Received, taken: &mut BTreeMap<String, String>, quote: &dyn 
                 [] => {
                     return Err(error(
                         ErrorKind::CannotInfer,
-                        format!("message {name:?}: no root property of its payload is named like a key (\"id\", \"...Id\")"),
+                        format!(
+                            "message {name:?}: no root property of its payload is named like a key (\"id\", \"...Id\")"
+                        ),
                         Some("Mark the message with \"x-ecst-key\": \"<field>\" (or an array of fields)."),
                     ))
                 }
@@ -793,7 +825,10 @@ fn plan_message(r: &Received, taken: &mut BTreeMap<String, String>, quote: &dyn 
         if key_columns.contains(&child_key) {
             return Err(error(
                 ErrorKind::CannotInfer,
-                format!("message {name:?}: the child key {:?} of {:?} has the name of the parent's key column", child.key_field, child.field),
+                format!(
+                    "message {name:?}: the child key {:?} of {:?} has the name of the parent's key column",
+                    child.key_field, child.field
+                ),
                 Some("Mark the item schema with \"x-ecst-key\": \"<another field>\"."),
             ));
         }

@@ -47,7 +47,10 @@ impl Schema {
     pub fn compile(schema: &Value) -> Result<Schema, SchemaError> {
         if !matches!(schema, Value::Object(_) | Value::Bool(_)) {
             return Err(SchemaError {
-                message: format!("a JSON Schema is an object (or true/false), not {}", crate::version::json_type(schema)),
+                message: format!(
+                    "a JSON Schema is an object (or true/false), not {}",
+                    crate::version::json_type(schema)
+                ),
                 hint: None,
             });
         }
@@ -80,8 +83,8 @@ impl Schema {
             let at = e.schema_path().as_str();
             let at = if at.is_empty() { String::new() } else { format!(" (at {at})") };
             let message = e.to_string();
-            let hint = (message.contains("$ref") || message.contains("registry") || message.contains("pointer"))
-                .then(|| {
+            let hint =
+                (message.contains("$ref") || message.contains("registry") || message.contains("pointer")).then(|| {
                     "A schema taken from an AsyncAPI document refers to the document's components: \
                      ecst.asyncapi_message_schema(doc, message) returns it with those references resolved."
                         .to_string()
@@ -110,7 +113,11 @@ impl Schema {
         } else {
             String::new()
         };
-        let n = if count == 1 { "1 violation".to_string() } else { format!("{count}{} violations", if count == COUNTED { "+" } else { "" }) };
+        let n = if count == 1 {
+            "1 violation".to_string()
+        } else {
+            format!("{count}{} violations", if count == COUNTED { "+" } else { "" })
+        };
         Err(Rejection::new(
             RejectCode::SchemaViolation,
             format!("the event does not match the stream's schema ({n}): {}{more}", shown.join("; ")),

@@ -27,9 +27,7 @@ fn asyncapi_plan(
 ) -> TableIterator<'static, (name!(message, String), name!(shape, String), name!(key, String), name!(sql, String))> {
     let doc = doc.unwrap_or_else(|| raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "doc must not be NULL", None));
     let document = Document::new(&doc.0).unwrap_or_else(|e| fail(e));
-    let plans = document
-        .plan(channel, &|name: &str| pgrx::spi::quote_identifier(name))
-        .unwrap_or_else(|e| fail(e));
+    let plans = document.plan(channel, &|name: &str| pgrx::spi::quote_identifier(name)).unwrap_or_else(|e| fail(e));
     TableIterator::new(plans.into_iter().map(|p| (p.message, p.shape.as_str().to_string(), p.key, p.sql)))
 }
 

@@ -21,7 +21,14 @@ mod tests {
             client
                 .select("SELECT message, shape, key, sql FROM ecst.asyncapi_plan($1::jsonb)", None, &[doc.into()])
                 .unwrap()
-                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap().unwrap(), r.get(4).unwrap().unwrap()))
+                .map(|r| {
+                    (
+                        r.get(1).unwrap().unwrap(),
+                        r.get(2).unwrap().unwrap(),
+                        r.get(3).unwrap().unwrap(),
+                        r.get(4).unwrap().unwrap(),
+                    )
+                })
                 .collect()
         })
     }
@@ -45,7 +52,8 @@ mod tests {
     #[pg_test]
     fn the_fixture_contract_plans_three_replicas_that_apply_its_events() {
         let rows = plan_rows(DOC);
-        let summary: Vec<(&str, &str, &str)> = rows.iter().map(|r| (r.0.as_str(), r.1.as_str(), r.2.as_str())).collect();
+        let summary: Vec<(&str, &str, &str)> =
+            rows.iter().map(|r| (r.0.as_str(), r.1.as_str(), r.2.as_str())).collect();
         assert_eq!(
             summary,
             [
@@ -110,7 +118,10 @@ mod tests {
         assert_eq!(apply("fine_grained_snapshots", missing), "dead_lettered");
         let (code, message) = last_dead_letter();
         assert_eq!(code, "schema_violation");
-        assert_eq!(message, "the event does not match the stream's schema (1 violation): newState.addressLine2: required, missing");
+        assert_eq!(
+            message,
+            "the event does not match the stream's schema (1 violation): newState.addressLine2: required, missing"
+        );
         assert_eq!(text("SELECT payload FROM ecst.dead_letters ORDER BY id DESC LIMIT 1"), missing, "kept verbatim");
         let wrong = r#"{"addressId": 12, "newState": {"addressPurpose": "billing", "addressLine1": "1 Road", "addressLine2": "x", "addressTS": "five"}}"#;
         assert_eq!(apply("fine_grained_snapshots", wrong), "dead_lettered");
@@ -162,7 +173,10 @@ mod tests {
         // A schema set on a live stream: its version state stays, the next event is checked.
         run(r#"SELECT ecst.set_stream_schema('addr', '{"required": ["v"]}')"#);
         assert_eq!(apply("addr", r#"{"addressId": "1", "newState": {"addressLine1": "y"}}"#), "dead_lettered");
-        assert_eq!(last_dead_letter().1, "the event does not match the stream's schema (1 violation): v: required, missing");
+        assert_eq!(
+            last_dead_letter().1,
+            "the event does not match the stream's schema (1 violation): v: required, missing"
+        );
         run("SELECT ecst.set_stream_schema('addr', NULL)");
         assert_eq!(apply("addr", r#"{"addressId": "1", "newState": {"addressLine1": "y"}}"#), "applied");
         assert_eq!(sqlstate("SELECT ecst.set_stream_schema('nope', NULL)").as_deref(), Some("42704"));
@@ -223,8 +237,8 @@ mod tests {
         assert_eq!(sqlstate_with(plan, &dangling).as_deref(), Some("22023"));
         let mixed = doc_with(|d| d["components"]["schemas"]["PartialAddress"]["required"] = json!(["addressTS"]));
         assert_eq!(sqlstate_with(plan, &mixed).as_deref(), Some("22023"));
-        let message = format!("ecst.asyncapi_message_schema($1::jsonb, 'Nope')");
-        assert_eq!(sqlstate_with(&message, DOC).as_deref(), Some("42704"));
+        let message = "ecst.asyncapi_message_schema($1::jsonb, 'Nope')";
+        assert_eq!(sqlstate_with(message, DOC).as_deref(), Some("42704"));
 
         run("CREATE TABLE t (id text PRIMARY KEY)");
         let create = |schema: &str| {

@@ -623,9 +623,10 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         children,
         schema: match &def.schema {
             None => None,
-            Some(schema) => Some(Schema::compile(schema).map_err(|e| {
-                (Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("schema: {}", e.message), e.hint)
-            })?),
+            Some(schema) => Some(
+                Schema::compile(schema)
+                    .map_err(|e| (Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("schema: {}", e.message), e.hint))?,
+            ),
         },
     };
     // Integer and unconstrained numeric columns hold any version exactly (a typmod would round).

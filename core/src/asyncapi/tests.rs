@@ -45,7 +45,8 @@ fn message(state: Value) -> Value {
 #[test]
 fn the_fixture_gives_three_shapes() {
     let rows = plan(&fixture(), None).unwrap();
-    let got: Vec<(&str, &str, &str)> = rows.iter().map(|r| (r.message.as_str(), r.shape.as_str(), r.key.as_str())).collect();
+    let got: Vec<(&str, &str, &str)> =
+        rows.iter().map(|r| (r.message.as_str(), r.shape.as_str(), r.key.as_str())).collect();
     assert_eq!(
         got,
         [
@@ -70,7 +71,11 @@ fn the_fixture_gives_three_shapes() {
     let snapshot = &rows[1].sql;
     assert!(snapshot.contains("address_line1 text NOT NULL,"), "snapshots require every field: {snapshot}");
     let aggregate = &rows[2].sql;
-    assert!(aggregate.contains("CREATE TABLE snapshots (\n    customer_id text NOT NULL,\n    PRIMARY KEY (customer_id)\n);"), "{aggregate}");
+    assert!(
+        aggregate
+            .contains("CREATE TABLE snapshots (\n    customer_id text NOT NULL,\n    PRIMARY KEY (customer_id)\n);"),
+        "{aggregate}"
+    );
     assert!(
         aggregate.contains("CREATE TABLE snapshots_addresses (\n    customer_id text NOT NULL,\n    address_id text NOT NULL,\n    address_line1 text NOT NULL,"),
         "{aggregate}"
@@ -124,7 +129,8 @@ fn channels_are_chosen_by_key_or_address() {
     assert!(e.message.contains("no operation of the document receives"), "{e}");
     // An operation may take only some of its channel's messages.
     let mut some = doc.clone();
-    some["operations"]["addressChanged"]["messages"] = json!([{"$ref": "#/channels/addressChanged/messages/Snapshots"}]);
+    some["operations"]["addressChanged"]["messages"] =
+        json!([{"$ref": "#/channels/addressChanged/messages/Snapshots"}]);
     let rows = plan(&some, None).unwrap();
     assert_eq!(rows.iter().map(|r| r.message.as_str()).collect::<Vec<_>>(), ["Snapshots"]);
 }
@@ -174,7 +180,8 @@ fn references_must_be_local_resolvable_and_finite() {
 
 #[test]
 fn an_undecidable_shape_names_the_properties_that_decide_it() {
-    let state = json!({"type": "object", "required": ["a"], "properties": {"a": {"type": "string"}, "b": {"type": "string"}}});
+    let state =
+        json!({"type": "object", "required": ["a"], "properties": {"a": {"type": "string"}, "b": {"type": "string"}}});
     let e = plan(&doc_with(json!({"M": message(state.clone())})), None).unwrap_err();
     assert_eq!(e.kind, ErrorKind::CannotInfer);
     assert!(e.message.contains("requires a but not b"), "{e}");
@@ -187,7 +194,8 @@ fn an_undecidable_shape_names_the_properties_that_decide_it() {
 
     let e = plan(&doc_with(json!({"M": message(json!({"type": "object"}))})), None).unwrap_err();
     assert!(e.message.contains("declares no properties"), "{e}");
-    let e = plan(&doc_with(json!({"M": {"payload": {"type": "object", "properties": {"thingId": {}}}}})), None).unwrap_err();
+    let e = plan(&doc_with(json!({"M": {"payload": {"type": "object", "properties": {"thingId": {}}}}})), None)
+        .unwrap_err();
     assert!(e.message.contains("no newState or oldState"), "{e}");
 }
 
@@ -263,7 +271,8 @@ fn every_shape_of_a_message_must_guarantee_not_null() {
 #[test]
 fn name_collisions_are_resolved_visibly() {
     let state = json!({"type": "object", "properties": {"a": {"type": "string"}}});
-    let rows = plan(&doc_with(json!({"FineGrained": message(state.clone()), "fine_grained": message(state)})), None).unwrap();
+    let rows =
+        plan(&doc_with(json!({"FineGrained": message(state.clone()), "fine_grained": message(state)})), None).unwrap();
     assert!(rows[0].sql.starts_with("CREATE TABLE fine_grained ("), "{}", rows[0].sql);
     assert!(
         rows[1].sql.starts_with("-- \"fine_grained\" is taken by message FineGrained: this one is named \"fine_grained_2\".\nCREATE TABLE fine_grained_2 ("),
@@ -272,7 +281,9 @@ fn name_collisions_are_resolved_visibly() {
     );
     assert!(rows[1].sql.contains("name => 'fine_grained_2'"));
     let long = "A".repeat(70);
-    let rows = plan(&doc_with(json!({long.clone(): message(json!({"type": "object", "properties": {"a": {}}}))})), None).unwrap();
+    let rows =
+        plan(&doc_with(json!({long.clone(): message(json!({"type": "object", "properties": {"a": {}}}))})), None)
+            .unwrap();
     assert!(rows[0].sql.contains("longer than PostgreSQL's 63-byte names"), "{}", rows[0].sql);
 }
 
@@ -290,12 +301,18 @@ fn extensions_place_the_event_and_its_state() {
     });
     let sql = &plan(&doc_with(json!({"M": m})), None).unwrap()[0].sql;
     assert!(sql.contains("    thing_id text NOT NULL,\n    a text,\n"), "{sql}");
-    assert!(sql.contains("state_path => 'content'") && sql.contains("event_path => 'data'") && sql.contains("version => 'time'"), "{sql}");
+    assert!(
+        sql.contains("state_path => 'content'")
+            && sql.contains("event_path => 'data'")
+            && sql.contains("version => 'time'"),
+        "{sql}"
+    );
 }
 
 #[test]
 fn other_schema_formats_are_refused() {
-    let m = json!({"payload": {"schemaFormat": "application/vnd.apache.avro;version=1.9.0", "schema": {"type": "record"}}});
+    let m =
+        json!({"payload": {"schemaFormat": "application/vnd.apache.avro;version=1.9.0", "schema": {"type": "record"}}});
     let e = plan(&doc_with(json!({"M": m})), None).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unsupported);
     let m = json!({"payload": {"schemaFormat": "application/schema+json;version=draft-07", "schema": message(json!({"properties": {"a": {}}}))["payload"].clone()}});
