@@ -141,6 +141,16 @@ COMMENT ON VIEW ecst.route_stats IS 'pg_ecst routes: per route and value, the ev
 CREATE TRIGGER inbox_wake AFTER INSERT ON ecst.inbox
     FOR EACH STATEMENT EXECUTE FUNCTION ecst._inbox_wake();
 
+-- The feed: COPY ecst.feed (stream, payload) FROM STDIN (or INSERT INTO ecst.feed ... SELECT)
+-- applies the events within the statement's own transaction; nothing of them is stored but dead
+-- letters and retained events. The triggers buffer the rows and apply them by chunk.
+CREATE VIEW ecst.feed AS SELECT NULL::text AS stream, NULL::text AS payload WHERE false;
+COMMENT ON VIEW ecst.feed IS 'COPY or INSERT (stream, payload) here: the events are applied in the same statement, nothing of them stored';
+CREATE TRIGGER feed_begin BEFORE INSERT ON ecst.feed FOR EACH STATEMENT EXECUTE FUNCTION ecst._feed_begin();
+CREATE TRIGGER feed_row INSTEAD OF INSERT ON ecst.feed FOR EACH ROW EXECUTE FUNCTION ecst._feed_row();
+CREATE TRIGGER feed_end AFTER INSERT ON ecst.feed FOR EACH STATEMENT EXECUTE FUNCTION ecst._feed_end();
+GRANT INSERT ON ecst.feed TO PUBLIC;
+
 -- Trigger mode: AFTER INSERT ... FOR EACH ROW EXECUTE FUNCTION ecst.apply_trigger('stream', 'payload_column')
 -- applies the row's event in the same transaction (the payload column may be text, json or jsonb).
 CREATE FUNCTION ecst.apply_trigger() RETURNS trigger

@@ -80,3 +80,23 @@ LANGUAGE c
 AS 'MODULE_PATHNAME', 'asyncapi_message_schema_wrapper';
 COMMENT ON FUNCTION ecst.asyncapi_message_schema(jsonb, text)
     IS 'One message''s payload schema from an AsyncAPI 3.x document, $refs inlined (for create_stream''s schema)';
+
+-- The feed: events applied within the statement that inserts them (COPY ecst.feed ... FROM STDIN).
+CREATE FUNCTION ecst."_feed_begin"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_feed_begin_wrapper';
+CREATE FUNCTION ecst."_feed_row"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_feed_row_wrapper';
+CREATE FUNCTION ecst."_feed_end"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_feed_end_wrapper';
+CREATE VIEW ecst.feed AS SELECT NULL::text AS stream, NULL::text AS payload WHERE false;
+COMMENT ON VIEW ecst.feed IS 'COPY or INSERT (stream, payload) here: the events are applied in the same statement, nothing of them stored';
+CREATE TRIGGER feed_begin BEFORE INSERT ON ecst.feed FOR EACH STATEMENT EXECUTE FUNCTION ecst._feed_begin();
+CREATE TRIGGER feed_row INSTEAD OF INSERT ON ecst.feed FOR EACH ROW EXECUTE FUNCTION ecst._feed_row();
+CREATE TRIGGER feed_end AFTER INSERT ON ecst.feed FOR EACH STATEMENT EXECUTE FUNCTION ecst._feed_end();
+GRANT INSERT ON ecst.feed TO PUBLIC;

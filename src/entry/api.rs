@@ -6,6 +6,7 @@ use crate::engine::apply;
 use crate::engine::counters;
 use crate::engine::outcome::{Applied, ErrorPolicy};
 use crate::engine::record::{self, EventLog};
+use crate::features::feed;
 use crate::features::inbox;
 use crate::features::retention;
 use crate::features::snapshot;
@@ -155,6 +156,37 @@ fn create_stream_with_schema(
 #[pg_extern]
 fn set_stream_schema(stream: Option<&str>, schema: Option<JsonB>) {
     catalog::set_schema(required(stream, "stream"), schema.map(|s| s.0))
+}
+
+/// `ecst.feed`'s BEFORE INSERT ... FOR EACH STATEMENT trigger.
+#[pg_trigger]
+fn _feed_begin<'a>(
+    _trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    feed::begin_statement();
+    Ok(None)
+}
+
+/// `ecst.feed`'s INSTEAD OF INSERT row trigger: buffers the row (applied by chunk); returning it
+/// counts it in the statement's command tag.
+#[pg_trigger]
+fn _feed_row<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    let new = trigger.new().expect("an INSERT row trigger has a new row");
+    let stream = new.get_by_index::<&str>(std::num::NonZeroUsize::new(1).unwrap()).ok().flatten();
+    let payload = new.get_by_index::<&str>(std::num::NonZeroUsize::new(2).unwrap()).ok().flatten();
+    feed::add_row(stream, payload);
+    Ok(Some(new))
+}
+
+/// `ecst.feed`'s AFTER INSERT ... FOR EACH STATEMENT trigger: applies what is left.
+#[pg_trigger]
+fn _feed_end<'a>(
+    _trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    feed::end_statement();
+    Ok(None)
 }
 
 /// Drops a stream (its definition, version state and counters); the replica tables and

@@ -1,9 +1,10 @@
-//! Layer 4, features built on the engine: the inbox and its drain, snapshots (load, export),
+//! Layer 4, features built on the engine: the inbox and its drain, the feed (`ecst.feed`), snapshots (load, export),
 //! event retention (rebuild, compaction) and dead-letter housekeeping.
 //!
 //! Imports: `ecst_core`, the layers below and this layer (without a circle).
 
 pub mod dead_letters;
+pub mod feed;
 pub mod inbox;
 pub mod retention;
 pub mod snapshot;

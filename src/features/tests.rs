@@ -348,4 +348,126 @@ mod tests {
         assert_eq!(one::<bool>("SELECT ecst.drop_route('acme')"), Some(true));
         assert_eq!(one::<bool>("SELECT ecst.drop_route('acme')"), Some(false));
     }
+
+    /// Feeds `(stream, payload)` rows with one INSERT INTO ecst.feed; returns the command's row count.
+    fn feed(rows: &[(&str, Option<&str>)]) -> i64 {
+        let streams: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
+        let payloads: Vec<Option<String>> = rows.iter().map(|r| r.1.map(str::to_string)).collect();
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "INSERT INTO ecst.feed (stream, payload) SELECT s, p FROM unnest($1::text[], $2::text[]) AS u(s, p)",
+                    None,
+                    &[streams.into(), payloads.into()],
+                )
+                .unwrap()
+                .len() as i64
+        })
+    }
+
+    #[pg_test]
+    fn the_feed_applies_within_the_statement_and_keeps_only_dead_letters() {
+        address_stream();
+        delta_stream("address_d", Some("ts"), "apply");
+        customer_stream();
+        let older = SNAPSHOT.replace("1572134205", "1572134100").replace("48 Baker", "Old Baker");
+        let n = feed(&[
+            ("address", Some(SNAPSHOT)),
+            ("address", Some("this is not json")),
+            ("address", Some(&older)),
+            ("address", None),
+            ("nowhere", Some("{}")),
+            ("address_d", Some(r#"{"addressId": "d1", "ts": 1, "newState": {"addressPurpose": "home", "addressLine1": "1 A"}}"#)),
+            ("address_d", Some(r#"{"addressId": "d1", "ts": 2, "newState": {"addressLine1": "2 A"}}"#)),
+            ("customer", Some(r#"{"customerId": "c1", "newState": {"name": "Ada", "addressContent": {"addresses": [{"addressId": "x", "addressLine1": "X St"}]}}}"#)),
+        ]);
+        assert_eq!(n, 8, "the command counts every row fed");
+        assert_eq!(row("address", "12366"), "12366|billing|48 Baker Street|London, UK, E1 7AE|1572134205");
+        assert_eq!(row("address_d", "d1"), "d1|home|2 A|-|-");
+        assert_eq!(text("SELECT name || ':' || (SELECT line1 FROM customer_address) FROM customer"), "Ada:X St");
+        assert_eq!(
+            text("SELECT string_agg(stream || ':' || error_code, ',' ORDER BY stream, error_code) FROM ecst.dead_letters"),
+            "address:invalid_json,address:invalid_json,nowhere:unknown_stream"
+        );
+        assert_eq!(
+            text("SELECT payload FROM ecst.dead_letters WHERE payload IS NOT NULL AND stream = 'address'"),
+            "this is not json",
+            "kept verbatim"
+        );
+        assert_eq!(
+            text("SELECT string_agg(concat_ws('/', stream, applied, stale, dead_lettered), ',' ORDER BY stream) FROM ecst.stats"),
+            "address/1/1/2,address_d/2/0/0,customer/1/0/0"
+        );
+        assert_eq!(count("SELECT * FROM ecst.inbox"), 0, "nothing of the events is stored");
+    }
+
+    #[pg_test]
+    fn the_feed_applies_in_chunks_in_row_order() {
+        delta_stream("address_d", Some("ts"), "apply");
+        run("SET LOCAL ecst.feed_buffer = '64kB'");
+        // 3,000 events of 10 entities (about 300 kB): several chunks. Each event sets one field,
+        // so the replica shows the last value fed per field and entity.
+        let events: Vec<String> = (0..3000)
+            .map(|i| {
+                let field = ["addressPurpose", "addressLine1", "addressLine2"][i % 3];
+                format!(r#"{{"addressId": "e{}", "ts": {}, "newState": {{"{field}": "v{i}"}}, "padding": "{}"}}"#, i % 10, i, "x".repeat(60))
+            })
+            .collect();
+        let rows: Vec<(&str, Option<&str>)> = events.iter().map(|e| ("address_d", Some(e.as_str()))).collect();
+        assert_eq!(feed(&rows), 3000);
+        assert_eq!(row("address_d", "e0"), "e0|v2970|v2980|v2990|-");
+        assert_eq!(row("address_d", "e9"), "e9|v2979|v2989|v2999|-");
+        assert_eq!(text("SELECT applied::text FROM ecst.stats WHERE stream = 'address_d'"), "3000");
+    }
+
+    #[pg_test]
+    fn a_failed_feed_statement_leaves_nothing_and_the_next_one_works() {
+        address_stream();
+        run("CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'boom' USING ERRCODE = 'XX001'; END $$");
+        run("CREATE TRIGGER boom AFTER INSERT ON address FOR EACH ROW WHEN (NEW.address_id = 'boom') EXECUTE FUNCTION boom()");
+        let boom = SNAPSHOT.replace("12366", "boom");
+        // XX001 is not an event's error: it fails the statement, inside a savepoint here.
+        let caught = text(&format!(
+            "DO $$ BEGIN INSERT INTO ecst.feed VALUES ('address', '{SNAPSHOT}'), ('address', '{boom}');
+                  EXCEPTION WHEN others THEN RAISE NOTICE 'caught %', SQLERRM; END $$; SELECT 'done'"
+        ));
+        assert_eq!(caught, "done");
+        assert_eq!(count("SELECT * FROM address"), 0, "rolled back with its statement");
+        assert_eq!(count("SELECT * FROM ecst.dead_letters"), 0);
+        assert_eq!(feed(&[("address", Some(SNAPSHOT))]), 1);
+        assert_eq!(count("SELECT * FROM address"), 1, "the next statement applies");
+    }
+
+    #[pg_test]
+    fn a_replica_trigger_may_feed_while_a_chunk_applies() {
+        address_stream();
+        delta_stream("audit", None, "apply");
+        run(r#"CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                 INSERT INTO ecst.feed VALUES ('audit', json_build_object('addressId', NEW.address_id,
+                   'newState', json_build_object('addressLine1', 'seen ' || NEW.line1))::text);
+                 RETURN NULL; END $$"#);
+        run("CREATE TRIGGER audit AFTER INSERT OR UPDATE ON address FOR EACH ROW EXECUTE FUNCTION audit()");
+        assert_eq!(feed(&[("address", Some(SNAPSHOT)), ("address", Some(&SNAPSHOT.replace("12366", "2")))]), 2);
+        assert_eq!(
+            text("SELECT string_agg(address_id || '=' || line1, ',' ORDER BY address_id) FROM audit"),
+            "12366=seen 48 Baker Street,2=seen 48 Baker Street"
+        );
+    }
+
+    #[pg_test]
+    fn the_feed_takes_routes_and_envelopes() {
+        run("CREATE TABLE r_address (address_id text PRIMARY KEY, address_line1 text)");
+        run(r#"SELECT ecst.create_stream('r_address', 'r_address', 'entity_snapshot', '{"addressId": "address_id"}',
+                 event_path => 'data', version => 'time', event_id => 'id')"#);
+        run(r#"SELECT ecst.create_route('acme', 'type', '{"com.acme.address.changed": "r_address"}')"#);
+        let ev = |id: &str, time: i32, line: &str| {
+            format!(r#"{{"id": "{id}", "type": "com.acme.address.changed", "time": {time}, "data": {{"addressId": "a1", "newState": {{"addressLine1": "{line}"}}}}}}"#)
+        };
+        let (a, b, c) = (ev("e1", 1, "first"), ev("e2", 2, "second"), ev("e1", 3, "again"));
+        let other = r#"{"id": "o1", "type": "com.acme.order.placed", "data": {}}"#;
+        assert_eq!(feed(&[("acme", Some(&a)), ("acme", Some(&b)), ("acme", Some(&c)), ("acme", Some(other))]), 4);
+        assert_eq!(text("SELECT address_line1 FROM r_address"), "second");
+        assert_eq!(text("SELECT concat_ws('/', applied, duplicate) FROM ecst.stats WHERE stream = 'r_address'"), "2/1");
+        assert_eq!(text("SELECT stream || ':' || error_code FROM ecst.dead_letters"), "acme:unrouted");
+    }
 }

@@ -12,6 +12,7 @@ pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CStrin
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static FEED_BUFFER_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -49,6 +50,16 @@ pub fn init() {
         1_000_000,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ecst.feed_buffer",
+        c"Payload bytes a statement feeding ecst.feed buffers before it applies them.",
+        c"Memory for ecst.feed is bounded by this (and what applying one chunk takes); larger chunks collapse more events per entity.",
+        &FEED_BUFFER_KB,
+        64,
+        1024 * 1024,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
         c"ecst.naptime",

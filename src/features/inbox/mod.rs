@@ -66,13 +66,14 @@ pub fn drain_batch(
         let Claimed { mut rows, all, newest } = claim(client, limit, part, cursor);
         rows.sort_by_key(|r| r.seq);
         let last_try = policy == ErrorPolicy::Worker && last_try(rows.first().map(|r| r.seq));
-        outcome::last_try(last_try, || apply_claimed(client, &rows, policy));
+        outcome::last_try(last_try, || apply_rows(client, &rows, policy));
         Drained { rows: rows.len() as i64, all, newest }
     })
 }
 
-/// Applies claimed inbox rows, stream by stream, and records each outcome.
-fn apply_claimed(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
+/// Applies rows (claimed from the inbox, or fed to `ecst.feed`), stream by stream, and records
+/// each outcome.
+pub fn apply_rows(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
     let mut streams: HashMap<String, Lookup> = HashMap::new();
     // A row fed under a route's name goes to the stream the route selects for it; one it selects
     // none for is a dead letter `unrouted` under the route's name (retried by route). Each name is
