@@ -167,17 +167,21 @@ fn _feed_begin<'a>(
     Ok(None)
 }
 
-/// `ecst.feed`'s INSTEAD OF INSERT row trigger: buffers the row (applied by chunk); returning it
-/// counts it in the statement's command tag.
+/// `ecst.feed`'s INSTEAD OF INSERT row trigger: buffers the row (applied by chunk); returning a
+/// row counts it in the statement's command tag.
+///
+/// It returns a copy, made in the per-row memory the trigger is called in: PostgreSQL frees the
+/// row it handed the trigger only when the trigger returns another one (`ExecIRInsertTriggers`);
+/// returning that row itself would keep every row of the statement in memory until it ends.
 #[pg_trigger]
 fn _feed_row<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
-) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByRust>>, pgrx::PgTriggerError> {
     let new = trigger.new().expect("an INSERT row trigger has a new row");
     let stream = new.get_by_index::<&str>(std::num::NonZeroUsize::new(1).unwrap()).ok().flatten();
     let payload = new.get_by_index::<&str>(std::num::NonZeroUsize::new(2).unwrap()).ok().flatten();
     feed::add_row(stream, payload);
-    Ok(Some(new))
+    Ok(Some(new.into_owned()))
 }
 
 /// `ecst.feed`'s AFTER INSERT ... FOR EACH STATEMENT trigger: applies what is left.
