@@ -215,8 +215,9 @@ def wait_drained(t_start, n, sample_memory=False, interval=None):
         s.close()
 
 
-def perf_start(label):
-    """With --perf, samples the workers' stacks (perf record) until perf_stop."""
+def perf_start(label, everything=False):
+    """With --perf, samples the workers' stacks (perf record) until perf_stop; `everything`:
+    every process's (the backend a COPY runs in is not known in advance)."""
     if not PERF_DIR:
         return None
     data = f"{PERF_DIR}/{label}.data"
@@ -225,7 +226,8 @@ def perf_start(label):
     # pointers); PERF_CALLGRAPH=dwarf unwinds through them, at a lower rate and larger data files.
     graph = ["-F", "199", "--call-graph", "dwarf,32768"] if os.environ.get("PERF_CALLGRAPH") == "dwarf" \
         else ["-F", "999", "-g"]
-    proc = subprocess.Popen(["perf", "record", "-q", *graph, "-o", data, "-p", pids],
+    target = ["-a"] if everything else ["-p", pids]
+    proc = subprocess.Popen(["perf", "record", "-q", *graph, "-o", data, *target],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, data, label
 
@@ -709,10 +711,36 @@ def run_set_workload(name, meta):
             check(f"{name} {sch}: stale count = events arriving after a newer one ({meta['stale']:,})",
                   st["stale"] == meta["stale"] and st["duplicate"] == 0, f"(stats {st})", fatal=False)
         psql(f"SELECT ecst.drop_stream('{spec['stream']}');")
+    run_feed(name, meta, a, b_total)
     if name == "entity_snapshot":
         run_schema(name, meta, a, b_total)
         run_envelope(name, meta, a, b_total)
         run_floors(name, meta, a, b_total)
+    set_workers(1)
+
+
+def run_feed(name, meta, a, b_total):
+    """D: the same events COPYed into ecst.feed, applied within the COPY's own transaction (no
+    inbox, no worker): the clock stops when the COPY returns, with the replica up to date."""
+    spec = SPECS[name]
+    n = meta["events"]
+    set_workers(0)
+    sch = "d"
+    psql(f"CREATE SCHEMA {sch};" + spec["ddl"].format(s=sch) + spec["create"].format(s=sch))
+    settle()
+    prof = perf_start(f"{name}-feed", everything=True)
+    d = timed(f"\\copy ecst.feed (stream, payload) FROM '{meta['tsv']}'\n")
+    perf_stop(prof)
+    st = stats(spec["stream"])
+    dead = int(q1(f"SELECT count(*) FROM ecst.dead_letters WHERE stream = '{spec['stream']}'"))
+    notes = (f"applied {st['applied']:,}, stale {st['stale']:,}, duplicate {st['duplicate']:,}, dead {dead:,}; "
+             f"ecst.feed_buffer = {q1('SHOW ecst.feed_buffer')}")
+    result(name, "D  ecst.feed: COPY, applied in its own transaction", d, n, a, b_total, notes)
+    verify(name, sch, spec)
+    check(f"{name} {sch}: every event counted once, none dead-lettered",
+          st["applied"] + st["stale"] + st["duplicate"] + st["skipped"] == n and dead == 0,
+          f"(stats {st}, {dead} dead letters)", fatal=False)
+    psql(f"SELECT ecst.drop_stream('{spec['stream']}');")
     set_workers(1)
 
 

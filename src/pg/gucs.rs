@@ -12,7 +12,7 @@ pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CStrin
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
-pub static FEED_BUFFER_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static FEED_BUFFER_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
 pub fn init() {
     GucRegistry::define_string_guc(
