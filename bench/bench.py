@@ -44,7 +44,7 @@ SETTINGS = [
     "ecst.naptime = 1000",
 ]
 
-WORKLOADS = ["entity_snapshot", "delta", "aggregate", "snapshot_load", "percall", "latency", "memory"]
+WORKLOADS = ["entity_snapshot", "delta", "aggregate", "snapshot_load", "percall", "latency", "memory", "replay"]
 
 PSQL = [f"{PG_BIN}/psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
         "-h", f"{DIR}/sock", "-p", str(PORT), "-U", "postgres"]
@@ -1150,6 +1150,51 @@ def run_memory(scale, seed):
           f"({rows:,} rows, stats {st})")
 
 
+def run_replay(scale, seed):
+    """A new consumer replaying a topic from its beginning: 10 M entity snapshots over 2 M
+    addresses COPYed into ecst.feed in one COPY (one transaction), with the defaults; events/s, and
+    the COPY's backend's memory sampled while it runs."""
+    n = round(10_000_000 * scale)
+    log(f"workload replay: {n:,} entity_snapshot events through ecst.feed, one COPY")
+    t0 = time.perf_counter()
+    meta = gen_entity_snapshot(seed + 5, n, max(1, round(2_000_000 * scale)), "address_replay", f"{DATA}/replay.tsv")
+    info(f"generated replay: {n:,} events, {meta['entities']:,} entities in {time.perf_counter() - t0:.1f} s")
+    set_workers(0)
+    psql("CREATE SCHEMA replay;" + ADDRESS_DDL.format(s="replay") +
+         "SELECT ecst.create_stream('address_replay', 'replay.address', 'entity_snapshot', '{\"addressId\": \"address_id\"}', "
+         "state_path => 'addressContent', columns => '{\"addressLine1\": \"line1\"}', "
+         "version => 'newState.addressContent.addressTS');")
+    settle()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(PSQL + ["-d", DB], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdin.write("SET application_name = 'pg_ecst replay';\n"
+                     f"\\copy ecst.feed (stream, payload) FROM '{DATA}/replay.tsv'\n")
+    proc.stdin.close()
+    pid, peaks = None, {}
+    while proc.poll() is None:
+        if pid is None:
+            got = q1("SELECT pid FROM pg_stat_activity WHERE application_name = 'pg_ecst replay'")
+            pid = int(got) if got else None
+        status = proc_status(pid) if pid else None
+        for k, v in (status or {}).items():
+            peaks[k] = max(peaks.get(k, 0), v)
+        time.sleep(0.5)
+    total = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise BenchError(f"replay COPY failed: {proc.stderr.read().strip()}")
+    rows = int(q1("SELECT count(*) FROM replay.address"))
+    st = stats("address_replay")
+    notes = (f"one COPY of {n:,} events, {meta['entities']:,} entities; peak RssAnon {peaks.get('RssAnon', 0):.0f} MB, "
+             f"peak VmHWM {peaks.get('VmHWM', 0):.0f} MB (shared buffers touched included); "
+             f"ecst.feed_buffer = {q1('SHOW ecst.feed_buffer')}")
+    result("replay", "D  ecst.feed, one COPY", total, n, None, None, notes)
+    check(f"replay: replica has the {meta['entities']:,} entities, every event counted once",
+          rows == meta["entities"] and st["applied"] + st["stale"] == n and st["dead_lettered"] == 0,
+          f"({rows:,} rows, stats {st})")
+    set_workers(1)
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main():
@@ -1195,7 +1240,8 @@ def main():
             if name in only:
                 meta = generate(name, args.scale, args.seed)
                 run_set_workload(name, meta)
-                psql("DROP SCHEMA a, b, c1, c2, c1r CASCADE;" if name == "entity_snapshot" else "DROP SCHEMA a, b, c1, c2 CASCADE;")  # keep the next workload's server small
+                # Keep the next workload's server small.
+                psql("DROP SCHEMA IF EXISTS a, b, c1, c2, c1r, d, cs, ce, cer CASCADE;")
         if "snapshot_load" in only:
             run_snapshot_load(args.scale, args.seed)
         if "percall" in only:
@@ -1204,6 +1250,8 @@ def main():
             run_latency()
         if "memory" in only:
             run_memory(args.scale, args.seed)
+        if "replay" in only:
+            run_replay(args.scale, args.seed)
     except BenchError as e:
         if RESULTS:
             print("\nresults so far (INCOMPLETE run):\n" + table(), file=sys.stderr)

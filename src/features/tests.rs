@@ -377,9 +377,17 @@ mod tests {
             ("address", Some(&older)),
             ("address", None),
             ("nowhere", Some("{}")),
-            ("address_d", Some(r#"{"addressId": "d1", "ts": 1, "newState": {"addressPurpose": "home", "addressLine1": "1 A"}}"#)),
+            (
+                "address_d",
+                Some(r#"{"addressId": "d1", "ts": 1, "newState": {"addressPurpose": "home", "addressLine1": "1 A"}}"#),
+            ),
             ("address_d", Some(r#"{"addressId": "d1", "ts": 2, "newState": {"addressLine1": "2 A"}}"#)),
-            ("customer", Some(r#"{"customerId": "c1", "newState": {"name": "Ada", "addressContent": {"addresses": [{"addressId": "x", "addressLine1": "X St"}]}}}"#)),
+            (
+                "customer",
+                Some(
+                    r#"{"customerId": "c1", "newState": {"name": "Ada", "addressContent": {"addresses": [{"addressId": "x", "addressLine1": "X St"}]}}}"#,
+                ),
+            ),
         ]);
         assert_eq!(n, 8, "the command counts every row fed");
         assert_eq!(row("address", "12366"), "12366|billing|48 Baker Street|London, UK, E1 7AE|1572134205");
@@ -410,7 +418,12 @@ mod tests {
         let events: Vec<String> = (0..3000)
             .map(|i| {
                 let field = ["addressPurpose", "addressLine1", "addressLine2"][i % 3];
-                format!(r#"{{"addressId": "e{}", "ts": {}, "newState": {{"{field}": "v{i}"}}, "padding": "{}"}}"#, i % 10, i, "x".repeat(60))
+                format!(
+                    r#"{{"addressId": "e{}", "ts": {}, "newState": {{"{field}": "v{i}"}}, "padding": "{}"}}"#,
+                    i % 10,
+                    i,
+                    "x".repeat(60)
+                )
             })
             .collect();
         let rows: Vec<(&str, Option<&str>)> = events.iter().map(|e| ("address_d", Some(e.as_str()))).collect();
@@ -461,7 +474,9 @@ mod tests {
                  event_path => 'data', version => 'time', event_id => 'id')"#);
         run(r#"SELECT ecst.create_route('acme', 'type', '{"com.acme.address.changed": "r_address"}')"#);
         let ev = |id: &str, time: i32, line: &str| {
-            format!(r#"{{"id": "{id}", "type": "com.acme.address.changed", "time": {time}, "data": {{"addressId": "a1", "newState": {{"addressLine1": "{line}"}}}}}}"#)
+            format!(
+                r#"{{"id": "{id}", "type": "com.acme.address.changed", "time": {time}, "data": {{"addressId": "a1", "newState": {{"addressLine1": "{line}"}}}}}}"#
+            )
         };
         let (a, b, c) = (ev("e1", 1, "first"), ev("e2", 2, "second"), ev("e1", 3, "again"));
         let other = r#"{"id": "o1", "type": "com.acme.order.placed", "data": {}}"#;
