@@ -536,6 +536,20 @@ fn save_state(
 
 /// The canonical entity key of an event with this key (`Event::key`: what version state is kept
 /// under), if the key fits the key columns' types.
+/// An event's entity as the engine knows it (its key fields' canonical texts), without binding
+/// values: for grouping events of one entity before they reach the engine. `None` if a key does
+/// not fit its column (the engine then rejects the event).
+pub fn canonical_entity(stream: &Stream, key: &[String]) -> Option<String> {
+    let canonical = stream
+        .table
+        .keys
+        .iter()
+        .zip(key)
+        .map(|(column, text)| column.ty.canonical(text).ok())
+        .collect::<Option<Vec<String>>>()?;
+    Some(ecst_core::spec::entity_key(canonical))
+}
+
 pub fn entity_key(stream: &Stream, key: &[String]) -> Option<String> {
     let (_, canonical) = bind_keys(&stream.table.keys, &stream.spec.key_fields, key).ok()?;
     Some(ecst_core::spec::entity_key(canonical))
