@@ -32,6 +32,7 @@ use crate::stream::catalog::{self, Stream};
 use crate::stream::routes;
 use ecst_core::event::parse_key;
 use ecst_core::route::Route;
+use ecst_core::spec::StreamSpec;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -87,31 +88,65 @@ pub fn add_row(stream: Option<&str>, payload: Option<&str>) {
             None => (None, None),
             Some(name) => keyed(&mut buffer.targets, name, payload),
         };
-        buffer.sort.put(name.as_deref().or(stream), entity.as_deref(), buffer.seq, payload);
+        let name = name.as_deref().or(stream);
+        // Rows whose entity cannot be read go first in their stream (the engine rejects them).
+        let group = name.map(|n| format!("{n}\u{1}{}", entity.as_deref().unwrap_or("")));
+        buffer.sort.put(group.as_deref(), buffer.seq, name, payload);
     })
 }
 
-/// AFTER INSERT ... FOR EACH STATEMENT: the statement's rows are all in; apply them, sorted.
+/// AFTER INSERT ... FOR EACH STATEMENT: the statement's rows are all in; apply them, sorted. The
+/// next chunk's events are parsed on a helper thread while the backend applies the current one.
 pub fn end_statement() {
     let Some(buffer) = STACK.with(|s| s.borrow_mut().pop()) else { return };
     let chunk_bytes = (gucs::FEED_BUFFER_KB.get().max(64) as usize) * 1024 / 4;
     let now = now();
+    let streams: HashMap<String, Rc<Stream>> = buffer
+        .targets
+        .iter()
+        .filter_map(|(name, t)| match t {
+            Target::Stream(s) => Some((name.clone(), s.clone())),
+            _ => None,
+        })
+        .collect();
+    let specs: HashMap<String, StreamSpec> = streams.iter().map(|(n, s)| (n.clone(), s.spec.clone())).collect();
     let mut sorted = buffer.sort.sorted();
-    let mut chunk: Vec<InboxRow> = Vec::new();
-    let mut bytes = 0usize;
-    let mut last: Option<(Option<String>, Option<String>)> = None;
-    while let Some(row) = sorted.next() {
-        let group = (row.stream.clone(), row.entity.clone());
-        // A chunk ends between entities (an entity larger than a chunk goes on in the next one).
-        if bytes >= chunk_bytes && last.as_ref() != Some(&group) {
-            apply_chunk(std::mem::take(&mut chunk));
-            bytes = 0;
+    let mut next: Option<Sorted> = sorted.next();
+    let produce = || {
+        let mut chunk: Vec<InboxRow> = Vec::new();
+        let mut bytes = 0usize;
+        let mut last: Option<Option<String>> = None;
+        while let Some(row) = next.take() {
+            // A chunk ends between entities (an entity larger than a chunk goes on in the next one).
+            if bytes >= chunk_bytes && last.as_ref() != Some(&row.group) {
+                next = Some(row);
+                break;
+            }
+            bytes += row.payload.as_ref().map_or(0, String::len) + ROW_OVERHEAD;
+            last = Some(row.group);
+            chunk.push(InboxRow { seq: row.seq, stream: row.stream, payload: row.payload, received_at: now });
+            next = sorted.next();
         }
-        bytes += row.payload.as_ref().map_or(0, String::len) + ROW_OVERHEAD;
-        chunk.push(InboxRow { seq: row.seq, stream: row.stream, payload: row.payload, received_at: now });
-        last = Some(group);
-    }
-    apply_chunk(chunk);
+        (!chunk.is_empty()).then_some(chunk)
+    };
+    let parse = move |rows: Vec<InboxRow>| {
+        let events: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let spec = specs.get(r.stream.as_deref()?)?;
+                Some(apply::parse_payload(spec, r.payload.as_deref()))
+            })
+            .collect();
+        (rows, events)
+    };
+    let apply = |(rows, events): (Vec<InboxRow>, Vec<_>)| {
+        let events = RefCell::new(events);
+        Spi::connect_mut(|client| {
+            inbox::apply_parsed_rows(client, &rows, Some((&events, &streams)), ErrorPolicy::Caller)
+        });
+        std::ops::ControlFlow::<()>::Continue(())
+    };
+    crate::pg::parallel::pipeline(produce, parse, apply);
     sorted.end();
 }
 
@@ -158,12 +193,6 @@ fn target<'t>(targets: &'t mut HashMap<String, Target>, name: &str) -> &'t Targe
     &targets[name]
 }
 
-fn apply_chunk(rows: Vec<InboxRow>) {
-    if !rows.is_empty() {
-        Spi::connect_mut(|client| inbox::apply_rows(client, &rows, ErrorPolicy::Caller));
-    }
-}
-
 /// What a row costs in memory beside its text (the row, its two strings' headers).
 const ROW_OVERHEAD: usize = std::mem::size_of::<InboxRow>() + 2 * std::mem::size_of::<usize>();
 
@@ -174,9 +203,12 @@ fn now() -> pgrx::datum::TimestampWithTimeZone {
     unsafe { pgrx::datum::TimestampWithTimeZone::from_datum(pg_sys::Datum::from(ts), false) }.expect("a timestamp")
 }
 
-/// The statement's rows in PostgreSQL's tuplesort: (stream text, entity text, seq int8, payload
-/// text), sorted by stream, entity (NULLs first, byte order) and seq. Everything it holds lives in
-/// a memory context of the statement's (sub)transaction, so an error anywhere frees it.
+/// The statement's rows in PostgreSQL's tuplesort: (group text, seq int8, stream text, payload
+/// text), sorted by group (NULLs first, byte order) and seq. The group is the stream's name and the
+/// entity joined by U+0001 (which sorts below every character of a name): one text compared
+/// byte-wise orders rows by stream, then entity, and keeps the rows of one entity of one stream
+/// together, in the order they were fed. Everything the sort holds lives in a memory context of
+/// the statement's (sub)transaction, so an error anywhere frees it.
 struct Sort {
     context: pg_sys::MemoryContext,
     state: *mut pg_sys::Tuplesortstate,
@@ -185,8 +217,8 @@ struct Sort {
 
 /// A row read back from the sort.
 struct Sorted {
+    group: Option<String>,
     stream: Option<String>,
-    entity: Option<String>,
     seq: i64,
     payload: Option<String>,
 }
@@ -207,9 +239,9 @@ impl Sort {
             let old = pg_sys::MemoryContextSwitchTo(context);
             let desc = pg_sys::CreateTemplateTupleDesc(4);
             for (i, (name, ty)) in [
-                (c"stream", pg_sys::TEXTOID),
-                (c"entity", pg_sys::TEXTOID),
+                (c"grp", pg_sys::TEXTOID),
                 (c"seq", pg_sys::INT8OID),
+                (c"stream", pg_sys::TEXTOID),
                 (c"payload", pg_sys::TEXTOID),
             ]
             .into_iter()
@@ -217,18 +249,18 @@ impl Sort {
             {
                 pg_sys::TupleDescInitEntry(desc, (i + 1) as i16, name.as_ptr(), ty, -1, 0);
             }
-            let mut columns: [pg_sys::AttrNumber; 3] = [1, 2, 3];
-            let text_lt = pg_sys::Oid::from(pg_sys::TextLessOperator);
-            let mut operators = [text_lt, text_lt, pg_sys::Oid::from(pg_sys::Int8LessOperator)];
-            let mut collations = [pg_sys::C_COLLATION_OID, pg_sys::C_COLLATION_OID, pg_sys::InvalidOid];
-            let mut nulls_first = [true, true, false];
+            let mut columns: [pg_sys::AttrNumber; 2] = [1, 2];
+            let mut operators =
+                [pg_sys::Oid::from(pg_sys::TextLessOperator), pg_sys::Oid::from(pg_sys::Int8LessOperator)];
+            let mut collations = [pg_sys::C_COLLATION_OID, pg_sys::InvalidOid];
+            let mut nulls_first = [true, false];
             #[cfg(feature = "pg14")]
             let options = false;
             #[cfg(not(feature = "pg14"))]
             let options = 0;
             let state = pg_sys::tuplesort_begin_heap(
                 desc,
-                3,
+                2,
                 columns.as_mut_ptr(),
                 operators.as_mut_ptr(),
                 collations.as_mut_ptr(),
@@ -243,13 +275,13 @@ impl Sort {
         }
     }
 
-    fn put(&mut self, stream: Option<&str>, entity: Option<&str>, seq: i64, payload: Option<&str>) {
+    fn put(&mut self, group: Option<&str>, seq: i64, stream: Option<&str>, payload: Option<&str>) {
         let text = |s: Option<&str>| match s {
             // SAFETY: a text datum in the current (per-row) memory; the sort copies the row.
             Some(s) => (unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(s.as_ptr() as _, s.len() as i32)) }, false),
             None => (pg_sys::Datum::from(0), true),
         };
-        let values = [text(stream), text(entity), (pg_sys::Datum::from(seq), false), text(payload)];
+        let values = [text(group), (pg_sys::Datum::from(seq), false), text(stream), text(payload)];
         // SAFETY: the four values of the slot's descriptor, stored virtually and copied by the sort.
         unsafe {
             let slot = &mut *self.slot;
@@ -300,9 +332,9 @@ impl SortedRows {
                 String::from_datum(datum, false)
             };
             Some(Sorted {
-                stream: value(0),
-                entity: value(1),
-                seq: (*(*slot).tts_values.add(2)).value() as i64,
+                group: value(0),
+                seq: (*(*slot).tts_values.add(1)).value() as i64,
+                stream: value(2),
                 payload: value(3),
             })
         }

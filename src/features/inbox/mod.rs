@@ -14,7 +14,7 @@ use crate::pg::spi;
 use crate::stream::catalog::{self, Stream};
 use crate::stream::routes;
 use crate::stream::security;
-use ecst_core::event::parse_key;
+use ecst_core::event::{parse_key, Event};
 use ecst_core::reject::{RejectCode, Rejection};
 use ecst_core::route::Route;
 pub mod commits;
@@ -74,6 +74,16 @@ pub fn drain_batch(
 /// Applies rows (claimed from the inbox, or fed to `ecst.feed`), stream by stream, and records
 /// each outcome.
 pub fn apply_rows(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
+    apply_parsed_rows(client, rows, None, policy)
+}
+
+/// Rows parsed ahead (elsewhere, e.g. on a helper thread): each row's parse, done with the spec of
+/// the stream in the map under the row's stream name. A row's parse is used only where the stream
+/// applying it is that very stream (the definition did not change meanwhile).
+pub type Parsed<'a> = (&'a RefCell<Vec<Option<Result<Event, Rejection>>>>, &'a HashMap<String, Rc<Stream>>);
+
+/// [`apply_rows`], with the rows' parses where `parsed` has them.
+pub fn apply_parsed_rows(client: &mut SpiClient, rows: &[Row], parsed: Option<Parsed>, policy: ErrorPolicy) {
     let mut streams: HashMap<String, Lookup> = HashMap::new();
     // A row fed under a route's name goes to the stream the route selects for it; one it selects
     // none for is a dead letter `unrouted` under the route's name (retried by route). Each name is
@@ -93,8 +103,8 @@ pub fn apply_rows(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
     // The rows of each stream are applied together (set-based), in inbox order. One run per
     // stream per batch: several runs of one stream would lock its entities out of key order.
     // (Two streams writing one replica table are therefore not ordered within a batch.)
-    let mut by_stream: Vec<(Option<&str>, Vec<&Row>)> = Vec::new();
-    for row in rows {
+    let mut by_stream: Vec<(Option<&str>, Vec<(usize, &Row)>)> = Vec::new();
+    for (index, row) in rows.iter().enumerate() {
         let mut name = row.stream.as_deref();
         if let Some(route) = name.and_then(|n| route_of.get(n)) {
             match route.select(row.payload.as_deref()) {
@@ -106,8 +116,8 @@ pub fn apply_rows(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
             }
         }
         match by_stream.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, run)) => run.push(row),
-            None => by_stream.push((name, vec![row])),
+            Some((_, run)) => run.push((index, row)),
+            None => by_stream.push((name, vec![(index, row)])),
         }
     }
     for (row, rejection) in unrouted {
@@ -157,8 +167,16 @@ pub fn apply_rows(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
                 write_failed(run.len(), &message, "42501")
             }
             Some(s) => {
-                let events: Vec<Result<_, Rejection>> =
-                    run.iter().map(|r| apply::parse_payload(&s.spec, r.payload.as_deref())).collect();
+                let ahead = parsed.filter(|(_, streams)| {
+                    run_name.and_then(|n| streams.get(n)).is_some_and(|parsed_by| Rc::ptr_eq(parsed_by, s))
+                });
+                let events: Vec<Result<_, Rejection>> = run
+                    .iter()
+                    .map(|&(i, r)| match ahead.and_then(|(events, _)| events.borrow_mut()[i].take()) {
+                        Some(event) => event,
+                        None => apply::parse_payload(&s.spec, r.payload.as_deref()),
+                    })
+                    .collect();
                 // The worker's session runs many owners' replica triggers: what one sets
                 // must not reach the next stream's statements (nor pg_ecst's own).
                 let _isolated = (policy == ErrorPolicy::Worker).then(crate::pg::gucs::Override::isolated);
@@ -174,7 +192,7 @@ pub fn apply_rows(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
                 })
                 .collect(),
         };
-        let events = run.iter().map(|row| (row.payload.as_deref(), Some(row.received_at)));
+        let events = run.iter().map(|(_, row)| (row.payload.as_deref(), Some(row.received_at)));
         record::record_all(client, stream.as_deref(), run_name.as_deref(), events, &results, EventLog::Append);
         // A stream that no longer builds still has its id: its dead letters count in ecst.stats.
         if let (None, Some(_), Some(name)) = (&stream, &broken, run_name.as_deref()) {
