@@ -99,7 +99,10 @@ pub fn add_row(stream: Option<&str>, payload: Option<&str>) {
 /// next chunk's events are parsed on a helper thread while the backend applies the current one.
 pub fn end_statement() {
     let Some(buffer) = STACK.with(|s| s.borrow_mut().pop()) else { return };
-    let chunk_bytes = (gucs::FEED_BUFFER_KB.get().max(64) as usize) * 1024 / 4;
+    // Chunks of payload the engine takes at once: a quarter of the setting, at most 4 MB (the
+    // engine's memory grows with a chunk, about tenfold; larger chunks save nothing once every
+    // entity arrives whole).
+    let chunk_bytes = ((gucs::FEED_BUFFER_KB.get().max(64) as usize) * 1024 / 4).min(4 << 20);
     let now = now();
     let streams: HashMap<String, Rc<Stream>> = buffer
         .targets
@@ -278,7 +281,10 @@ impl Sort {
     fn put(&mut self, group: Option<&str>, seq: i64, stream: Option<&str>, payload: Option<&str>) {
         let text = |s: Option<&str>| match s {
             // SAFETY: a text datum in the current (per-row) memory; the sort copies the row.
-            Some(s) => (unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(s.as_ptr() as _, s.len() as i32)) }, false),
+            Some(s) => (
+                unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(s.as_ptr() as _, s.len() as i32)) },
+                false,
+            ),
             None => (pg_sys::Datum::from(0), true),
         };
         let values = [text(group), (pg_sys::Datum::from(seq), false), text(stream), text(payload)];
