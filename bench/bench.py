@@ -40,7 +40,6 @@ SETTINGS = [
     "maintenance_work_mem = '512MB'",
     "ecst.database = 'bench'",
     "ecst.workers = 1",
-    "ecst.batch_size = 5000",
     "ecst.naptime = 1000",
 ]
 

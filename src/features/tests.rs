@@ -108,25 +108,25 @@ mod tests {
 
     #[pg_test]
     fn process_inbox_applies_a_row_that_appears_with_an_older_seq_before_newer_ones() {
-        // ecst.batch_size is 1000 here: 10,000 rows are ten claims in one transaction. The stream
+        // ecst.batch_size is 5000 here: 10,000 rows are two claims in one transaction. The stream
         // is unversioned: inbox order decides.
         run("CREATE TABLE pi (id text PRIMARY KEY, v text)");
         run(r#"SELECT ecst.create_stream('pi', 'pi', 'entity_snapshot', '{"id": "id"}')"#);
         run(r#"INSERT INTO ecst.inbox (stream, payload)
                SELECT 'pi', format('{"id": "e%s", "newState": {"v": "in order"}}', i) FROM generate_series(1, 10000) i"#);
-        // While the second claim is applied, a row for e5000 appears with an older seq than any
-        // (as another session's cached sequence values would): it comes before the e5000 row of
-        // the fifth claim, which must win.
+        // While the first claim is applied, a row for e9000 appears with an older seq than any
+        // (as another session's cached sequence values would): it comes before the e9000 row of
+        // the second claim, which must win.
         run(r#"CREATE FUNCTION pi_late() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
                  IF NEW.id = 'e2000' THEN
-                   INSERT INTO ecst.inbox (stream, payload, seq) VALUES ('pi', '{"id": "e5000", "newState": {"v": "late"}}', 0);
+                   INSERT INTO ecst.inbox (stream, payload, seq) VALUES ('pi', '{"id": "e9000", "newState": {"v": "late"}}', 0);
                  END IF;
                  RETURN NULL;
                END $$"#);
         run("CREATE TRIGGER pi_late AFTER INSERT ON pi FOR EACH ROW EXECUTE FUNCTION pi_late()");
         assert_eq!(one::<i64>("SELECT ecst.process_inbox()"), Some(10_001));
         assert_eq!(count("SELECT * FROM ecst.inbox"), 0);
-        assert_eq!(text("SELECT v FROM pi WHERE id = 'e5000'"), "in order", "the late row was applied first");
+        assert_eq!(text("SELECT v FROM pi WHERE id = 'e9000'"), "in order", "the late row was applied first");
         assert_eq!(text("SELECT applied::text FROM ecst.stats WHERE stream = 'pi'"), "10001");
     }
 

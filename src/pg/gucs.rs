@@ -10,7 +10,7 @@ pub const MAX_WORKERS: usize = 32;
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"*"));
 pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
-pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static FEED_BUFFER_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
@@ -53,8 +53,8 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"ecst.feed_buffer",
-        c"Payload bytes a statement feeding ecst.feed buffers before it applies them.",
-        c"Memory for ecst.feed is bounded by this (and what applying one chunk takes); larger chunks collapse more events per entity.",
+        c"Memory for sorting the rows of a statement writing into ecst.feed.",
+        c"Beyond it the sort spills to temporary files; applying the sorted rows takes about 40 MB more.",
         &FEED_BUFFER_KB,
         64,
         1024 * 1024,

@@ -76,6 +76,8 @@ plan_sql=$(q "SELECT string_agg(sql, '') FROM ecst.asyncapi_plan('$(sed "s/'/''/
 psql_it -d up -c "$plan_sql" >/dev/null
 check "an AsyncAPI plan (0.4.0) creates a stream whose schema checks events" "dead_lettered schema_violation" \
     "$(q "SELECT ecst.apply('fine_grained_snapshots', '{\"addressId\": \"1\", \"newState\": {\"addressTS\": 1}}')") $(q "SELECT error_code FROM ecst.dead_letters ORDER BY id DESC LIMIT 1")"
+q "INSERT INTO ecst.feed (stream, payload) VALUES ('address_changes', '{\"addressId\": \"12366\", \"v\": 9, \"newState\": {\"addressLine2\": \"fed\"}}')" >/dev/null
+check "ecst.feed (0.4.0) applies within the statement" "fed" "$(q "SELECT address_line2 FROM address_line")"
 feed_worker() {
     q "INSERT INTO ecst.inbox (stream, payload) VALUES ('customer', '{\"customerId\": \"c2\", \"v\": 1, \"newState\": {\"addresses\": []}}')" >/dev/null
 }

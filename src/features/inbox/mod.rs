@@ -82,6 +82,9 @@ pub fn apply_rows(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
 /// applying it is that very stream (the definition did not change meanwhile).
 pub type Parsed<'a> = (&'a RefCell<Vec<Option<Result<Event, Rejection>>>>, &'a HashMap<String, Rc<Stream>>);
 
+/// The rows of one stream in a batch, each with its index in the batch.
+type Run<'r> = Vec<(usize, &'r Row)>;
+
 /// [`apply_rows`], with the rows' parses where `parsed` has them.
 pub fn apply_parsed_rows(client: &mut SpiClient, rows: &[Row], parsed: Option<Parsed>, policy: ErrorPolicy) {
     let mut streams: HashMap<String, Lookup> = HashMap::new();
@@ -103,7 +106,7 @@ pub fn apply_parsed_rows(client: &mut SpiClient, rows: &[Row], parsed: Option<Pa
     // The rows of each stream are applied together (set-based), in inbox order. One run per
     // stream per batch: several runs of one stream would lock its entities out of key order.
     // (Two streams writing one replica table are therefore not ordered within a batch.)
-    let mut by_stream: Vec<(Option<&str>, Vec<(usize, &Row)>)> = Vec::new();
+    let mut by_stream: Vec<(Option<&str>, Run)> = Vec::new();
     for (index, row) in rows.iter().enumerate() {
         let mut name = row.stream.as_deref();
         if let Some(route) = name.and_then(|n| route_of.get(n)) {
