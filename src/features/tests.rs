@@ -356,7 +356,7 @@ mod tests {
         Spi::connect_mut(|client| {
             client
                 .update(
-                    "INSERT INTO ecst.feed (stream, payload) SELECT s, p FROM unnest($1::text[], $2::text[]) AS u(s, p)",
+                    "INSERT INTO ecst.feed (stream, payload) SELECT NULLIF(s, ''), p FROM unnest($1::text[], $2::text[]) AS u(s, p)",
                     None,
                     &[streams.into(), payloads.into()],
                 )
@@ -377,6 +377,7 @@ mod tests {
             ("address", Some(&older)),
             ("address", None),
             ("nowhere", Some("{}")),
+            ("", Some("{}")),
             (
                 "address_d",
                 Some(r#"{"addressId": "d1", "ts": 1, "newState": {"addressPurpose": "home", "addressLine1": "1 A"}}"#),
@@ -389,13 +390,13 @@ mod tests {
                 ),
             ),
         ]);
-        assert_eq!(n, 8, "the command counts every row fed");
+        assert_eq!(n, 9, "the command counts every row fed");
         assert_eq!(row("address", "12366"), "12366|billing|48 Baker Street|London, UK, E1 7AE|1572134205");
         assert_eq!(row("address_d", "d1"), "d1|home|2 A|-|-");
         assert_eq!(text("SELECT name || ':' || (SELECT line1 FROM customer_address) FROM customer"), "Ada:X St");
         assert_eq!(
-            text("SELECT string_agg(stream || ':' || error_code, ',' ORDER BY stream, error_code) FROM ecst.dead_letters"),
-            "address:invalid_json,address:invalid_json,nowhere:unknown_stream"
+            text("SELECT string_agg(coalesce(stream, '(null)') || ':' || error_code, ',' ORDER BY stream NULLS FIRST, error_code) FROM ecst.dead_letters"),
+            "(null):unknown_stream,address:invalid_json,address:invalid_json,nowhere:unknown_stream"
         );
         assert_eq!(
             text("SELECT payload FROM ecst.dead_letters WHERE payload IS NOT NULL AND stream = 'address'"),
