@@ -621,13 +621,7 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         event_id: parse_path(&def.event_id, "event_id")?,
         on_conflict,
         children,
-        schema: match &def.schema {
-            None => None,
-            Some(schema) => Some(
-                Schema::compile(schema)
-                    .map_err(|e| (Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("schema: {}", e.message), e.hint))?,
-            ),
-        },
+        schema: def.schema.as_ref().map(compile_schema).transpose()?,
     };
     // Integer and unconstrained numeric columns hold any version exactly (a typmod would round).
     let row_version = spec.version_column().filter(|&i| {
@@ -907,16 +901,25 @@ fn parse_children(value: Value) -> Vec<ChildDefinition> {
         .collect()
 }
 
-/// Drops a stream's definition, version state, event ids and counters. Never drops the
-/// replica tables; dead letters stay for inspection. Returns false if there was none.
-/// Replaces the JSON Schema a stream checks payloads against (`None`: no check). The stream's
-/// version state, event ids and counters stay; events already applied are not checked again.
-pub fn set_schema(name: &str, schema: Option<Value>) {
-    let target = Spi::connect_mut(|client| {
+/// The replica table of stream `name`, if there is such a stream.
+fn stream_target(name: &str) -> Option<pg_sys::Oid> {
+    Spi::connect_mut(|client| {
         spi::internal::run_once(client, "SELECT target::oid FROM ecst.streams WHERE name = $1", &[name.into()])
             .next()
             .and_then(|row| row.get::<pg_sys::Oid>(1).expect("an oid"))
-    });
+    })
+}
+
+/// A stream's `schema`, compiled, or why it does not compile (22023).
+fn compile_schema(schema: &Value) -> Result<Schema, Invalid> {
+    Schema::compile(schema)
+        .map_err(|e| (Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("schema: {}", e.message), e.hint))
+}
+
+/// Replaces the JSON Schema a stream checks payloads against (`None`: no check). The stream's
+/// version state, event ids and counters stay; events already applied are not checked again.
+pub fn set_schema(name: &str, schema: Option<Value>) {
+    let target = stream_target(name);
     let Some(target) = target else {
         raise(
             Code::ERRCODE_UNDEFINED_OBJECT,
@@ -932,8 +935,8 @@ pub fn set_schema(name: &str, schema: Option<Value>) {
             Some("Run ALTER EXTENSION pg_ecst UPDATE first."),
         )
     }
-    if let Some(Err(e)) = schema.as_ref().map(Schema::compile) {
-        raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("schema: {}", e.message), e.hint.as_deref());
+    if let Some(Err((code, message, hint))) = schema.as_ref().map(compile_schema) {
+        raise(code, message, hint.as_deref());
     }
     Spi::connect_mut(|client| {
         spi::internal::run_once(
@@ -945,12 +948,10 @@ pub fn set_schema(name: &str, schema: Option<Value>) {
     invalidate_everywhere();
 }
 
+/// Drops a stream's definition, version state, event ids and counters. Never drops the
+/// replica tables; dead letters stay for inspection. Returns false if there was none.
 pub fn drop_stream(name: &str) -> bool {
-    let target = Spi::connect_mut(|client| {
-        spi::internal::run_once(client, "SELECT target::oid FROM ecst.streams WHERE name = $1", &[name.into()])
-            .next()
-            .and_then(|row| row.get::<pg_sys::Oid>(1).expect("an oid"))
-    });
+    let target = stream_target(name);
     let Some(target) = target else { return false };
     owner::require_owner(name, target, "drop");
     let dropped = Spi::connect_mut(|client| {

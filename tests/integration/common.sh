@@ -93,3 +93,11 @@ failed_workers() {
     terminated=$(grep -c 'terminating background worker "pg_ecst worker" due to administrator command' "$IT_DIR/server.log" || true)
     echo $((exited - terminated))
 }
+
+# compare TABLE CSV COLUMNS: how many rows differ, both ways, between TABLE's COLUMNS (three, the
+# first the id) and the expected CSV, loaded into table `expected (id, x, y)` of database $DB.
+compare() {
+    psql_it -d "$DB" -c "TRUNCATE expected" >/dev/null
+    psql_it -d "$DB" -c "\\copy expected FROM '$2' WITH (FORMAT csv)" >/dev/null
+    psql_it -d "$DB" -c "SELECT count(*) FROM ((SELECT $3 FROM $1 EXCEPT SELECT id, coalesce(x, ''), coalesce(y, '') FROM expected) UNION ALL (SELECT id, coalesce(x, ''), coalesce(y, '') FROM expected EXCEPT SELECT $3 FROM $1)) d"
+}

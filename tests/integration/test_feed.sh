@@ -34,11 +34,6 @@ CREATE TABLE conv (id text PRIMARY KEY, line1 text);
 SELECT ecst.create_stream('conv', 'conv', 'entity_snapshot', '{"id": "id"}', version => 'ts');
 CREATE TABLE expected (id text PRIMARY KEY, x text, y text);
 SQL
-compare() {
-    q "TRUNCATE expected" >/dev/null
-    psql_it -d $DB -c "\\copy expected FROM '$2' WITH (FORMAT csv)" >/dev/null
-    q "SELECT count(*) FROM ((SELECT $3 FROM $1 EXCEPT SELECT id, coalesce(x, ''), coalesce(y, '') FROM expected) UNION ALL (SELECT id, coalesce(x, ''), coalesce(y, '') FROM expected EXCEPT SELECT $3 FROM $1)) d"
-}
 
 echo "-- COPY (text format) with malformed lines"
 gen --shape snapshot --stream snap --entities 2000 --events 20000 --bad 25 --seed 7 \

@@ -32,12 +32,6 @@ wait_for $DB "one worker runs" "SELECT count(*) FROM ecst.workers WHERE backend_
 check "worker is named pg_ecst in pg_stat_activity" "pg_ecst worker 0" \
     "$(q "SELECT application_name FROM pg_stat_activity WHERE backend_type = 'pg_ecst worker'")"
 
-# compare TABLE COLUMNS: replica rows equal the expected CSV (loaded into table expected)
-compare() {
-    q "TRUNCATE expected" >/dev/null
-    psql_it -d $DB -c "\\copy expected FROM '$2' WITH (FORMAT csv)" >/dev/null
-    q "SELECT count(*) FROM ((SELECT $3 FROM $1 EXCEPT SELECT id, coalesce(x, ''), coalesce(y, '') FROM expected) UNION ALL (SELECT id, coalesce(x, ''), coalesce(y, '') FROM expected EXCEPT SELECT $3 FROM $1)) d"
-}
 
 echo "-- COPY (text format) with malformed lines"
 gen --shape snapshot --stream snap --entities 2000 --events 20000 --bad 25 --seed 7 \
