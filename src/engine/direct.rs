@@ -134,21 +134,57 @@ pub fn insert_lost_race() -> bool {
     imp::insert_lost_race()
 }
 
-/// Deletes and returns up to `limit` of the oldest rows of `ecst.inbox` with a `seq` above what
-/// `after` answers — asked once the claim's snapshot is taken, with its mark
-/// (`InboxRows::snapshot_mark`) — in `seq` order, through its index, as `DELETE … RETURNING`
-/// would: a row another session is deleting is waited for and skipped once that commits. Also
-/// whether it looked at every row there was (fewer than `limit`), and the newest `seq` it looked
-/// at. `None` where `InboxRows::open` is.
-pub fn claim_inbox(limit: i64, after: impl FnOnce(Vec<u32>) -> i64) -> Option<(Vec<InboxRow>, bool, Option<i64>)> {
+/// Deletes up to `limit` of the oldest rows of `ecst.inbox` with a `seq` above what `after`
+/// answers — asked once the claim's snapshot is taken, with its mark (`InboxRows::snapshot_mark`)
+/// — and hands each to `each`, in `seq` order, through its index, as `DELETE … RETURNING` would: a
+/// row another session is deleting is waited for and skipped once that commits. Returns whether
+/// it looked at every row there was (fewer than `limit`), and the newest `seq` it looked at. Rows
+/// are looked at in pieces of at most `CLAIM_PIECE` under the one snapshot, so a large claim holds
+/// no more than a piece in memory. `None` where `InboxRows::open` is.
+pub fn claim_inbox(
+    limit: i64,
+    after: impl FnOnce(Vec<u32>) -> i64,
+    mut each: impl FnMut(InboxRow),
+) -> Option<(bool, Option<i64>)> {
     let mut inbox = InboxRows::open()?;
-    let after = after(inbox.snapshot_mark());
-    let seen = inbox.look(after, limit, |_| true);
-    let (all, newest) = ((seen.len() as i64) < limit, seen.last().map(|s| s.seq));
-    let rows = seen.into_iter().filter_map(|seen| inbox.take(seen)).collect();
+    let mut after = after(inbox.snapshot_mark());
+    let (mut looked, mut newest) = (0i64, None);
+    // The rows taken that share the last piece's newest `seq` (a `seq` given explicitly may
+    // repeat): the next piece starts at that `seq` again and skips them.
+    let mut at_boundary: Vec<(u16, u16, u16)> = Vec::new();
+    let tid = |seen: &Seen| (seen.at.ip_blkid.bi_hi, seen.at.ip_blkid.bi_lo, seen.at.ip_posid);
+    loop {
+        let piece = (limit - looked).min(CLAIM_PIECE);
+        if piece <= 0 {
+            break;
+        }
+        let seen: Vec<Seen> = inbox
+            .look(after, piece + at_boundary.len() as i64, |_| true)
+            .into_iter()
+            .filter(|s| !at_boundary.contains(&tid(s)))
+            .collect();
+        let short = (seen.len() as i64) < piece;
+        let Some(last) = seen.last().map(|s| s.seq) else { break };
+        newest = Some(last);
+        looked += seen.len() as i64;
+        at_boundary = seen.iter().filter(|s| s.seq == last).map(tid).collect();
+        after = last.saturating_sub(1);
+        for s in seen {
+            if let Some(row) = inbox.take(s) {
+                each(row);
+            }
+        }
+        if short {
+            inbox.close();
+            return Some((true, newest));
+        }
+    }
     inbox.close();
-    Some((rows, all, newest))
+    Some((looked < limit, newest))
 }
+
+/// Rows a claim looks at, at most, at a time (`claim_inbox`).
+pub const CLAIM_PIECE: i64 = 10_000;
 
 /// The oldest rows of `ecst.inbox`, looked at in `seq` order through its index under one snapshot
 /// (`look`), then deleted one by one as the caller decides (`take`), as a `SELECT` and a

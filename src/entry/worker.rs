@@ -648,6 +648,8 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
     // Where claims start (`inbox::Cursor`; only while this is the only worker). A transaction that
     // fails ends the worker, and with it the cursor.
     let mut cursor = inbox::Cursor::new(Some(Duration::from_secs(10)));
+    // Whether the last claim came back full: the next is a backlog batch (`inbox::next_claim`).
+    let mut full = false;
     loop {
         // Between batches too, not only when idle: a worker with a backlog never waits on its
         // latch, and would hold up a shutdown (or the launcher) until the inbox was empty. A
@@ -665,7 +667,7 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
             }
         }
         let of = gucs::WORKERS.get().max(1);
-        let batch = gucs::BATCH_SIZE.get().max(1) as i64;
+        let (batch, backlog) = inbox::next_claim(gucs::BATCH_SIZE.get().max(1) as i64, full);
         let claiming = std::panic::AssertUnwindSafe(&mut cursor);
         let processed = BackgroundWorker::transaction(move || {
             report_activity(c"draining the inbox");
@@ -678,7 +680,14 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
             // whole batch that every retry would repeat.
             Spi::run("SET CONSTRAINTS ALL IMMEDIATE").expect("SET CONSTRAINTS");
             let cursor = claiming; // the whole wrapper, not its field (closures capture fields)
-            Some(inbox::drain_batch(batch, Some((index as i32, of)), ErrorPolicy::Worker, cursor.0, attempting))
+            Some(inbox::drain_batch(
+                batch,
+                backlog,
+                Some((index as i32, of)),
+                ErrorPolicy::Worker,
+                cursor.0,
+                attempting,
+            ))
         });
         // Report table statistics, or autovacuum never sees the inbox deletes and state updates.
         unsafe { pg_sys::pgstat_report_stat(false) };
@@ -691,6 +700,7 @@ pub extern "C-unwind" fn pg_ecst_worker_main(arg: pg_sys::Datum) {
             }
             Some(drained) => {
                 attempt_done(index);
+                full = !drained.all;
                 if !cursor.claimed(&drained) {
                     continue; // more is waiting: no sleep
                 }

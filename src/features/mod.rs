@@ -7,7 +7,9 @@ pub mod dead_letters;
 pub mod feed;
 pub mod inbox;
 pub mod retention;
+pub mod rows;
 pub mod snapshot;
+pub mod sorted;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;

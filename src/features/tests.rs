@@ -131,6 +131,34 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_backlog_batch_applies_each_entity_in_inbox_order() {
+        // 30,000 rows of 100 entities, in one transaction: the first claim takes ecst.batch_size
+        // (5000) rows and comes back full, so the next is a backlog batch of the other 25,000,
+        // sorted by entity. The stream is unversioned: the last row of each entity in inbox order
+        // must win, across the two claims and through the sort.
+        run("CREATE TABLE pb (id text PRIMARY KEY, v integer)");
+        run(r#"SELECT ecst.create_stream('pb', 'pb', 'entity_snapshot', '{"id": "id"}')"#);
+        run(r#"INSERT INTO ecst.inbox (stream, payload)
+               SELECT CASE WHEN i = 17000 THEN 'nobody' ELSE 'pb' END,
+                      CASE WHEN i = 12000 THEN '{"id": ' ELSE format('{"id": "e%s", "newState": {"v": %s}}', (i * 7919) % 100, i) END
+               FROM generate_series(1, 30000) i ORDER BY i"#);
+        assert_eq!(one::<i64>("SELECT ecst.process_inbox()"), Some(30_000));
+        assert_eq!(count("SELECT * FROM ecst.inbox"), 0);
+        assert_eq!(count("SELECT * FROM pb"), 100);
+        let wrong = count(
+            "SELECT * FROM pb JOIN (SELECT format('e%s', (i * 7919) % 100) AS id, max(i) AS v
+                                 FROM generate_series(1, 30000) i WHERE i NOT IN (12000, 17000) GROUP BY 1) last
+                          USING (id) WHERE pb.v <> last.v",
+        );
+        assert_eq!(wrong, 0, "every entity holds its last event in inbox order");
+        assert_eq!(text("SELECT applied::text || '/' || dead_lettered FROM ecst.stats WHERE stream = 'pb'"), "29998/1");
+        assert_eq!(
+            text("SELECT string_agg(coalesce(stream, '') || ':' || error_code, ',' ORDER BY error_code) FROM ecst.dead_letters"),
+            "pb:invalid_json,nobody:unknown_stream"
+        );
+    }
+
+    #[pg_test]
     fn compaction_keeps_what_a_rebuild_needs() {
         // A skipped (conflicting) event is not kept: after compaction it would replay as applied.
         run("CREATE TABLE ck (id text PRIMARY KEY, line1 text, ts bigint)");

@@ -12,6 +12,7 @@ pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CStrin
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BACKLOG_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 pub static FEED_BUFFER_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
 pub fn init() {
@@ -52,8 +53,18 @@ pub fn init() {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"ecst.backlog_batch_size",
+        c"Events a drainer of the inbox claims at once while a backlog lasts (after a claim of ecst.batch_size came back full), sorted by entity and written once per entity.",
+        c"Values up to ecst.batch_size turn backlog batches off. Their sort takes ecst.feed_buffer of memory and spills beyond it.",
+        &BACKLOG_BATCH_SIZE,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"ecst.feed_buffer",
-        c"Memory for sorting the rows of a statement writing into ecst.feed.",
+        c"Memory for sorting the rows of a statement writing into ecst.feed, or of an inbox backlog batch.",
         c"Beyond it the sort spills to temporary files; applying the sorted rows takes about 40 MB more.",
         &FEED_BUFFER_KB,
         64,

@@ -5,17 +5,17 @@
 //! Several workers split the inbox by entity: worker `i` of `n` only claims rows whose entity key
 //! hashes to `i`, so the events of one entity are always applied by one worker, in inbox order.
 
-use crate::engine;
 use crate::engine::apply;
 use crate::engine::direct;
-use crate::engine::outcome::{self, Applied, ErrorPolicy};
-use crate::engine::record::{self, EventLog};
+use crate::engine::outcome::{self, ErrorPolicy};
+use crate::features::rows::{self, Row};
+use crate::features::sorted::Sorter;
+use crate::pg::gucs;
 use crate::pg::spi;
 use crate::stream::catalog::{self, Stream};
 use crate::stream::routes;
 use crate::stream::security;
-use ecst_core::event::{parse_key, Event};
-use ecst_core::reject::{RejectCode, Rejection};
+use ecst_core::event::parse_key;
 use ecst_core::route::Route;
 pub mod commits;
 
@@ -31,8 +31,6 @@ use std::time::{Duration, Instant};
 /// Which part of the inbox a drainer owns: `(index, of)`; `None` owns everything.
 pub type Part = Option<(i32, i32)>;
 
-pub use crate::engine::direct::InboxRow as Row;
-
 /// What one batch drained.
 pub struct Drained {
     /// How many rows were processed.
@@ -44,215 +42,87 @@ pub struct Drained {
     pub newest: Option<i64>,
 }
 
-/// What a claim took, whether it looked at every row there was, and the newest `seq` it looked at.
+/// How many rows a claim took, whether it looked at every row there was, and the newest `seq` it
+/// looked at.
 struct Claimed {
-    rows: Vec<Row>,
+    rows: i64,
     all: bool,
     newest: Option<i64>,
 }
 
-/// Claims up to `limit` rows of `part` (where `cursor` says) and applies them.
+/// Where a claim puts the rows it takes: a batch in memory, applied in inbox order; or a backlog
+/// batch, sorted by entity first (`features::sorted`), its memory bounded by `ecst.feed_buffer`.
+enum Taken {
+    Rows(Vec<Row>),
+    Sorted(Sorter),
+}
+
+impl Taken {
+    fn push(&mut self, row: Row) {
+        match self {
+            Taken::Rows(rows) => rows.push(row),
+            Taken::Sorted(sorter) => {
+                sorter.add(row.seq, row.stream.as_deref(), row.payload.as_deref(), row.received_at)
+            }
+        }
+    }
+}
+
+/// Claims up to `limit` rows of `part` (where `cursor` says) and applies them. A `backlog` batch
+/// (a drainer that found more rows than a batch) is sorted by entity before it is applied, so each
+/// entity is decided and written once however many of its events the batch holds; otherwise the
+/// rows are applied as claimed, in inbox order.
 ///
 /// `last_try(first)`: whether the batch that claimed inbox row `first` first is on its last try
 /// (`outcome::last_try`; the worker keeps count).
 pub fn drain_batch(
     limit: i64,
+    backlog: bool,
     part: Part,
     policy: ErrorPolicy,
     cursor: &mut Cursor,
     last_try: impl FnOnce(Option<i64>) -> bool,
 ) -> Drained {
-    Spi::connect_mut(|client| {
-        let Claimed { mut rows, all, newest } = claim(client, limit, part, cursor);
-        rows.sort_by_key(|r| r.seq);
-        let last_try = policy == ErrorPolicy::Worker && last_try(rows.first().map(|r| r.seq));
-        outcome::last_try(last_try, || apply_rows(client, &rows, policy));
-        Drained { rows: rows.len() as i64, all, newest }
-    })
-}
-
-/// Applies rows (claimed from the inbox, or fed to `ecst.feed`), stream by stream, and records
-/// each outcome.
-pub fn apply_rows(client: &mut SpiClient, rows: &[Row], policy: ErrorPolicy) {
-    apply_parsed_rows(client, rows, None, policy)
-}
-
-/// Rows parsed ahead (elsewhere, e.g. on a helper thread): each row's parse, done with the spec of
-/// the stream in the map under the row's stream name. A row's parse is used only where the stream
-/// applying it is that very stream (the definition did not change meanwhile).
-pub type Parsed<'a> = (&'a RefCell<Vec<Option<Result<Event, Rejection>>>>, &'a HashMap<String, Rc<Stream>>);
-
-/// The rows of one stream in a batch, each with its index in the batch.
-type Run<'r> = Vec<(usize, &'r Row)>;
-
-/// [`apply_rows`], with the rows' parses where `parsed` has them.
-pub fn apply_parsed_rows(client: &mut SpiClient, rows: &[Row], parsed: Option<Parsed>, policy: ErrorPolicy) {
-    let mut streams: HashMap<String, Lookup> = HashMap::new();
-    // A row fed under a route's name goes to the stream the route selects for it; one it selects
-    // none for is a dead letter `unrouted` under the route's name (retried by route). Each name is
-    // looked up once, in name order (looking a stream up locks its tables).
-    let names: std::collections::BTreeSet<&str> = rows.iter().filter_map(|r| r.stream.as_deref()).collect();
-    let mut route_of: HashMap<&str, Route> = HashMap::new();
-    for name in names {
-        let found = lookup(name, policy);
-        if matches!(found, Ok(None)) {
-            if let Some(route) = routes::route(name) {
-                route_of.insert(name, route);
-            }
+    let mut taken = if backlog { Taken::Sorted(Sorter::new(policy)) } else { Taken::Rows(Vec::new()) };
+    let Claimed { rows, all, newest } = Spi::connect_mut(|client| claim(client, limit, part, cursor, &mut taken));
+    match taken {
+        Taken::Rows(mut claimed) => {
+            claimed.sort_by_key(|r| r.seq);
+            let last_try = policy == ErrorPolicy::Worker && last_try(claimed.first().map(|r| r.seq));
+            outcome::last_try(last_try, || Spi::connect_mut(|client| rows::apply_rows(client, &claimed, policy)));
         }
-        streams.insert(name.to_string(), found);
-    }
-    let mut unrouted: Vec<(&Row, Rejection)> = Vec::new();
-    // The rows of each stream are applied together (set-based), in inbox order. One run per
-    // stream per batch: several runs of one stream would lock its entities out of key order.
-    // (Two streams writing one replica table are therefore not ordered within a batch.)
-    let mut by_stream: Vec<(Option<&str>, Run)> = Vec::new();
-    for (index, row) in rows.iter().enumerate() {
-        let mut name = row.stream.as_deref();
-        if let Some(route) = name.and_then(|n| route_of.get(n)) {
-            match route.select(row.payload.as_deref()) {
-                Ok(target) => name = Some(target),
-                Err(rejection) => {
-                    unrouted.push((row, rejection));
-                    continue;
-                }
-            }
-        }
-        match by_stream.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, run)) => run.push((index, row)),
-            None => by_stream.push((name, vec![(index, row)])),
+        Taken::Sorted(sorter) => {
+            let last_try = policy == ErrorPolicy::Worker && last_try(sorter.first_seq());
+            outcome::last_try(last_try, || sorter.apply());
         }
     }
-    for (row, rejection) in unrouted {
-        let event = [(row.payload.as_deref(), Some(row.received_at))];
-        let result = [Applied::rejected(rejection)];
-        record::record_all(client, None, row.stream.as_deref(), event, &result, EventLog::Append);
-    }
-    // Streams in name order: with entities in key order within each run, every session takes
-    // its locks in one global (stream, key) order.
-    by_stream.sort_by(|a, b| a.0.cmp(&b.0));
-    for (run_name, run) in &by_stream {
-        let found =
-            run_name.map(|name| streams.entry(name.to_string()).or_insert_with(|| lookup(name, policy)).clone());
-        let (stream, broken) = match found {
-            None | Some(Ok(None)) => (None, None),
-            Some(Ok(Some(s))) => (Some(s), None),
-            Some(Err(broken)) => (None, Some(broken)),
-        };
-        let results: Vec<Applied> = match &stream {
-            // A stream whose definition no longer fits its tables (a mapped column dropped,
-            // the table dropped): its events wait in the dead letters, the others go on.
-            None if let Some((message, sqlstate)) = &broken => write_failed(run.len(), message, sqlstate),
-            Some(s) if let Some(message) = security::apply_denied(s) => {
-                if policy == ErrorPolicy::Caller {
-                    crate::pg::errors::raise(
-                        pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                        message,
-                        Some(security::apply_hint()),
-                    );
-                }
-                // The worker's role may not write this stream: its events wait in the dead
-                // letters (retry_dead_letters once the role has the privileges).
-                write_failed(run.len(), &message, "42501")
-            }
-            // Writing its tables would run code of roles without the applier's privileges
-            // (with the default worker: a superuser's): its events wait in the dead letters,
-            // for a worker role or the tables' owner to retry.
-            Some(s) if let Some(message) = security::untrusted_code(s) => {
-                if policy == ErrorPolicy::Worker
-                    && REPORTED_UNTRUSTED.with(|r| r.borrow_mut().insert(s.spec.name.clone()))
-                {
-                    pgrx::log!(
-                        "pg_ecst: {message}; its events become dead letters (SQLSTATE 42501). {}",
-                        security::UNTRUSTED_HINT
-                    );
-                }
-                write_failed(run.len(), &message, "42501")
-            }
-            Some(s) => {
-                let ahead = parsed.filter(|(_, streams)| {
-                    run_name.and_then(|n| streams.get(n)).is_some_and(|parsed_by| Rc::ptr_eq(parsed_by, s))
-                });
-                let events: Vec<Result<_, Rejection>> = run
-                    .iter()
-                    .map(|&(i, r)| match ahead.and_then(|(events, _)| events.borrow_mut()[i].take()) {
-                        Some(event) => event,
-                        None => apply::parse_payload(&s.spec, r.payload.as_deref()),
-                    })
-                    .collect();
-                // The worker's session runs many owners' replica triggers: what one sets
-                // must not reach the next stream's statements (nor pg_ecst's own).
-                let _isolated = (policy == ErrorPolicy::Worker).then(crate::pg::gucs::Override::isolated);
-                engine::apply(client, &s.styled(), &events, policy)
-            }
-            None => run
-                .iter()
-                .map(|_| {
-                    Applied::rejected(Rejection::new(
-                        RejectCode::UnknownStream,
-                        format!("stream {:?} does not exist", run_name.as_deref().unwrap_or("")),
-                    ))
-                })
-                .collect(),
-        };
-        let events = run.iter().map(|(_, row)| (row.payload.as_deref(), Some(row.received_at)));
-        record::record_all(client, stream.as_deref(), run_name.as_deref(), events, &results, EventLog::Append);
-        // A stream that no longer builds still has its id: its dead letters count in ecst.stats.
-        if let (None, Some(_), Some(name)) = (&stream, &broken, run_name.as_deref()) {
-            let id = spi::internal::run_once(client, "SELECT id FROM ecst.streams WHERE name = $1", &[name.into()])
-                .first()
-                .get::<i32>(1)
-                .ok()
-                .flatten();
-            if let (Some(id), Some(result)) = (id, results.first()) {
-                crate::engine::counters::count_many(id, result, results.len() as i64);
-            }
-        }
-    }
-}
-
-/// `n` events of a stream that cannot be written now, each a dead letter with this reason.
-fn write_failed(n: usize, message: &str, sqlstate: &str) -> Vec<Applied> {
-    (0..n)
-        .map(|_| Applied::Rejected {
-            rejection: Rejection::new(RejectCode::WriteFailed, message),
-            sqlstate: Some(sqlstate.into()),
-            conflict: false,
-        })
-        .collect()
-}
-
-type Lookup = catalog::Lookup;
-
-/// The stream `name`. For the worker, a definition that no longer builds (its table or a mapped
-/// column was dropped, a temporary table's session ended) is an answer, not an error: raised, it
-/// would fail the worker's batch — every stream's events — over and over.
-fn lookup(name: &str, policy: ErrorPolicy) -> Lookup {
-    if policy == ErrorPolicy::Worker {
-        catalog::try_stream_quietly(name)
-    } else {
-        Ok(catalog::try_stream(name))
-    }
+    Drained { rows, all, newest }
 }
 
 /// Deletes and returns the oldest `limit` rows of `part` (a drainer of the whole inbox: those
 /// after where `cursor` lets it start). Concurrent drainers of the same rows wait for each other;
 /// the second finds them gone. A worker of several claims the rows whose entity it owns
 /// (`owned_rows`) and leaves the others to their workers.
-fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) -> Claimed {
-    // Where the cursor does not say: whether fewer rows than asked came, and the newest.
-    let counted =
-        |rows: Vec<Row>| Claimed { all: (rows.len() as i64) < limit, newest: rows.iter().map(|r| r.seq).max(), rows };
+fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor, taken: &mut Taken) -> Claimed {
+    let (mut rows, mut newest) = (0i64, None::<i64>);
+    let mut each = |row: Row| {
+        rows += 1;
+        newest = Some(newest.map_or(row.seq, |n| n.max(row.seq)));
+        taken.push(row);
+    };
+    // Where the cursor does not say: whether fewer rows than asked came. (The SQL claims, where
+    // the executor's API is not available, take at most a batch: their rows are all in memory.)
+    let sql_limit = limit.min(gucs::BATCH_SIZE.get().max(1) as i64);
     let claimed = match part {
         Some((index, of)) if of > 1 => {
             // From the oldest row: the cursor is for a drainer of the whole inbox.
             cursor.start_over();
-            if let Some(rows) = claim_owned(limit, index, of) {
-                return counted(rows);
+            if claim_owned(limit, index, of, &mut each).is_some() {
+                return Claimed { all: rows < limit, rows, newest };
             }
-            let mine = owned_rows(client, limit, index, of);
+            let mine = owned_rows(client, sql_limit, index, of);
             if mine.is_empty() {
-                return counted(Vec::new());
+                return Claimed { rows: 0, all: true, newest: None };
             }
             spi::internal::run_once(
                 client,
@@ -262,8 +132,9 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) ->
         }
         _ => {
             let ended = cursor.before_snapshot();
-            if let Some((rows, all, newest)) = direct::claim_inbox(limit, |snapshot| cursor.start(ended, snapshot)) {
-                return Claimed { rows, all, newest };
+            if let Some((all, looked)) = direct::claim_inbox(limit, |snapshot| cursor.start(ended, snapshot), &mut each)
+            {
+                return Claimed { rows, all, newest: looked };
             }
             // The statement takes its snapshot after `seq > $2` is decided: from the oldest row.
             cursor.start_over();
@@ -271,20 +142,19 @@ fn claim(client: &mut SpiClient, limit: i64, part: Part, cursor: &mut Cursor) ->
                 client,
                 "DELETE FROM ecst.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM ecst.inbox ORDER BY seq LIMIT $1))
              RETURNING seq, stream, payload, received_at",
-                &[limit.into()],
+                &[sql_limit.into()],
             )
         }
     };
-    counted(
-        claimed
-            .map(|r| Row {
-                seq: r.get(1).unwrap().unwrap(),
-                stream: r.get(2).unwrap(),
-                payload: r.get(3).unwrap(),
-                received_at: r.get(4).unwrap().unwrap(),
-            })
-            .collect(),
-    )
+    for r in claimed {
+        each(Row {
+            seq: r.get(1).unwrap().unwrap(),
+            stream: r.get(2).unwrap(),
+            payload: r.get(3).unwrap(),
+            received_at: r.get(4).unwrap().unwrap(),
+        });
+    }
+    Claimed { all: rows < sql_limit, rows, newest }
 }
 
 thread_local! {
@@ -326,18 +196,21 @@ fn with_owners<R>(of: i32, f: impl FnOnce(&mut Owners) -> R) -> R {
 /// Windows a worker looks through per batch for rows it owns (see `owned_rows`).
 const MAX_WINDOWS: usize = 8;
 
-/// Deletes and returns up to `limit` of the oldest inbox rows that worker `index` of `of` owns, as
-/// `owned_rows` and a `DELETE` by `ctid` would, through the executor's API (`direct::InboxRows`);
-/// `None` where that is not available. Rows seen before need no payload: their owner is known.
-fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
+/// Deletes up to `limit` of the oldest inbox rows that worker `index` of `of` owns and hands each
+/// to `each`, as `owned_rows` and a `DELETE` by `ctid` would, through the executor's API
+/// (`direct::InboxRows`); `None` where that is not available. Rows seen before need no payload:
+/// their owner is known. Windows hold at most `direct::CLAIM_PIECE` of this worker's rows.
+fn claim_owned(limit: i64, index: i32, of: i32, mut each: impl FnMut(Row)) -> Option<()> {
     forget_partition_streams();
     let _style = crate::pg::convert::fixed_style();
     let mut inbox_rows = direct::InboxRows::open()?;
-    let window = limit.saturating_mul(of as i64 * 2);
-    let mine = with_owners(of, |owners| {
-        let mut mine = Vec::new();
+    let piece = limit.min(direct::CLAIM_PIECE);
+    let window = piece.saturating_mul(of as i64 * 2);
+    let turns = MAX_WINDOWS * (limit as usize).div_ceil(piece.max(1) as usize);
+    with_owners(of, |owners| {
+        let mut mine = 0i64;
         let mut after = i64::MIN;
-        for turn in 0..MAX_WINDOWS {
+        for turn in 0..turns {
             let seen = inbox_rows.look(after, window, |seq| owners.by_seq.get(&seq).is_none_or(|&o| o == index));
             if turn == 0 {
                 owners.forget_older_than(seen.first().map(|s| s.seq));
@@ -350,22 +223,22 @@ fn claim_owned(limit: i64, index: i32, of: i32) -> Option<Vec<Row>> {
                     let row = row.expect("rows not seen before are read");
                     owner(row.stream.as_deref(), row.payload.as_deref(), of)
                 });
-                if owner == index && (mine.len() as i64) < limit {
+                if owner == index && mine < limit {
                     let seq = s.seq;
                     if let Some(row) = inbox_rows.take(s) {
-                        mine.push(row);
+                        mine += 1;
+                        each(row);
                     }
                     owners.by_seq.remove(&seq);
                 }
             }
-            if mine.len() as i64 >= limit || !full {
+            if mine >= limit || !full {
                 break;
             }
         }
-        mine
     });
     inbox_rows.close();
-    Some(mine)
+    Some(())
 }
 
 /// The `ctid`s of up to `limit` of the oldest inbox rows that worker `index` of `of` owns. It
@@ -442,9 +315,6 @@ thread_local! {
     /// The streams `partition` looked up for the claim under way (`None`: no such stream, or one
     /// whose definition no longer builds), each once per claim.
     static PARTITION_STREAMS: RefCell<HashMap<String, Feed>> = RefCell::new(HashMap::new());
-    /// Streams the worker refused for their code's owners (`security::untrusted_code`): logged
-    /// once per stream, not per event.
-    static REPORTED_UNTRUSTED: RefCell<std::collections::HashSet<String>> = RefCell::new(Default::default());
 }
 
 /// Forgets `partition`'s streams: called as a claim begins, which then enters the fixed styles
@@ -600,17 +470,32 @@ impl Cursor {
     }
 }
 
+/// The size of a drainer's next claim, and whether it is a backlog batch (`drain_batch`): after a
+/// claim that came back full (`!Drained::all`), `ecst.backlog_batch_size` rows, sorted by entity;
+/// otherwise `batch` rows, in inbox order.
+pub fn next_claim(batch: i64, after_full: bool) -> (i64, bool) {
+    let backlog = gucs::BACKLOG_BATCH_SIZE.get() as i64;
+    if after_full && backlog > batch {
+        (backlog, true)
+    } else {
+        (batch, false)
+    }
+}
+
 /// Drains everything visible (up to `max` rows) in the caller's transaction.
 pub fn process(max: Option<i64>, batch: i64) -> i64 {
     let mut total = 0;
     let mut cursor = Cursor::new(None);
+    let mut full = false;
     loop {
+        let (size, backlog) = next_claim(batch, full);
         let want = match max {
             Some(m) if m - total <= 0 => break,
-            Some(m) => batch.min(m - total),
-            None => batch,
+            Some(m) => size.min(m - total),
+            None => size,
         };
-        let drained = drain_batch(want, None, ErrorPolicy::Caller, &mut cursor, |_| false);
+        let drained = drain_batch(want, backlog, None, ErrorPolicy::Caller, &mut cursor, |_| false);
+        full = !drained.all;
         total += drained.rows;
         if cursor.claimed(&drained) {
             // Drained: and, in READ COMMITTED, once more from the oldest row, for rows that
