@@ -212,3 +212,72 @@ stop_cluster() {
     done
     as_root kill -QUIT "$pid" 2>/dev/null || true
 }
+
+# ---------------------------------------------------------------------------------------------
+# Citus (optional, tests and the Citus demo only; never bundled with pg_ecst). Its source comes
+# from CITUS_SRC, a release tarball (`.ci/run` points it at the copy beside the clone); without it
+# the Citus demo stops and the Citus tests are skipped, each with one line saying so.
+CITUS_MAJOR=${CITUS_MAJOR:-18}
+
+# use_citus PURPOSE: the private PostgreSQL $CITUS_MAJOR installation for PURPOSE with Citus built
+# from $CITUS_SRC into it (once; a later call finds it there) and pg_ecst's build installed; returns
+# 1 without CITUS_SRC.
+use_citus() {
+    local purpose=$1 src=${CITUS_SRC:-} missing=() pkg tmp
+    [ -n "$src" ] || return 1
+    [ -f "$src" ] || die "CITUS_SRC=$src is not a file (a Citus source release, citus-<version>.tar.gz)"
+    use_pg "$CITUS_MAJOR" "$purpose"
+    if [ ! -f "$PG_HOME/lib/citus.so" ]; then
+        for pkg in make gcc libzstd-dev liblz4-dev libcurl4-openssl-dev libkrb5-dev; do
+            dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+        done
+        if [ ${#missing[@]} -gt 0 ]; then
+            log "installing Debian packages for building Citus: ${missing[*]}"
+            as_root apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+        fi
+        log "building Citus from $(basename "$src") into $PG_HOME"
+        tmp=$(mktemp -d /tmp/pg_ecst-citus.XXXXXX)
+        tar -xzf "$src" -C "$tmp" --strip-components=1
+        (cd "$tmp" && ./configure -q PG_CONFIG="$PG_CONFIG" >/dev/null && make -s -j2 >/dev/null 2>&1 \
+            && as_root make -s install >/dev/null 2>&1) || { rm -rf "$tmp"; die "building Citus failed"; }
+        rm -rf "$tmp"
+    fi
+}
+
+# start_citus_cluster DIR PORT [extra postgresql.conf lines...]: a coordinator (DIR/coordinator,
+# PORT) and two workers (DIR/worker1, PORT+1; DIR/worker2, PORT+2) of the current installation,
+# Citus and pg_ecst preloaded, nodes reaching each other through their socket directories. Then
+# `citus_database DIR PORT NAME` makes a database NAME a Citus cluster of the three.
+start_citus_cluster() {
+    local dir=$1 port=$2 node i=0
+    shift 2
+    for node in coordinator worker1 worker2; do
+        start_cluster "$dir/$node" $((port + i)) "shared_preload_libraries = 'citus,pg_ecst'" \
+            "max_connections = 100" "citus.max_client_connections = 40" "$@"
+        i=$((i + 1))
+    done
+}
+
+stop_citus_cluster() {
+    local node
+    for node in coordinator worker1 worker2; do stop_cluster "$1/$node"; done
+}
+
+# citus_database DIR PORT NAME: creates database NAME with Citus and pg_ecst on every node and
+# the workers added to the coordinator's metadata.
+citus_database() {
+    local dir=$1 port=$2 db=$3 node i=0
+    for node in coordinator worker1 worker2; do
+        psql -X -q -h "$dir/$node/sock" -p $((port + i)) -U postgres -d postgres -v ON_ERROR_STOP=1 \
+            -c "CREATE DATABASE $db" >/dev/null
+        psql -X -q -h "$dir/$node/sock" -p $((port + i)) -U postgres -d "$db" -v ON_ERROR_STOP=1 \
+            -c "CREATE EXTENSION citus" -c "CREATE EXTENSION pg_ecst" >/dev/null
+        i=$((i + 1))
+    done
+    psql -X -q -h "$dir/coordinator/sock" -p "$port" -U postgres -d "$db" -v ON_ERROR_STOP=1 >/dev/null <<SQL
+SELECT citus_set_coordinator_host('$dir/coordinator/sock', $port);
+SELECT citus_add_node('$dir/worker1/sock', $((port + 1)));
+SELECT citus_add_node('$dir/worker2/sock', $((port + 2)));
+SQL
+}

@@ -8,6 +8,7 @@ use crate::pg::errors::{self, raise};
 use crate::pg::owner;
 use crate::pg::spi;
 use crate::pg::subxact::{self, SubResult};
+use crate::stream::citus;
 use ecst_core::schema::Schema;
 use ecst_core::spec::{ChildSpec, OnConflict, Path, Shape, StreamSpec, Table};
 use pgrx::pg_sys::panic::CaughtError;
@@ -765,7 +766,14 @@ pub fn create_stream(
             );
         }
     }
-    build(&def).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
+    let stream = build(&def).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
+    // Replicas that Citus distributes: each entity's rows on one node.
+    fn placed<'a>(info: &'a TableInfo, keys: &'a [Column]) -> citus::Placed<'a> {
+        citus::Placed { oid: info.oid, name: &info.qualified, keys: keys.iter().map(|k| k.name.as_str()).collect() }
+    }
+    let children: Vec<_> = stream.children.iter().map(|c| placed(&c.table, &c.parent)).collect();
+    citus::check(&placed(&stream.table, &stream.table.keys), &children)
+        .unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
     store(&def);
     invalidate_everywhere();
 }

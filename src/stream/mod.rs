@@ -5,6 +5,7 @@
 //! Imports: `ecst_core`, [`crate::pg`] and this layer.
 
 pub mod catalog;
+pub mod citus;
 pub mod routes;
 pub mod security;
 

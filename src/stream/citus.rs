@@ -1,0 +1,143 @@
+//! Replicas as Citus distributed tables: what `ecst.create_stream` checks of them. Citus is
+//! optional: without it (no `pg_dist_partition`) every table is local and nothing is checked.
+//!
+//! An entity's rows must live on one node: a hash-distributed replica's key must include its
+//! distribution column (every event of the entity then goes to one shard), and an aggregate's
+//! child tables must be co-located with the aggregate's table and distributed by the child column
+//! that holds the aggregate's distribution column (an aggregate and its children in one shard
+//! group, so that one event's writes stay on one node).
+
+use crate::pg::spi;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode as Code;
+
+/// Why a definition is refused: SQLSTATE, message, hint.
+pub type Invalid = (Code, String, Option<String>);
+
+/// A table of a stream: its OID, its qualified name, and the columns that hold the stream's key
+/// (for a child table: the columns holding the aggregate's key, in the aggregate's key order).
+pub struct Placed<'a> {
+    pub oid: pg_sys::Oid,
+    pub name: &'a str,
+    pub keys: Vec<&'a str>,
+}
+
+/// How Citus distributes a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Distribution {
+    /// Not a Citus table (or no Citus in this database).
+    Local,
+    /// A reference table (a copy on every node) or a single-shard table: no column decides.
+    Whole,
+    /// Hash-distributed by this column, in this co-location group.
+    Hash { column: String, colocation: i32 },
+}
+
+fn distribution(table: pg_sys::Oid) -> Distribution {
+    Spi::connect_mut(|client| {
+        let citus =
+            spi::internal::run_once(client, "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL", &[])
+                .first()
+                .get::<bool>(1)
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+        if !citus {
+            return Distribution::Local;
+        }
+        let row = spi::internal::run_once(
+            client,
+            "SELECT partmethod::text, CASE WHEN partmethod = 'h' THEN column_to_column_name(logicalrelid, partkey) END,
+                    colocationid
+               FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1",
+            &[table.into()],
+        );
+        let Some(row) = row.into_iter().next() else { return Distribution::Local };
+        let method: Option<String> = row.get(1).ok().flatten();
+        match (method.as_deref(), row.get::<String>(2).ok().flatten()) {
+            (Some("h"), Some(column)) => {
+                Distribution::Hash { column, colocation: row.get::<i32>(3).ok().flatten().unwrap_or(0) }
+            }
+            _ => Distribution::Whole,
+        }
+    })
+}
+
+/// Whether the stream's tables are distributed so that each entity's rows live on one node.
+pub fn check(table: &Placed, children: &[Placed]) -> Result<(), Invalid> {
+    let parent = distribution(table.oid);
+    let parent_column = match &parent {
+        Distribution::Hash { column, .. } => {
+            if !table.keys.iter().any(|k| k == column) {
+                return Err((
+                    Code::ERRCODE_INVALID_TABLE_DEFINITION,
+                    format!(
+                        "{} is distributed by column \"{column}\", which is not part of the stream's key ({})",
+                        table.name,
+                        table.keys.join(", "),
+                    ),
+                    Some(format!(
+                        "Distribute the replica by a key column: SELECT undistribute_table('{0}'); SELECT create_distributed_table('{0}', '{1}');",
+                        table.name.replace('\'', "''"),
+                        table.keys[0].replace('\'', "''"),
+                    )),
+                ));
+            }
+            Some(column.clone())
+        }
+        _ => None,
+    };
+    for child in children {
+        let placed = distribution(child.oid);
+        // The child column holding the aggregate's distribution column.
+        let holding = parent_column
+            .as_ref()
+            .and_then(|pc| table.keys.iter().position(|k| k == pc))
+            .and_then(|i| child.keys.get(i))
+            .map(|c| c.to_string());
+        let ok = match (&parent, &placed) {
+            (Distribution::Local, Distribution::Local) => true,
+            (Distribution::Hash { colocation: a, .. }, Distribution::Hash { column, colocation: b }) => {
+                a == b && holding.as_ref() == Some(column)
+            }
+            (Distribution::Whole, Distribution::Whole) => true,
+            _ => false,
+        };
+        if !ok {
+            let hint = match (&parent, &holding) {
+                (Distribution::Hash { .. }, Some(holding)) => format!(
+                    "Distribute it with the aggregate's table: SELECT create_distributed_table('{}', '{}', colocate_with => '{}');",
+                    child.name.replace('\'', "''"),
+                    holding.replace('\'', "''"),
+                    table.name.replace('\'', "''"),
+                ),
+                _ => "An aggregate's table and its child tables must be all local, all reference tables, or \
+                      distributed and co-located by the aggregate's key."
+                    .to_string(),
+            };
+            return Err((
+                Code::ERRCODE_INVALID_TABLE_DEFINITION,
+                format!(
+                    "child table {} is not placed with {}: {} against {}",
+                    child.name,
+                    table.name,
+                    describe(&placed),
+                    describe(&parent),
+                ),
+                Some(hint),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn describe(d: &Distribution) -> String {
+    match d {
+        Distribution::Local => "a local table".into(),
+        Distribution::Whole => "a reference (or single-shard) table".into(),
+        Distribution::Hash { column, colocation } => {
+            format!("distributed by \"{column}\" in co-location group {colocation}")
+        }
+    }
+}
