@@ -654,11 +654,16 @@ fn insert_arrays<'c>(
 ) -> pgrx::spi::SpiTupleTable<'c> {
     let names: Vec<&str> = columns.iter().map(|c| c.quoted.as_str()).collect();
     let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
-    let sql = format!(
+    let insert = format!(
         "INSERT INTO {table} AS t ({}) SELECT * FROM {} ON CONFLICT ({conflict}) DO {action}",
         names.join(", "),
         spi::zipped(&params),
     );
+    // Rows returned come through a CTE, so that the statement SPI runs is a SELECT, which counts
+    // the rows it returns: Citus counts the rows of an INSERT ... SELECT it routed through the
+    // coordinator instead, and SPI refuses the mismatch (XX000 "consistency check on SPI tuple
+    // count failed").
+    let sql = if action.contains(" RETURNING ") { format!("WITH w AS ({insert}) SELECT * FROM w") } else { insert };
     let args: Vec<_> = columns.iter().zip(values).map(|(c, v)| c.ty.array(v)).collect();
     spi::run(client, &sql, &args)
 }
