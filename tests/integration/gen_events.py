@@ -8,6 +8,9 @@ text format needs no escaping) and the expected final replica as CSV.
                     expected = the highest version per entity (absent if it is a delete).
   --shape delta:    unversioned deltas in inbox order per entity (fields a, b);
                     expected = the last value written per field, in file order.
+  --shape aggregate: versioned aggregate snapshots (version ts; children under newState.items,
+                    keyed by itemId, column line1), shuffled, some deletes; expected = the child
+                    rows ("entity:itemId", line1) of the highest version per entity.
 """
 import argparse
 import csv
@@ -15,7 +18,7 @@ import json
 import random
 
 p = argparse.ArgumentParser()
-p.add_argument("--shape", choices=["snapshot", "delta"], required=True)
+p.add_argument("--shape", choices=["snapshot", "delta", "aggregate"], required=True)
 p.add_argument("--stream", required=True)
 p.add_argument("--entities", type=int, default=500)
 p.add_argument("--events", type=int, default=5000)
@@ -48,6 +51,23 @@ if args.shape == "snapshot":
         last = next(x for x in events if x["id"] == e and x["ts"] == top)
         if "newState" in last:
             expected[e] = (last["newState"]["line1"], "")
+    rng.shuffle(events)
+    lines = [json.dumps(ev, separators=(", ", ": ")) for ev in events]
+elif args.shape == "aggregate":
+    events, top = [], {}
+    for i in range(args.events):
+        e = f"e{rng.randrange(args.entities)}"
+        v = i + 1
+        if rng.random() < 0.1:
+            ev = {"id": e, "ts": v, "oldState": {}}
+        else:
+            items = rng.sample(range(8), rng.randrange(0, 5))
+            ev = {"id": e, "ts": v, "newState": {"items": [{"itemId": f"i{k}", "line1": f"{e}/i{k} at {v}"} for k in items]}}
+        events.append(ev)
+        top[e] = ev  # versions grow with i: the last event of an entity is its newest
+    for e, ev in top.items():
+        for item in ev.get("newState", {}).get("items", []):
+            expected[f"{e}:{item['itemId']}"] = (item["line1"], "")
     rng.shuffle(events)
     lines = [json.dumps(ev, separators=(", ", ": ")) for ev in events]
 else:

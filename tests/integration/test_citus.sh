@@ -36,7 +36,7 @@ check "the demo's delta changes line1 only" "12366|billing|48 Baker Street|Londo
 stop_citus_cluster "$DEMO_DIR"
 
 echo "-- a cluster of three nodes"
-start_citus_cluster "$IT_DIR" "$IT_PORT"
+start_citus_cluster "$IT_DIR" "$IT_PORT" "ecst.database = 'cit'" "ecst.workers = 1" "ecst.naptime = 100"
 citus_database "$IT_DIR" "$IT_PORT" cit
 q() { psql -X -q -t -A -h "$IT_DIR/coordinator/sock" -p "$IT_PORT" -U postgres -d cit -v ON_ERROR_STOP=1 -c "$1"; }
 fails() { psql -X -q -t -A -h "$IT_DIR/coordinator/sock" -p "$IT_PORT" -U postgres -d cit \
@@ -119,9 +119,19 @@ python3 tests/integration/gen_events.py --shape snapshot --stream snap --entitie
     --out "$work/snap.tsv" --expected "$work/snap.csv"
 python3 tests/integration/gen_events.py --shape delta --stream delt --entities 300 --events 3000 --seed 4 \
     --out "$work/delt.tsv" --expected "$work/delt.csv"
-# Snapshots twice (the second copy all duplicates or stale); deltas once (their order decides).
+q "CREATE TABLE agg (id text PRIMARY KEY)" >/dev/null
+q "CREATE TABLE agg_item (id text NOT NULL, item_id text NOT NULL, line1 text, PRIMARY KEY (id, item_id))" >/dev/null
+q "SELECT create_distributed_table('agg', 'id')" >/dev/null
+q "SELECT create_distributed_table('agg_item', 'id', colocate_with => 'agg')" >/dev/null
+q "SELECT ecst.create_stream('agg', 'agg', 'aggregate_snapshot', '{\"id\": \"id\"}', version => 'ts',
+       children => '{\"items\": {\"path\": \"items\", \"table\": \"agg_item\", \"key\": {\"itemId\": \"item_id\"}, \"parent_key\": \"id\"}}')" >/dev/null
+python3 tests/integration/gen_events.py --shape aggregate --stream agg --entities 200 --events 2000 --seed 5 \
+    --out "$work/agg.tsv" --expected "$work/agg.csv"
+# Snapshots and aggregates twice (the second copy all duplicates or stale); deltas once (their
+# order decides).
 cat "$work/snap.tsv" "$work/snap.tsv" > "$work/snap2.tsv"
-for f in snap2 delt; do
+cat "$work/agg.tsv" "$work/agg.tsv" > "$work/agg2.tsv"
+for f in snap2 delt agg2; do
     psql -X -q -h "$IT_DIR/coordinator/sock" -p "$IT_PORT" -U postgres -d cit -v ON_ERROR_STOP=1 \
         -c "\\copy ecst.feed (stream, payload) FROM '$work/$f.tsv'" >/dev/null
 done
@@ -134,9 +144,26 @@ differs() {
 check "entity snapshots: the replica equals in-order application" "0" "$(differs snap "$work/snap.csv" "id, coalesce(line1, ''), ''")"
 check "deltas: the replica equals in-order application" "0" \
     "$(differs delt "$work/delt.csv" "id, coalesce(a, ''), coalesce(b, '')")"
-check "every event counted once" "10000:3000" \
+check "aggregates: the child rows equal in-order application" "0" \
+    "$(differs agg_item "$work/agg.csv" "id || ':' || item_id, coalesce(line1, ''), ''")"
+check "every event counted once" "10000:3000:4000" \
     "$(q "SELECT sum(applied + duplicate + stale + skipped) FILTER (WHERE stream = 'snap') || ':' ||
-              sum(applied + duplicate + stale + skipped) FILTER (WHERE stream = 'delt') FROM ecst.stats")"
+              sum(applied + duplicate + stale + skipped) FILTER (WHERE stream = 'delt') || ':' ||
+              sum(applied + duplicate + stale + skipped) FILTER (WHERE stream = 'agg') FROM ecst.stats")"
+
+echo "-- shuffled events through the inbox and the coordinator's worker"
+q "CREATE TABLE snap_w (id text PRIMARY KEY, line1 text)" >/dev/null
+q "SELECT create_distributed_table('snap_w', 'id')" >/dev/null
+q "SELECT ecst.create_stream('snap_w', 'snap_w', 'entity_snapshot', '{\"id\": \"id\"}', version => 'ts')" >/dev/null
+python3 tests/integration/gen_events.py --shape snapshot --stream snap_w --entities 500 --events 8000 --seed 6 \
+    --out "$work/snap_w.tsv" --expected "$work/snap_w.csv"
+psql -X -q -h "$IT_DIR/coordinator/sock" -p "$IT_PORT" -U postgres -d cit -v ON_ERROR_STOP=1 \
+    -c "\\copy ecst.inbox (stream, payload) FROM '$work/snap_w.tsv'" >/dev/null
+deadline=$((SECONDS + 120))
+until [ "$(q "SELECT count(*) FROM ecst.inbox")" = 0 ] || [ $SECONDS -ge $deadline ]; do sleep 0.2; done
+check "the worker drains the inbox" "0" "$(q "SELECT count(*) FROM ecst.inbox")"
+check "the replica equals in-order application" "0" "$(differs snap_w "$work/snap_w.csv" "id, coalesce(line1, ''), ''")"
+check "nothing dead-lettered" "0" "$(q "SELECT count(*) FROM ecst.dead_letters WHERE stream = 'snap_w'")"
 
 if [ "$failures" -gt 0 ]; then
     echo "$failures check(s) failed; the coordinator's log's end:"
