@@ -638,12 +638,13 @@ fn write_children(client: &mut SpiClient, index: usize, child: &ChildInfo, final
         let update: Vec<&str> =
             columns.iter().map(|c| c.quoted.as_str()).filter(|c| !child.conflict.iter().any(|k| k == c)).collect();
         let action = writer::conflict_action(&update, None, "1");
-        insert_arrays(client, &child.table.qualified, &columns, &values, &child.conflict.join(", "), &action);
+        insert_arrays(client, &child.table.qualified, &columns, &values, &child.conflict.join(", "), &action, false);
     }
 }
 
 /// `INSERT INTO table AS t (columns) SELECT * FROM unnest($1, ...) ON CONFLICT (conflict) DO
-/// action`, with `values[i]` the values of `columns[i]`, one row per position.
+/// action`, with `values[i]` the values of `columns[i]`, one row per position. `returns`: the
+/// action ends in `RETURNING` (`writer::conflict_action` with a guard).
 fn insert_arrays<'c>(
     client: &mut SpiClient<'c>,
     table: &str,
@@ -651,6 +652,7 @@ fn insert_arrays<'c>(
     values: &ColumnValues,
     conflict: &str,
     action: &str,
+    returns: bool,
 ) -> pgrx::spi::SpiTupleTable<'c> {
     let names: Vec<&str> = columns.iter().map(|c| c.quoted.as_str()).collect();
     let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
@@ -663,7 +665,7 @@ fn insert_arrays<'c>(
     // the rows it returns: Citus counts the rows of an INSERT ... SELECT it routed through the
     // coordinator instead, and SPI refuses the mismatch (XX000 "consistency check on SPI tuple
     // count failed").
-    let sql = if action.contains(" RETURNING ") { format!("WITH w AS ({insert}) SELECT * FROM w") } else { insert };
+    let sql = if returns { format!("WITH w AS ({insert}) SELECT * FROM w") } else { insert };
     let args: Vec<_> = columns.iter().zip(values).map(|(c, v)| c.ty.array(v)).collect();
     spi::run(client, &sql, &args)
 }
@@ -687,7 +689,7 @@ fn upsert_many(
     let action = writer::conflict_action(&update, guard, &spi::output_text(&format!("t.{}", key_col.quoted)));
     let mut values: ColumnValues = vec![rows.iter().map(|(k, _)| Some(*k)).collect()];
     values.extend((0..columns.len()).map(|i| rows.iter().map(|(_, v)| v[i]).collect()));
-    let written = insert_arrays(client, &table.qualified, &cols, &values, &key_col.quoted, &action);
+    let written = insert_arrays(client, &table.qualified, &cols, &values, &key_col.quoted, &action, guard.is_some());
     guard.map(|_| written.map(|r| r.get::<String>(1).unwrap().unwrap()).collect())
 }
 
