@@ -69,20 +69,27 @@ EOF
     fi
 }
 
-# Debian packages, the postgres OS user, and cargo-pgrx, each only when missing.
-ensure_deps() {
-    require_rust
-    local missing=()
-    # bindgen needs libclang; the PostgreSQL builds link these shared libraries.
-    for pkg in libclang-dev clang sudo python3 python3-pip ca-certificates \
-        libreadline8 libxml2 liblz4-1 libssl3 libgssapi-krb5-2; do
+# ensure_debian_packages WHAT PACKAGE...: installs those of the packages that are missing (WHAT,
+# e.g. " for building Citus", ends the log line).
+ensure_debian_packages() {
+    local what=$1 pkg missing=()
+    shift
+    for pkg in "$@"; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
-        log "installing Debian packages: ${missing[*]}"
+        log "installing Debian packages$what: ${missing[*]}"
         as_root apt-get update -qq
         DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
+}
+
+# Debian packages, the postgres OS user, and cargo-pgrx, each only when missing.
+ensure_deps() {
+    require_rust
+    # bindgen needs libclang; the PostgreSQL builds link these shared libraries.
+    ensure_debian_packages "" libclang-dev clang sudo python3 python3-pip ca-certificates \
+        libreadline8 libxml2 liblz4-1 libssl3 libgssapi-krb5-2
     if ! id postgres >/dev/null 2>&1; then
         log "creating the OS user postgres (PostgreSQL servers refuse to run as root)"
         as_root useradd --system --create-home --home-dir /var/lib/postgresql --shell /bin/bash postgres
@@ -223,19 +230,12 @@ CITUS_MAJOR=${CITUS_MAJOR:-18}
 # from $CITUS_SRC into it (once; a later call finds it there) and pg_ecst's build installed; returns
 # 1 without CITUS_SRC.
 use_citus() {
-    local purpose=$1 src=${CITUS_SRC:-} missing=() pkg tmp
+    local purpose=$1 src=${CITUS_SRC:-} tmp
     [ -n "$src" ] || return 1
     [ -f "$src" ] || die "CITUS_SRC=$src is not a file (a Citus source release, citus-<version>.tar.gz)"
     use_pg "$CITUS_MAJOR" "$purpose"
     if [ ! -f "$PG_HOME/lib/citus.so" ]; then
-        for pkg in make gcc libzstd-dev liblz4-dev libcurl4-openssl-dev libkrb5-dev; do
-            dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-        done
-        if [ ${#missing[@]} -gt 0 ]; then
-            log "installing Debian packages for building Citus: ${missing[*]}"
-            as_root apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
-        fi
+        ensure_debian_packages " for building Citus" make gcc libzstd-dev liblz4-dev libcurl4-openssl-dev libkrb5-dev
         log "building Citus from $(basename "$src") into $PG_HOME"
         tmp=$(mktemp -d /tmp/pg_ecst-citus.XXXXXX)
         tar -xzf "$src" -C "$tmp" --strip-components=1
