@@ -410,3 +410,12 @@ pub fn entity_key(mut canonical: Vec<String>) -> String {
         serde_json::to_string(&canonical).expect("strings serialise")
     }
 }
+
+/// The key columns' canonical texts back from an entity's text ([`entity_key`]'s inverse) for a key
+/// of `columns` columns; `None` if the text is not one that `entity_key` makes.
+pub fn entity_key_parts(key: &str, columns: usize) -> Option<Vec<String>> {
+    if columns == 1 {
+        return Some(vec![key.to_string()]);
+    }
+    serde_json::from_str::<Vec<String>>(key).ok().filter(|parts| parts.len() == columns)
+}

@@ -106,3 +106,13 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// An entity's text gives back the key columns' texts it was made of, whatever they hold
+    /// (quotes, brackets, commas, text that looks like a JSON array).
+    #[test]
+    fn an_entity_key_splits_back_into_its_columns(parts in prop::collection::vec("[\\[\\]\",a-z0-9 \\\\\u{e9}]{0,8}", 1..4)) {
+        let key = ecst_core::spec::entity_key(parts.clone());
+        prop_assert_eq!(ecst_core::spec::entity_key_parts(&key, parts.len()), Some(parts));
+    }
+}

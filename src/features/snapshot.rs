@@ -368,6 +368,30 @@ fn keys_not_null(alias: &str, columns: &[&str]) -> String {
     columns.iter().map(|c| format!("{alias}.{c} IS NOT NULL")).collect::<Vec<_>>().join(" AND ")
 }
 
+/// Deletes the rows of `table` whose `columns` hold one of the entities `keys` (canonical texts).
+/// The keys travel as typed arrays, one per column, and the rows are matched by their columns
+/// (not by a text computed from each row: Citus refuses a `STABLE` function of a column in a
+/// distributed table's `DELETE`, and the comparison can use the key's index).
+fn delete_keyed(client: &mut SpiClient, table: &str, columns: &[Column], keys: &[String]) {
+    let mut values: Vec<Vec<Option<pg_sys::Datum>>> = vec![Vec::with_capacity(keys.len()); columns.len()];
+    for key in keys {
+        let parts = ecst_core::spec::entity_key_parts(key, columns.len()).expect("an entity key read from the replica");
+        for ((column, part), out) in columns.iter().zip(parts).zip(values.iter_mut()) {
+            out.push(Some(column.ty.input(&part).expect("a canonical key reads back")));
+        }
+    }
+    let args: Vec<_> = columns.iter().zip(&values).map(|(c, v)| c.ty.array(v)).collect();
+    let sql = match columns {
+        [one] => format!("DELETE FROM {table} WHERE {} = ANY ($1)", one.quoted),
+        many => {
+            let arrays: Vec<String> = (1..=many.len()).map(|i| format!("${i}")).collect();
+            let names: Vec<&str> = many.iter().map(|c| c.quoted.as_str()).collect();
+            format!("DELETE FROM {table} WHERE ({}) IN (SELECT * FROM {})", names.join(", "), spi::zipped(&arrays))
+        }
+    };
+    client.update(&sql, None, &args).expect("deleting replica rows");
+}
+
 /// Replace mode: deletes the replica entities absent from the snapshot whose version is not newer
 /// than `as_of`, leaving tombstones at `as_of`. Returns how many were deleted.
 fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>, as_of: Option<&Version>) -> i64 {
@@ -442,13 +466,9 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
         return 0;
     }
     for child in &stream.children {
-        let parent: Vec<&str> = child.parent.iter().map(|c| c.quoted.as_str()).collect();
-        let sql =
-            format!("DELETE FROM {} c WHERE {} = ANY ($1::text[])", child.table.qualified, key_expr("c", &parent));
-        client.update(&sql, None, &[gone.clone().into()]).expect("deleting child rows");
+        delete_keyed(client, &child.table.qualified, &child.parent, &gone);
     }
-    let sql = format!("DELETE FROM {} t WHERE {} = ANY ($1::text[])", table.qualified, key_expr("t", &keys));
-    client.update(&sql, None, &[gone.clone().into()]).expect("deleting replica rows");
+    delete_keyed(client, &table.qualified, &table.keys, &gone);
     if let Some(v) = as_of {
         spi::internal::run_once(
             client,
