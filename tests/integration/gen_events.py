@@ -7,10 +7,16 @@ text format needs no escaping) and the expected final replica as CSV.
   --shape snapshot: versioned entity snapshots (column line1, version ts), shuffled, some deletes;
                     expected = the highest version per entity (absent if it is a delete).
   --shape delta:    unversioned deltas in inbox order per entity (fields a, b);
-                    expected = the last value written per field, in file order.
+                    expected = the last value written per field, in file order. With --versioned
+                    each event carries a version ts (growing), and the events are shuffled;
+                    expected = per field, the value of the newest event that wrote it.
   --shape aggregate: versioned aggregate snapshots (version ts; children under newState.items,
                     keyed by itemId, column line1), shuffled, some deletes; expected = the child
                     rows ("entity:itemId", line1) of the highest version per entity.
+
+  --redeliver F:    every event carries a unique event id (eid), and a fraction F of them is
+                    delivered again, unchanged, somewhere after the first delivery (the expected
+                    replica is the same: a stream with event_id => 'eid' drops the copies).
 """
 import argparse
 import csv
@@ -22,6 +28,8 @@ p.add_argument("--shape", choices=["snapshot", "delta", "aggregate"], required=T
 p.add_argument("--stream", required=True)
 p.add_argument("--entities", type=int, default=500)
 p.add_argument("--events", type=int, default=5000)
+p.add_argument("--versioned", action="store_true", help="delta: versions and shuffled order")
+p.add_argument("--redeliver", type=float, default=0.0, help="event ids, and this fraction delivered twice")
 p.add_argument("--bad", type=int, default=0, help="malformed lines mixed in")
 p.add_argument("--seed", type=int, default=1)
 p.add_argument("--out", required=True)
@@ -71,7 +79,7 @@ elif args.shape == "aggregate":
     rng.shuffle(events)
     lines = [json.dumps(ev, separators=(", ", ": ")) for ev in events]
 else:
-    state = {}
+    state, events = {}, []
     for i in range(args.events):
         e = f"e{rng.randrange(args.entities)}"
         fields = {}
@@ -81,9 +89,22 @@ else:
         if not fields:
             fields["a"] = f"a{i}"
         cur = state.setdefault(e, {"a": "", "b": ""})
-        cur.update(fields)
-        lines.append(json.dumps({"id": e, "newState": fields}))
+        cur.update(fields)  # in file order, or (versioned) in version order: the same here
+        events.append({"id": e, "ts": i + 1, "newState": fields} if args.versioned else {"id": e, "newState": fields})
     expected = {e: (s["a"], s["b"]) for e, s in state.items()}
+    if args.versioned:
+        rng.shuffle(events)
+    lines = [json.dumps(ev) for ev in events]
+
+if args.redeliver:
+    events = [json.loads(line) for line in lines]
+    for n, ev in enumerate(events):
+        ev["eid"] = f"ev{n}"
+    out = [[ev] for ev in events]
+    for n in rng.sample(range(len(events)), int(len(events) * args.redeliver)):
+        later = rng.randrange(n, len(events))
+        out[later].append(events[n])
+    lines = [json.dumps(ev, separators=(", ", ": ")) for group in out for ev in group]
 
 bad_payloads = ["this is not json", "{\"id\": \"e1\", \"newState\": ", "[1, 2, 3]", "{\"id\": null, \"newState\": {}}",
                 "42", "{\"newState\": {\"line1\": \"no key\"}}"]

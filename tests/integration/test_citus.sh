@@ -146,6 +146,102 @@ check "every event counted once" "10000:3000:4000" \
               sum(applied + duplicate + stale + skipped) FILTER (WHERE stream = 'delt') || ':' ||
               sum(applied + duplicate + stale + skipped) FILTER (WHERE stream = 'agg') FROM ecst.stats")"
 
+echo "-- every guarantee on distributed replicas: the same events into local tables give the same"
+# Shuffled versioned snapshots with deletes, per-field versioned deltas, aggregates; event ids with
+# redeliveries; malformed lines. Each into a distributed replica (d_*) and a local one (l_*) of
+# the same coordinator, then snapshots out and back in, replace mode, compaction and rebuild.
+stream_pair() {  # stream_pair NAME SHAPE COLUMNS [children]
+    local kind
+    for kind in d l; do
+        q "CREATE TABLE ${kind}_$1 (id text PRIMARY KEY$3)" >/dev/null
+        if [ "$2" = aggregate_snapshot ]; then
+            q "CREATE TABLE ${kind}_$1_item (id text NOT NULL, item_id text NOT NULL, line1 text, PRIMARY KEY (id, item_id))" >/dev/null
+        fi
+        if [ $kind = d ]; then
+            q "SELECT create_distributed_table('d_$1', 'id')" >/dev/null
+            [ "$2" = aggregate_snapshot ] && q "SELECT create_distributed_table('d_$1_item', 'id', colocate_with => 'd_$1')" >/dev/null
+        fi
+        q "SELECT ecst.create_stream('${kind}_$1', '${kind}_$1', '$2', '{\"id\": \"id\"}', version => 'ts', event_id => 'eid',
+               retain_events => true${4:+, children => '{\"items\": {\"path\": \"items\", \"table\": \"${kind}_$1_item\", \"key\": {\"itemId\": \"item_id\"}, \"parent_key\": \"id\"}}'})" >/dev/null
+    done
+}
+# same A B: how many rows of A and B differ.
+same() { q "SELECT count(*) FROM ((TABLE $1 EXCEPT ALL TABLE $2) UNION ALL (TABLE $2 EXCEPT ALL TABLE $1)) d"; }
+same_pair() {  # same_pair NAME: the distributed replica (and its child rows) against the local one
+    local n
+    n=$(same "d_$1" "l_$1")
+    [ "$(q "SELECT to_regclass('d_$1_item') IS NOT NULL")" = t ] && n=$((n + $(same "d_$1_item" "l_$1_item")))
+    echo "$n"
+}
+stream_pair snap entity_snapshot ", line1 text, note text"
+stream_pair fld delta ", a text, b text"
+stream_pair agg aggregate_snapshot "" with_children
+python3 tests/integration/gen_events.py --shape snapshot --stream s --entities 400 --events 4000 --seed 11 \
+    --redeliver 0.1 --bad 3 --out "$work/g_snap.tsv" --expected "$work/g_snap.csv"
+python3 tests/integration/gen_events.py --shape delta --versioned --stream s --entities 300 --events 3000 --seed 12 \
+    --redeliver 0.1 --bad 3 --out "$work/g_fld.tsv" --expected "$work/g_fld.csv"
+python3 tests/integration/gen_events.py --shape aggregate --stream s --entities 200 --events 2000 --seed 13 \
+    --redeliver 0.1 --bad 3 --out "$work/g_agg.tsv" --expected "$work/g_agg.csv"
+for name in snap fld agg; do
+    for kind in d l; do
+        sed "s/^s\t/${kind}_$name\t/" "$work/g_$name.tsv" > "$work/${kind}_$name.tsv"
+        psql_it -d "$DB" -c "\\copy ecst.feed (stream, payload) FROM '$work/${kind}_$name.tsv'" >/dev/null
+    done
+done
+stats() { q "SELECT applied || ':' || duplicate || ':' || stale || ':' || dead_lettered FROM ecst.stats WHERE stream = '$1'"; }
+check "snapshots with deletes and redeliveries: the expected replica" "0" \
+    "$(compare d_snap "$work/g_snap.csv" "id, coalesce(line1, ''), ''")"
+check "per-field versioned deltas, shuffled: the expected replica" "0" \
+    "$(compare d_fld "$work/g_fld.csv" "id, coalesce(a, ''), coalesce(b, '')")"
+check "aggregates: the expected child rows" "0" \
+    "$(compare d_agg_item "$work/g_agg.csv" "id || ':' || item_id, coalesce(line1, ''), ''")"
+for name in snap fld agg; do
+    check "$name: distributed and local replicas equal" "0" "$(same_pair $name)"
+    check "$name: the same outcomes (applied:duplicate:stale:dead-lettered)" "$(stats l_$name)" "$(stats d_$name)"
+done
+check "redeliveries are duplicates by event id" "t" "$(q "SELECT duplicate >= 400 FROM ecst.stats WHERE stream = 'd_snap'")"
+check "the malformed lines are dead letters, and stay so when retried" "3|dead_lettered:3" \
+    "$(q "SELECT count(*) FROM ecst.dead_letters WHERE stream = 'd_snap'")|$(q "SELECT string_agg(outcome || ':' || count, ',') FROM ecst.retry_dead_letters('d_snap')")"
+
+echo "-- snapshots, replace mode, compaction and rebuild on distributed replicas"
+for name in snap fld agg; do
+    check "$name: export_snapshot gives the events of the local replica's export" "0" \
+        "$(q "SELECT count(*) FROM ((SELECT * FROM ecst.export_snapshot('d_$name') EXCEPT ALL SELECT * FROM ecst.export_snapshot('l_$name'))
+                  UNION ALL (SELECT * FROM ecst.export_snapshot('l_$name') EXCEPT ALL SELECT * FROM ecst.export_snapshot('d_$name'))) d")"
+done
+# Exported, then loaded into fresh distributed replicas: the same rows.
+q "CREATE TABLE exp_snap AS SELECT e AS payload FROM ecst.export_snapshot('d_snap') e" >/dev/null
+q "CREATE TABLE exp_agg AS SELECT e AS payload FROM ecst.export_snapshot('d_agg') e" >/dev/null
+q "CREATE TABLE r_snap (id text PRIMARY KEY, line1 text, note text)" >/dev/null
+q "SELECT create_distributed_table('r_snap', 'id')" >/dev/null
+q "SELECT ecst.create_stream('r_snap', 'r_snap', 'entity_snapshot', '{\"id\": \"id\"}', version => 'ts')" >/dev/null
+q "CREATE TABLE r_agg (id text PRIMARY KEY)" >/dev/null
+q "CREATE TABLE r_agg_item (id text NOT NULL, item_id text NOT NULL, line1 text, PRIMARY KEY (id, item_id))" >/dev/null
+q "SELECT create_distributed_table('r_agg', 'id')" >/dev/null
+q "SELECT create_distributed_table('r_agg_item', 'id', colocate_with => 'r_agg')" >/dev/null
+q "SELECT ecst.create_stream('r_agg', 'r_agg', 'aggregate_snapshot', '{\"id\": \"id\"}', version => 'ts',
+       children => '{\"items\": {\"path\": \"items\", \"table\": \"r_agg_item\", \"key\": {\"itemId\": \"item_id\"}, \"parent_key\": \"id\"}}')" >/dev/null
+check "export, then load_snapshot into a fresh distributed replica: the same rows" "0:0" \
+    "$(q "SELECT dead_lettered FROM ecst.load_snapshot('r_snap', 'exp_snap')" >/dev/null; same r_snap d_snap):$(
+       q "SELECT dead_lettered FROM ecst.load_snapshot('r_agg', 'exp_agg')" >/dev/null; same r_agg_item d_agg_item)"
+# Replace mode with half of the export: the other half, not newer than as_of, is deleted.
+q "CREATE TABLE half_snap AS SELECT payload FROM exp_snap WHERE payload->>'id' < 'e2'" >/dev/null
+q "CREATE TABLE half_agg AS SELECT payload FROM exp_agg WHERE payload->>'id' < 'e1'" >/dev/null
+replace() { q "SELECT loaded || ':' || stale || ':' || deleted FROM ecst.load_snapshot('$1', '$2', mode => 'replace', as_of => 100000)"; }
+for name in snap agg; do
+    got=$(replace d_$name half_$name)
+    check "$name: replace mode deletes the same absentees as on a local table" "$(replace l_$name half_$name)" "$got"
+    check "$name: ... leaving the same replica" "0" "$(same_pair $name)"
+done
+check "... and deleting some" "t" "$(q "SELECT count(*) < 400 FROM d_snap")"
+for name in snap fld agg; do
+    for kind in d l; do
+        q "SELECT * FROM ecst.compact_events('${kind}_$name')" >/dev/null
+        q "SELECT * FROM ecst.rebuild('${kind}_$name')" >/dev/null
+    done
+    check "$name: compaction and rebuild give the same replica on both" "0" "$(same_pair $name)"
+done
+
 echo "-- shuffled events through the inbox and the coordinator's worker"
 q "CREATE TABLE snap_w (id text PRIMARY KEY, line1 text)" >/dev/null
 q "SELECT create_distributed_table('snap_w', 'id')" >/dev/null
