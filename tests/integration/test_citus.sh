@@ -231,9 +231,9 @@ replace() { q "SELECT loaded || ':' || stale || ':' || deleted FROM ecst.load_sn
 for name in snap agg; do
     got=$(replace d_$name half_$name)
     check "$name: replace mode deletes the same absentees as on a local table" "$(replace l_$name half_$name)" "$got"
+    check "$name: ... some ($got: loaded, stale, deleted)" "t" "$([ "${got##*:}" -gt 0 ] && echo t)"
     check "$name: ... leaving the same replica" "0" "$(same_pair $name)"
 done
-check "... and deleting some" "t" "$(q "SELECT count(*) < 400 FROM d_snap")"
 for name in snap fld agg; do
     for kind in d l; do
         q "SELECT * FROM ecst.compact_events('${kind}_$name')" >/dev/null
