@@ -226,7 +226,7 @@ check "export, then load_snapshot into a fresh distributed replica: the same row
        q "SELECT dead_lettered FROM ecst.load_snapshot('r_agg', 'exp_agg')" >/dev/null; same r_agg_item d_agg_item)"
 # Replace mode with half of the export: the other half, not newer than as_of, is deleted.
 q "CREATE TABLE half_snap AS SELECT payload FROM exp_snap WHERE payload->>'id' < 'e2'" >/dev/null
-q "CREATE TABLE half_agg AS SELECT payload FROM exp_agg WHERE payload->>'id' < 'e1'" >/dev/null
+q "CREATE TABLE half_agg AS SELECT payload FROM exp_agg WHERE payload->>'id' < 'e15'" >/dev/null
 replace() { q "SELECT loaded || ':' || stale || ':' || deleted FROM ecst.load_snapshot('$1', '$2', mode => 'replace', as_of => 100000)"; }
 for name in snap agg; do
     got=$(replace d_$name half_$name)
@@ -252,5 +252,21 @@ psql_it -d "$DB" -c "\\copy ecst.inbox (stream, payload) FROM '$work/snap_w.tsv'
 wait_for "$DB" "the worker drains the inbox" "SELECT count(*) FROM ecst.inbox" 0 120
 check "the replica equals in-order application" "0" "$(compare snap_w "$work/snap_w.csv" "id, coalesce(line1, ''), ''")"
 check "nothing dead-lettered" "0" "$(q "SELECT count(*) FROM ecst.dead_letters WHERE stream = 'snap_w'")"
+
+echo "-- two workers on the coordinator: unversioned deltas, whose order per entity decides"
+q "ALTER SYSTEM SET ecst.workers = 2" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+wait_for "$DB" "two workers run" "SELECT count(*) FROM ecst.workers WHERE backend_type = 'pg_ecst worker'" 2 60
+q "CREATE TABLE delt_w (id text PRIMARY KEY, a text, b text)" >/dev/null
+q "SELECT create_distributed_table('delt_w', 'id')" >/dev/null
+q "SELECT ecst.create_stream('delt_w', 'delt_w', 'delta', '{\"id\": \"id\"}')" >/dev/null
+python3 tests/integration/gen_events.py --shape delta --stream delt_w --entities 300 --events 12000 --seed 8 \
+    --out "$work/delt_w.tsv" --expected "$work/delt_w.csv"
+psql_it -d "$DB" -c "\\copy ecst.inbox (stream, payload) FROM '$work/delt_w.tsv'" >/dev/null
+wait_for "$DB" "the two workers drain the inbox" "SELECT count(*) FROM ecst.inbox" 0 120
+check "the replica equals in-order application" "0" \
+    "$(compare delt_w "$work/delt_w.csv" "id, coalesce(a, ''), coalesce(b, '')")"
+check "every event applied once, none dead-lettered" "12000|0|0" \
+    "$(q "SELECT applied || '|' || duplicate || '|' || dead_lettered FROM ecst.stats WHERE stream = 'delt_w'")"
 
 it_done
