@@ -197,11 +197,14 @@ fn catalog_oids() -> [pg_sys::Oid; 2] {
 /// The stream named `name`, or an ERROR (42704) if there is none.
 pub fn stream(name: &str) -> Rc<Stream> {
     try_stream(name).unwrap_or_else(|| {
-        raise(
-            Code::ERRCODE_UNDEFINED_OBJECT,
-            format!("stream \"{name}\" does not exist"),
-            Some("Create it with ecst.create_stream(...); SELECT name FROM ecst.streams lists the streams."),
-        )
+        let hint = if citus::on_worker_node() {
+            "This is a Citus worker node, and pg_ecst's streams are defined on the coordinator: apply events \
+             there. A trigger on a distributed table runs here, on the shards' nodes: keep the table that \
+             receives events local to the coordinator, or send them to ecst.inbox or ecst.feed."
+        } else {
+            "Create it with ecst.create_stream(...); SELECT name FROM ecst.streams lists the streams."
+        };
+        raise(Code::ERRCODE_UNDEFINED_OBJECT, format!("stream \"{name}\" does not exist"), Some(hint))
     })
 }
 

@@ -64,6 +64,28 @@ fn distribution(table: pg_sys::Oid) -> Distribution {
     })
 }
 
+/// Whether this database is a Citus worker node (Citus is there and this node's group is not the
+/// coordinator's): pg_ecst's streams are defined on the coordinator, so a call that reaches a
+/// worker (a trigger on a distributed table fires on the shards' nodes) finds none.
+pub fn on_worker_node() -> bool {
+    Spi::connect_mut(|client| {
+        let citus =
+            spi::internal::run_once(client, "SELECT to_regclass('pg_catalog.pg_dist_local_group') IS NOT NULL", &[])
+                .first()
+                .get::<bool>(1)
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+        citus
+            && spi::internal::run_once(client, "SELECT groupid <> 0 FROM pg_catalog.pg_dist_local_group", &[])
+                .first()
+                .get::<bool>(1)
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+    })
+}
+
 /// Whether the stream's tables are distributed so that each entity's rows live on one node.
 pub fn check(table: &Placed, children: &[Placed]) -> Result<(), Invalid> {
     let parent = distribution(table.oid);

@@ -92,6 +92,15 @@ check "an aggregate's second snapshot replaces its children" "a2:two, moved" \
     "$(q "SELECT string_agg(address_id || ':' || line1, ',') FROM customer_address WHERE customer_id = 'c1'")"
 check "ecst.stats counts on the coordinator" "address:1:1:1,customer:2:0:0" \
     "$(q "SELECT string_agg(stream || ':' || applied || ':' || duplicate || ':' || stale, ',' ORDER BY stream) FROM ecst.stats")"
+echo "-- a trigger on a distributed table fires on the workers, where no stream is defined"
+q "CREATE TABLE events (id bigserial, k text, payload jsonb, PRIMARY KEY (k, id))" >/dev/null
+q "SELECT create_distributed_table('events', 'k')" >/dev/null
+psql_it -d "$DB" -c "SET citus.enable_unsafe_triggers = on" \
+    -c "CREATE TRIGGER apply AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION ecst.apply_trigger('address')" >/dev/null
+check "an insert there fails (42704), saying where streams are and what to do" \
+    "42704|This is a Citus worker node, and pg_ecst's streams are defined on the coordinator: apply events there. A trigger on a distributed table runs here, on the shards' nodes: keep the table that receives events local to the coordinator, or send them to ecst.inbox or ecst.feed." \
+    "$(fails "INSERT INTO events (k, payload) VALUES ('x', '{\"addressId\": \"x\"}')")"
+
 echo "-- a batch where an existing row keeps its newer version (row mode: the version in the replica row)"
 q "CREATE TABLE item (id text PRIMARY KEY, line1 text, ts bigint)" >/dev/null
 q "SELECT create_distributed_table('item', 'id')" >/dev/null
