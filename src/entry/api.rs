@@ -405,7 +405,7 @@ fn retry_dead_letters(
                 (None, _) => Applied::rejected(unrouted.take().unwrap_or_else(|| {
                     Rejection::new(
                         RejectCode::UnknownStream,
-                        format!("stream {:?} does not exist", name.as_deref().unwrap_or("")),
+                        catalog::unknown_stream_message(name.as_deref().unwrap_or("")),
                     )
                 })),
             };

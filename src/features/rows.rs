@@ -145,7 +145,7 @@ pub fn apply_parsed_rows(client: &mut SpiClient, rows: &[Row], parsed: Option<Pa
                 .map(|_| {
                     Applied::rejected(Rejection::new(
                         RejectCode::UnknownStream,
-                        format!("stream {:?} does not exist", run_name.as_deref().unwrap_or("")),
+                        catalog::unknown_stream_message(run_name.as_deref().unwrap_or("")),
                     ))
                 })
                 .collect(),

@@ -208,6 +208,15 @@ pub fn stream(name: &str) -> Rc<Stream> {
     })
 }
 
+/// What a dead letter says of an event for a stream that does not exist (`unknown_stream`).
+pub fn unknown_stream_message(name: &str) -> String {
+    let mut message = format!("stream {name:?} does not exist");
+    if citus::on_worker_node() {
+        message.push_str(": this is a Citus worker node, and pg_ecst's streams are defined on the coordinator");
+    }
+    message
+}
+
 /// The stream named `name`, if it exists, with its tables locked (`AccessShareLock`, until the
 /// transaction ends) before its cached column types are trusted: an `ALTER TABLE` that changed a
 /// column (it holds `AccessExclusiveLock`) has committed by then and its invalidation has been

@@ -101,6 +101,12 @@ check "an insert there fails (42704), saying where streams are and what to do" \
     "42704|This is a Citus worker node, and pg_ecst's streams are defined on the coordinator: apply events there. A trigger on a distributed table runs here, on the shards' nodes: keep the table that receives events local to the coordinator, or send them to ecst.inbox or ecst.feed." \
     "$(fails "INSERT INTO events (k, payload) VALUES ('x', '{\"addressId\": \"x\"}')")"
 
+w1() { psql -X -q -t -A -h "$CLUSTER/worker1/sock" -p $((IT_PORT + 1)) -U postgres -d "$DB" -v ON_ERROR_STOP=1 -c "$1"; }
+w1 "INSERT INTO ecst.feed (stream, payload) VALUES ('address', '{\"addressId\": \"w\"}')" >/dev/null
+check "events fed to a worker node are dead letters that say where streams are" \
+    "unknown_stream|stream \"address\" does not exist: this is a Citus worker node, and pg_ecst's streams are defined on the coordinator" \
+    "$(w1 "SELECT error_code || '|' || message FROM ecst.dead_letters")"
+
 echo "-- a batch where an existing row keeps its newer version (row mode: the version in the replica row)"
 q "CREATE TABLE item (id text PRIMARY KEY, line1 text, ts bigint)" >/dev/null
 q "SELECT create_distributed_table('item', 'id')" >/dev/null
