@@ -368,7 +368,8 @@ mod imp {
 
     impl Writer {
         pub fn open(table: &TableInfo) -> Option<Writer> {
-            if !may_write() {
+            // A Citus table's rows are in its shards, out of the row API's reach.
+            if !may_write() || table.citus {
                 return None;
             }
             // SAFETY: the relation stays locked (ROW EXCLUSIVE, as any writer's) to the end of the
@@ -385,7 +386,7 @@ mod imp {
         }
 
         pub fn available(table: &TableInfo) -> bool {
-            if !may_write() {
+            if !may_write() || table.citus {
                 return false;
             }
             // SAFETY: opened and closed here; the lock (ROW EXCLUSIVE, as `open` takes) stays to

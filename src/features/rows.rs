@@ -140,15 +140,12 @@ pub fn apply_parsed_rows(client: &mut SpiClient, rows: &[Row], parsed: Option<Pa
                 let _isolated = (policy == ErrorPolicy::Worker).then(crate::pg::gucs::Override::isolated);
                 engine::apply(client, &s.styled(), &events, policy)
             }
-            None => run
-                .iter()
-                .map(|_| {
-                    Applied::rejected(Rejection::new(
-                        RejectCode::UnknownStream,
-                        catalog::unknown_stream_message(run_name.as_deref().unwrap_or("")),
-                    ))
-                })
-                .collect(),
+            None => {
+                let message = catalog::unknown_stream_message(run_name.as_deref().unwrap_or(""));
+                run.iter()
+                    .map(|_| Applied::rejected(Rejection::new(RejectCode::UnknownStream, message.clone())))
+                    .collect()
+            }
         };
         let events = run.iter().map(|(_, row)| (row.payload.as_deref(), Some(row.received_at)));
         record::record_all(client, stream.as_deref(), run_name.as_deref(), events, &results, EventLog::Append);

@@ -163,7 +163,8 @@ struct Copied {
 /// appliers wait for the load to commit, then see its rows and versions) and found empty with no
 /// version state, in a READ COMMITTED transaction. Anything the path cannot do exactly — a delete
 /// in the snapshot, two rows of one entity (a unique violation), a value that does not fit —
-/// rolls it back, and the general path loads the snapshot instead. `None`: the general path.
+/// rolls it back, and the general path loads the snapshot instead. Never into a Citus table, whose
+/// rows only Citus's own `COPY` reaches. `None`: the general path.
 fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
     let spec = &stream.spec;
     let applicable = spec.shape == ecst_core::spec::Shape::EntitySnapshot
@@ -172,7 +173,9 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         && !stream.retain_events
         && stream.children.is_empty()
         && crate::pg::subxact::read_committed()
-        && !copy_in::has_row_security(&stream.table);
+        && !copy_in::has_row_security(&stream.table)
+        // Asked now, not from the cached stream: a table distributed since is no less a shell.
+        && !crate::stream::citus::managed(stream.table.oid);
     if !applicable {
         return None;
     }
@@ -376,9 +379,18 @@ fn delete_keyed(client: &mut SpiClient, table: &str, columns: &[Column], keys: &
     let mut values: Vec<Vec<Option<pg_sys::Datum>>> = vec![Vec::with_capacity(keys.len()); columns.len()];
     for key in keys {
         let parts = ecst_core::spec::entity_key_parts(key, columns.len()).expect("an entity key read from the replica");
-        for ((column, part), out) in columns.iter().zip(parts).zip(values.iter_mut()) {
-            out.push(Some(column.ty.input(&part).expect("a canonical key reads back")));
+        // A key that does not fit these columns' types (a child column of another type than the
+        // aggregate's key) names none of their rows: no event could have written one.
+        let Some(datums) = columns.iter().zip(&parts).map(|(c, p)| c.ty.input(p).ok()).collect::<Option<Vec<_>>>()
+        else {
+            continue;
+        };
+        for (datum, out) in datums.into_iter().zip(values.iter_mut()) {
+            out.push(Some(datum));
         }
+    }
+    if values[0].is_empty() {
+        return;
     }
     let args: Vec<_> = columns.iter().zip(&values).map(|(c, v)| c.ty.array(v)).collect();
     let sql = match columns {

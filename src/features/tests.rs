@@ -271,6 +271,37 @@ mod tests {
         );
     }
 
+    /// Replace mode deletes absent entities by their key columns' values (not by a text of each
+    /// row): a two-column key of an integer and a timestamptz, in a session whose `DateStyle` and
+    /// `TimeZone` print them otherwise, and the children of the deleted aggregates by their
+    /// two parent columns.
+    #[pg_test]
+    fn replace_mode_deletes_absent_entities_by_typed_composite_keys_with_their_children() {
+        run("SET DateStyle = 'SQL, DMY'");
+        run("SET TimeZone = 'America/New_York'");
+        run("CREATE TABLE ck (n int, at timestamptz, v bigint, PRIMARY KEY (n, at))");
+        run("CREATE TABLE ck_item (n int, at timestamptz, item text, x text, PRIMARY KEY (n, at, item))");
+        run(r#"SELECT ecst.create_stream('ck', 'ck', 'aggregate_snapshot', '{"n": "n", "t": "at"}', version => 'v',
+               children => '{"items": {"path": "items", "table": "ck_item", "key": {"item": "item"},
+                             "parent_key": ["n", "at"]}}')"#);
+        for (n, t) in [(1, "2024-05-01T12:00:00Z"), (1, "2024-05-02T12:00:00Z"), (2, "2024-05-01T12:00:00.5Z")] {
+            let event = format!(
+                r#"{{"n": {n}, "t": "{t}", "v": 1, "newState": {{"items": [{{"item": "a", "x": "{n}{t}"}}, {{"item": "b"}}]}}}}"#
+            );
+            assert_eq!(apply("ck", &event), "applied");
+        }
+        run(
+            r#"CREATE TABLE ck_src AS SELECT '{"n": 1, "t": "2024-05-02T14:00:00+02:00", "v": 2, "newState": {"items": []}}'::text AS payload"#,
+        );
+        assert_eq!(
+            text("SELECT loaded || '/' || deleted FROM ecst.load_snapshot('ck', 'ck_src', 'replace', '5')"),
+            "1/2"
+        );
+        run("SET TimeZone = 'UTC'");
+        assert_eq!(text("SELECT string_agg(n || ' ' || at, ',') FROM ck"), "1 02/05/2024 12:00:00 UTC");
+        assert_eq!(count("SELECT * FROM ck_item"), 0);
+    }
+
     #[pg_test]
     fn replace_mode_keeps_the_entity_of_a_snapshot_row_that_failed() {
         run("CREATE TABLE rp (id text PRIMARY KEY, n int, v bigint)");

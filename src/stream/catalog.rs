@@ -38,6 +38,8 @@ pub struct TableInfo {
     pub qualified: String,
     pub keys: Vec<Column>,
     pub columns: Vec<Column>,
+    /// Managed by Citus ([`citus::managed`]): written through SQL only.
+    pub citus: bool,
 }
 
 /// A child table of an aggregate: the parent key columns it holds and the columns of the
@@ -570,7 +572,8 @@ fn table_of(
         explicit.push((field.clone(), column.clone()));
     }
     let table = Table::new(key_columns.to_vec(), writable.iter().map(|c| c.name.clone()).collect(), explicit);
-    Ok((table, TableInfo { oid, qualified: rel.qualified.clone(), keys, columns: writable }))
+    let citus = citus::managed(oid);
+    Ok((table, TableInfo { oid, qualified: rel.qualified.clone(), keys, columns: writable, citus }))
 }
 
 fn build(def: &Definition) -> Result<Stream, Invalid> {

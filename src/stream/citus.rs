@@ -86,6 +86,14 @@ pub fn on_worker_node() -> bool {
     })
 }
 
+/// Whether Citus manages the table (distributed, reference or Citus-local). Its rows then live in
+/// shards that only SQL reaches — Citus routes statements and `COPY` through its hooks — while the
+/// table itself, on the coordinator, is an empty shell: the executor's row API or `CopyFrom`
+/// would write rows there that no query sees.
+pub fn managed(table: pg_sys::Oid) -> bool {
+    distribution(table) != Distribution::Local
+}
+
 /// Whether the stream's tables are distributed so that each entity's rows live on one node.
 pub fn check(table: &Placed, children: &[Placed]) -> Result<(), Invalid> {
     let parent = distribution(table.oid);
