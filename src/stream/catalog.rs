@@ -678,14 +678,28 @@ fn build_child(c: &ChildDefinition, parent_key: &[String]) -> Result<(ChildSpec,
     if key.is_empty() {
         return Err(invalid(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("{what} needs a key"), None));
     }
+    // A column, an array of columns (matched to the parent's key fields sorted by name), or an
+    // object naming, for each of the parent's key columns, the child column that holds it.
     let parent_columns: Vec<String> = match &c.parent_key {
         Value::String(s) => vec![s.clone()],
         Value::Array(a) if a.iter().all(Value::is_string) => {
             a.iter().map(|v| v.as_str().unwrap().to_string()).collect()
         }
+        Value::Object(m) if m.len() == parent_key.len() && m.values().all(Value::is_string) => {
+            parent_key.iter().filter_map(|k| m.get(k).and_then(Value::as_str).map(str::to_string)).collect()
+        }
         _ => Vec::new(),
     };
     if parent_columns.len() != parent_key.len() {
+        let example = if parent_key.len() == 1 {
+            format!(r#"For example: "parent_key": "{}""#, parent_key[0])
+        } else {
+            let pairs: Vec<String> = parent_key.iter().map(|k| format!(r#""{k}": "<child column>""#)).collect();
+            format!(
+                "Name the child column holding each key column of the parent: \"parent_key\": {{{}}}",
+                pairs.join(", ")
+            )
+        };
         return Err(invalid(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
             format!(
@@ -693,7 +707,7 @@ fn build_child(c: &ChildDefinition, parent_key: &[String]) -> Result<(ChildSpec,
                 parent_key.len(),
                 rel.display
             ),
-            Some(r#"For example: "parent_key": "customer_id""#),
+            Some(&example),
         ));
     }
     let parent =

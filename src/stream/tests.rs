@@ -124,6 +124,40 @@ mod tests {
         assert_eq!(state.as_deref(), Some("42501"));
     }
 
+    /// A child's `parent_key` as an object names, for each of the aggregate's key columns, the
+    /// child column holding it, whatever the order of the key's fields (here the array form
+    /// would be `["c", "t"]`: `id` sorts before `tenant`); an object that misses a key column, or
+    /// names a field instead of a column, is refused.
+    #[pg_test]
+    fn parent_key_as_an_object_maps_each_key_column() {
+        run("CREATE TABLE tc (tenant_id text, x_customer text, PRIMARY KEY (tenant_id, x_customer))");
+        run("CREATE TABLE tc_a (t text, c text, address_id text, line1 text, PRIMARY KEY (t, c, address_id))");
+        let children = |parent: &str| {
+            format!(
+                r#"children => '{{"a": {{"path": "addresses", "table": "tc_a", "key": {{"addressId": "address_id"}},
+                     "parent_key": {parent}}}}}'"#
+            )
+        };
+        let stream = |parent: &str| {
+            format!(
+                r#"SELECT ecst.create_stream('tc', 'tc', 'aggregate_snapshot', '{{"tenant": "tenant_id", "id": "x_customer"}}', {})"#,
+                children(parent)
+            )
+        };
+        assert_eq!(sqlstate(&stream(r#"{"tenant_id": "t"}"#)).as_deref(), Some("22023"));
+        assert_eq!(sqlstate(&stream(r#"{"tenant_id": "t", "id": "c"}"#)).as_deref(), Some("22023"));
+        // The object's own order (tenant_id, x_customer) is not the key's (x_customer, tenant_id).
+        run(&stream(r#"{"tenant_id": "t", "x_customer": "c"}"#));
+        assert_eq!(
+            apply(
+                "tc",
+                r#"{"tenant": "acme", "id": "c1", "newState": {"addresses": [{"addressId": "a1", "line1": "x"}]}}"#
+            ),
+            "applied"
+        );
+        assert_eq!(text("SELECT t || '/' || c || '/' || address_id FROM tc_a"), "acme/c1/a1");
+    }
+
     #[pg_test]
     fn drop_stream_keeps_the_replica() {
         address_stream();
