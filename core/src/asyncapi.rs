@@ -850,9 +850,15 @@ fn plan_message(
         def.insert("path".into(), Value::String(child.field.clone()));
         def.insert("table".into(), Value::String(quote(&child_table)));
         def.insert("key".into(), serde_json::json!({ child.key_field.clone(): child_key }));
+        // The child holds the aggregate's key in columns of the same names: by name, since an
+        // array would be matched to the key's fields sorted by name, not in this order.
         def.insert(
             "parent_key".into(),
-            if key_columns.len() == 1 { Value::String(key_columns[0].clone()) } else { serde_json::json!(key_columns) },
+            if key_columns.len() == 1 {
+                Value::String(key_columns[0].clone())
+            } else {
+                Value::Object(key_columns.iter().map(|c| (c.clone(), Value::String(c.clone()))).collect())
+            },
         );
         child_defs.insert(child.field.clone(), Value::Object(def));
     }

@@ -333,3 +333,17 @@ fn names_without_letters_are_handled() {
     let e = plan(&doc_with(json!({"M": message(json!({"properties": {"--": {}}}))})), None).unwrap_err();
     assert!(e.message.contains("no letter or digit"), "{e}");
 }
+
+#[test]
+fn an_aggregate_with_a_key_of_several_fields_names_its_parent_key_columns() {
+    // x-ecst-key not in name order: the plan must not rely on an order create_stream reads otherwise.
+    let items = json!({"type": "array", "items": {"type": "object", "properties": {"itemId": {"type": "string"}}}});
+    let state = json!({"type": "object", "properties": {"items": items}});
+    let mut m = message(state);
+    m["payload"]["properties"]["ownerId"] = json!({"type": "string"});
+    m["x-ecst-key"] = json!(["thingId", "ownerId"]);
+    m["x-ecst-shape"] = json!("aggregate_snapshot");
+    let rows = plan(&doc_with(json!({"M": m})), None).unwrap();
+    let sql = &rows[0].sql;
+    assert!(sql.contains(r#""parent_key":{"owner_id":"owner_id","thing_id":"thing_id"}"#), "{sql}");
+}
