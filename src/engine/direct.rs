@@ -418,6 +418,11 @@ mod imp {
                     }
                     let unlocked = self.0.updates_unlocked();
                     let exists = if unlocked { self.0.newest() } else { self.0.find() };
+                    if exists && set.is_empty() && guard.is_none() {
+                        // `ON CONFLICT DO NOTHING`, as SQL writes it: no new row version.
+                        pg_sys::ExecClearTuple(self.0.found);
+                        return Update::Written { previous: None };
+                    }
                     pg_sys::ExecClearTuple(self.0.new);
                     let (values, nulls) = slot_arrays(self.0.new, self.0.natts);
                     let mut previous = None;
@@ -735,6 +740,11 @@ mod imp {
                 }
                 let oid = own_relation(c"entity_state")?;
                 let rel = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as i32);
+                // `Edata::newest` relies on heap visibility, as for replicas.
+                if (*(*rel).rd_rel).relam != pg_sys::HEAP_TABLE_AM_OID {
+                    pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                    return None;
+                }
                 let pk = compat::primary_key_index(rel);
                 let names = [c"stream_id", c"entity_key", c"live_version", c"tomb_version", c"field_versions"];
                 let at = names.map(|n| pg_sys::get_attnum(oid, n.as_ptr()) as i32 - 1);
@@ -847,14 +857,18 @@ mod imp {
     }
 
     /// Whether a row holding only `keys` and `set` can be inserted without SQL: every other
-    /// column would be NULL, so none of them may have a default (or be an identity column).
-    /// Stored generated columns are computed by the executor.
+    /// column would be NULL, so none of them may have a default (or be an identity column), nor a
+    /// domain type (SQL gives it the domain's default, or checks NULL against the domain's
+    /// constraints; the executor checks only the table's). Stored generated columns are computed
+    /// by the executor.
     unsafe fn insertable(rel: pg_sys::Relation, keys: &[Bound], set: &[Bound]) -> bool {
         let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
         desc.iter().all(|a| {
             a.attisdropped
                 || a.attgenerated != 0
-                || (!a.atthasdef && a.attidentity == 0)
+                || (!a.atthasdef
+                    && a.attidentity == 0
+                    && pg_sys::get_typtype(a.atttypid) != pg_sys::TYPTYPE_DOMAIN as std::ffi::c_char)
                 || keys.iter().chain(set).any(|b| b.column.attnum == a.attnum)
         })
     }
@@ -938,6 +952,15 @@ mod imp {
                     return None;
                 };
                 let rel = pg_sys::table_open(inbox, pg_sys::RowExclusiveLock as i32);
+                // Rows are deleted with heap_delete: a heap table only (the database's default
+                // table access method, when the extension was created, may have been another).
+                if (*(*rel).rd_rel).relam != pg_sys::HEAP_TABLE_AM_OID {
+                    pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                    return None;
+                }
+                // A publication of the inbox's deletes needs a replica identity: refused as the
+                // DELETE would be (55000), not deleted unseen by its subscribers.
+                pg_sys::CheckCmdReplicaIdentity(rel, pg_sys::CmdType::CMD_DELETE);
                 let triggers = (*rel).trigdesc;
                 if !triggers.is_null()
                     && ((*triggers).trig_delete_before_row

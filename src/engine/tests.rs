@@ -10,6 +10,45 @@ mod tests {
     use crate::testing::*;
     use pgrx::prelude::*;
 
+    /// A row the executor's row API inserts gets what SQL would give the columns it leaves out:
+    /// a domain's default, or a NOT NULL domain's refusal (the event is a dead letter); and an
+    /// event that sets nothing leaves an existing row as it is (no new row version).
+    #[pg_test]
+    fn rows_written_without_sql_get_what_sql_gives_left_out_columns() {
+        run("CREATE DOMAIN dflt AS text DEFAULT 'from the domain'");
+        run("CREATE DOMAIN required AS text NOT NULL");
+        run("CREATE TABLE dm (id text PRIMARY KEY, a text, d dflt)");
+        run("CREATE TABLE dn (id text PRIMARY KEY, a text, n required)");
+        for t in ["dm", "dn"] {
+            run(&format!(r#"SELECT ecst.create_stream('{t}', '{t}', 'delta', '{{"id": "id"}}')"#));
+        }
+        // Batches of two entities: the set-based path, which writes through the row API.
+        let batch = |stream: &str, events: [&str; 2]| {
+            text(&format!(
+                "SELECT string_agg(outcome || ':' || count, ',' ORDER BY outcome) FROM ecst.apply_batch('{stream}', ARRAY['{}', '{}']::text[])",
+                events[0], events[1]
+            ))
+        };
+        let (one, two) = (r#"{"id": "1", "newState": {"a": "x"}}"#, r#"{"id": "2", "newState": {"a": "y"}}"#);
+        assert_eq!(batch("dm", [one, two]), "applied:2");
+        assert_eq!(
+            text("SELECT string_agg(id || '=' || d, ',' ORDER BY id) FROM dm"),
+            "1=from the domain,2=from the domain"
+        );
+        assert_eq!(batch("dn", [one, two]), "dead_lettered:2");
+        assert_eq!(
+            text("SELECT string_agg(DISTINCT sqlstate, ',') FROM ecst.dead_letters WHERE stream = 'dn'"),
+            "23502"
+        );
+        assert_eq!(count("SELECT * FROM dn"), 0);
+        let before = text("SELECT ctid::text FROM dm WHERE id = '1'");
+        assert_eq!(
+            batch("dm", [r#"{"id": "1", "newState": {"unmapped": 1}}"#, r#"{"id": "3", "newState": {"a": "z"}}"#]),
+            "applied:2"
+        );
+        assert_eq!(text("SELECT ctid::text FROM dm WHERE id = '1'"), before);
+    }
+
     #[pg_test]
     fn fixture_entity_snapshot_applies_once() {
         address_stream();

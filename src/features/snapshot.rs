@@ -174,6 +174,8 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         && stream.children.is_empty()
         && crate::pg::subxact::read_committed()
         && !copy_in::has_row_security(&stream.table)
+        // COPY does not run rules; the general path's statements refuse them as SQL does.
+        && !crate::pg::syscache::with_pg_class(stream.table.oid, |c| c.relhasrules).unwrap_or(true)
         // Asked now, not from the cached stream: a table distributed since is no less a shell.
         && !crate::stream::citus::managed(stream.table.oid);
     if !applicable {

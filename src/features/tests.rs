@@ -302,6 +302,16 @@ mod tests {
         assert_eq!(count("SELECT * FROM ck_item"), 0);
     }
 
+    /// The inbox has no replica identity: a publication of its deletes makes its claim fail as
+    /// SQL's DELETE does (55000), rather than delete rows its subscribers never hear of.
+    #[pg_test]
+    fn a_published_inbox_is_not_claimed_behind_the_publication() {
+        run(r#"INSERT INTO ecst.inbox (stream, payload) VALUES ('nope', '{"id": 1}')"#);
+        run("CREATE PUBLICATION ecst_test_inbox FOR TABLE ecst.inbox");
+        assert_eq!(sqlstate("SELECT ecst.process_inbox()").as_deref(), Some("55000"));
+        assert_eq!(count("SELECT * FROM ecst.inbox"), 1);
+    }
+
     #[pg_test]
     fn replace_mode_keeps_the_entity_of_a_snapshot_row_that_failed() {
         run("CREATE TABLE rp (id text PRIMARY KEY, n int, v bigint)");

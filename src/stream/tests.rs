@@ -190,6 +190,10 @@ mod tests {
             Some("0A000")
         );
         assert_eq!(count("SELECT * FROM ru"), 0);
+        // Nor does a snapshot loaded into the empty table (COPY would skip the rule).
+        run(r#"CREATE TABLE ru_src AS SELECT '{"id": 1, "newState": {"v": "a", "ts": 1}}'::text AS payload"#);
+        let loaded = sqlstate("SELECT * FROM ecst.load_snapshot('ru', 'ru_src')");
+        assert_eq!(count("SELECT * FROM ru"), 0, "{loaded:?}");
 
         run("CREATE TABLE ro (id int PRIMARY KEY, v text, ts bigint)");
         run(r#"SELECT ecst.create_stream('ro', 'ro', 'entity_snapshot', '{"id": "id"}', version => 'newState.ts')"#);
