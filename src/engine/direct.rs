@@ -10,13 +10,16 @@
 //! (`claim_inbox`), or, with several workers, what the worker owns (`InboxRows`).
 //!
 //! The API does what the statement would, except what it does not know about, so it is only used
-//! where none of that applies: a plain heap table (not partitioned, not a partition) keyed by its
-//! primary key, without triggers (statement triggers would not fire) or row-level security, that
-//! the current user may `SELECT` and `UPDATE`, in a READ COMMITTED transaction (it acts on a row's
-//! newest committed version, where REPEATABLE READ must raise a serialization failure); and it
-//! only inserts rows whose other columns have no default. Anything else goes through SQL as before. Stored generated columns, constraints,
-//! index maintenance and HOT updates are the executor's own. Built for every supported major
-//! (14-18); the calls whose signatures differ between majors are in `imp::compat`.
+//! where none of that applies: a plain heap table (not partitioned, not a partition, not a Citus
+//! table, whose rows are in its shards) keyed by its primary key, without triggers (statement
+//! triggers would not fire), rules or row-level security, that the current user may `SELECT` and
+//! `UPDATE`, in a READ COMMITTED transaction (it acts on a row's newest committed version, where
+//! REPEATABLE READ must raise a serialization failure); it only inserts rows whose other columns
+//! have no default and no domain type, and leaves a row it has nothing to set. Anything else goes
+//! through SQL as before. Stored generated columns (on servers that recompute them here: 14.7,
+//! 15.2 and later), constraints, index maintenance and HOT updates are the executor's own. Built
+//! for every supported major (14-18); the calls whose signatures differ between majors are in
+//! `imp::compat`.
 
 use crate::engine::writer::Bound;
 use crate::stream::catalog::{Column, TableInfo};
@@ -247,6 +250,25 @@ mod imp {
     mod compat {
         use pgrx::pg_sys;
         use std::ptr::null_mut;
+
+        /// Whether the running server recomputes stored generated columns in
+        /// `ExecSimpleRelationUpdate` for a range table entry that names no updated column, as
+        /// here: since 14.7 and 15.2, where the columns to recompute are found at execution
+        /// (before, the rewriter found them, and this path has no rewriter). Asked of the server
+        /// that runs, not of the headers built against: any minor of a major loads this library.
+        pub unsafe fn recomputes_generated_columns() -> bool {
+            let text = pg_sys::GetConfigOption(c"server_version_num".as_ptr(), false, false);
+            let num: i32 = if text.is_null() {
+                0
+            } else {
+                std::ffi::CStr::from_ptr(text).to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+            };
+            match num / 10000 {
+                14 => num >= 140007,
+                15 => num >= 150002,
+                major => major >= 16,
+            }
+        }
 
         pub unsafe fn epq_init(epq: *mut pg_sys::EPQState, estate: *mut pg_sys::EState) {
             #[cfg(any(feature = "pg14", feature = "pg15"))]
@@ -904,6 +926,11 @@ mod imp {
             || form.relam != pg_sys::HEAP_TABLE_AM_OID
             || !(*rel).trigdesc.is_null()
         {
+            return None;
+        }
+        // Stored generated columns are recomputed on update only by servers that do it here.
+        let constr = (*(*rel).rd_att).constr;
+        if !constr.is_null() && (*constr).has_generated_stored && !compat::recomputes_generated_columns() {
             return None;
         }
         // Both (an aclcheck of several modes passes when any one is held): the row API reads the
