@@ -113,10 +113,13 @@ pub fn copy_rows(table: &TableInfo, columns: &[&Column], rows: Rows) -> u64 {
     inserted
 }
 
-/// Whether row-level security is enabled on the table (`COPY FROM` does not apply policies, so
-/// such tables never take this path).
-pub fn has_row_security(table: &TableInfo) -> bool {
-    crate::pg::syscache::with_pg_class(table.oid, |c| c.relrowsecurity).unwrap_or(true)
+/// Whether `copy_rows` writes the table as SQL's `INSERT` would: not where `COPY FROM` skips
+/// something SQL does — row-level security policies, rules — nor into a Citus table, whose rows
+/// live in its shards, which only Citus's own `COPY` reaches (asked now, not of a cached stream:
+/// a table distributed since is no less a shell on the coordinator).
+pub fn writes_as_sql(table: &TableInfo) -> bool {
+    crate::pg::syscache::with_pg_class(table.oid, |c| !c.relrowsecurity && !c.relhasrules).unwrap_or(false)
+        && !crate::stream::citus::managed(table.oid)
 }
 
 #[cfg(test)]

@@ -163,8 +163,8 @@ struct Copied {
 /// appliers wait for the load to commit, then see its rows and versions) and found empty with no
 /// version state, in a READ COMMITTED transaction. Anything the path cannot do exactly — a delete
 /// in the snapshot, two rows of one entity (a unique violation), a value that does not fit —
-/// rolls it back, and the general path loads the snapshot instead. Never into a Citus table, whose
-/// rows only Citus's own `COPY` reaches. `None`: the general path.
+/// rolls it back, and the general path loads the snapshot instead. Never where `COPY` would not
+/// write as SQL does (`copy_in::writes_as_sql`). `None`: the general path.
 fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
     let spec = &stream.spec;
     let applicable = spec.shape == ecst_core::spec::Shape::EntitySnapshot
@@ -173,11 +173,7 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         && !stream.retain_events
         && stream.children.is_empty()
         && crate::pg::subxact::read_committed()
-        && !copy_in::has_row_security(&stream.table)
-        // COPY does not run rules; the general path's statements refuse them as SQL does.
-        && !crate::pg::syscache::with_pg_class(stream.table.oid, |c| c.relhasrules).unwrap_or(true)
-        // Asked now, not from the cached stream: a table distributed since is no less a shell.
-        && !crate::stream::citus::managed(stream.table.oid);
+        && copy_in::writes_as_sql(&stream.table);
     if !applicable {
         return None;
     }

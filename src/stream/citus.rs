@@ -10,6 +10,7 @@
 use crate::pg::spi;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 use pgrx::PgSqlErrorCode as Code;
 
 /// Why a definition is refused: SQLSTATE, message, hint.
@@ -34,16 +35,19 @@ enum Distribution {
     Hash { column: String, colocation: i32 },
 }
 
+/// The boolean a query returns (false without a row or for NULL).
+fn flag(client: &mut SpiClient, sql: &'static str) -> bool {
+    spi::internal::run_once(client, sql, &[]).first().get::<bool>(1).ok().flatten().unwrap_or(false)
+}
+
+/// Whether Citus is installed in this database (its metadata tables are there).
+fn installed(client: &mut SpiClient) -> bool {
+    flag(client, "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL")
+}
+
 fn distribution(table: pg_sys::Oid) -> Distribution {
     Spi::connect_mut(|client| {
-        let citus =
-            spi::internal::run_once(client, "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL", &[])
-                .first()
-                .get::<bool>(1)
-                .ok()
-                .flatten()
-                .unwrap_or(false);
-        if !citus {
+        if !installed(client) {
             return Distribution::Local;
         }
         let row = spi::internal::run_once(
@@ -69,20 +73,7 @@ fn distribution(table: pg_sys::Oid) -> Distribution {
 /// worker (a trigger on a distributed table fires on the shards' nodes) finds none.
 pub fn on_worker_node() -> bool {
     Spi::connect_mut(|client| {
-        let citus =
-            spi::internal::run_once(client, "SELECT to_regclass('pg_catalog.pg_dist_local_group') IS NOT NULL", &[])
-                .first()
-                .get::<bool>(1)
-                .ok()
-                .flatten()
-                .unwrap_or(false);
-        citus
-            && spi::internal::run_once(client, "SELECT groupid <> 0 FROM pg_catalog.pg_dist_local_group", &[])
-                .first()
-                .get::<bool>(1)
-                .ok()
-                .flatten()
-                .unwrap_or(false)
+        installed(client) && flag(client, "SELECT groupid <> 0 FROM pg_catalog.pg_dist_local_group")
     })
 }
 
