@@ -44,6 +44,31 @@ citus_database "$CLUSTER" "$IT_PORT" "$DB"
 q() { psql_it -d "$DB" -c "$1"; }
 fails() { psql_it -d "$DB" -v VERBOSITY=verbose -c "$1" 2>&1 \
     | sed -n 's/^ERROR: *\([0-9A-Z]\{5\}\): .*/\1/p; s/^HINT: *\(.*\)/\1/p' | paste -sd'|'; }
+# replica NAME SHAPE PLACE COLUMNS [OPTIONS]: a table NAME (id text PRIMARY KEY, then COLUMNS,
+# each with its leading comma) and, for an aggregate, NAME_item holding its "items" (keyed by
+# itemId); distributed by id and co-located (PLACE distributed) or left local (PLACE local); and the
+# stream NAME over them, keyed by id, with OPTIONS (more create_stream arguments, each with its
+# leading comma).
+replica() {
+    local name=$1 shape=$2 place=$3 columns=$4 options=${5:-}
+    q "CREATE TABLE $name (id text PRIMARY KEY$columns)" >/dev/null
+    if [ "$shape" = aggregate_snapshot ]; then
+        q "CREATE TABLE ${name}_item (id text NOT NULL, item_id text NOT NULL, line1 text, PRIMARY KEY (id, item_id))" >/dev/null
+        options="$options, children => '{\"items\": {\"path\": \"items\", \"table\": \"${name}_item\", \"key\": {\"itemId\": \"item_id\"}, \"parent_key\": \"id\"}}'"
+    fi
+    if [ "$place" = distributed ]; then
+        q "SELECT create_distributed_table('$name', 'id')" >/dev/null
+        if [ "$shape" = aggregate_snapshot ]; then
+            q "SELECT create_distributed_table('${name}_item', 'id', colocate_with => '$name')" >/dev/null
+        fi
+    fi
+    q "SELECT ecst.create_stream('$name', '$name', '$shape', '{\"id\": \"id\"}'$options)" >/dev/null
+}
+# to_inbox NAME DESCRIPTION: the events of $work/NAME.tsv into the inbox; waits for it to drain.
+to_inbox() {
+    psql_it -d "$DB" -c "\\copy ecst.inbox (stream, payload) FROM '$work/$1.tsv'" >/dev/null
+    wait_for "$DB" "$2" "SELECT count(*) FROM ecst.inbox" 0 120
+}
 check "two workers in the coordinator's metadata" "2" "$(q "SELECT count(*) FROM pg_dist_node WHERE noderole = 'primary' AND groupid > 0")"
 
 q "CREATE TABLE customer (customer_id text PRIMARY KEY)" >/dev/null
@@ -113,9 +138,7 @@ check "... and so are events in a worker node's inbox" "2|1" \
     "$(w1 "SELECT count(*) FROM ecst.dead_letters WHERE message LIKE '%this is a Citus worker node%'")|$(w1 "SELECT count(*) FROM ecst.dead_letters WHERE payload LIKE '%w2%'")"
 
 echo "-- a batch where an existing row keeps its newer version (row mode: the version in the replica row)"
-q "CREATE TABLE item (id text PRIMARY KEY, line1 text, ts bigint)" >/dev/null
-q "SELECT create_distributed_table('item', 'id')" >/dev/null
-q "SELECT ecst.create_stream('item', 'item', 'entity_snapshot', '{\"id\": \"id\"}', version => 'newState.ts')" >/dev/null
+replica item entity_snapshot distributed ", line1 text, ts bigint" ", version => 'newState.ts'"
 batch() { q "SELECT string_agg(outcome || ':' || count, ',' ORDER BY outcome) FROM ecst.apply_batch('item', ARRAY[$1]::text[])"; }
 check "shuffled, with a duplicate" "applied:4,duplicate:1,stale:1" "$(batch "'{\"id\": \"a\", \"newState\": {\"line1\": \"a2\", \"ts\": 2}}',
     '{\"id\": \"b\", \"newState\": {\"line1\": \"b1\", \"ts\": 1}}', '{\"id\": \"a\", \"newState\": {\"line1\": \"a1\", \"ts\": 1}}',
@@ -130,23 +153,14 @@ check "the replica" "a:a2:2,b:b9:9,c:c5:5,d:d1:1" "$(q "SELECT string_agg(id || 
 echo "-- shuffled events with duplicates through ecst.feed, into distributed replicas"
 work=$CLUSTER/work
 as_root mkdir -p "$work" && as_root chmod 777 "$work"
-q "CREATE TABLE snap (id text PRIMARY KEY, line1 text)" >/dev/null
-q "SELECT create_distributed_table('snap', 'id')" >/dev/null
-q "SELECT ecst.create_stream('snap', 'snap', 'entity_snapshot', '{\"id\": \"id\"}', version => 'ts')" >/dev/null
-q "CREATE TABLE delt (id text PRIMARY KEY, a text, b text)" >/dev/null
-q "SELECT create_distributed_table('delt', 'id')" >/dev/null
-q "SELECT ecst.create_stream('delt', 'delt', 'delta', '{\"id\": \"id\"}')" >/dev/null
-q "CREATE TABLE expected (id text PRIMARY KEY, x text, y text)" >/dev/null
+replica snap entity_snapshot distributed ", line1 text" ", version => 'ts'"
+replica delt delta distributed ", a text, b text"
+q "CREATE TABLE expected (id text PRIMARY KEY, x text, y text)" >/dev/null  # common.sh's compare
 python3 tests/integration/gen_events.py --shape snapshot --stream snap --entities 500 --events 5000 --seed 3 \
     --out "$work/snap.tsv" --expected "$work/snap.csv"
 python3 tests/integration/gen_events.py --shape delta --stream delt --entities 300 --events 3000 --seed 4 \
     --out "$work/delt.tsv" --expected "$work/delt.csv"
-q "CREATE TABLE agg (id text PRIMARY KEY)" >/dev/null
-q "CREATE TABLE agg_item (id text NOT NULL, item_id text NOT NULL, line1 text, PRIMARY KEY (id, item_id))" >/dev/null
-q "SELECT create_distributed_table('agg', 'id')" >/dev/null
-q "SELECT create_distributed_table('agg_item', 'id', colocate_with => 'agg')" >/dev/null
-q "SELECT ecst.create_stream('agg', 'agg', 'aggregate_snapshot', '{\"id\": \"id\"}', version => 'ts',
-       children => '{\"items\": {\"path\": \"items\", \"table\": \"agg_item\", \"key\": {\"itemId\": \"item_id\"}, \"parent_key\": \"id\"}}')" >/dev/null
+replica agg aggregate_snapshot distributed "" ", version => 'ts'"
 python3 tests/integration/gen_events.py --shape aggregate --stream agg --entities 200 --events 2000 --seed 5 \
     --out "$work/agg.tsv" --expected "$work/agg.csv"
 # Snapshots and aggregates twice (the second copy all duplicates or stale); deltas once (their
@@ -170,20 +184,9 @@ echo "-- every guarantee on distributed replicas: the same events into local tab
 # Shuffled versioned snapshots with deletes, per-field versioned deltas, aggregates; event ids with
 # redeliveries; malformed lines. Each into a distributed replica (d_*) and a local one (l_*) of
 # the same coordinator, then snapshots out and back in, replace mode, compaction and rebuild.
-stream_pair() {  # stream_pair NAME SHAPE COLUMNS [children]
-    local kind
-    for kind in d l; do
-        q "CREATE TABLE ${kind}_$1 (id text PRIMARY KEY$3)" >/dev/null
-        if [ "$2" = aggregate_snapshot ]; then
-            q "CREATE TABLE ${kind}_$1_item (id text NOT NULL, item_id text NOT NULL, line1 text, PRIMARY KEY (id, item_id))" >/dev/null
-        fi
-        if [ $kind = d ]; then
-            q "SELECT create_distributed_table('d_$1', 'id')" >/dev/null
-            [ "$2" = aggregate_snapshot ] && q "SELECT create_distributed_table('d_$1_item', 'id', colocate_with => 'd_$1')" >/dev/null
-        fi
-        q "SELECT ecst.create_stream('${kind}_$1', '${kind}_$1', '$2', '{\"id\": \"id\"}', version => 'ts', event_id => 'eid',
-               retain_events => true${4:+, children => '{\"items\": {\"path\": \"items\", \"table\": \"${kind}_$1_item\", \"key\": {\"itemId\": \"item_id\"}, \"parent_key\": \"id\"}}'})" >/dev/null
-    done
+stream_pair() {  # stream_pair NAME SHAPE COLUMNS: d_NAME distributed, l_NAME local
+    replica "d_$1" "$2" distributed "$3" ", version => 'ts', event_id => 'eid', retain_events => true"
+    replica "l_$1" "$2" local "$3" ", version => 'ts', event_id => 'eid', retain_events => true"
 }
 # same A B: how many rows of A and B differ.
 same() { q "SELECT count(*) FROM ((TABLE $1 EXCEPT ALL TABLE $2) UNION ALL (TABLE $2 EXCEPT ALL TABLE $1)) d"; }
@@ -195,7 +198,7 @@ same_pair() {  # same_pair NAME: the distributed replica (and its child rows) ag
 }
 stream_pair snap entity_snapshot ", line1 text, note text"
 stream_pair fld delta ", a text, b text"
-stream_pair agg aggregate_snapshot "" with_children
+stream_pair agg aggregate_snapshot ""
 python3 tests/integration/gen_events.py --shape snapshot --stream s --entities 400 --events 4000 --seed 11 \
     --redeliver 0.1 --bad 3 --out "$work/g_snap.tsv" --expected "$work/g_snap.csv"
 python3 tests/integration/gen_events.py --shape delta --versioned --stream s --entities 300 --events 3000 --seed 12 \
@@ -232,15 +235,8 @@ done
 # Exported, then loaded into fresh distributed replicas: the same rows.
 q "CREATE TABLE exp_snap AS SELECT e AS payload FROM ecst.export_snapshot('d_snap') e" >/dev/null
 q "CREATE TABLE exp_agg AS SELECT e AS payload FROM ecst.export_snapshot('d_agg') e" >/dev/null
-q "CREATE TABLE r_snap (id text PRIMARY KEY, line1 text, note text)" >/dev/null
-q "SELECT create_distributed_table('r_snap', 'id')" >/dev/null
-q "SELECT ecst.create_stream('r_snap', 'r_snap', 'entity_snapshot', '{\"id\": \"id\"}', version => 'ts')" >/dev/null
-q "CREATE TABLE r_agg (id text PRIMARY KEY)" >/dev/null
-q "CREATE TABLE r_agg_item (id text NOT NULL, item_id text NOT NULL, line1 text, PRIMARY KEY (id, item_id))" >/dev/null
-q "SELECT create_distributed_table('r_agg', 'id')" >/dev/null
-q "SELECT create_distributed_table('r_agg_item', 'id', colocate_with => 'r_agg')" >/dev/null
-q "SELECT ecst.create_stream('r_agg', 'r_agg', 'aggregate_snapshot', '{\"id\": \"id\"}', version => 'ts',
-       children => '{\"items\": {\"path\": \"items\", \"table\": \"r_agg_item\", \"key\": {\"itemId\": \"item_id\"}, \"parent_key\": \"id\"}}')" >/dev/null
+replica r_snap entity_snapshot distributed ", line1 text, note text" ", version => 'ts'"
+replica r_agg aggregate_snapshot distributed "" ", version => 'ts'"
 check "export, then load_snapshot into fresh distributed replicas: nothing dead-lettered" "0:0" \
     "$(q "SELECT dead_lettered FROM ecst.load_snapshot('r_snap', 'exp_snap')"):$(q "SELECT dead_lettered FROM ecst.load_snapshot('r_agg', 'exp_agg')")"
 check "... the same rows" "0:0:0" "$(same r_snap d_snap):$(same r_agg d_agg):$(same r_agg_item d_agg_item)"
@@ -249,12 +245,11 @@ check "... the same rows" "0:0:0" "$(same r_snap d_snap):$(same r_agg d_agg):$(s
 # reaches the shards, so the rows must be as visible as on the local table.
 q "CREATE TABLE bulk_src AS SELECT jsonb_build_object('id', payload->>'id', 'newState',
        jsonb_build_object('line1', payload->'newState'->>'line1', 'ts', (payload->>'ts')::bigint)) AS payload FROM exp_snap" >/dev/null
-for kind in d l; do
+for place in distributed local; do
+    kind=${place:0:1}
     for mode in plain rowv; do
-        q "CREATE TABLE ${kind}_bulk_$mode (id text PRIMARY KEY, line1 text, ts bigint)" >/dev/null
-        [ $kind = d ] && q "SELECT create_distributed_table('d_bulk_$mode', 'id')" >/dev/null
-        q "SELECT ecst.create_stream('${kind}_bulk_$mode', '${kind}_bulk_$mode', 'entity_snapshot', '{\"id\": \"id\"}'$(
-           [ $mode = rowv ] && echo ", version => 'newState.ts'"))" >/dev/null
+        replica "${kind}_bulk_$mode" entity_snapshot $place ", line1 text, ts bigint" \
+            "$([ $mode = rowv ] && echo ", version => 'newState.ts'")"
         q "SELECT * FROM ecst.load_snapshot('${kind}_bulk_$mode', 'bulk_src')" >/dev/null
     done
 done
@@ -282,13 +277,10 @@ for name in snap fld agg; do
 done
 
 echo "-- shuffled events through the inbox and the coordinator's worker"
-q "CREATE TABLE snap_w (id text PRIMARY KEY, line1 text)" >/dev/null
-q "SELECT create_distributed_table('snap_w', 'id')" >/dev/null
-q "SELECT ecst.create_stream('snap_w', 'snap_w', 'entity_snapshot', '{\"id\": \"id\"}', version => 'ts')" >/dev/null
+replica snap_w entity_snapshot distributed ", line1 text" ", version => 'ts'"
 python3 tests/integration/gen_events.py --shape snapshot --stream snap_w --entities 500 --events 8000 --seed 6 \
     --out "$work/snap_w.tsv" --expected "$work/snap_w.csv"
-psql_it -d "$DB" -c "\\copy ecst.inbox (stream, payload) FROM '$work/snap_w.tsv'" >/dev/null
-wait_for "$DB" "the worker drains the inbox" "SELECT count(*) FROM ecst.inbox" 0 120
+to_inbox snap_w "the worker drains the inbox"
 check "the replica equals in-order application" "0" "$(compare snap_w "$work/snap_w.csv" "id, coalesce(line1, ''), ''")"
 check "nothing dead-lettered" "0" "$(q "SELECT count(*) FROM ecst.dead_letters WHERE stream = 'snap_w'")"
 
@@ -296,13 +288,10 @@ echo "-- two workers on the coordinator: unversioned deltas, whose order per ent
 q "ALTER SYSTEM SET ecst.workers = 2" >/dev/null
 q "SELECT pg_reload_conf()" >/dev/null
 wait_for "$DB" "two workers run" "SELECT count(*) FROM ecst.workers WHERE backend_type = 'pg_ecst worker'" 2 60
-q "CREATE TABLE delt_w (id text PRIMARY KEY, a text, b text)" >/dev/null
-q "SELECT create_distributed_table('delt_w', 'id')" >/dev/null
-q "SELECT ecst.create_stream('delt_w', 'delt_w', 'delta', '{\"id\": \"id\"}')" >/dev/null
+replica delt_w delta distributed ", a text, b text"
 python3 tests/integration/gen_events.py --shape delta --stream delt_w --entities 300 --events 12000 --seed 8 \
     --out "$work/delt_w.tsv" --expected "$work/delt_w.csv"
-psql_it -d "$DB" -c "\\copy ecst.inbox (stream, payload) FROM '$work/delt_w.tsv'" >/dev/null
-wait_for "$DB" "the two workers drain the inbox" "SELECT count(*) FROM ecst.inbox" 0 120
+to_inbox delt_w "the two workers drain the inbox"
 check "the replica equals in-order application" "0" \
     "$(compare delt_w "$work/delt_w.csv" "id, coalesce(a, ''), coalesce(b, '')")"
 check "every event applied once, none dead-lettered" "12000|0|0" \
