@@ -9,6 +9,7 @@ use crate::engine::writer::{self, Bound};
 use crate::pg::errors::{self, raise};
 use crate::pg::locks;
 use crate::pg::spi;
+use crate::pg::store::Store;
 use crate::pg::subxact::{self, SubResult};
 use crate::stream::catalog::{Column, Stream, TableInfo};
 use ecst_core::event::{check_unique_child_keys, parse, ChildSet, Event, Op, Value};
@@ -236,10 +237,8 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
     let old = old_texts(table, ev)?;
 
     if let Some(id) = &ev.event_id {
-        let fresh = spi::internal::run(
-            client,
-            "INSERT INTO ecst.applied_events (stream_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
-            &[stream.id.into(), id.as_str().into()],
+        let fresh = stream.store.run(client, "INSERT INTO {ids} (stream_id, event_id{+dist}) VALUES ($1, $2{+dist_of:$3}) ON CONFLICT DO NOTHING RETURNING 1",
+            &[stream.id.into(), id.as_str().into(), entity_key.as_str().into()],
         );
         if fresh.is_empty() {
             // Recorded before: the fold calls the event a duplicate whatever the entity's state.
@@ -255,8 +254,10 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
     let mut optimistic = false;
     let state = if spec.is_versioned() {
         // In row mode most entities have no state row: the executor answers that without SQL.
-        let no_state_row = row_mode && direct::state_row_exists(stream.id, &entity_key) == Some(false);
-        match if no_state_row { None } else { load_state(client, stream.id, &entity_key)? } {
+        let no_state_row = row_mode
+            && stream.store == Store::Shared
+            && direct::state_row_exists(stream.id, &entity_key) == Some(false);
+        match if no_state_row { None } else { load_state(client, stream, &entity_key)? } {
             Some(state) => {
                 stored = true;
                 Some(state)
@@ -283,7 +284,7 @@ fn attempt(client: &mut SpiClient, stream: &Stream, ev: &Event, sql_only: bool) 
     };
     // Lock order, the same on every path: the entity's state row first, then replica rows.
     if let (Some(next), None) = (&plan.state, guard) {
-        save_state(client, stream.id, &entity_key, stored.then_some(state.as_ref()).flatten(), next)?;
+        save_state(client, stream, &entity_key, stored.then_some(state.as_ref()).flatten(), next)?;
     }
     let write = plan.write;
     if write.delete {
@@ -429,12 +430,12 @@ fn write_children(
 /// what was read (compare-and-swap), and a concurrent change makes the attempt retry. No
 /// `FOR UPDATE`: a row lock taken in one event's subtransaction and re-taken in the next turns
 /// into a growing MultiXact when one transaction applies many events of an entity.
-fn load_state(client: &mut SpiClient, stream_id: i32, key: &str) -> Result<Option<EntityState>, Stop> {
-    let rows = spi::internal::run(
+fn load_state(client: &mut SpiClient, stream: &Stream, key: &str) -> Result<Option<EntityState>, Stop> {
+    let rows = stream.store.run(
         client,
         "SELECT live_version::text, tomb_version::text, field_versions::text
-         FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = $2",
-        &[stream_id.into(), key.into()],
+         FROM {state} WHERE stream_id = $1 AND entity_key = $2",
+        &[stream.id.into(), key.into()],
     );
     Ok(rows
         .into_iter()
@@ -493,31 +494,31 @@ pub(crate) fn fields_to_text(s: &EntityState) -> Option<String> {
 /// entity meanwhile and the event is retried).
 fn save_state(
     client: &mut SpiClient,
-    stream_id: i32,
+    stream: &Stream,
     key: &str,
     read: Option<&EntityState>,
     s: &EntityState,
 ) -> Result<(), Stop> {
     let text = |v: &Option<Version>| v.as_ref().map(Version::to_numeric_string);
     let Some(old) = read else {
-        let inserted = spi::internal::run(
+        let inserted = stream.store.run(
             client,
-            "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
-             VALUES ($1, $2, $3::numeric, $4::numeric, $5::jsonb) ON CONFLICT DO NOTHING RETURNING 1",
-            &[stream_id.into(), key.into(), text(&s.live).into(), text(&s.tomb).into(), fields_to_text(s).into()],
+            "INSERT INTO {state} (stream_id, entity_key, live_version, tomb_version, field_versions{+dist})
+             VALUES ($1, $2, $3::numeric, $4::numeric, $5::jsonb{+dist_of:$2}) ON CONFLICT DO NOTHING RETURNING 1",
+            &[stream.id.into(), key.into(), text(&s.live).into(), text(&s.tomb).into(), fields_to_text(s).into()],
         );
         return if inserted.is_empty() { Err(Stop::Retry) } else { Ok(()) };
     };
-    let updated = spi::internal::run(
+    let updated = stream.store.run(
         client,
-        "UPDATE ecst.entity_state SET live_version = $3::numeric, tomb_version = $4::numeric,
+        "UPDATE {state} SET live_version = $3::numeric, tomb_version = $4::numeric,
                 field_versions = $5::jsonb
          WHERE stream_id = $1 AND entity_key = $2
            AND live_version IS NOT DISTINCT FROM $6::numeric AND tomb_version IS NOT DISTINCT FROM $7::numeric
            AND field_versions IS NOT DISTINCT FROM $8::jsonb
          RETURNING 1",
         &[
-            stream_id.into(),
+            stream.id.into(),
             key.into(),
             text(&s.live).into(),
             text(&s.tomb).into(),

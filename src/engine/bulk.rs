@@ -19,6 +19,7 @@ use crate::engine::writer::{self, Bound};
 use crate::pg::errors::{self, raise};
 use crate::pg::locks;
 use crate::pg::spi;
+use crate::pg::store::Store;
 use crate::pg::subxact::{self, SubResult};
 use crate::stream::catalog::{ChildInfo, Column, Stream, TableInfo};
 use ecst_core::event::{Event, Op};
@@ -201,22 +202,26 @@ fn run_set_based(
     let mut fresh_ids: HashSet<String> = HashSet::new();
     if spec.event_id.is_some() {
         let mut ids: Vec<String> = Vec::new();
+        // Each id's entity: a sharded store keeps it in the entity's shard.
+        let mut owners: Vec<String> = Vec::new();
         let mut seen = HashSet::new();
-        for items in entities.values() {
+        for (key, items) in &entities {
             for it in items {
                 if let Some(id) = &it.ev.event_id {
                     if seen.insert(id.clone()) {
                         ids.push(id.clone());
+                        owners.push(key.clone());
                     }
                 }
             }
         }
         if !ids.is_empty() {
-            let rows = spi::internal::run(
+            let rows = stream.store.run(
                 client,
-                "INSERT INTO ecst.applied_events (stream_id, event_id) SELECT $1, pg_catalog.unnest($2::text[])
+                "INSERT INTO {ids} (stream_id, event_id{+dist})
+                 SELECT $1, u.i{+dist_of:u.k} FROM unnest($2::text[], $3::text[]) AS u (i, k)
                  ON CONFLICT DO NOTHING RETURNING event_id",
-                &[stream.id.into(), ids.into()],
+                &[stream.id.into(), ids.into(), owners.into()],
             );
             fresh_ids = rows.map(|r| r.get::<String>(1).unwrap().unwrap()).collect();
         }
@@ -232,7 +237,7 @@ fn run_set_based(
     }
     let versioned_run = spec.is_versioned() && !keys.is_empty();
     // Where the row API reads and writes the state rows, each locked row's place, for its update.
-    let mut state_rows = versioned_run.then(direct::StateRows::open).flatten();
+    let mut state_rows = (versioned_run && stream.store == Store::Shared).then(direct::StateRows::open).flatten();
     let mut state_ids: HashMap<&String, direct::StateRowId> = HashMap::new();
     if let Some(rows) = state_rows.as_mut() {
         // In key order, as the SQL below locks them.
@@ -243,10 +248,10 @@ fn run_set_based(
             }
         }
     } else if versioned_run {
-        let rows = spi::internal::run_once(
+        let rows = stream.store.run_once(
             client,
             "SELECT entity_key, live_version::text, tomb_version::text, field_versions::text
-             FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2::text[])
+             FROM {state} WHERE stream_id = $1 AND entity_key = ANY ($2::text[])
              ORDER BY entity_key COLLATE \"C\" FOR UPDATE",
             &[stream.id.into(), keys.clone().into()],
         );
@@ -364,7 +369,7 @@ fn run_set_based(
     }
     // 6. Write, in the lock order every path follows: version states first (existing ones are
     //    locked already; new ones are inserted in key order), then replica rows in key order.
-    save_states(client, stream.id, &new_states, state_rows.take().map(|rows| (rows, &state_ids)))?;
+    save_states(client, stream, &new_states, state_rows.take().map(|rows| (rows, &state_ids)))?;
     let deletes: Vec<Option<pg_sys::Datum>> =
         finals.iter().filter(|(_, _, f)| f.delete).map(|(_, k, _)| Some(*k)).collect();
     if !deletes.is_empty() {
@@ -481,9 +486,9 @@ fn run_set_based(
     // event of the run went on with them.
     let unapplied_ids = ids.unrecorded();
     if !unapplied_ids.is_empty() {
-        spi::internal::run_once(
+        stream.store.run_once(
             client,
-            "DELETE FROM ecst.applied_events WHERE stream_id = $1 AND event_id = ANY ($2::text[])",
+            "DELETE FROM {ids} WHERE stream_id = $1 AND event_id = ANY ($2::text[])",
             &[stream.id.into(), unapplied_ids.into()],
         );
     }
@@ -698,7 +703,7 @@ fn upsert_many(
 /// Existing rows go through the row API where it read them (`direct`: the rows it locked, by key).
 fn save_states(
     client: &mut SpiClient,
-    stream_id: i32,
+    stream: &Stream,
     states: &[(String, EntityState, bool)],
     direct_rows: Option<(direct::StateRows, &HashMap<&String, direct::StateRowId>)>,
 ) -> Result<(), Fallback> {
@@ -708,7 +713,7 @@ fn save_states(
         for (key, state, _) in states.iter().filter(|s| s.2) {
             let fields = apply::fields_to_text(state);
             let (live, tomb) = (text(&state.live), text(&state.tomb));
-            rows.update(ids[key], stream_id, key, live.as_deref(), tomb.as_deref(), fields.as_deref());
+            rows.update(ids[key], stream.id, key, live.as_deref(), tomb.as_deref(), fields.as_deref());
         }
         rows.close();
     }
@@ -724,21 +729,21 @@ fn save_states(
         let live: Vec<Option<String>> = chosen.iter().map(|s| text(&s.1.live)).collect();
         let tomb: Vec<Option<String>> = chosen.iter().map(|s| text(&s.1.tomb)).collect();
         let fields: Vec<Option<String>> = chosen.iter().map(|s| apply::fields_to_text(&s.1)).collect();
-        let args = [stream_id.into(), keys.into(), live.into(), tomb.into(), fields.into()];
+        let args = [stream.id.into(), keys.into(), live.into(), tomb.into(), fields.into()];
         if existed {
-            spi::internal::run_once(
+            stream.store.run_once(
                 client,
-                "UPDATE ecst.entity_state s SET live_version = u.l::numeric, tomb_version = u.t::numeric,
+                "UPDATE {state} s SET live_version = u.l::numeric, tomb_version = u.t::numeric,
                         field_versions = u.f::jsonb
                  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u (k, l, t, f)
                  WHERE s.stream_id = $1 AND s.entity_key = u.k",
                 &args,
             );
         } else {
-            let inserted = spi::internal::run(
+            let inserted = stream.store.run(
                 client,
-                "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version, field_versions)
-                 SELECT $1, u.k, u.l::numeric, u.t::numeric, u.f::jsonb
+                "INSERT INTO {state} (stream_id, entity_key, live_version, tomb_version, field_versions{+dist})
+                 SELECT $1, u.k, u.l::numeric, u.t::numeric, u.f::jsonb{+dist_of:u.k}
                  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u (k, l, t, f)
                  ON CONFLICT DO NOTHING RETURNING 1",
                 &args,

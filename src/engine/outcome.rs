@@ -73,3 +73,58 @@ impl Applied {
         Applied::Rejected { rejection, sqlstate: None, conflict: false }
     }
 }
+
+/// An event's result as a shard's node reports it to the coordinator (`engine::shards`): a JSON
+/// array `[seq, outcome, conflict]`, or `[seq, "dead_lettered", conflict, code, message, sqlstate]`.
+pub fn to_wire(seq: i32, applied: &Applied) -> serde_json::Value {
+    match applied {
+        Applied::Done { outcome, conflict } => serde_json::json!([seq, outcome.as_str(), conflict]),
+        Applied::Rejected { rejection, sqlstate, conflict } => {
+            serde_json::json!([seq, "dead_lettered", conflict, rejection.code.as_str(), rejection.message, sqlstate])
+        }
+    }
+}
+
+/// [`to_wire`]'s inverse: the sequence number and the result (`None`: not a result).
+pub fn from_wire(v: &serde_json::Value) -> Option<(i32, Applied)> {
+    use ecst_core::reject::RejectCode;
+    let seq = i32::try_from(v.get(0)?.as_i64()?).ok()?;
+    let conflict = v.get(2)?.as_bool()?;
+    let applied = match v.get(1)?.as_str()? {
+        "dead_lettered" => {
+            let code = v.get(3)?.as_str()?;
+            let code = *RejectCode::ALL.iter().find(|c| c.as_str() == code)?;
+            Applied::Rejected {
+                rejection: Rejection::new(code, v.get(4)?.as_str()?),
+                sqlstate: v.get(5)?.as_str().map(str::to_string),
+                conflict,
+            }
+        }
+        outcome => {
+            let outcome = [Outcome::Applied, Outcome::Duplicate, Outcome::Stale, Outcome::Skipped]
+                .into_iter()
+                .find(|o| o.as_str() == outcome)?;
+            Applied::Done { outcome, conflict }
+        }
+    };
+    Some((seq, applied))
+}
+
+/// How an error policy (and a worker's last try) travels to a shard's node.
+pub fn policy_name(policy: ErrorPolicy) -> &'static str {
+    match policy {
+        ErrorPolicy::Caller => "caller",
+        ErrorPolicy::Worker if LAST_TRY.with(|l| l.get()) => "worker_last",
+        ErrorPolicy::Worker => "worker",
+    }
+}
+
+/// [`policy_name`]'s inverse: the policy, and whether this is a last try.
+pub fn policy_from_name(name: &str) -> Option<(ErrorPolicy, bool)> {
+    match name {
+        "caller" => Some((ErrorPolicy::Caller, false)),
+        "worker" => Some((ErrorPolicy::Worker, false)),
+        "worker_last" => Some((ErrorPolicy::Worker, true)),
+        _ => None,
+    }
+}

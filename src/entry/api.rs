@@ -228,7 +228,7 @@ fn apply_text(stream: Option<&str>, event: Option<&str>) -> &'static str {
     let s = s.styled();
     Spi::connect_mut(|client| {
         let parsed = [apply::parse_payload(&s.spec, event)];
-        let result = engine::apply(client, &s, &parsed, ErrorPolicy::Caller).pop().expect("one result");
+        let result = engine::apply(client, &s, &[event], &parsed, ErrorPolicy::Caller).pop().expect("one result");
         let result = [result];
         record::record_all(client, Some(&s), Some(stream), [(event, None)], &result, EventLog::Append);
         outcome(&result[0])
@@ -286,7 +286,8 @@ fn apply_batch_to(
     let parsed: Vec<Result<_, Rejection>> =
         events.iter().map(|e| apply::parse_payload(&s.spec, e.as_deref())).collect();
     Spi::connect_mut(|client| {
-        let results = engine::apply(client, &s.styled(), &parsed, ErrorPolicy::Caller);
+        let texts: Vec<Option<&str>> = events.iter().map(|e| e.as_deref()).collect();
+        let results = engine::apply(client, &s.styled(), &texts, &parsed, ErrorPolicy::Caller);
         for result in &results {
             *counts.entry(outcome(result)).or_insert(0) += 1;
         }
@@ -400,7 +401,9 @@ fn retry_dead_letters(
             let result = match (&target, &payload) {
                 (Some(s), p) => {
                     let parsed = [apply::parse_payload(&s.spec, p.as_deref())];
-                    engine::apply(client, &s.styled(), &parsed, ErrorPolicy::Caller).pop().expect("one result")
+                    engine::apply(client, &s.styled(), &[p.as_deref()], &parsed, ErrorPolicy::Caller)
+                        .pop()
+                        .expect("one result")
                 }
                 (None, _) => Applied::rejected(unrouted.take().unwrap_or_else(|| {
                     Rejection::new(
@@ -572,4 +575,13 @@ fn route_value(payload: &str, field: &str) -> Option<String> {
         serde_json::Value::Null => None,
         other => Some(other.to_string()),
     }
+}
+
+/// On a Citus node holding a shard of a stream's distributed replica: applies the events that the
+/// coordinator staged in `stage` (a shard of the stream's stage table) under `token`, with the
+/// engine, against the shard group's tables; returns their results (`engine::shards`). Called by
+/// pg_ecst's query on the coordinator, once per staged row; the first call does the work.
+#[pg_extern(name = "_apply_shard")]
+fn apply_shard(stream_id: i32, stage: pg_sys::Oid, token: &str, policy: &str) -> Option<String> {
+    Spi::connect_mut(|client| crate::engine::shards::apply_staged(client, stream_id, stage, token, policy))
 }

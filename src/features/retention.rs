@@ -46,11 +46,8 @@ pub fn rebuild(name: &str) -> (i64, i64, i64) {
             .chain(std::iter::once(stream.table.qualified.as_str()))
             .collect();
         client.update(&format!("TRUNCATE {}", tables.join(", ")), None, &[]).expect("truncating the replica");
-        for sql in [
-            "DELETE FROM ecst.entity_state WHERE stream_id = $1",
-            "DELETE FROM ecst.applied_events WHERE stream_id = $1",
-        ] {
-            spi::internal::run_once(client, sql, &[stream.id.into()]);
+        for sql in ["DELETE FROM {state} WHERE stream_id = $1", "DELETE FROM {ids} WHERE stream_id = $1"] {
+            stream.store.run_once(client, sql, &[stream.id.into()]);
         }
         let mut cursor = spi::internal::open(
             client,
@@ -63,7 +60,8 @@ pub fn rebuild(name: &str) -> (i64, i64, i64) {
                 break;
             }
             let events: Vec<_> = payloads.iter().map(|p| parse(&stream.spec, p)).collect();
-            let results = engine::apply(client, &stream, &events, ErrorPolicy::Caller);
+            let texts: Vec<Option<&str>> = payloads.iter().map(|p| Some(p.as_str())).collect();
+            let results = engine::apply(client, &stream, &texts, &events, ErrorPolicy::Caller);
             for r in &results {
                 replayed += 1;
                 match r {

@@ -138,7 +138,8 @@ pub fn apply_parsed_rows(client: &mut SpiClient, rows: &[Row], parsed: Option<Pa
                 // The worker's session runs many owners' replica triggers: what one sets
                 // must not reach the next stream's statements (nor pg_ecst's own).
                 let _isolated = (policy == ErrorPolicy::Worker).then(crate::pg::gucs::Override::isolated);
-                engine::apply(client, &s.styled(), &events, policy)
+                let texts: Vec<Option<&str>> = run.iter().map(|(_, r)| r.payload.as_deref()).collect();
+                engine::apply(client, &s.styled(), &texts, &events, policy)
             }
             None => {
                 let message = catalog::unknown_stream_message(run_name.as_deref().unwrap_or(""));

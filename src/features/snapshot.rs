@@ -121,7 +121,8 @@ pub fn load(stream_name: &str, source: pg_sys::Oid, mode: &str, as_of: Option<&s
                     }
                 }
             }
-            let results = engine::apply(client, &stream, &events, ErrorPolicy::Caller);
+            let texts: Vec<Option<&str>> = payloads.iter().map(|p| p.as_deref()).collect();
+            let results = engine::apply(client, &stream, &texts, &events, ErrorPolicy::Caller);
             for result in &results {
                 match result {
                     Applied::Done { outcome: Outcome::Applied, .. } => counts.loaded += 1,
@@ -181,14 +182,12 @@ fn load_into_empty(stream: &Stream, source_name: &str) -> Option<LoadCounts> {
         let empty = |client: &mut SpiClient| {
             let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {})", stream.table.qualified);
             let replica: bool = client.select(&sql, None, &[]).expect("reading the replica").first().get(1).unwrap()?;
-            let state: bool = spi::internal::run(
-                client,
-                "SELECT NOT EXISTS (SELECT 1 FROM ecst.entity_state WHERE stream_id = $1)",
-                &[stream.id.into()],
-            )
-            .first()
-            .get(1)
-            .unwrap()?;
+            let state: bool = stream
+                .store
+                .run(client, "SELECT NOT EXISTS (SELECT 1 FROM {state} WHERE stream_id = $1)", &[stream.id.into()])
+                .first()
+                .get(1)
+                .unwrap()?;
             Some(replica && state)
         };
         if empty(client) != Some(true) {
@@ -411,19 +410,21 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
     let mut unstored: BTreeMap<String, String> = BTreeMap::new();
     let candidates: Vec<String> = match as_of {
         Some(v) => {
-            let mut candidates: Vec<String> = spi::internal::run_once(
-                client,
-                // Locked: a concurrent event of a state-row stream (whose writers do not take the
-                // stream lock) waits, or has made its entity newer, which the lock's re-check of
-                // the newest row version then sees.
-                "SELECT entity_key FROM ecst.entity_state
+            stream.store.lock_states(client);
+            let mut candidates: Vec<String> = stream
+                .store
+                .run_once(
+                    client, // Locked: a concurrent event of a state-row stream (whose writers do not take the
+                    // stream lock) waits, or has made its entity newer, which the lock's re-check of
+                    // the newest row version then sees.
+                    "SELECT entity_key FROM {state}
                  WHERE stream_id = $1 AND live_version IS NOT NULL
                    AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $2::numeric
-                 ORDER BY entity_key COLLATE \"C\" FOR UPDATE",
-                &[stream.id.into(), v.to_numeric_string().into()],
-            )
-            .map(|r| r.get::<String>(1).unwrap().unwrap())
-            .collect();
+                 ORDER BY entity_key COLLATE \"C\" {for_update}",
+                    &[stream.id.into(), v.to_numeric_string().into()],
+                )
+                .map(|r| r.get::<String>(1).unwrap().unwrap())
+                .collect();
             if let Some(column) = stream.row_version {
                 let column = &table.columns[column].quoted;
                 let sql = format!(
@@ -439,13 +440,15 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
                     .collect();
                 if !rows.is_empty() {
                     let all: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-                    let with_state: HashSet<String> = spi::internal::run_once(
-                        client,
-                        "SELECT entity_key FROM ecst.entity_state WHERE stream_id = $1 AND entity_key = ANY ($2)",
-                        &[stream.id.into(), all.into()],
-                    )
-                    .map(|r| r.get::<String>(1).unwrap().unwrap())
-                    .collect();
+                    let with_state: HashSet<String> = stream
+                        .store
+                        .run_once(
+                            client,
+                            "SELECT entity_key FROM {state} WHERE stream_id = $1 AND entity_key = ANY ($2)",
+                            &[stream.id.into(), all.into()],
+                        )
+                        .map(|r| r.get::<String>(1).unwrap().unwrap())
+                        .collect();
                     for (key, version) in rows {
                         if !with_state.contains(&key) {
                             candidates.push(key.clone());
@@ -480,20 +483,20 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
     }
     delete_keyed(client, &table.qualified, &table.keys, &gone);
     if let Some(v) = as_of {
-        spi::internal::run_once(
+        stream.store.run_once(
             client,
-            "UPDATE ecst.entity_state SET tomb_version = $3::numeric, field_versions = NULL
+            "UPDATE {state} SET tomb_version = $3::numeric, field_versions = NULL
              WHERE stream_id = $1 AND entity_key = ANY ($2::text[])",
             &[stream.id.into(), gone.clone().into(), v.to_numeric_string().into()],
         );
         let (keys, versions): (Vec<String>, Vec<String>) =
             unstored.into_iter().filter(|(k, _)| !seen.contains(k)).unzip();
         if !keys.is_empty() {
-            spi::internal::run_once(
+            stream.store.run_once(
                 client,
-                "INSERT INTO ecst.entity_state (stream_id, entity_key, live_version, tomb_version)
-                 SELECT $1, u.k, u.l::numeric, $4::numeric FROM unnest($2::text[], $3::text[]) AS u (k, l)
-                 ON CONFLICT (stream_id, entity_key)
+                "INSERT INTO {state} (stream_id, entity_key, live_version, tomb_version{+dist})
+                 SELECT $1, u.k, u.l::numeric, $4::numeric{+dist_of:u.k} FROM unnest($2::text[], $3::text[]) AS u (k, l)
+                 ON CONFLICT (stream_id, entity_key{+dist})
                  DO UPDATE SET tomb_version = EXCLUDED.tomb_version, field_versions = NULL",
                 &[stream.id.into(), keys.into(), versions.into(), v.to_numeric_string().into()],
             );
@@ -513,9 +516,9 @@ pub fn export(stream_name: &str) -> Vec<Value> {
     Spi::connect_mut(|client| {
         let mut versions: HashMap<String, String> = HashMap::new();
         if spec.version.is_some() {
-            let rows = spi::internal::run_once(
+            let rows = stream.store.run_once(
                 client,
-                "SELECT entity_key, live_version::text FROM ecst.entity_state
+                "SELECT entity_key, live_version::text FROM {state}
                  WHERE stream_id = $1 AND live_version IS NOT NULL",
                 &[stream.id.into()],
             );

@@ -12,5 +12,6 @@ pub mod locks;
 pub mod owner;
 pub mod parallel;
 pub mod spi;
+pub mod store;
 pub mod subxact;
 pub mod syscache;

@@ -7,6 +7,7 @@ use crate::pg::convert::ColumnType;
 use crate::pg::errors::{self, raise};
 use crate::pg::owner;
 use crate::pg::spi;
+use crate::pg::store::{self, Store};
 use crate::pg::subxact::{self, SubResult};
 use crate::stream::citus;
 use ecst_core::schema::Schema;
@@ -67,6 +68,9 @@ pub struct Stream {
     /// An entity key (the stream's or a child's) of a type whose text depends on session settings:
     /// the stream is applied under `convert::fixed_style` (see [`Stream::styled`]).
     pub fixed_style: bool,
+    /// Where its version state and event ids are (`ecst.entity_state`, or tables of its own
+    /// co-located with a distributed replica: then its events are applied on the shards' nodes).
+    pub store: Store,
 }
 
 impl Stream {
@@ -650,6 +654,13 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         .iter()
         .chain(child_infos.iter().flat_map(|c| c.table.keys.iter().chain(c.parent.iter())))
         .any(|k| k.ty.style_sensitive);
+    let store = match (def.id, citus::distribution_column(def.target)) {
+        (0, _) | (_, None) => Store::Shared,
+        (id, Some(column)) => {
+            let part = (info.keys.len() > 1).then(|| info.keys.iter().position(|k| k.name == column)).flatten();
+            Spi::connect_mut(|client| Store::of_stream(client, id, part))
+        }
+    };
     Ok(Stream {
         id: def.id,
         retain_events: def.retain_events,
@@ -658,6 +669,7 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         children: child_infos,
         row_version,
         fixed_style,
+        store,
     })
 }
 
@@ -735,6 +747,109 @@ fn build_child(c: &ChildDefinition, parent_key: &[String]) -> Result<(ChildSpec,
 }
 
 // ---------------------------------------------------------------------------------------
+// Streams on distributed replicas: their definitions on every node, their streams on a shard.
+
+/// A definition as the nodes of a Citus cluster share it (`ecst.sharded_streams`): tables by
+/// qualified name, since each node has its own OIDs.
+fn definition_json(def: &Definition) -> Value {
+    let name_of =
+        |oid: pg_sys::Oid| relation(oid).map(|r| r.qualified).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
+    serde_json::json!({
+        "name": def.name, "target": name_of(def.target), "shape": def.shape, "key": def.key,
+        "state_path": def.state_path, "columns": def.columns, "version": def.version, "event_id": def.event_id,
+        "on_conflict": def.on_conflict, "retain_events": def.retain_events, "event_path": def.event_path,
+        "schema": def.schema,
+        "children": def.children.iter().map(|c| serde_json::json!({
+            "name": c.name, "path": c.path, "target": name_of(c.target), "key": c.key,
+            "parent_key": c.parent_key, "columns": c.columns,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// [`definition_json`]'s inverse, each table resolved by `table` (from its qualified name).
+fn definition_from_json(id: i32, v: &Value, table: &dyn Fn(&str) -> pg_sys::Oid) -> Definition {
+    let text = |v: &Value, f: &str| v.get(f).and_then(Value::as_str).map(str::to_string);
+    let must = |v: &Value, f: &str| text(v, f).unwrap_or_else(|| panic!("a shared definition has {f}"));
+    let json = |v: &Value, f: &str| v.get(f).cloned().unwrap_or(Value::Null);
+    Definition {
+        id,
+        name: must(v, "name"),
+        target: table(&must(v, "target")),
+        shape: must(v, "shape"),
+        key: json(v, "key"),
+        state_path: text(v, "state_path"),
+        columns: json(v, "columns"),
+        version: text(v, "version"),
+        event_id: text(v, "event_id"),
+        on_conflict: must(v, "on_conflict"),
+        retain_events: v.get("retain_events").and_then(Value::as_bool).unwrap_or(false),
+        event_path: text(v, "event_path"),
+        schema: v.get("schema").filter(|s| !s.is_null()).cloned(),
+        children: v
+            .get("children")
+            .and_then(Value::as_array)
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|c| ChildDefinition {
+                name: must(c, "name"),
+                path: must(c, "path"),
+                target: table(&must(c, "target")),
+                key: json(c, "key"),
+                parent_key: json(c, "parent_key"),
+                columns: json(c, "columns"),
+            })
+            .collect(),
+    }
+}
+
+/// Shares stream `id`'s definition with every node (`ecst.sharded_streams`, a Citus reference
+/// table the first sharded stream creates), where its shards' events are applied.
+fn share_definition(id: i32) {
+    let def = read_definition_by_id(id).expect("the stream was just stored");
+    let json = definition_json(&def);
+    store::share_definition(id, &json);
+}
+
+/// Stream `id`'s definition, read from `ecst.streams` by id.
+fn read_definition_by_id(id: i32) -> Option<Definition> {
+    let name = Spi::connect_mut(|client| {
+        spi::internal::run_once(client, "SELECT name FROM ecst.streams WHERE id = $1", &[id.into()])
+            .first()
+            .get::<String>(1)
+            .ok()
+            .flatten()
+    })?;
+    read_definition(&name)
+}
+
+/// Stream `id` applied to one shard group on the node that holds it: its definition as shared
+/// (`ecst.sharded_streams`), each table replaced by its shard of the group (`shard_of`: a table's
+/// OID to its shard's). Also returns where the replica's distribution column sits in a key of
+/// several columns (for the store of the group's shards, which the caller sets). `None` if this
+/// node has no such definition.
+pub fn shard_stream(id: i32, shard_of: &dyn Fn(pg_sys::Oid) -> pg_sys::Oid) -> Option<(Stream, Option<usize>)> {
+    let json = store::shared_definition(id)?;
+    let table = |name: &str| -> pg_sys::Oid {
+        Spi::get_one_with_args::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::oid", &[name.into()])
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| {
+                raise(Code::ERRCODE_UNDEFINED_TABLE, format!("relation \"{name}\" does not exist on this node"), None)
+            })
+    };
+    let def = definition_from_json(id, &json, &|name| shard_of(table(name)));
+    let column = json.get("target").and_then(Value::as_str).and_then(|t| citus::distribution_column(table(t)));
+    let stream = build(&def).unwrap_or_else(|(code, message, hint)| {
+        raise(code, format!("stream \"{}\" no longer matches its shard tables: {message}", def.name), hint.as_deref())
+    });
+    let part = (stream.table.keys.len() > 1)
+        .then(|| stream.table.keys.iter().position(|k| Some(&k.name) == column.as_ref()))
+        .flatten();
+    Some((stream, part))
+}
+
+// ---------------------------------------------------------------------------------------
 // create_stream / drop_stream
 
 #[allow(clippy::too_many_arguments)]
@@ -803,16 +918,18 @@ pub fn create_stream(
     let children: Vec<_> = stream.children.iter().map(|c| placed(&c.table, &c.parent)).collect();
     citus::check(&placed(&stream.table, &stream.table.keys), &children)
         .unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
-    store(&def);
+    let id = Spi::connect_mut(|client| store_with(client, &def));
+    // On a hash-distributed replica: version state and event ids co-located with it, and the
+    // definition on every node, so that its shards' nodes apply its events.
+    if let Some(column) = citus::distribution_column(def.target) {
+        store::create_sharded(id, def.target, &column);
+        share_definition(id);
+    }
     invalidate_everywhere();
 }
 
-/// Writes a validated definition to `ecst.streams` / `ecst.stream_children`.
-fn store(def: &Definition) {
-    Spi::connect_mut(|client| store_with(client, def));
-}
-
-fn store_with(client: &mut pgrx::spi::SpiClient, def: &Definition) {
+/// Writes a validated definition to `ecst.streams` / `ecst.stream_children`; returns its id.
+fn store_with(client: &mut pgrx::spi::SpiClient, def: &Definition) -> i32 {
     let catalog = catalog();
     for (needs, what, version) in [
         (def.event_path.is_some() && catalog < Catalog::V3, "event_path", "0.3.0"),
@@ -883,6 +1000,7 @@ fn store_with(client: &mut pgrx::spi::SpiClient, def: &Definition) {
             ],
         );
     }
+    id
 }
 
 /// `children => {"addresses": {"path": ..., "table": ..., "key": {...}, "parent_key": ..., "columns": {...}}}`
@@ -975,13 +1093,20 @@ pub fn set_schema(name: &str, schema: Option<Value>) {
     if let Some(Err((code, message, hint))) = schema.as_ref().map(compile_schema) {
         raise(code, message, hint.as_deref());
     }
-    Spi::connect_mut(|client| {
+    let id = Spi::connect_mut(|client| {
         spi::internal::run_once(
             client,
-            "UPDATE ecst.streams SET schema = $2 WHERE name = $1",
+            "UPDATE ecst.streams SET schema = $2 WHERE name = $1 RETURNING id",
             &[name.into(), schema.map(JsonB).into()],
-        );
+        )
+        .first()
+        .get::<i32>(1)
+        .ok()
+        .flatten()
     });
+    if let Some(id) = id.filter(|&id| store::shared_definition(id).is_some()) {
+        share_definition(id);
+    }
     invalidate_everywhere();
 }
 
@@ -992,11 +1117,15 @@ pub fn drop_stream(name: &str) -> bool {
     let Some(target) = target else { return false };
     owner::require_owner(name, target, "drop");
     let dropped = Spi::connect_mut(|client| {
-        !spi::internal::run_once(client, "DELETE FROM ecst.streams WHERE name = $1 RETURNING 1", &[name.into()])
-            .is_empty()
+        spi::internal::run_once(client, "DELETE FROM ecst.streams WHERE name = $1 RETURNING id", &[name.into()])
+            .first()
+            .get::<i32>(1)
+            .ok()
+            .flatten()
     });
-    if dropped {
+    if let Some(id) = dropped {
+        store::drop_sharded(id);
         invalidate_everywhere();
     }
-    dropped
+    dropped.is_some()
 }

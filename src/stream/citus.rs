@@ -77,6 +77,58 @@ pub fn on_worker_node() -> bool {
     })
 }
 
+/// The column by which Citus hash-distributes the table (`None`: not hash-distributed).
+pub fn distribution_column(table: pg_sys::Oid) -> Option<String> {
+    match distribution(table) {
+        Distribution::Hash { column, .. } => Some(column),
+        _ => None,
+    }
+}
+
+/// The shard of stream `stream_id`'s stage table (`ecst.stage_<id>`) that `relation` is, on this
+/// node (`None`: it is not one).
+pub fn stage_shard(stream_id: i32, relation: pg_sys::Oid) -> Option<i64> {
+    Spi::connect_mut(|client| {
+        if !installed(client) {
+            return None;
+        }
+        spi::internal::run_once(
+            client,
+            "SELECT s.shardid FROM pg_catalog.pg_dist_shard s
+              WHERE s.logicalrelid = pg_catalog.to_regclass('ecst.stage_' || $1)
+                AND pg_catalog.to_regclass(pg_catalog.shard_name(s.logicalrelid, s.shardid)) = $2::oid::regclass",
+            &[stream_id.into(), relation.into()],
+        )
+        .first()
+        .get::<i64>(1)
+        .ok()
+        .flatten()
+    })
+}
+
+/// The shard of `table` in the shard group of `shard` (a table co-located with it), as a local
+/// relation of this node (`None`: there is none here).
+pub fn colocated_shard(table: pg_sys::Oid, shard: i64) -> Option<pg_sys::Oid> {
+    Spi::connect_mut(|client| {
+        spi::internal::run_once(
+            client,
+            // shard_name leaves a shard in schema public unqualified.
+            "SELECT pg_catalog.to_regclass(CASE WHEN n.nspname = 'public' THEN 'public.' ELSE '' END
+                                           || pg_catalog.shard_name(o.logicalrelid, o.shardid))::oid
+               FROM pg_catalog.pg_dist_shard s
+               JOIN pg_catalog.pg_dist_shard o ON o.shardminvalue = s.shardminvalue
+               JOIN pg_catalog.pg_class c ON c.oid = o.logicalrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE s.shardid = $1 AND o.logicalrelid = $2::oid::regclass",
+            &[shard.into(), table.into()],
+        )
+        .first()
+        .get::<pg_sys::Oid>(1)
+        .ok()
+        .flatten()
+    })
+}
+
 /// Whether Citus manages the table (distributed, reference or Citus-local). Its rows then live in
 /// shards that only SQL reaches — Citus routes statements and `COPY` through its hooks — while the
 /// table itself, on the coordinator, is an empty shell: the executor's row API or `CopyFrom`

@@ -1,0 +1,196 @@
+//! Applying a stream whose replica Citus distributes where its shards are.
+//!
+//! Such a stream keeps its version state and event ids in tables co-located with the replica
+//! (`pg::store`, sharded). On the coordinator, [`apply_routed`] decides nothing: it converts each
+//! event's key (a key that does not fit is a dead letter here), inserts the events into the
+//! stream's stage table — Citus sends each to the shard of its entity — and then runs one query
+//! over the stage table that Citus splits into one task per shard, all at once: each task calls
+//! `ecst._apply_shard` on the node holding the shard ([`apply_staged`]), which applies that shard's
+//! events with the same engine as a local replica's, against the shard group's tables (replica,
+//! children, state, ids), and returns their results. Everything runs in the coordinator's
+//! transaction: one commit (two-phase) for all nodes, or none.
+//!
+//! The staging and the query run as the calling role (Citus's connections are the caller's, so
+//! the rest of the transaction sees the writes); the node checks the role's privileges on the
+//! shards and reads the stream's definition from its own copy (`ecst.sharded_streams`), never
+//! from the caller.
+
+use crate::engine::apply;
+use crate::engine::bulk;
+use crate::engine::outcome::{self, Applied, ErrorPolicy};
+use crate::pg::errors::raise;
+use crate::pg::spi;
+use crate::pg::store::Store;
+use crate::stream::catalog::{self, Stream};
+use crate::stream::citus;
+use crate::stream::security;
+use ecst_core::event::Event;
+use ecst_core::reject::Rejection;
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+use pgrx::PgSqlErrorCode as Code;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// Applies `events` (with their `payloads`) of a stream on a distributed replica on the shards'
+/// nodes; one result per event, as [`crate::engine::apply`] returns them.
+pub fn apply_routed(
+    client: &mut SpiClient,
+    stream: &Stream,
+    payloads: &[Option<&str>],
+    events: &[Result<Event, Rejection>],
+    policy: ErrorPolicy,
+) -> Vec<Applied> {
+    let sharded = stream.store.sharded().expect("a sharded stream");
+    let part = sharded.part.unwrap_or(0);
+    let mut results: Vec<Option<Applied>> = vec![None; events.len()];
+    let (mut dists, mut seqs, mut staged) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (payload, event)) in payloads.iter().zip(events).enumerate() {
+        let ev = match event {
+            Ok(ev) => ev,
+            Err(r) => {
+                results[i] = Some(Applied::rejected(r.clone()));
+                continue;
+            }
+        };
+        match apply::bind_keys(&stream.table.keys, &stream.spec.key_fields, &ev.key) {
+            Ok((_, mut canonical)) => {
+                dists.push(canonical.swap_remove(part));
+                seqs.push(i as i32);
+                staged.push(payload.map(str::to_string));
+            }
+            Err(r) => results[i] = Some(Applied::rejected(r)),
+        }
+    }
+    if !seqs.is_empty() {
+        let token = token();
+        // Fully qualified, as the caller: the caller's search_path must not matter.
+        crate::pg::owner::pinned(|| {
+            let insert = stream.store.render(
+                "INSERT INTO {stage} (dist, token, seq, payload)
+                 SELECT {dist:u.d}, $1, u.s, u.p
+                   FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.int4[]),
+                                   pg_catalog.unnest($4::pg_catalog.text[])) AS u (d, s, p)",
+            );
+            spi::run_once(client, &insert, &[token.as_str().into(), dists.into(), seqs.into(), staged.into()]);
+            let query = stream.store.render(
+                "SELECT q.r FROM (SELECT ecst._apply_shard($1, s.tableoid, $2, $3) AS r FROM {stage} s) q
+                  WHERE q.r IS NOT NULL",
+            );
+            let reports = spi::run_once(
+                client,
+                &query,
+                &[sharded.stream_id.into(), token.as_str().into(), outcome::policy_name(policy).into()],
+            );
+            for report in reports {
+                let text: String = report.get(1).ok().flatten().expect("a report");
+                let list: Vec<serde_json::Value> = serde_json::from_str(&text).expect("a shard's report is JSON");
+                for item in &list {
+                    let (seq, applied) = outcome::from_wire(item).expect("a shard's result");
+                    results[seq as usize] = Some(applied);
+                }
+            }
+        });
+    }
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.unwrap_or_else(|| {
+                raise(
+                    Code::ERRCODE_INTERNAL_ERROR,
+                    format!(
+                        "event {} of stream \"{}\" was sent to its shard, and no node applied it",
+                        i + 1,
+                        stream.spec.name
+                    ),
+                    Some("Is pg_ecst installed, in the same version, on every node of the cluster?"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// A batch's mark, unguessable: a node applies the staged rows carrying it, and only once.
+fn token() -> String {
+    let mut bytes = [0u8; 16];
+    // SAFETY: fills the buffer with cryptographically strong random bytes.
+    if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) } {
+        raise(Code::ERRCODE_INTERNAL_ERROR, "could not generate random bytes", None);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+thread_local! {
+    /// The token each stage shard was last applied for in this backend: the query that calls
+    /// `_apply_shard` calls it once per staged row, and the first call applies them all.
+    static APPLIED: RefCell<HashMap<pg_sys::Oid, String>> = RefCell::new(HashMap::new());
+}
+
+/// On the node holding a shard: applies the events staged in `stage` (a shard of stream
+/// `stream_id`'s stage table) under `token`, and returns their results as JSON
+/// ([`outcome::to_wire`]), or `None` if this backend has applied them already.
+pub fn apply_staged(
+    client: &mut SpiClient,
+    stream_id: i32,
+    stage: pg_sys::Oid,
+    token: &str,
+    policy: &str,
+) -> Option<String> {
+    if APPLIED.with(|a| a.borrow().get(&stage).is_some_and(|t| t == token)) {
+        return None;
+    }
+    APPLIED.with(|a| a.borrow_mut().insert(stage, token.to_string()));
+    let Some((policy, last)) = outcome::policy_from_name(policy) else {
+        raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown policy {policy:?}"), None)
+    };
+    let Some(shard) = citus::stage_shard(stream_id, stage) else {
+        raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("relation {} is not a shard of stream {stream_id}'s stage table on this node", stage.to_u32()),
+            Some("ecst._apply_shard is called by pg_ecst on the coordinator, not by hand."),
+        )
+    };
+    let shard_of = |table: pg_sys::Oid| {
+        citus::colocated_shard(table, shard).unwrap_or_else(|| {
+            raise(
+                Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("no shard of relation {} is co-located with shard {shard} on this node", table.to_u32()),
+                Some("A stream's tables must stay co-located with its replica."),
+            )
+        })
+    };
+    let own = |name: String| {
+        let oid = crate::pg::syscache::own_relation(&std::ffi::CString::new(name.clone()).expect("no NUL"))
+            .unwrap_or_else(|| {
+                raise(Code::ERRCODE_UNDEFINED_TABLE, format!("relation ecst.{name} does not exist"), None)
+            });
+        shard_of(oid)
+    };
+    let shards = [
+        own(crate::pg::store::state_table(stream_id)),
+        own(crate::pg::store::ids_table(stream_id)),
+        own(crate::pg::store::stage_table(stream_id)),
+    ];
+    let Some((mut stream, part)) = catalog::shard_stream(stream_id, &shard_of) else {
+        raise(
+            Code::ERRCODE_UNDEFINED_OBJECT,
+            format!("stream {stream_id} has no shared definition on this node"),
+            Some("A stream created in this transaction is known to the other nodes once it commits."),
+        )
+    };
+    stream.store = Store::of_shard(client, stream_id, part, shard, shards);
+    security::require_apply(&stream);
+    let rows: Vec<(i32, Option<String>)> = stream
+        .store
+        .run_once(client, "SELECT seq, payload FROM {stage} WHERE token = $1 ORDER BY seq", &[token.into()])
+        .map(|r| (r.get::<i32>(1).unwrap().unwrap(), r.get::<String>(2).unwrap()))
+        .collect();
+    stream.store.run_once(client, "DELETE FROM {stage} WHERE token = $1", &[token.into()]);
+    let events: Vec<Result<Event, Rejection>> =
+        rows.iter().map(|(_, p)| apply::parse_payload(&stream.spec, p.as_deref())).collect();
+    let results = outcome::last_try(last, || bulk::apply_run(client, &stream.styled(), &events, policy));
+    let wire: Vec<serde_json::Value> =
+        rows.iter().zip(&results).map(|((seq, _), r)| outcome::to_wire(*seq, r)).collect();
+    Some(serde_json::Value::Array(wire).to_string())
+}
