@@ -253,8 +253,9 @@ start_citus_cluster() {
     local dir=$1 port=$2 node i=0
     shift 2
     for node in coordinator worker1 worker2; do
+        # citus.local_hostname: how a node connects to itself (a shard move does), here by its socket.
         start_cluster "$dir/$node" $((port + i)) "shared_preload_libraries = 'citus,pg_ecst'" \
-            "max_connections = 100" "citus.max_client_connections = 40" "$@"
+            "max_connections = 100" "citus.max_client_connections = 40" "citus.local_hostname = '$dir/$node/sock'" "$@"
         i=$((i + 1))
     done
 }

@@ -128,3 +128,36 @@ pub fn policy_from_name(name: &str) -> Option<(ErrorPolicy, bool)> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+    use ecst_core::reject::RejectCode;
+
+    #[test]
+    fn results_cross_nodes_unchanged() {
+        let cases = [
+            Applied::Done { outcome: Outcome::Applied, conflict: false },
+            Applied::Done { outcome: Outcome::Stale, conflict: true },
+            Applied::Done { outcome: Outcome::Duplicate, conflict: false },
+            Applied::Done { outcome: Outcome::Skipped, conflict: true },
+            Applied::Rejected {
+                rejection: Rejection::new(RejectCode::WriteFailed, "a \"quoted\" message\nover lines"),
+                sqlstate: Some("23514".into()),
+                conflict: false,
+            },
+            Applied::rejected(Rejection::new(RejectCode::Conflict, "")),
+        ];
+        for (seq, applied) in cases.iter().enumerate() {
+            let text = to_wire(seq as i32, applied).to_string();
+            let (back_seq, back) = from_wire(&serde_json::from_str(&text).unwrap()).unwrap();
+            assert_eq!(back_seq, seq as i32);
+            assert_eq!(format!("{back:?}"), format!("{applied:?}"));
+        }
+        assert!(from_wire(&serde_json::json!([1, "nonsense", false])).is_none());
+        for name in ["caller", "worker", "worker_last"] {
+            let (policy, last) = policy_from_name(name).unwrap();
+            assert_eq!(last_try(last, || policy_name(policy)), name);
+        }
+    }
+}

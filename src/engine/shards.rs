@@ -31,6 +31,7 @@ use pgrx::spi::SpiClient;
 use pgrx::PgSqlErrorCode as Code;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// Applies `events` (with their `payloads`) of a stream on a distributed replica on the shards'
 /// nodes; one result per event, as [`crate::engine::apply`] returns them.
@@ -66,21 +67,32 @@ pub fn apply_routed(
         let token = token();
         // Fully qualified, as the caller: the caller's search_path must not matter.
         crate::pg::owner::pinned(|| {
-            let insert = stream.store.render(
+            // One event: a plain INSERT, which Citus sends straight to its shard.
+            let insert = stream.store.render(if seqs.len() == 1 {
+                "INSERT INTO {stage} (dist, token, seq, payload)
+                 VALUES ({dist:($2::pg_catalog.text[])[1]}, $1, ($3::pg_catalog.int4[])[1], ($4::pg_catalog.text[])[1])"
+            } else {
                 "INSERT INTO {stage} (dist, token, seq, payload)
                  SELECT {dist:u.d}, $1, u.s, u.p
                    FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.int4[]),
-                                   pg_catalog.unnest($4::pg_catalog.text[])) AS u (d, s, p)",
-            );
+                                   pg_catalog.unnest($4::pg_catalog.text[])) AS u (d, s, p)"
+            });
+            // Events of one entity (a single `ecst.apply`) go to one shard: the query names it,
+            // and Citus sends it to that shard alone instead of to every shard.
+            let one = dists.iter().all(|d| *d == dists[0]).then(|| dists[0].clone());
             spi::run_once(client, &insert, &[token.as_str().into(), dists.into(), seqs.into(), staged.into()]);
-            let query = stream.store.render(
+            let query = stream.store.render(if one.is_some() {
+                "SELECT q.r FROM (SELECT ecst._apply_shard($1, s.tableoid, $2, $3) AS r FROM {stage} s
+                                   WHERE s.dist = {dist:$4}) q
+                  WHERE q.r IS NOT NULL"
+            } else {
                 "SELECT q.r FROM (SELECT ecst._apply_shard($1, s.tableoid, $2, $3) AS r FROM {stage} s) q
-                  WHERE q.r IS NOT NULL",
-            );
+                  WHERE q.r IS NOT NULL"
+            });
             let reports = spi::run_once(
                 client,
                 &query,
-                &[sharded.stream_id.into(), token.as_str().into(), outcome::policy_name(policy).into()],
+                &[sharded.stream_id.into(), token.as_str().into(), outcome::policy_name(policy).into(), one.into()],
             );
             for report in reports {
                 let text: String = report.get(1).ok().flatten().expect("a report");
@@ -125,25 +137,15 @@ thread_local! {
     /// The token each stage shard was last applied for in this backend: the query that calls
     /// `_apply_shard` calls it once per staged row, and the first call applies them all.
     static APPLIED: RefCell<HashMap<pg_sys::Oid, String>> = RefCell::new(HashMap::new());
+    /// Streams over shard groups, by (stream, stage shard), with the cache generation and the
+    /// definition they were built from (`catalog::generation`, `ecst.sharded_streams`).
+    static SHARD_STREAMS: RefCell<HashMap<(i32, pg_sys::Oid), ShardStream>> = RefCell::new(HashMap::new());
 }
 
-/// On the node holding a shard: applies the events staged in `stage` (a shard of stream
-/// `stream_id`'s stage table) under `token`, and returns their results as JSON
-/// ([`outcome::to_wire`]), or `None` if this backend has applied them already.
-pub fn apply_staged(
-    client: &mut SpiClient,
-    stream_id: i32,
-    stage: pg_sys::Oid,
-    token: &str,
-    policy: &str,
-) -> Option<String> {
-    if APPLIED.with(|a| a.borrow().get(&stage).is_some_and(|t| t == token)) {
-        return None;
-    }
-    APPLIED.with(|a| a.borrow_mut().insert(stage, token.to_string()));
-    let Some((policy, last)) = outcome::policy_from_name(policy) else {
-        raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown policy {policy:?}"), None)
-    };
+type ShardStream = (u64, serde_json::Value, Rc<Stream>);
+
+/// Stream `stream_id` over the shard group of `stage` (a shard of its stage table on this node).
+fn shard_stream(client: &mut SpiClient, stream_id: i32, stage: pg_sys::Oid, definition: &serde_json::Value) -> Stream {
     let Some(shard) = citus::stage_shard(stream_id, stage) else {
         raise(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -172,21 +174,67 @@ pub fn apply_staged(
         own(crate::pg::store::ids_table(stream_id)),
         own(crate::pg::store::stage_table(stream_id)),
     ];
-    let Some((mut stream, part)) = catalog::shard_stream(stream_id, &shard_of) else {
+    let (mut stream, part) = catalog::shard_stream(stream_id, definition, &shard_of);
+    stream.store = Store::of_shard(client, stream_id, part, shard, shards);
+    stream
+}
+
+/// On the node holding a shard: applies the events staged in `stage` (a shard of stream
+/// `stream_id`'s stage table) under `token`, and returns their results as JSON
+/// ([`outcome::to_wire`]), or `None` if this backend has applied them already.
+pub fn apply_staged(
+    client: &mut SpiClient,
+    stream_id: i32,
+    stage: pg_sys::Oid,
+    token: &str,
+    policy: &str,
+) -> Option<String> {
+    if APPLIED.with(|a| a.borrow().get(&stage).is_some_and(|t| t == token)) {
+        return None;
+    }
+    APPLIED.with(|a| a.borrow_mut().insert(stage, token.to_string()));
+    let Some((policy, last)) = outcome::policy_from_name(policy) else {
+        raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown policy {policy:?}"), None)
+    };
+    let Some(definition) = crate::pg::store::shared_definition(stream_id) else {
         raise(
             Code::ERRCODE_UNDEFINED_OBJECT,
             format!("stream {stream_id} has no shared definition on this node"),
             Some("A stream created in this transaction is known to the other nodes once it commits."),
         )
     };
-    stream.store = Store::of_shard(client, stream_id, part, shard, shards);
+    let generation = catalog::generation();
+    let cached = SHARD_STREAMS.with(|c| {
+        c.borrow().get(&(stream_id, stage)).filter(|e| e.0 == generation && e.1 == definition).map(|e| e.2.clone())
+    });
+    let mut stream = match cached {
+        Some(stream) => stream,
+        None => Rc::new(shard_stream(client, stream_id, stage, &definition)),
+    };
+    // Its tables locked before its column types are trusted (as `catalog::try_stream` does): a
+    // change that committed meanwhile has been seen, and the stream is built again.
+    for oid in std::iter::once(stream.table.oid).chain(stream.children.iter().map(|c| c.table.oid)) {
+        // SAFETY: a transaction-level lock on a relation.
+        unsafe { pg_sys::LockRelationOid(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    }
+    let generation = match catalog::generation() {
+        g if g == generation => g,
+        g => {
+            stream = Rc::new(shard_stream(client, stream_id, stage, &definition));
+            g
+        }
+    };
+    SHARD_STREAMS.with(|c| c.borrow_mut().insert((stream_id, stage), (generation, definition, stream.clone())));
     security::require_apply(&stream);
-    let rows: Vec<(i32, Option<String>)> = stream
+    // The batch's rows, and any row someone committed there by hand (everyone may insert; pg_ecst
+    // consumes its rows in the transaction that staged them): those are removed and ignored.
+    let mut rows: Vec<(i32, Option<String>)> = stream
         .store
-        .run_once(client, "SELECT seq, payload FROM {stage} WHERE token = $1 ORDER BY seq", &[token.into()])
-        .map(|r| (r.get::<i32>(1).unwrap().unwrap(), r.get::<String>(2).unwrap()))
+        .run_once(client, "DELETE FROM {stage} RETURNING token = $1, seq, payload", &[token.into()])
+        .filter(|r| r.get::<bool>(1).unwrap().unwrap_or(false))
+        .map(|r| (r.get::<i32>(2).unwrap().unwrap(), r.get::<String>(3).unwrap()))
         .collect();
-    stream.store.run_once(client, "DELETE FROM {stage} WHERE token = $1", &[token.into()]);
+    rows.sort_by_key(|r| r.0);
     let events: Vec<Result<Event, Rejection>> =
         rows.iter().map(|(_, p)| apply::parse_payload(&stream.spec, p.as_deref())).collect();
     let results = outcome::last_try(last, || bulk::apply_run(client, &stream.styled(), &events, policy));

@@ -253,8 +253,8 @@ fn dist_type(client: &mut SpiClient, table: pg_sys::Oid) -> Option<String> {
 /// Creates a sharded stream's tables, typed and collated as the replica's distribution column
 /// `column`, distributed by `dist` and co-located with `replica` (the caller has checked that
 /// Citus hash-distributes it). Run as the extension's owner: the tables are pg_ecst's; only the
-/// stage table takes rows from the applying roles (`INSERT`, consumed by pg_ecst in the same
-/// transaction).
+/// stage table takes rows from the applying roles (`INSERT`, `SELECT`; consumed by pg_ecst in
+/// the same transaction).
 pub fn create_sharded(stream_id: i32, replica: pg_sys::Oid, column: &str) {
     let state = qualified(&state_table(stream_id));
     let ids = qualified(&ids_table(stream_id));
@@ -294,7 +294,8 @@ pub fn create_sharded(stream_id: i32, replica: pg_sys::Oid, column: &str) {
                 format!(
                     "CREATE TABLE {stage} (dist {ty} NOT NULL, token text NOT NULL, seq integer NOT NULL, payload text)"
                 ),
-                format!("GRANT INSERT ON {stage} TO PUBLIC"),
+                // The calling role stages its events and reads them back through Citus.
+                format!("GRANT SELECT, INSERT ON {stage} TO PUBLIC"),
                 format!("COMMENT ON TABLE {state} IS 'pg_ecst per-entity versions and tombstones of stream {stream_id}, co-located with its replica'"),
                 format!("COMMENT ON TABLE {ids} IS 'pg_ecst event ids applied by stream {stream_id}, co-located with its replica'"),
                 format!("COMMENT ON TABLE {stage} IS 'pg_ecst events of stream {stream_id} on their way to the shards'' nodes (rows live only inside the transaction that applies them)'"),

@@ -166,6 +166,29 @@ thread_local! {
     static CACHE: RefCell<HashMap<String, Rc<Stream>>> = RefCell::new(HashMap::new());
     static WATCHED: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
     static STALE: Cell<bool> = const { Cell::new(false) };
+    /// How many times the cache was dropped: a cache of something built from streams' tables
+    /// ([`generation`]) is valid while this stays the same.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Drops the cached streams if a watched table or the catalog changed since they were built.
+fn drop_if_stale() {
+    if STALE.with(|s| s.replace(false)) {
+        CACHE.with(|c| c.borrow_mut().clear());
+        GENERATION.with(|g| g.set(g.get() + 1));
+    }
+}
+
+/// The cache's generation: it changes whenever a table that a stream built here was watching
+/// (see [`watch`]) or the catalog changed.
+pub fn generation() -> u64 {
+    drop_if_stale();
+    GENERATION.with(|g| g.get())
+}
+
+/// Tables whose changes (an `ALTER TABLE`, a `DROP`) must make the cache's [`generation`] change.
+fn watch(oids: impl IntoIterator<Item = pg_sys::Oid>) {
+    WATCHED.with(|w| w.borrow_mut().extend(oids));
 }
 
 #[pg_guard]
@@ -272,9 +295,7 @@ pub fn try_stream_quietly(name: &str) -> Lookup {
 }
 
 fn cached_stream(name: &str) -> Option<Rc<Stream>> {
-    if STALE.with(|s| s.replace(false)) {
-        CACHE.with(|c| c.borrow_mut().clear());
-    }
+    drop_if_stale();
     if let Some(s) = CACHE.with(|c| c.borrow().get(name).cloned()) {
         return Some(s);
     }
@@ -823,13 +844,12 @@ fn read_definition_by_id(id: i32) -> Option<Definition> {
     read_definition(&name)
 }
 
-/// Stream `id` applied to one shard group on the node that holds it: its definition as shared
-/// (`ecst.sharded_streams`), each table replaced by its shard of the group (`shard_of`: a table's
-/// OID to its shard's). Also returns where the replica's distribution column sits in a key of
-/// several columns (for the store of the group's shards, which the caller sets). `None` if this
-/// node has no such definition.
-pub fn shard_stream(id: i32, shard_of: &dyn Fn(pg_sys::Oid) -> pg_sys::Oid) -> Option<(Stream, Option<usize>)> {
-    let json = store::shared_definition(id)?;
+/// Stream `id` applied to one shard group on the node that holds it: its definition `json` as
+/// shared (`ecst.sharded_streams`), each table replaced by its shard of the group (`shard_of`: a
+/// table's OID to its shard's). Also returns where the replica's distribution column sits in a
+/// key of several columns (for the store of the group's shards, which the caller sets). Its
+/// tables are watched: a change to them changes the cache's [`generation`].
+pub fn shard_stream(id: i32, json: &Value, shard_of: &dyn Fn(pg_sys::Oid) -> pg_sys::Oid) -> (Stream, Option<usize>) {
     let table = |name: &str| -> pg_sys::Oid {
         Spi::get_one_with_args::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::oid", &[name.into()])
             .ok()
@@ -838,7 +858,7 @@ pub fn shard_stream(id: i32, shard_of: &dyn Fn(pg_sys::Oid) -> pg_sys::Oid) -> O
                 raise(Code::ERRCODE_UNDEFINED_TABLE, format!("relation \"{name}\" does not exist on this node"), None)
             })
     };
-    let def = definition_from_json(id, &json, &|name| shard_of(table(name)));
+    let def = definition_from_json(id, json, &|name| shard_of(table(name)));
     let column = json.get("target").and_then(Value::as_str).and_then(|t| citus::distribution_column(table(t)));
     let stream = build(&def).unwrap_or_else(|(code, message, hint)| {
         raise(code, format!("stream \"{}\" no longer matches its shard tables: {message}", def.name), hint.as_deref())
@@ -846,7 +866,8 @@ pub fn shard_stream(id: i32, shard_of: &dyn Fn(pg_sys::Oid) -> pg_sys::Oid) -> O
     let part = (stream.table.keys.len() > 1)
         .then(|| stream.table.keys.iter().position(|k| Some(&k.name) == column.as_ref()))
         .flatten();
-    Some((stream, part))
+    watch(std::iter::once(stream.table.oid).chain(stream.children.iter().map(|c| c.table.oid)));
+    (stream, part)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ cleanup() {
     stop_citus_cluster "$DEMO_DIR"
     as_root rm -rf "$CLUSTER" "$DEMO_DIR"
 }
-trap cleanup EXIT
+# KEEP=1 leaves the cluster running (for a look after a failure).
+[ -n "${KEEP:-}" ] || trap cleanup EXIT
 
 echo "-- ./scripts/citus-demo"
 out=$(CITUS_DEMO_DIR=$DEMO_DIR CITUS_DEMO_PORT=$DEMO_PORT ./scripts/citus-demo 2>&1) || { echo "$out"; }
@@ -39,9 +40,16 @@ check "the demo's delta changes line1 only" "12366|billing|48 Baker Street|Londo
 stop_citus_cluster "$DEMO_DIR"
 
 echo "-- a cluster of three nodes"
-start_citus_cluster "$CLUSTER" "$IT_PORT" "ecst.database = '$DB'" "ecst.workers = 1" "ecst.naptime = 100"
+start_citus_cluster "$CLUSTER" "$IT_PORT" "ecst.database = '$DB'" "ecst.workers = 1" "ecst.naptime = 100" \
+    "track_functions = 'all'"
 citus_database "$CLUSTER" "$IT_PORT" "$DB"
 q() { psql_it -d "$DB" -c "$1"; }
+# on NODE [ROLE] SQL: a query on node worker1 or worker2 (as ROLE).
+on() {
+    local node=$1 port=$((IT_PORT + ${1#worker})) role=postgres
+    [ $# = 3 ] && { role=$2; shift; }
+    psql -X -q -t -A -h "$CLUSTER/$node/sock" -p "$port" -U "$role" -d "$DB" -c "$2" 2>&1
+}
 fails() { psql_it -d "$DB" -v VERBOSITY=verbose -c "$1" 2>&1 \
     | sed -n 's/^ERROR: *\([0-9A-Z]\{5\}\): .*/\1/p; s/^HINT: *\(.*\)/\1/p' | paste -sd'|'; }
 # replica NAME SHAPE PLACE COLUMNS [OPTIONS]: a table NAME (id text PRIMARY KEY, then COLUMNS,
@@ -126,16 +134,15 @@ check "an insert there fails (42704), saying where streams are and what to do" \
     "42704|This is a Citus worker node, and pg_ecst's streams are defined on the coordinator: apply events there. A trigger on a distributed table runs here, on the shards' nodes: keep the table that receives events local to the coordinator, or send them to ecst.inbox or ecst.feed." \
     "$(fails "INSERT INTO events (k, payload) VALUES ('x', '{\"addressId\": \"x\"}')")"
 
-w1() { psql -X -q -t -A -h "$CLUSTER/worker1/sock" -p $((IT_PORT + 1)) -U postgres -d "$DB" -v ON_ERROR_STOP=1 -c "$1"; }
-w1 "INSERT INTO ecst.feed (stream, payload) VALUES ('address', '{\"addressId\": \"w\"}')" >/dev/null
+on worker1 "INSERT INTO ecst.feed (stream, payload) VALUES ('address', '{\"addressId\": \"w\"}')" >/dev/null
 check "events fed to a worker node are dead letters that say where streams are" \
     "unknown_stream|stream \"address\" does not exist: this is a Citus worker node, and pg_ecst's streams are defined on the coordinator" \
-    "$(w1 "SELECT error_code || '|' || message FROM ecst.dead_letters")"
+    "$(on worker1 "SELECT error_code || '|' || message FROM ecst.dead_letters")"
 # The worker nodes run pg_ecst's workers too (the same settings): an event in a worker node's inbox.
-w1 "INSERT INTO ecst.inbox (stream, payload) VALUES ('address', '{\"addressId\": \"w2\"}')" >/dev/null
-for _ in $(seq 1 100); do [ "$(w1 "SELECT count(*) FROM ecst.inbox")" = 0 ] && break; sleep 0.1; done
+on worker1 "INSERT INTO ecst.inbox (stream, payload) VALUES ('address', '{\"addressId\": \"w2\"}')" >/dev/null
+for _ in $(seq 1 100); do [ "$(on worker1 "SELECT count(*) FROM ecst.inbox")" = 0 ] && break; sleep 0.1; done
 check "... and so are events in a worker node's inbox" "2|1" \
-    "$(w1 "SELECT count(*) FROM ecst.dead_letters WHERE message LIKE '%this is a Citus worker node%'")|$(w1 "SELECT count(*) FROM ecst.dead_letters WHERE payload LIKE '%w2%'")"
+    "$(on worker1 "SELECT count(*) FROM ecst.dead_letters WHERE message LIKE '%this is a Citus worker node%'")|$(on worker1 "SELECT count(*) FROM ecst.dead_letters WHERE payload LIKE '%w2%'")"
 
 echo "-- a batch where an existing row keeps its newer version (row mode: the version in the replica row)"
 replica item entity_snapshot distributed ", line1 text, ts bigint" ", version => 'newState.ts'"
@@ -297,4 +304,101 @@ check "the replica equals in-order application" "0" \
 check "every event applied once, none dead-lettered" "12000|0|0" \
     "$(q "SELECT applied || '|' || duplicate || '|' || dead_lettered FROM ecst.stats WHERE stream = 'delt_w'")"
 
+
+echo "-- the apply work on the shards' nodes; version state in the shard groups, moving with them"
+sid() { q "SELECT id FROM ecst.streams WHERE name = '$1'"; }
+check "a distributed replica's stream keeps its versions beside its rows, not on the coordinator" \
+    "0|$(q "SELECT count(*) FROM ecst.entity_state WHERE stream_id = $(sid l_fld)")" \
+    "$(q "SELECT count(*) FROM ecst.entity_state WHERE stream_id = $(sid d_fld)")|$(q "SELECT count(*) FROM ecst.entity_state_$(sid d_fld)")"
+check "... in tables co-located with the replica (state, event ids, stage)" "3" \
+    "$(q "SELECT count(*) FROM pg_dist_partition WHERE colocationid = (SELECT colocationid FROM pg_dist_partition WHERE logicalrelid = 'd_fld'::regclass) AND logicalrelid::text LIKE 'ecst.%\\_$(sid d_fld)'")"
+check "... and so are its event ids" "$(q "SELECT count(*) FROM ecst.applied_events WHERE stream_id = $(sid l_snap)")" \
+    "$(q "SELECT count(*) FROM ecst.applied_events_$(sid d_snap)")"
+calls() {  # calls NODE: how often ecst._apply_shard ran there (function statistics arrive within seconds)
+    local n
+    for _ in $(seq 1 100); do
+        n=$(on "$1" "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname = '_apply_shard'")
+        [ "$n" -gt 0 ] && break
+        sleep 0.2
+    done
+    echo "$n"
+}
+check "both workers applied events (ecst._apply_shard ran on each)" "t|t" \
+    "$([ "$(calls worker1)" -gt 0 ] && echo t)|$([ "$(calls worker2)" -gt 0 ] && echo t)"
+
+# A shard group moves to the other worker between two halves of the events: its versions move
+# with its rows, so the second half is decided against them (stale events stay stale).
+replica mv entity_snapshot distributed ", line1 text, note text" ", version => 'ts', event_id => 'eid'"
+replica mv_l entity_snapshot local ", line1 text, note text" ", version => 'ts', event_id => 'eid'"
+python3 tests/integration/gen_events.py --shape snapshot --stream s --entities 300 --events 3000 --seed 21 \
+    --redeliver 0.1 --out "$work/mv_all.tsv" --expected "$work/mv.csv"
+head -n 1650 "$work/mv_all.tsv" > "$work/half_1.tsv"; tail -n +1651 "$work/mv_all.tsv" > "$work/half_2.tsv"
+feed_half() {
+    for t in mv mv_l; do
+        sed "s/^s\t/$t\t/" "$work/half_$1.tsv" > "$work/${t}_$1.tsv"
+        psql_it -d "$DB" -c "\\copy ecst.feed (stream, payload) FROM '$work/${t}_$1.tsv'" >/dev/null
+    done
+}
+feed_half 1
+read -r shard from < <(q "SELECT shardid, nodeport FROM citus_shards WHERE table_name = 'mv'::regclass AND shard_size >= 0
+                          ORDER BY shardid LIMIT 1" | tr '|' ' ')
+to=$((from == IT_PORT + 1 ? IT_PORT + 2 : IT_PORT + 1))
+state_shard() { q "SELECT s.nodeport || ':' || s.shardid FROM citus_shards s JOIN pg_dist_shard d ON d.shardid = s.shardid
+                   WHERE s.table_name = 'ecst.entity_state_$(sid mv)'::regclass
+                     AND d.shardminvalue = (SELECT shardminvalue FROM pg_dist_shard WHERE shardid = $shard)"; }
+before=$(state_shard)
+node_of() { [ "$1" = $((IT_PORT + 1)) ] && echo worker1 || echo worker2; }
+q "SELECT citus_move_shard_placement($shard, '$CLUSTER/$(node_of "$from")/sock', $from, '$CLUSTER/$(node_of "$to")/sock', $to,
+       shard_transfer_mode => 'block_writes')" >/dev/null
+check "the replica's shard moved, and its shard of version state with it" "$from -> $to" \
+    "${before%%:*} -> $(state_shard | cut -d: -f1)"
+feed_half 2
+check "events after the move: the replica equals in-order application" "0" "$(compare mv "$work/mv.csv" "id, coalesce(line1, ''), ''")"
+check "... and the local replica fed the same" "0" "$(same mv mv_l)"
+check "... with the same outcomes" "$(stats mv_l)" "$(stats mv)"
+
+# Nothing a caller passes decides what a node applies: the definition is the node's copy, the
+# caller's privileges on the shards are checked, and rows committed into a stage table by hand are
+# thrown away unapplied.
+q "CREATE ROLE applier LOGIN" >/dev/null
+q "CREATE ROLE intruder LOGIN" >/dev/null
+q "GRANT SELECT, INSERT, UPDATE, DELETE ON mv TO applier" >/dev/null
+check "a role with the privileges on the replica applies through the nodes" "applied" \
+    "$(psql -X -q -t -A -h "$CLUSTER/coordinator/sock" -p "$IT_PORT" -U applier -d "$DB" \
+        -c "SELECT ecst.apply('mv', '{\"id\": \"by_applier\", \"ts\": 1, \"eid\": \"e-applier\", \"newState\": {\"line1\": \"x\"}}')" 2>&1)"
+stage_oid=$(on worker1 "SET citus.override_table_visibility = off;
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'ecst' AND c.relname LIKE 'stage\\_$(sid mv)\\_%' LIMIT 1")
+check "a role without privileges on the replica cannot apply on a node by hand (42501)" "42501" \
+    "$(psql -X -q -t -A -h "$CLUSTER/worker1/sock" -p $((IT_PORT + 1)) -U intruder -d "$DB" -v VERBOSITY=verbose \
+        -c "SET citus.override_table_visibility = off" -c "SELECT ecst._apply_shard($(sid mv), $stage_oid, 'guess', 'caller')" 2>&1 \
+        | sed -n 's/^ERROR: *\([0-9A-Z]\{5\}\):.*/\1/p')"
+psql -X -q -h "$CLUSTER/coordinator/sock" -p "$IT_PORT" -U intruder -d "$DB" \
+    -c "INSERT INTO ecst.stage_$(sid mv) (dist, token, seq, payload) SELECT 'e' || i, 'guess', i, '{\"id\": \"e' || i || '\", \"ts\": 99999999, \"newState\": {\"line1\": \"forged\"}}' FROM generate_series(0, 299) i" >/dev/null
+q "SELECT ecst.apply_batch('mv', ARRAY(SELECT '{\"id\": \"e' || i || '\", \"ts\": 0, \"newState\": {\"line1\": \"old\"}}' FROM generate_series(0, 299) i))" >/dev/null
+check "rows committed into a stage table by hand are removed, never applied" "0|0" \
+    "$(q "SELECT count(*) FROM ecst.stage_$(sid mv)")|$(q "SELECT count(*) FROM mv WHERE line1 IN ('forged', 'old')")"
+
+# A key of two columns, distributed by one of them: the version state's distribution value is
+# taken from the entity's key.
+q "CREATE TABLE ck (tenant int, id text, line1 text, PRIMARY KEY (tenant, id))" >/dev/null
+q "SELECT create_distributed_table('ck', 'tenant')" >/dev/null
+q "SELECT ecst.create_stream('ck', 'ck', 'delta', '{\"tenant\": \"tenant\", \"id\": \"id\"}', version => 'v', event_id => 'eid')" >/dev/null
+ck_events="'{\"tenant\": 1, \"id\": \"a\", \"v\": 2, \"eid\": \"e1\", \"newState\": {\"line1\": \"a2\"}}',
+           '{\"tenant\": 2, \"id\": \"a\", \"v\": 1, \"eid\": \"e2\", \"newState\": {\"line1\": \"b1\"}}',
+           '{\"tenant\": 1, \"id\": \"a\", \"v\": 1, \"eid\": \"e3\", \"newState\": {\"line1\": \"a1\"}}',
+           '{\"tenant\": 1, \"id\": \"a\", \"v\": 3, \"eid\": \"e1\", \"newState\": {\"line1\": \"again\"}}',
+           '{\"tenant\": 3, \"id\": \"c\", \"v\": 1, \"newState\": {\"line1\": \"c1\"}}'"
+check "a key of two columns, distributed by one: outcomes" "applied:3,duplicate:1,stale:1" \
+    "$(q "SELECT string_agg(outcome || ':' || count, ',' ORDER BY outcome) FROM ecst.apply_batch('ck', ARRAY[$ck_events]::text[])")"
+check "... the replica, and each state beside its row" "1:a:a2,2:a:b1,3:c:c1|3" \
+    "$(q "SELECT string_agg(tenant || ':' || id || ':' || line1, ',' ORDER BY tenant) FROM ck")|$(q "SELECT count(*) FROM ecst.entity_state_$(sid ck) s JOIN ck ON ck.tenant = s.dist AND s.entity_key::jsonb = pg_catalog.to_jsonb(ARRAY[ck.id, ck.tenant::text])")"
+
+q "SELECT ecst.set_stream_schema('mv', '{\"required\": [\"eid\"]}')" >/dev/null
+check "a new schema reaches the nodes: an event without eid is a dead letter there" "dead_lettered|schema_violation" \
+    "$(q "SELECT ecst.apply('mv', '{\"id\": \"new\", \"ts\": 1, \"newState\": {\"line1\": \"x\"}}')")|$(q "SELECT error_code FROM ecst.dead_letters WHERE stream = 'mv' ORDER BY id DESC LIMIT 1")"
+mv_id=$(sid mv)
+q "SELECT ecst.drop_stream('mv')" >/dev/null
+check "drop_stream drops the stream's co-located tables and its definition on every node" "0|0|0" \
+    "$(q "SELECT count(*) FROM pg_dist_partition WHERE logicalrelid::text LIKE 'ecst.%\\_$mv_id'")|$(q "SELECT count(*) FROM ecst.sharded_streams WHERE stream_id = $mv_id")|$(on worker2 "SET citus.override_table_visibility = off; SELECT count(*) FROM pg_class WHERE relnamespace = 'ecst'::regnamespace AND (relname LIKE '%\\_$mv_id' OR relname LIKE '%\\_$mv_id\\_%')")"
 it_done
