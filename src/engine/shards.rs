@@ -67,7 +67,7 @@ pub fn apply_routed(
         let token = token();
         // Fully qualified, as the caller: the caller's search_path must not matter.
         crate::pg::owner::pinned(|| {
-            // One event: a plain INSERT, which Citus sends straight to its shard.
+            // One event: a plain INSERT, which Citus sends straight to its shard's node.
             let insert = stream.store.render(if seqs.len() == 1 {
                 "INSERT INTO {stage} (dist, token, seq, payload)
                  VALUES ({dist:($2::pg_catalog.text[])[1]}, $1, ($3::pg_catalog.int4[])[1], ($4::pg_catalog.text[])[1])"
@@ -77,8 +77,9 @@ pub fn apply_routed(
                    FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.int4[]),
                                    pg_catalog.unnest($4::pg_catalog.text[])) AS u (d, s, p)"
             });
-            // Events of one entity (a single `ecst.apply`) go to one shard: the query names it,
-            // and Citus sends it to that shard alone instead of to every shard.
+            // Events of one entity go to one shard: the query names it, and Citus sends it to that
+            // shard alone instead of to every shard. (Citus refuses the call in the INSERT's
+            // RETURNING, which would have saved the second round trip: it is not IMMUTABLE.)
             let one = dists.iter().all(|d| *d == dists[0]).then(|| dists[0].clone());
             spi::run_once(client, &insert, &[token.as_str().into(), dists.into(), seqs.into(), staged.into()]);
             let query = stream.store.render(if one.is_some() {

@@ -291,8 +291,9 @@ pub fn create_sharded(stream_id: i32, replica: pg_sys::Oid, column: &str) {
                         applied_at timestamptz NOT NULL DEFAULT now(), dist {ty} NOT NULL,
                         PRIMARY KEY (stream_id, event_id, dist))"
                 ),
+                // Unlogged: its rows never outlive the transaction that stages them.
                 format!(
-                    "CREATE TABLE {stage} (dist {ty} NOT NULL, token text NOT NULL, seq integer NOT NULL, payload text)"
+                    "CREATE UNLOGGED TABLE {stage} (dist {ty} NOT NULL, token text NOT NULL, seq integer NOT NULL, payload text)"
                 ),
                 // The calling role stages its events and reads them back through Citus.
                 format!("GRANT SELECT, INSERT ON {stage} TO PUBLIC"),
