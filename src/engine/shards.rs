@@ -67,36 +67,41 @@ pub fn apply_routed(
         let token = token();
         // Fully qualified, as the caller: the caller's search_path must not matter.
         crate::pg::owner::pinned(|| {
-            // One event: a plain INSERT, which Citus sends straight to its shard's node.
-            let insert = stream.store.render(if seqs.len() == 1 {
-                "INSERT INTO {stage} (dist, token, seq, payload)
-                 VALUES ({dist:($2::pg_catalog.text[])[1]}, $1, ($3::pg_catalog.int4[])[1], ($4::pg_catalog.text[])[1])"
+            let (token, id, policy) = (token.as_str(), sharded.stream_id, outcome::policy_name(policy));
+            let reports = if let [seq] = seqs[..] {
+                // One event (an `ecst.apply`): two statements Citus sends straight to the shard's
+                // node, planned once per session (a function call in the INSERT's RETURNING would
+                // save the second round trip, but Citus refuses it: it is not IMMUTABLE).
+                let insert = stream
+                    .store
+                    .render("INSERT INTO {stage} (dist, token, seq, payload) VALUES ({dist:$2}, $1, $3, $4)");
+                let dist = dists.pop().expect("one event");
+                let payload = staged.pop().expect("one event");
+                spi::run(client, &insert, &[token.into(), dist.as_str().into(), seq.into(), payload.into()]);
+                let query = stream
+                    .store
+                    .render("SELECT ecst._apply_shard($1, s.tableoid, $2, $3) FROM {stage} s WHERE s.dist = {dist:$4}");
+                spi::run(client, &query, &[id.into(), token.into(), policy.into(), dist.as_str().into()])
             } else {
-                "INSERT INTO {stage} (dist, token, seq, payload)
-                 SELECT {dist:u.d}, $1, u.s, u.p
-                   FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.int4[]),
-                                   pg_catalog.unnest($4::pg_catalog.text[])) AS u (d, s, p)"
-            });
-            // Events of one entity go to one shard: the query names it, and Citus sends it to that
-            // shard alone instead of to every shard. (Citus refuses the call in the INSERT's
-            // RETURNING, which would have saved the second round trip: it is not IMMUTABLE.)
-            let one = dists.iter().all(|d| *d == dists[0]).then(|| dists[0].clone());
-            spi::run_once(client, &insert, &[token.as_str().into(), dists.into(), seqs.into(), staged.into()]);
-            let query = stream.store.render(if one.is_some() {
-                "SELECT q.r FROM (SELECT ecst._apply_shard($1, s.tableoid, $2, $3) AS r FROM {stage} s
-                                   WHERE s.dist = {dist:$4}) q
-                  WHERE q.r IS NOT NULL"
-            } else {
-                "SELECT q.r FROM (SELECT ecst._apply_shard($1, s.tableoid, $2, $3) AS r FROM {stage} s) q
-                  WHERE q.r IS NOT NULL"
-            });
-            let reports = spi::run_once(
-                client,
-                &query,
-                &[sharded.stream_id.into(), token.as_str().into(), outcome::policy_name(policy).into(), one.into()],
-            );
+                // A node's tasks are CPU-bound applies: a few connections use its cores, more only
+                // add backends to start and caches to fill (`ecst.shard_connections`).
+                let _pool = crate::pg::gucs::shard_pool();
+                let insert = stream.store.render(
+                    "INSERT INTO {stage} (dist, token, seq, payload)
+                     SELECT {dist:u.d}, $1, u.s, u.p
+                       FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.int4[]),
+                                       pg_catalog.unnest($4::pg_catalog.text[])) AS u (d, s, p)",
+                );
+                spi::run_once(client, &insert, &[token.into(), dists.into(), seqs.into(), staged.into()]);
+                // One task per shard, all at once; only the first call of each returns a report.
+                let query = stream.store.render(
+                    "SELECT q.r FROM (SELECT ecst._apply_shard($1, s.tableoid, $2, $3) AS r FROM {stage} s) q
+                      WHERE q.r IS NOT NULL",
+                );
+                spi::run_once(client, &query, &[id.into(), token.into(), policy.into()])
+            };
             for report in reports {
-                let text: String = report.get(1).ok().flatten().expect("a report");
+                let Some(text) = report.get::<String>(1).ok().flatten() else { continue };
                 let list: Vec<serde_json::Value> = serde_json::from_str(&text).expect("a shard's report is JSON");
                 for item in &list {
                     let (seq, applied) = outcome::from_wire(item).expect("a shard's result");
@@ -231,7 +236,7 @@ pub fn apply_staged(
     // consumes its rows in the transaction that staged them): those are removed and ignored.
     let mut rows: Vec<(i32, Option<String>)> = stream
         .store
-        .run_once(client, "DELETE FROM {stage} RETURNING token = $1, seq, payload", &[token.into()])
+        .run(client, "DELETE FROM {stage} RETURNING token = $1, seq, payload", &[token.into()])
         .filter(|r| r.get::<bool>(1).unwrap().unwrap_or(false))
         .map(|r| (r.get::<i32>(2).unwrap().unwrap(), r.get::<String>(3).unwrap()))
         .collect();

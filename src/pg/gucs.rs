@@ -14,6 +14,7 @@ pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BACKLOG_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 pub static FEED_BUFFER_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+pub static SHARD_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -73,6 +74,16 @@ pub fn init() {
         GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
+        c"ecst.shard_connections",
+        c"Connections per Citus node that a batch of a stream on a distributed replica uses at most to apply its shards.",
+        c"Each applies its node's shards one after another; 0 leaves it to citus.max_adaptive_executor_pool_size.",
+        &SHARD_CONNECTIONS,
+        0,
+        1000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"ecst.naptime",
         c"How long an idle worker sleeps between inbox checks (ms); inserts wake it at once.",
         c"",
@@ -99,6 +110,23 @@ pub fn serves_database(name: &str) -> bool {
 /// `ecst.worker_role`, if set.
 pub fn worker_role() -> Option<String> {
     WORKER_ROLE.get().and_then(|c| c.into_string().ok()).filter(|r| !r.is_empty())
+}
+
+/// `citus.max_adaptive_executor_pool_size` for pg_ecst's batches on distributed replicas: at most
+/// `ecst.shard_connections`, or less if the session asks for less (`None`: leave it).
+pub fn shard_pool() -> Option<Override> {
+    let ours = SHARD_CONNECTIONS.get();
+    if ours <= 0 {
+        return None;
+    }
+    let name = c"citus.max_adaptive_executor_pool_size";
+    // SAFETY: reads a setting's current value (NULL if it does not exist).
+    let current = unsafe {
+        let value = pgrx::pg_sys::GetConfigOption(name.as_ptr(), true, false);
+        (!value.is_null()).then(|| std::ffi::CStr::from_ptr(value).to_string_lossy().parse::<i32>().ok()).flatten()
+    }?;
+    let value = CString::new(current.min(ours).to_string()).expect("digits");
+    Some(Override::enter(&[(name, value.as_c_str())]))
 }
 
 /// Server settings overridden until dropped (also when an error unwinds through it): a new GUC

@@ -382,26 +382,23 @@ pub fn shared_definition(stream_id: i32) -> Option<serde_json::Value> {
     }
     as_owner(|| {
         Spi::connect_mut(|client| {
-            let copy: Option<String> = client
-                .select(
-                    "SELECT pg_catalog.shard_name(s.logicalrelid, s.shardid) FROM pg_catalog.pg_dist_shard s
-                      WHERE s.logicalrelid = 'ecst.sharded_streams'::pg_catalog.regclass
-                        AND pg_catalog.to_regclass(pg_catalog.shard_name(s.logicalrelid, s.shardid)) IS NOT NULL",
-                    None,
-                    &[],
-                )
-                .expect("reading Citus's metadata")
-                .first()
-                .get(1)
-                .ok()
-                .flatten();
+            // Both planned once per session: a node reads it for every batch it applies.
+            let copy: Option<String> = crate::pg::spi::run(
+                client,
+                "SELECT pg_catalog.shard_name(s.logicalrelid, s.shardid) FROM pg_catalog.pg_dist_shard s
+                  WHERE s.logicalrelid = 'ecst.sharded_streams'::pg_catalog.regclass
+                    AND pg_catalog.to_regclass(pg_catalog.shard_name(s.logicalrelid, s.shardid)) IS NOT NULL",
+                &[],
+            )
+            .first()
+            .get(1)
+            .ok()
+            .flatten();
             let sql = format!(
                 "SELECT definition FROM {} WHERE stream_id = $1",
                 copy.as_deref().unwrap_or("ecst.sharded_streams")
             );
-            client
-                .select(&sql, None, &[stream_id.into()])
-                .expect("reading ecst.sharded_streams")
+            crate::pg::spi::run(client, &sql, &[stream_id.into()])
                 .first()
                 .get::<pgrx::JsonB>(1)
                 .ok()
