@@ -317,7 +317,8 @@ pub fn create_sharded(stream_id: i32, replica: pg_sys::Oid, column: &str) {
     })
 }
 
-/// Drops a sharded stream's tables and shared definition (if it had them).
+/// Drops a sharded stream's tables and shared definition (if it had them), and
+/// `ecst.sharded_streams` with the last one.
 pub fn drop_sharded(stream_id: i32) {
     if !has_shared_definitions() {
         return;
@@ -330,13 +331,23 @@ pub fn drop_sharded(stream_id: i32) {
             }
         })
     });
-    Spi::connect_mut(|client| {
+    let left = Spi::connect_mut(|client| {
         crate::pg::spi::internal::run_once(
             client,
             "DELETE FROM ecst.sharded_streams WHERE stream_id = $1",
             &[stream_id.into()],
         );
+        crate::pg::spi::internal::run_once(client, "SELECT EXISTS (SELECT 1 FROM ecst.sharded_streams)", &[])
+            .first()
+            .get::<bool>(1)
+            .ok()
+            .flatten()
+            .unwrap_or(true)
     });
+    // The last one gone, nothing of pg_ecst's is left outside the extension (DROP EXTENSION works).
+    if !left {
+        as_owner(|| Spi::run("DROP TABLE ecst.sharded_streams").expect("dropping ecst.sharded_streams"));
+    }
 }
 
 /// Whether this database has `ecst.sharded_streams` (a sharded stream was created here, or on
