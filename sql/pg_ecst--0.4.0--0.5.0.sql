@@ -10,5 +10,6 @@ CREATE FUNCTION ecst."_apply_shard"(
 	"token" TEXT,
 	"policy" TEXT
 ) RETURNS TEXT
+STRICT
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'apply_shard_wrapper';
