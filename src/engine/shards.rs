@@ -25,7 +25,7 @@ use crate::stream::catalog::{self, Stream};
 use crate::stream::citus;
 use crate::stream::security;
 use ecst_core::event::Event;
-use ecst_core::reject::Rejection;
+use ecst_core::reject::{RejectCode, Rejection};
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use pgrx::PgSqlErrorCode as Code;
@@ -232,19 +232,42 @@ pub fn apply_staged(
     };
     SHARD_STREAMS.with(|c| c.borrow_mut().insert((stream_id, stage), (generation, definition, stream.clone())));
     security::require_apply(&stream);
+    let styled = stream.styled();
     // The batch's rows, and any row someone committed there by hand (everyone may insert; pg_ecst
-    // consumes its rows in the transaction that staged them): those are removed and ignored.
-    let mut rows: Vec<(i32, Option<String>)> = stream
+    // consumes its rows in the transaction that staged them): those are removed and ignored —
+    // unless another batch is removing them (no waiting on it). Each row's distribution value as
+    // its type prints it, under the stream's styles (as keys are compared).
+    let mut rows: Vec<(i32, Option<String>, String)> = styled
         .store
-        .run(client, "DELETE FROM {stage} RETURNING token = $1, seq, payload", &[token.into()])
+        .run(
+            client,
+            "DELETE FROM {stage} s
+              WHERE s.token = $1
+                 OR s.ctid = ANY (ARRAY(SELECT g.ctid FROM {stage} g WHERE g.token <> $1 FOR UPDATE SKIP LOCKED))
+             RETURNING s.token = $1, s.seq, s.payload, pg_catalog.format('%s', s.dist)",
+            &[token.into()],
+        )
         .filter(|r| r.get::<bool>(1).unwrap().unwrap_or(false))
-        .map(|r| (r.get::<i32>(2).unwrap().unwrap(), r.get::<String>(3).unwrap()))
+        .map(|r| (r.get::<i32>(2).unwrap().unwrap(), r.get::<String>(3).unwrap(), r.get::<String>(4).unwrap().unwrap()))
         .collect();
     rows.sort_by_key(|r| r.0);
-    let events: Vec<Result<Event, Rejection>> =
-        rows.iter().map(|(_, p)| apply::parse_payload(&stream.spec, p.as_deref())).collect();
-    let results = outcome::last_try(last, || bulk::apply_run(client, &stream.styled(), &events, policy));
+    let part = styled.store.sharded().and_then(|s| s.part).unwrap_or(0);
+    let events: Vec<Result<Event, Rejection>> = rows
+        .iter()
+        .map(|(_, payload, dist)| {
+            let event = apply::parse_payload(&styled.spec, payload.as_deref())?;
+            // Citus put the row in this shard by `dist`: it must be the event's own.
+            match apply::bind_keys(&styled.table.keys, &styled.spec.key_fields, &event.key) {
+                Ok((_, canonical)) if canonical.get(part) != Some(dist) => Err(Rejection::new(
+                    RejectCode::InvalidKey,
+                    format!("staged for the shard of {dist:?}, which is not the event's entity's"),
+                )),
+                _ => Ok(event),
+            }
+        })
+        .collect();
+    let results = outcome::last_try(last, || bulk::apply_run(client, &styled, &events, policy));
     let wire: Vec<serde_json::Value> =
-        rows.iter().zip(&results).map(|((seq, _), r)| outcome::to_wire(*seq, r)).collect();
+        rows.iter().zip(&results).map(|((seq, _, _), r)| outcome::to_wire(*seq, r)).collect();
     Some(serde_json::Value::Array(wire).to_string())
 }

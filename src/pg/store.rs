@@ -146,14 +146,30 @@ impl Store {
     /// Runs a statement on the stream's version state or event ids, wherever this store keeps
     /// them: the template rendered ([`Store::render`], names this module derives itself) and run
     /// as the extension's owner, like every statement on pg_ecst's own tables
-    /// ([`crate::pg::spi::internal`]); through a cached plan.
+    /// ([`crate::pg::spi::internal`]) — except on the coordinator's tables of a sharded stream
+    /// ([`Store::context`]); through a cached plan.
     pub fn run<'c>(
         &self,
         client: &mut SpiClient<'c>,
         template: &'static str,
         args: &[DatumWithOid<'_>],
     ) -> SpiTupleTable<'c> {
-        as_owner(|| crate::pg::spi::run(client, &self.render(template), args))
+        self.context(|| crate::pg::spi::run(client, &self.render(template), args))
+    }
+
+    /// Whose statements these are. On the coordinator, a sharded stream's tables are Citus's:
+    /// Citus reaches their shards through connections of the current role, and refuses to use
+    /// another role's for shards that one of the transaction's connections has written (the
+    /// routed batches run as the caller). So they are read and written as the caller, with
+    /// `search_path` pinned, and row security lets a role reach the rows only of a stream whose
+    /// replica it may apply (or, for reading, read): see `create_sharded`. Everywhere else (the
+    /// shared tables, a shard group on its node), as the extension's owner.
+    fn context<R>(&self, work: impl FnOnce() -> R) -> R {
+        if self.routed() {
+            crate::pg::owner::pinned(work)
+        } else {
+            as_owner(work)
+        }
     }
 
     /// [`Store::run`], planned for these arguments.
@@ -163,7 +179,7 @@ impl Store {
         template: &'static str,
         args: &[DatumWithOid<'_>],
     ) -> SpiTupleTable<'c> {
-        as_owner(|| crate::pg::spi::run_once(client, &self.render(template), args))
+        self.context(|| crate::pg::spi::run_once(client, &self.render(template), args))
     }
 
     /// A statement template made concrete for this store (see the module's comment).
@@ -280,6 +296,23 @@ pub fn create_sharded(stream_id: i32, replica: pg_sys::Oid, column: &str) {
                 .get(1)
                 .expect("a type")
                 .expect("the distribution column exists");
+            // The replica by its qualified name (each node has its own OIDs), quoted as a literal.
+            let replica_name: String = client
+                .select(
+                    "SELECT pg_catalog.quote_literal(pg_catalog.format('%I.%I', n.nspname, c.relname))
+                       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.oid = $1",
+                    None,
+                    &[replica.into()],
+                )
+                .expect("reading the replica's name")
+                .first()
+                .get(1)
+                .expect("a name")
+                .expect("the replica exists");
+            let may = |privilege: &str| format!("pg_catalog.has_table_privilege({replica_name}, '{privilege}')");
+            let may_read = may("SELECT");
+            let may_apply = format!("{} AND {} AND {}", may("INSERT"), may("UPDATE"), may("DELETE"));
             let statements = [
                 format!(
                     "CREATE TABLE {state} (stream_id integer NOT NULL, entity_key text NOT NULL, live_version numeric,
@@ -297,6 +330,18 @@ pub fn create_sharded(stream_id: i32, replica: pg_sys::Oid, column: &str) {
                 ),
                 // The calling role stages its events and reads them back through Citus.
                 format!("GRANT SELECT, INSERT ON {stage} TO PUBLIC"),
+                // Read and written as the caller on the coordinator (`Store::context`): every role
+                // may try, and row security lets through only those that may apply the stream's
+                // replica (its INSERT, UPDATE and DELETE privileges) or, to read, select from it.
+                // The extension's owner, who writes them on the nodes, owns them: row security
+                // does not apply to it.
+                format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {state}, {ids} TO PUBLIC"),
+                format!("ALTER TABLE {state} ENABLE ROW LEVEL SECURITY"),
+                format!("ALTER TABLE {ids} ENABLE ROW LEVEL SECURITY"),
+                format!("CREATE POLICY readers ON {state} FOR SELECT USING ({may_read})"),
+                format!("CREATE POLICY appliers ON {state} USING ({may_apply}) WITH CHECK ({may_apply})"),
+                format!("CREATE POLICY readers ON {ids} FOR SELECT USING ({may_read})"),
+                format!("CREATE POLICY appliers ON {ids} USING ({may_apply}) WITH CHECK ({may_apply})"),
                 format!("COMMENT ON TABLE {state} IS 'pg_ecst per-entity versions and tombstones of stream {stream_id}, co-located with its replica'"),
                 format!("COMMENT ON TABLE {ids} IS 'pg_ecst event ids applied by stream {stream_id}, co-located with its replica'"),
                 format!("COMMENT ON TABLE {stage} IS 'pg_ecst events of stream {stream_id} on their way to the shards'' nodes (rows live only inside the transaction that applies them)'"),
@@ -313,6 +358,32 @@ pub fn create_sharded(stream_id: i32, replica: pg_sys::Oid, column: &str) {
                     )
                     .unwrap_or_else(|e| panic!("distributing {table}: {e}"));
             }
+        })
+    })
+}
+
+/// Why a distribution column cannot key a sharded stream's tables (its type's name), if it cannot:
+/// its values are
+/// cast from text, and written, in statements run as the extension's owner on the nodes, so its
+/// input must be a built-in's (a base type's, created by a superuser, or an enum's) — not a
+/// domain's, whose checks are code anyone may write, nor an array or range of one.
+pub fn unshardable(replica: pg_sys::Oid, column: &str) -> Option<String> {
+    as_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .select(
+                    "SELECT CASE WHEN t.typtype IN ('b', 'e') AND t.typcategory <> 'A' THEN NULL
+                                 ELSE pg_catalog.format_type(t.oid, NULL) END
+                       FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+                      WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+                    None,
+                    &[replica.into(), column.into()],
+                )
+                .expect("reading the distribution column's type")
+                .first()
+                .get::<String>(1)
+                .ok()
+                .flatten()
         })
     })
 }

@@ -675,11 +675,27 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         .iter()
         .chain(child_infos.iter().flat_map(|c| c.table.keys.iter().chain(c.parent.iter())))
         .any(|k| k.ty.style_sensitive);
-    let store = match (def.id, citus::distribution_column(def.target)) {
-        (0, _) | (_, None) => Store::Shared,
-        (id, Some(column)) => {
-            let part = (info.keys.len() > 1).then(|| info.keys.iter().position(|k| k.name == column)).flatten();
-            Spi::connect_mut(|client| Store::of_stream(client, id, part))
+    let store = match def.id {
+        0 => Store::Shared,
+        id => {
+            let column = citus::distribution_column(def.target);
+            let part = (info.keys.len() > 1)
+                .then(|| info.keys.iter().position(|k| Some(&k.name) == column.as_ref()))
+                .flatten();
+            let store = Spi::connect_mut(|client| Store::of_stream(client, id, part));
+            // Its versions live beside the shards of a table that is no longer distributed.
+            if store != Store::Shared && column.is_none() {
+                return Err(invalid(
+                    Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "its version state is in ecst.{}, co-located with the shards of {}, which is no longer hash-distributed",
+                        store::state_table(id),
+                        info.qualified
+                    ),
+                    Some("Distribute the table again as it was, or export the stream's snapshot, drop and create the stream, and load the snapshot."),
+                ));
+            }
+            store
         }
     };
     Ok(Stream {
@@ -943,8 +959,17 @@ pub fn create_stream(
     // On a hash-distributed replica: version state and event ids co-located with it, and the
     // definition on every node, so that its shards' nodes apply its events.
     if let Some(column) = citus::distribution_column(def.target) {
-        store::create_sharded(id, def.target, &column);
-        share_definition(id);
+        match store::unshardable(def.target, &column) {
+            None => {
+                store::create_sharded(id, def.target, &column);
+                share_definition(id);
+            }
+            Some(ty) => pgrx::notice!(
+                "stream \"{name}\" is decided on the coordinator: its replica is distributed by \"{column}\" of type {ty}, \
+                 whose values pg_ecst does not cast on the shards' nodes (a domain, or an array or range); \
+                 distribute it by a column of a built-in type to apply its events where its shards are"
+            ),
+        }
     }
     invalidate_everywhere();
 }

@@ -106,8 +106,8 @@ pub fn stage_shard(stream_id: i32, relation: pg_sys::Oid) -> Option<i64> {
     })
 }
 
-/// The shard of `table` in the shard group of `shard` (a table co-located with it), as a local
-/// relation of this node (`None`: there is none here).
+/// The shard of `table` in the shard group of `shard`, as a local relation of this node (`None`:
+/// there is none here, or `table` is no longer co-located with it).
 pub fn colocated_shard(table: pg_sys::Oid, shard: i64) -> Option<pg_sys::Oid> {
     Spi::connect_mut(|client| {
         spi::internal::run_once(
@@ -117,6 +117,8 @@ pub fn colocated_shard(table: pg_sys::Oid, shard: i64) -> Option<pg_sys::Oid> {
                                            || pg_catalog.shard_name(o.logicalrelid, o.shardid))::oid
                FROM pg_catalog.pg_dist_shard s
                JOIN pg_catalog.pg_dist_shard o ON o.shardminvalue = s.shardminvalue
+               JOIN pg_catalog.pg_dist_partition ps ON ps.logicalrelid = s.logicalrelid
+               JOIN pg_catalog.pg_dist_partition po ON po.logicalrelid = o.logicalrelid AND po.colocationid = ps.colocationid
                JOIN pg_catalog.pg_class c ON c.oid = o.logicalrelid
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               WHERE s.shardid = $1 AND o.logicalrelid = $2::oid::regclass",
