@@ -141,6 +141,8 @@ struct Definition {
     /// The JSON Schema every payload is checked against (0.4.0).
     schema: Option<Value>,
     children: Vec<ChildDefinition>,
+    /// Over one shard group, on the node that holds it (its store is set by the caller).
+    on_shard: bool,
 }
 
 struct ChildDefinition {
@@ -362,6 +364,7 @@ fn read_definition(name: &str) -> Option<Definition> {
                 event_path: row.get(11).unwrap(),
                 schema: row.get::<String>(12).unwrap().map(|s| serde_json::from_str(&s).unwrap()),
                 children: Vec::new(),
+                on_shard: false,
             };
             let children = spi::internal::run_once(
                 client,
@@ -676,6 +679,7 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
         .chain(child_infos.iter().flat_map(|c| c.table.keys.iter().chain(c.parent.iter())))
         .any(|k| k.ty.style_sensitive);
     let store = match def.id {
+        _ if def.on_shard => Store::Shared,
         0 => Store::Shared,
         id => {
             let column = citus::distribution_column(def.target);
@@ -837,6 +841,7 @@ fn definition_from_json(id: i32, v: &Value, table: &dyn Fn(&str) -> pg_sys::Oid)
                 columns: json(c, "columns"),
             })
             .collect(),
+        on_shard: true,
     }
 }
 
@@ -936,6 +941,7 @@ pub fn create_stream(
         event_path,
         schema,
         children,
+        on_shard: false,
     };
     for oid in std::iter::once(def.target).chain(def.children.iter().map(|c| c.target)) {
         let rel = relation(oid).unwrap_or_else(|(c, m, h)| raise(c, m, h.as_deref()));
