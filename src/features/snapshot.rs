@@ -16,7 +16,7 @@ use crate::pg::errors::raise;
 use crate::pg::parallel;
 use crate::pg::spi;
 use crate::pg::subxact::{self, SubResult};
-use crate::stream::catalog::{self, Column, Stream};
+use crate::stream::catalog::{self, Column, Stream, TableInfo};
 use crate::stream::security;
 use ecst_core::event::{parse_key, Op, Value as CellValue};
 use ecst_core::export;
@@ -368,11 +368,12 @@ fn keys_not_null(alias: &str, columns: &[&str]) -> String {
     columns.iter().map(|c| format!("{alias}.{c} IS NOT NULL")).collect::<Vec<_>>().join(" AND ")
 }
 
-/// Deletes the rows of `table` whose `columns` hold one of the entities `keys` (canonical texts).
-/// The keys travel as typed arrays, one per column, and the rows are matched by their columns
-/// (not by a text computed from each row: Citus refuses a `STABLE` function of a column in a
-/// distributed table's `DELETE`, and the comparison can use the key's index).
-fn delete_keyed(client: &mut SpiClient, table: &str, columns: &[Column], keys: &[String]) {
+/// The rows of `table` whose `columns` hold one of the entities `keys` (canonical texts), as SQL
+/// over typed arrays (`$1`…, one per column) and those arrays. The rows are matched by their
+/// columns (not by a text computed from each row: Citus refuses a `STABLE` function of a column in
+/// a distributed table's `DELETE`, and the comparison can use the key's index). `None`: no key
+/// fits the columns' types.
+fn keyed(columns: &[Column], keys: &[String]) -> Option<(String, Vec<pgrx::datum::DatumWithOid<'static>>)> {
     let mut values: Vec<Vec<Option<pg_sys::Datum>>> = vec![Vec::with_capacity(keys.len()); columns.len()];
     for key in keys {
         let parts = ecst_core::spec::entity_key_parts(key, columns.len()).expect("an entity key read from the replica");
@@ -387,18 +388,48 @@ fn delete_keyed(client: &mut SpiClient, table: &str, columns: &[Column], keys: &
         }
     }
     if values[0].is_empty() {
-        return;
+        return None;
     }
     let args: Vec<_> = columns.iter().zip(&values).map(|(c, v)| c.ty.array(v)).collect();
     let sql = match columns {
-        [one] => format!("DELETE FROM {table} WHERE {} = ANY ($1)", one.quoted),
+        [one] => format!("t.{} = ANY ($1)", one.quoted),
         many => {
             let arrays: Vec<String> = (1..=many.len()).map(|i| format!("${i}")).collect();
-            let names: Vec<&str> = many.iter().map(|c| c.quoted.as_str()).collect();
-            format!("DELETE FROM {table} WHERE ({}) IN (SELECT * FROM {})", names.join(", "), spi::zipped(&arrays))
+            let names: Vec<String> = many.iter().map(|c| format!("t.{}", c.quoted)).collect();
+            format!("({}) IN (SELECT * FROM {})", names.join(", "), spi::zipped(&arrays))
         }
     };
+    Some((sql, args))
+}
+
+/// Deletes the rows of `table` whose `columns` hold one of the entities `keys` ([`keyed`]); with
+/// `not_newer`, only those whose version column is not newer than the given version.
+fn delete_keyed(
+    client: &mut SpiClient,
+    table: &str,
+    columns: &[Column],
+    keys: &[String],
+    not_newer: Option<(&Column, &str)>,
+) {
+    let Some((matching, mut args)) = keyed(columns, keys) else { return };
+    let mut sql = format!("DELETE FROM {table} t WHERE {matching}");
+    if let Some((column, version)) = not_newer {
+        args.push(version.to_string().into());
+        sql.push_str(&format!(" AND t.{}::numeric <= ${}::numeric", column.quoted, args.len()));
+    }
     client.update(&sql, None, &args).expect("deleting replica rows");
+}
+
+/// Which of the entities `keys` have a row in `table` ([`keyed`]).
+fn existing(client: &mut SpiClient, table: &TableInfo, keys: &[String]) -> HashSet<String> {
+    let Some((matching, args)) = keyed(&table.keys, keys) else { return HashSet::new() };
+    let names: Vec<&str> = table.keys.iter().map(|k| k.quoted.as_str()).collect();
+    let sql = format!("SELECT {} FROM {} t WHERE {matching}", key_expr("t", &names), table.qualified);
+    client
+        .select(&sql, None, &args)
+        .expect("reading the replica")
+        .map(|r| r.get::<String>(1).unwrap().unwrap())
+        .collect()
 }
 
 /// Replace mode: deletes the replica entities absent from the snapshot whose version is not newer
@@ -410,7 +441,6 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
     let mut unstored: BTreeMap<String, String> = BTreeMap::new();
     let candidates: Vec<String> = match as_of {
         Some(v) => {
-            stream.store.lock_states(client);
             let mut candidates: Vec<String> = stream
                 .store
                 .run_once(
@@ -474,35 +504,59 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
             .map(|r| r.get::<String>(1).unwrap().unwrap())
             .collect(),
     };
-    let gone: Vec<String> = candidates.into_iter().filter(|k| !seen.contains(k)).collect();
+    let mut gone: Vec<String> = candidates.into_iter().filter(|k| !seen.contains(k)).collect();
     if gone.is_empty() {
         return 0;
     }
-    for child in &stream.children {
-        delete_keyed(client, &child.table.qualified, &child.parent, &gone);
-    }
-    delete_keyed(client, &table.qualified, &table.keys, &gone);
+    let mut removed = 0;
     if let Some(v) = as_of {
-        stream.store.run_once(
-            client,
-            "UPDATE {state} SET tomb_version = $3::numeric, field_versions = NULL
-             WHERE stream_id = $1 AND entity_key = ANY ($2::text[])",
-            &[stream.id.into(), gone.clone().into(), v.to_numeric_string().into()],
-        );
-        let (keys, versions): (Vec<String>, Vec<String>) =
-            unstored.into_iter().filter(|(k, _)| !seen.contains(k)).unzip();
-        if !keys.is_empty() {
-            stream.store.run_once(
+        // Each entity goes only if it is still not newer than as_of: one that a concurrent event
+        // made newer meanwhile keeps its rows. (On a local replica the candidates' state rows are
+        // locked already; on a distributed one nothing on the coordinator stops the nodes'
+        // appliers.) Entities with a state row: their tombstones first, which locks the state
+        // rows before the replica rows, in the order every applier takes them.
+        let tombstoned: HashSet<String> = stream
+            .store
+            .run_once(
                 client,
-                "INSERT INTO {state} (stream_id, entity_key, live_version, tomb_version{+dist})
-                 SELECT $1, u.k, u.l::numeric, $4::numeric{+dist_of:u.k} FROM unnest($2::text[], $3::text[]) AS u (k, l)
-                 ON CONFLICT (stream_id, entity_key{+dist})
-                 DO UPDATE SET tomb_version = EXCLUDED.tomb_version, field_versions = NULL",
-                &[stream.id.into(), keys.into(), versions.into(), v.to_numeric_string().into()],
-            );
+                "UPDATE {state} SET tomb_version = $3::numeric, field_versions = NULL
+                 WHERE stream_id = $1 AND entity_key = ANY ($2::text[]) AND live_version IS NOT NULL
+                   AND (tomb_version IS NULL OR live_version > tomb_version) AND live_version <= $3::numeric
+                 RETURNING entity_key",
+                &[stream.id.into(), gone.clone().into(), v.to_numeric_string().into()],
+            )
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect();
+        // Bulk-loaded entities (their version in the row): the rows not newer than as_of, then
+        // tombstones for those that are gone.
+        let unstored: BTreeMap<String, String> = unstored.into_iter().filter(|(k, _)| !seen.contains(k)).collect();
+        if let (Some(column), false) = (stream.row_version, unstored.is_empty()) {
+            let keys: Vec<String> = unstored.keys().cloned().collect();
+            let column = &table.columns[column];
+            delete_keyed(client, &table.qualified, &table.keys, &keys, Some((column, &v.to_numeric_string())));
+            let kept = existing(client, table, &keys);
+            let (keys, versions): (Vec<String>, Vec<String>) =
+                unstored.into_iter().filter(|(k, _)| !kept.contains(k)).unzip();
+            if !keys.is_empty() {
+                removed += keys.len() as i64;
+                stream.store.run_once(
+                    client,
+                    "INSERT INTO {state} AS s (stream_id, entity_key, live_version, tomb_version{+dist})
+                     SELECT $1, u.k, u.l::numeric, $4::numeric{+dist_of:u.k} FROM unnest($2::text[], $3::text[]) AS u (k, l)
+                     ON CONFLICT (stream_id, entity_key{+dist})
+                     DO UPDATE SET tomb_version = EXCLUDED.tomb_version, field_versions = NULL",
+                    &[stream.id.into(), keys.into(), versions.into(), v.to_numeric_string().into()],
+                );
+            }
         }
+        gone.retain(|k| tombstoned.contains(k));
     }
-    gone.len() as i64
+    for child in &stream.children {
+        delete_keyed(client, &child.table.qualified, &child.parent, &gone, None);
+    }
+    delete_keyed(client, &table.qualified, &table.keys, &gone, None);
+    removed += gone.len() as i64;
+    removed
 }
 
 /// `ecst.export_snapshot(stream)`: every replica entity as a create event in the stream's format.

@@ -134,15 +134,6 @@ impl Store {
         matches!(self, Store::Sharded(Sharded { shard: None, .. }))
     }
 
-    /// Before reading states `{for_update}`: a sharded store's rows cannot be locked through the
-    /// coordinator (Citus locks rows of one shard only), so its state table is locked instead,
-    /// against every writer of states until the transaction ends.
-    pub fn lock_states(&self, client: &mut SpiClient) {
-        if let Store::Sharded(_) = self {
-            self.run_once(client, "LOCK TABLE {state} IN SHARE ROW EXCLUSIVE MODE", &[]);
-        }
-    }
-
     /// Runs a statement on the stream's version state or event ids, wherever this store keeps
     /// them: the template rendered ([`Store::render`], names this module derives itself) and run
     /// as the extension's owner, like every statement on pg_ecst's own tables
@@ -206,7 +197,7 @@ impl Store {
                 "ids" => out.push_str(&s.ids),
                 "stage" => out.push_str(&s.stage),
                 "+dist" => out.push_str(", dist"),
-                // Citus locks no rows of several shards: see `lock_states`.
+                // Citus locks no rows of several shards: replace mode's writes re-check instead.
                 "for_update" => {}
                 _ if inner.starts_with("+dist_of:") => {
                     out.push_str(", ");
