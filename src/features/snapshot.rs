@@ -538,15 +538,23 @@ fn delete_absent(client: &mut SpiClient, stream: &Stream, seen: &HashSet<String>
             let (keys, versions): (Vec<String>, Vec<String>) =
                 unstored.into_iter().filter(|(k, _)| !kept.contains(k)).unzip();
             if !keys.is_empty() {
-                removed += keys.len() as i64;
-                stream.store.run_once(
-                    client,
-                    "INSERT INTO {state} AS s (stream_id, entity_key, live_version, tomb_version{+dist})
-                     SELECT $1, u.k, u.l::numeric, $4::numeric{+dist_of:u.k} FROM unnest($2::text[], $3::text[]) AS u (k, l)
-                     ON CONFLICT (stream_id, entity_key{+dist})
-                     DO UPDATE SET tomb_version = EXCLUDED.tomb_version, field_versions = NULL",
-                    &[stream.id.into(), keys.into(), versions.into(), v.to_numeric_string().into()],
-                );
+                // A state row that a concurrent event wrote meanwhile (a newer version, or a newer
+                // tombstone from a delete that took the row) is left as it is: that entity is not
+                // one this load deleted.
+                removed += stream
+                    .store
+                    .run_once(
+                        client,
+                        "INSERT INTO {state} AS s (stream_id, entity_key, live_version, tomb_version{+dist})
+                         SELECT $1, u.k, u.l::numeric, $4::numeric{+dist_of:u.k} FROM unnest($2::text[], $3::text[]) AS u (k, l)
+                         ON CONFLICT (stream_id, entity_key{+dist})
+                         DO UPDATE SET tomb_version = EXCLUDED.tomb_version, field_versions = NULL
+                         WHERE (s.tomb_version IS NULL OR s.tomb_version < EXCLUDED.tomb_version)
+                           AND (s.live_version IS NULL OR s.live_version <= EXCLUDED.tomb_version)
+                         RETURNING 1",
+                        &[stream.id.into(), keys.into(), versions.into(), v.to_numeric_string().into()],
+                    )
+                    .len() as i64;
             }
         }
         gone.retain(|k| tombstoned.contains(k));

@@ -157,6 +157,9 @@ impl Store {
     /// shared tables, a shard group on its node), as the extension's owner.
     fn context<R>(&self, work: impl FnOnce() -> R) -> R {
         if self.routed() {
+            // Row security on, whatever the session says: with it off, a query its policies would
+            // filter fails instead.
+            let _rls = crate::pg::gucs::Override::enter(&[(c"row_security", c"on")]);
             crate::pg::owner::pinned(work)
         } else {
             as_owner(work)

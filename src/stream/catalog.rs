@@ -696,7 +696,13 @@ fn build(def: &Definition) -> Result<Stream, Invalid> {
                         store::state_table(id),
                         info.qualified
                     ),
-                    Some("Distribute the table again as it was, or export the stream's snapshot, drop and create the stream, and load the snapshot."),
+                    Some(&format!(
+                        "Distribute the table again by the same column, co-located with its versions: \
+                         SELECT create_distributed_table('{}', '<column>', colocate_with => 'ecst.{}'); \
+                         or drop the stream and create it again (its versions are lost).",
+                        info.qualified.replace('\'', "''"),
+                        store::state_table(id)
+                    )),
                 ));
             }
             store

@@ -9,7 +9,10 @@
 //!   inbox claims, event log, catalog) are only reached through pg_ecst's functions, which run
 //!   those statements — and only those — as the extension's owner, with `search_path` pinned
 //!   to `pg_catalog, pg_temp` so that no caller-created operator or function can be resolved
-//!   while the owner's privileges are in effect ([`internal`]).
+//!   while the owner's privileges are in effect ([`internal`]). One exception: on a Citus
+//!   coordinator, the version state and event ids of a stream on a distributed replica are read
+//!   and written as the caller (Citus's connections are per role), and row security on them lets
+//!   a role reach only the rows of streams whose replica it may apply, or read (`pg::store`).
 //! - Operations on a whole stream (`drop_stream`, `rebuild`, `compact_events`) need ownership
 //!   of its replica table, like `ALTER TABLE` would ([`require_owner`]).
 
