@@ -71,7 +71,7 @@ impl Store {
     /// `part`: the distribution column's place in a key of several columns.
     pub fn of_stream(client: &mut SpiClient, stream_id: i32, part: Option<usize>) -> Store {
         let oid = crate::pg::syscache::own_relation(&std::ffi::CString::new(state_table(stream_id)).expect("no NUL"));
-        match oid.and_then(|oid| dist_type(client, oid)) {
+        match oid.and_then(|oid| column_type(client, oid, "dist")) {
             Some(dist_type) => Store::Sharded(Sharded {
                 stream_id,
                 state: qualified(&state_table(stream_id)),
@@ -116,7 +116,7 @@ impl Store {
             state: names[0].clone(),
             ids: names[1].clone(),
             stage: names[2].clone(),
-            dist_type: dist_type(client, shards[0]).expect("a sharded state table has dist"),
+            dist_type: column_type(client, shards[0], "dist").expect("a sharded state table has dist"),
             part,
             shard: Some(shard),
         })
@@ -241,9 +241,10 @@ fn strip_dist(template: &str) -> String {
     out
 }
 
-/// The SQL type of the `dist` column of one of pg_ecst's sharded tables.
-fn dist_type(client: &mut SpiClient, table: pg_sys::Oid) -> Option<String> {
-    let rows = crate::pg::spi::internal::run(
+/// A column's SQL type (`format_type`, with its collation if not the type's): a replica's
+/// distribution column, or the `dist` column of one of pg_ecst's sharded tables.
+fn column_type(client: &mut SpiClient, table: pg_sys::Oid, column: &str) -> Option<String> {
+    crate::pg::spi::internal::run(
         client,
         "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod)
                 || CASE WHEN a.attcollation <> t.typcollation
@@ -253,11 +254,13 @@ fn dist_type(client: &mut SpiClient, table: pg_sys::Oid) -> Option<String> {
            JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
            LEFT JOIN pg_catalog.pg_collation c ON c.oid = a.attcollation
            LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.collnamespace
-          WHERE a.attrelid = $1 AND a.attname = 'dist'
-            AND NOT a.attisdropped",
-        &[table.into()],
-    );
-    rows.first().get::<String>(1).ok().flatten()
+          WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+        &[table.into(), column.into()],
+    )
+    .first()
+    .get::<String>(1)
+    .ok()
+    .flatten()
 }
 
 /// Creates a sharded stream's tables, typed and collated as the replica's distribution column
@@ -271,25 +274,7 @@ pub fn create_sharded(stream_id: i32, replica: pg_sys::Oid, column: &str) {
     let stage = qualified(&stage_table(stream_id));
     as_owner(|| {
         Spi::connect_mut(|client| {
-            let ty: String = client
-                .select(
-                    "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod)
-                            || CASE WHEN a.attcollation <> t.typcollation
-                                    THEN ' COLLATE ' || pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.collname)
-                                    ELSE '' END
-                       FROM pg_catalog.pg_attribute a
-                       JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-                       LEFT JOIN pg_catalog.pg_collation c ON c.oid = a.attcollation
-                       LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.collnamespace
-                      WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
-                    None,
-                    &[replica.into(), column.into()],
-                )
-                .expect("reading the distribution column")
-                .first()
-                .get(1)
-                .expect("a type")
-                .expect("the distribution column exists");
+            let ty = column_type(client, replica, column).expect("the distribution column exists");
             // The replica by its qualified name (each node has its own OIDs), quoted as a literal.
             let replica_name: String = client
                 .select(

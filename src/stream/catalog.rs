@@ -853,22 +853,8 @@ fn definition_from_json(id: i32, v: &Value, table: &dyn Fn(&str) -> pg_sys::Oid)
 
 /// Shares stream `id`'s definition with every node (`ecst.sharded_streams`, a Citus reference
 /// table the first sharded stream creates), where its shards' events are applied.
-fn share_definition(id: i32) {
-    let def = read_definition_by_id(id).expect("the stream was just stored");
-    let json = definition_json(&def);
-    store::share_definition(id, &json);
-}
-
-/// Stream `id`'s definition, read from `ecst.streams` by id.
-fn read_definition_by_id(id: i32) -> Option<Definition> {
-    let name = Spi::connect_mut(|client| {
-        spi::internal::run_once(client, "SELECT name FROM ecst.streams WHERE id = $1", &[id.into()])
-            .first()
-            .get::<String>(1)
-            .ok()
-            .flatten()
-    })?;
-    read_definition(&name)
+fn share_definition(id: i32, def: &Definition) {
+    store::share_definition(id, &definition_json(def));
 }
 
 /// Stream `id` applied to one shard group on the node that holds it: its definition `json` as
@@ -974,7 +960,7 @@ pub fn create_stream(
         match store::unshardable(def.target, &column) {
             None => {
                 store::create_sharded(id, def.target, &column);
-                share_definition(id);
+                share_definition(id, &def);
             }
             Some(ty) => pgrx::notice!(
                 "stream \"{name}\" is decided on the coordinator: its replica is distributed by \"{column}\" of type {ty}, \
@@ -1163,7 +1149,7 @@ pub fn set_schema(name: &str, schema: Option<Value>) {
         .flatten()
     });
     if let Some(id) = id.filter(|&id| store::shared_definition(id).is_some()) {
-        share_definition(id);
+        share_definition(id, &read_definition(name).expect("the stream was just updated"));
     }
     invalidate_everywhere();
 }
